@@ -1,0 +1,23 @@
+"""refattn: float64 reference implementations of efficient attention mechanisms.
+
+The references are numerical oracles: import them in a test suite to check a kernel.
+
+>>> import numpy as np, refattn as ra
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = rng.standard_normal((3, 1, 2, 16, 8))      # batch 1, 2 heads, N = M = 16
+>>> ref = ra.attention(q, k, v, mask=ra.masks.sliding_window(4), causal=True)
+>>> ra.testing.assert_close(ref.astype(np.float32), ref, dtype="float32")
+"""
+from . import masks, scores
+from ._inputs import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
+from .exact import attention, attention_probs, merge_partials
+from .registry import Mechanism, mechanisms
+from .tiled import tiled_attention
+from . import testing  # noqa: E402  (uses the references above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "attention_probs", "tiled_attention", "merge_partials", "masks", "scores",
+    "mechanisms", "Mechanism", "testing", "MemoryBudgetError", "DEFAULT_MEMORY_BUDGET",
+]

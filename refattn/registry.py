@@ -1,0 +1,95 @@
+"""The registry of attention mechanisms.
+
+Each mechanism registers itself with :func:`register` where it is defined; property
+tests, ``refattn list`` and the analysis iterate over :func:`mechanisms`, so a new
+mechanism is tested and analysed by being registered. The registered name is the
+function's name.
+
+>>> import refattn as ra
+>>> spec = ra.mechanisms()["attention"]
+>>> spec.family, spec.exact, spec.supports_causal
+('exact', True, True)
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Mechanism", "register", "mechanisms"]
+
+#: Keyword arguments every softmax-style mechanism shares; ``params`` lists the others.
+COMMON_PARAMS = frozenset({"mask", "causal", "scale", "bias", "softcap", "return_lse",
+                           "check_finite", "memory_budget", "rng"})
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """What the rest of refattn needs to know about one attention mechanism.
+
+    ``fn(q, k, v, **kwargs)`` computes it; ``implied_matrix(q, k, **kwargs)``, where one
+    exists, returns the ``(..., Hq, N, M)`` matrix ``A`` with ``fn(q, k, v) == A @ v``.
+    ``example`` holds keyword arguments that make a small, valid call (tests use it).
+    ``position_free``: without a mask or causality the output does not depend on the
+    order of the keys (permuting keys and values together changes nothing).
+    """
+
+    name: str
+    family: str
+    exact: bool
+    fn: Callable
+    time: str
+    state: str
+    params: tuple = ()
+    supports_causal: bool = False
+    supports_mask: bool = False
+    supports_gqa: bool = True
+    supports_streaming: bool = False
+    randomized: bool = False
+    position_free: bool = True
+    row_stochastic: bool = True
+    implied_matrix: Callable | None = None
+    example: dict = field(default_factory=dict)
+    doc: str = ""
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(*, family: str, exact: bool, time: str, state: str, implied=None,
+             example=None, **flags):
+    """Decorator that registers ``fn`` under ``fn.__name__``.
+
+    ``implied``: the implied-matrix function, or the name of one defined later in the
+    same module (resolved when :func:`mechanisms` is called).
+    """
+    def deco(fn):
+        sig = inspect.signature(fn)
+        params = tuple(p for p, spec in sig.parameters.items()
+                       if spec.kind is inspect.Parameter.KEYWORD_ONLY
+                       and p not in COMMON_PARAMS)
+        if fn.__name__ in _REGISTRY:
+            raise ValueError(f"mechanism {fn.__name__!r} is registered twice")
+        _REGISTRY[fn.__name__] = dict(
+            name=fn.__name__, family=family, exact=exact, fn=fn, time=time, state=state,
+            params=params, randomized="rng" in sig.parameters, implied=implied,
+            example=dict(example or {}), doc=(inspect.getdoc(fn) or "").split("\n")[0],
+            flags=flags)
+        return fn
+    return deco
+
+
+def _resolve(entry) -> Mechanism:
+    implied = entry["implied"]
+    if isinstance(implied, str):
+        implied = getattr(inspect.getmodule(entry["fn"]), implied)
+    return Mechanism(name=entry["name"], family=entry["family"], exact=entry["exact"],
+                     fn=entry["fn"], time=entry["time"], state=entry["state"],
+                     params=entry["params"], randomized=entry["randomized"],
+                     implied_matrix=implied, example=dict(entry["example"]),
+                     doc=entry["doc"], **entry["flags"])
+
+
+def mechanisms() -> dict[str, Mechanism]:
+    """All registered mechanisms, name -> :class:`Mechanism`, in registration order."""
+    return {name: _resolve(entry) for name, entry in _REGISTRY.items()}

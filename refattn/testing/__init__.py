@@ -1,0 +1,165 @@
+"""Helpers for checking an attention kernel against the refattn oracle.
+
+:func:`assert_close` compares with one tolerance table per dtype (:data:`TOLERANCES`);
+:func:`assert_as_accurate_as` applies the FlashAttention rule (the tested result is at
+most ``factor`` times as far from the float64 oracle as a same-precision baseline);
+:func:`low_precision_attention` is such a baseline. Hypothesis strategies for attention
+inputs live in :mod:`refattn.testing.strategies` (needs ``hypothesis``).
+
+>>> import numpy as np, ml_dtypes, refattn as ra
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = rng.standard_normal((3, 2, 64, 16)).astype(ml_dtypes.bfloat16)
+>>> oracle = ra.attention(q, k, v, causal=True)
+>>> mine = ra.testing.low_precision_attention(q, k, v, "bfloat16", causal=True)
+>>> ra.testing.assert_close(mine, oracle, dtype="bfloat16")
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._inputs import to_float64
+
+__all__ = ["TOLERANCES", "tolerance", "assert_close", "assert_as_accurate_as",
+           "low_precision_attention", "round_to"]
+
+#: ``dtype name -> (rtol, atol)`` for attention outputs of order 1, computed in that
+#: dtype (float32 accumulation for the 16-bit types) from the same inputs as the oracle.
+#: Elements pass when ``|actual - expected| <= atol + rtol * |expected|``.
+TOLERANCES = {
+    "float64": (1e-10, 1e-12),
+    "float32": (1e-5, 1e-5),
+    "float16": (2e-3, 2e-3),
+    "bfloat16": (1.6e-2, 1e-2),
+}
+
+
+def _dtype_name(dtype) -> str:
+    if dtype is None:
+        return "float64"
+    if isinstance(dtype, str):
+        name = dtype
+    else:
+        name = np.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise ValueError(f"no tolerance for dtype {name!r}; known: {sorted(TOLERANCES)} "
+                         f"(or pass rtol= and atol=)")
+    return name
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` for ``dtype`` (a name, NumPy dtype or ``ml_dtypes`` type)."""
+    return TOLERANCES[_dtype_name(dtype)]
+
+
+def _as_array(x, name):
+    if hasattr(x, "detach"):  # a torch tensor: to float64 on the host
+        x = x.detach().cpu().double().numpy()
+    return to_float64(x, name, check_finite=False)
+
+
+def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None,
+                 name: str = "actual") -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise.
+
+    ``dtype`` selects the row of :data:`TOLERANCES` (default: ``actual``'s dtype if it
+    is in the table, else float64); ``rtol``/``atol`` override it. Equal infinities
+    (a ``-inf`` lse of an empty row) match; NaN never does. On failure the message names
+    the tensor, the number and fraction of failing elements, and the worst element with
+    its index, both values and the allowed difference.
+    """
+    if dtype is None:
+        dt = getattr(actual, "dtype", None)
+        dname = str(dt).replace("torch.", "") if dt is not None else "float64"
+        dtype = dname if dname in TOLERANCES else "float64"
+    dname = _dtype_name(dtype)
+    table_rtol, table_atol = TOLERANCES[dname]
+    rtol = table_rtol if rtol is None else float(rtol)
+    atol = table_atol if atol is None else float(atol)
+    a, e = _as_array(actual, name), _as_array(expected, "expected")
+    if a.shape != e.shape:
+        raise AssertionError(f"{name} has shape {a.shape}, expected shape {e.shape}")
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - e)
+        allowed = atol + rtol * np.abs(e)
+        ok = (diff <= allowed) | (a == e)
+    if ok.all():
+        return
+    bad = ~ok
+    excess = np.where(bad, np.nan_to_num(diff - allowed, nan=np.inf, posinf=np.inf), -1.0)
+    idx = np.unravel_index(int(np.argmax(excess)), a.shape)
+    count = int(bad.sum())
+    finite = np.isfinite(diff)
+    max_diff = diff[finite].max() if finite.any() else np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(finite & (e != 0), diff / np.abs(e), 0.0)
+    where = f"index {tuple(int(i) for i in idx)}" if a.ndim else "the scalar"
+    raise AssertionError(
+        f"{name} is not close to expected ({dname} tolerance rtol={rtol:g}, atol={atol:g})\n"
+        f"  {count} of {a.size} elements ({count / a.size:.2%}) out of tolerance\n"
+        f"  worst at {where}: {name}={a[idx]!r}, expected={e[idx]!r}, "
+        f"|diff|={diff[idx]:.3g} > allowed {allowed[idx]:.3g}\n"
+        f"  max |diff| {max_diff:.3g}, max relative diff {rel.max():.3g}")
+
+
+def assert_as_accurate_as(actual, baseline, oracle, *, factor: float = 2.0,
+                          atol: float = 0.0, name: str = "actual") -> None:
+    """The FlashAttention rule: ``max|actual - oracle| <= factor * max|baseline - oracle|
+    + atol``.
+
+    ``oracle`` is the float64 reference; ``baseline`` a straightforward computation in
+    the same precision as ``actual`` (e.g. :func:`low_precision_attention`). This judges
+    a kernel against what its precision allows rather than against a fixed tolerance.
+    """
+    a, b = _as_array(actual, name), _as_array(baseline, "baseline")
+    o = _as_array(oracle, "oracle")
+    if not (a.shape == b.shape == o.shape):
+        raise AssertionError(f"shapes differ: {name} {a.shape}, baseline {b.shape}, "
+                             f"oracle {o.shape}")
+    with np.errstate(invalid="ignore"):
+        err_a = np.abs(a - o)
+        err_b = np.abs(b - o)
+    worst_b = float(np.nanmax(err_b)) if err_b.size else 0.0
+    if np.isnan(err_a).any():
+        idx = np.unravel_index(int(np.argmax(np.isnan(err_a))), a.shape)
+        raise AssertionError(f"{name} has NaN at index {tuple(int(i) for i in idx)} "
+                             f"(oracle {o[idx]!r})")
+    worst_a = float(err_a.max()) if err_a.size else 0.0
+    if worst_a > factor * worst_b + atol:
+        idx = np.unravel_index(int(np.argmax(err_a)), a.shape)
+        raise AssertionError(
+            f"{name} is less accurate than its baseline allows: max error {worst_a:.3g} > "
+            f"{factor:g} x baseline error {worst_b:.3g} + {atol:g}\n"
+            f"  worst at index {tuple(int(i) for i in idx)}: {name}={a[idx]!r}, "
+            f"oracle={o[idx]!r}, baseline={b[idx]!r}")
+
+
+def round_to(x, dtype) -> np.ndarray:
+    """Round to ``dtype`` (a name such as ``"bfloat16"`` or a dtype) and back to float64."""
+    import ml_dtypes
+    dt = getattr(ml_dtypes, dtype) if isinstance(dtype, str) and hasattr(ml_dtypes, dtype) \
+        else np.dtype(dtype)
+    return np.asarray(x).astype(dt).astype(np.float64)
+
+
+def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
+    """Attention as a FlashAttention-style kernel in ``dtype`` computes it, emulated.
+
+    Inputs rounded to ``dtype``; logits and softmax exact (float32 in a kernel, far
+    below ``dtype``'s rounding); probabilities rounded to ``dtype`` before ``P @ V``
+    with wide accumulation; output rounded to ``dtype``. Returns float64 values on
+    ``dtype``'s grid. A same-precision baseline for :func:`assert_as_accurate_as`.
+    Takes :func:`refattn.attention`'s keyword arguments.
+    """
+    from ..exact import attention_probs
+    q, k, v = (round_to(x, dtype) for x in (q, k, v))
+    probs = round_to(attention_probs(q, k, **kwargs), dtype)
+    group = q.shape[-3] // k.shape[-3]
+    v = np.repeat(v, group, axis=-3)
+    return round_to(probs @ v, dtype)
+
+
+def __getattr__(name):
+    if name == "strategies":  # import hypothesis only when asked for
+        from . import strategies
+        return strategies
+    raise AttributeError(f"module 'refattn.testing' has no attribute {name!r}")

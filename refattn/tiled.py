@@ -1,0 +1,148 @@
+r"""Exact attention in tiles with the online softmax (FlashAttention, Dao et al. 2022).
+
+For each block of queries the key blocks are visited in order, keeping per row a
+running maximum :math:`m`, normaliser :math:`\ell` and unnormalised output :math:`a`:
+
+.. math::
+
+    m' = \max(m, \max_j S_{ij}), \quad
+    \ell' = e^{m - m'} \ell + \sum_j e^{S_{ij} - m'}, \quad
+    a' = e^{m - m'} a + \sum_j e^{S_{ij} - m'} v_j,
+
+and finally :math:`o = a / \ell`, :math:`\text{lse} = m + \log \ell`. The result equals
+dense attention up to float64 rounding, while the working memory is a few
+``(block_q, block_k)`` tiles per worker thread, independent of ``N`` and ``M``. Tiles
+that the mask classifies as empty are skipped; full tiles skip mask evaluation.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ._inputs import prepare_qkv
+from ._logits import make_logits
+from .exact import _finish
+from .masks import EMPTY, FULL
+from .registry import register
+
+__all__ = ["tiled_attention"]
+
+#: Default number of logits in one tile (``G * block_q * block_k``): 4 MiB of float64,
+#: large enough for efficient matrix products and small enough to stay in cache.
+TILE_ELEMENTS = 2**19
+DEFAULT_BLOCK_K = 1024
+#: Below this many logits in total, threads cost more than they save.
+_PARALLEL_MIN_ELEMENTS = 2**22
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _check_block(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+@register(family="exact", exact=True, time="O(N·M·D)", state="O(M·D) KV cache",
+          supports_causal=True, supports_mask=True, supports_gqa=True,
+          implied="_implied_probs", example={"block_q": 3, "block_k": 5})
+def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=False,
+                    scale=None, bias=None, softcap=None, return_lse=False,
+                    check_finite=True, workers=None):
+    """Exact softmax attention with O(block) working memory (FlashAttention's algorithm).
+
+    Same arguments and result as :func:`refattn.attention`, plus:
+
+    block_q, block_k : tile sizes in queries and keys. By default ``block_k = 1024``
+        and ``block_q`` such that a tile of all ``G = Hq / Hkv`` heads sharing a KV head
+        holds about ``TILE_ELEMENTS`` logits (fast on CPUs; neither needs to divide
+        ``N`` or ``M``).
+    workers : threads working on different query blocks (default: the cores available
+        to this process; 1 for small problems). While they run, the BLAS library is
+        limited to one thread each.
+
+    Working memory beyond inputs and outputs: about ``3 * G * block_q * block_k`` float64
+    per worker, plus a scaled copy of ``q``.
+
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 4, 100, 16))            # 4 heads
+    >>> out = ra.tiled_attention(q, k[:1], v[:1], block_q=32, block_k=48, causal=True)
+    >>> bool(np.allclose(out, ra.attention(q, k[:1], v[:1], causal=True), rtol=1e-12))
+    True
+    """
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    g, n, m = pb.group, pb.n, pb.m
+    block_k = _check_block("block_k", block_k) or max(1, min(m, DEFAULT_BLOCK_K))
+    block_q = _check_block("block_q", block_q) or max(1, min(n, TILE_ELEMENTS // (g * block_k)))
+    workers = _check_block("workers", workers) or _available_cores()
+    mask = logits.mask
+    classes = (mask.classify_tiles(n, m, block_q, block_k)
+               if mask is not None and mask.analytic else None)
+
+    q_scaled = q * logits.scale
+    out = np.full((pb.batch, pb.heads_q, n, pb.dv), np.nan)
+    lse = np.full((pb.batch, pb.heads_q, n), np.nan)
+    k_starts = range(0, m, block_k)
+
+    def run(item):
+        b, hk, qb = item
+        hs = slice(hk * g, (hk + 1) * g)
+        heads = np.arange(hs.start, hs.stop)
+        r0 = qb * block_q
+        rows = np.arange(r0, min(r0 + block_q, n))
+        qt = q_scaled[b, hs, r0:r0 + len(rows)]
+        run_max = np.full((g, len(rows)), -np.inf)
+        run_sum = np.zeros((g, len(rows)))
+        acc = np.zeros((g, len(rows), pb.dv))
+        for kb, c0 in enumerate(k_starts):
+            label = classes[qb, kb] if classes is not None else None
+            if label == EMPTY:
+                continue
+            cols = np.arange(c0, min(c0 + block_k, m))
+            s = logits.block(qt, k[b, hk, c0:c0 + len(cols)], b, heads, rows, cols,
+                             apply_mask=label != FULL)
+            new_max = np.maximum(run_max, s.max(axis=-1))
+            safe = np.where(np.isneginf(new_max), 0.0, new_max)
+            alpha = np.exp(run_max - safe)             # 0 while nothing was kept
+            s -= safe[..., None]
+            np.exp(s, out=s)
+            run_sum *= alpha
+            run_sum += s.sum(axis=-1)
+            acc *= alpha[..., None]
+            acc += s @ v[b, hk, c0:c0 + len(cols)]
+            run_max = new_max
+        _finish(acc, np.where(np.isneginf(run_max), 0.0, run_max), run_sum,
+                out[b, hs, r0:r0 + len(rows)], lse[b, hs, r0:r0 + len(rows)])
+
+    items = [(b, hk, qb) for b in range(pb.batch) for hk in range(pb.heads_kv)
+             for qb in range(-(-n // block_q))]
+    if workers == 1 or len(items) == 1 or pb.batch * pb.heads_q * n * m < _PARALLEL_MIN_ELEMENTS:
+        for item in items:
+            run(item)
+    else:
+        with threadpool_limits(limits=1, user_api="blas"), \
+                ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(run, items):
+                pass
+    out = out.reshape(pb.batch_shape + out.shape[1:])
+    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
+    return (out, lse) if return_lse else out
+
+
+def _implied_probs(q, k, *, block_q=None, block_k=None, workers=None, **kwargs):
+    """Tiled attention computes exactly the dense attention matrix."""
+    from .exact import attention_probs
+    return attention_probs(q, k, **kwargs)

@@ -160,6 +160,6 @@ def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
 
 def __getattr__(name):
     if name == "strategies":  # import hypothesis only when asked for
-        from . import strategies
-        return strategies
+        import importlib
+        return importlib.import_module(f"{__name__}.strategies")
     raise AttributeError(f"module 'refattn.testing' has no attribute {name!r}")

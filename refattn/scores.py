@@ -15,9 +15,9 @@ The references compute logits in this order::
     s = -inf where the mask drops a key
 
 >>> import numpy as np, refattn as ra
->>> ra.scores.alibi_slopes(4)
-array([0.25    , 0.0625  , 0.015625, 0.00390625])
->>> ra.scores.alibi(4).materialize(3, 3)[1]  # head 1: -slope * |i - j|
+>>> ra.scores.alibi_slopes(4).tolist()
+[0.25, 0.0625, 0.015625, 0.00390625]
+>>> ra.scores.alibi(4).materialize(3, 3, heads=4)[1]  # head 1: -slope * |i - j|
 array([[ 0.    , -0.0625, -0.125 ],
        [-0.0625,  0.    , -0.0625],
        [-0.125 , -0.0625,  0.    ]])

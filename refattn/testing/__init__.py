@@ -90,15 +90,15 @@ def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None,
     count = int(bad.sum())
     finite = np.isfinite(diff)
     max_diff = diff[finite].max() if finite.any() else np.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(finite & (e != 0), diff / np.abs(e), 0.0)
+    relative = finite & (e != 0)
+    max_rel = (diff[relative] / np.abs(e[relative])).max() if relative.any() else np.nan
     where = f"index {tuple(int(i) for i in idx)}" if a.ndim else "the scalar"
     raise AssertionError(
         f"{name} is not close to expected ({dname} tolerance rtol={rtol:g}, atol={atol:g})\n"
         f"  {count} of {a.size} elements ({count / a.size:.2%}) out of tolerance\n"
-        f"  worst at {where}: {name}={a[idx]!r}, expected={e[idx]!r}, "
+        f"  worst at {where}: {name}={float(a[idx])!r}, expected={float(e[idx])!r}, "
         f"|diff|={diff[idx]:.3g} > allowed {allowed[idx]:.3g}\n"
-        f"  max |diff| {max_diff:.3g}, max relative diff {rel.max():.3g}")
+        f"  max finite |diff| {max_diff:.3g}, max relative diff {max_rel:.3g}")
 
 
 def assert_as_accurate_as(actual, baseline, oracle, *, factor: float = 2.0,

@@ -1,0 +1,101 @@
+"""Properties every registered mechanism must have. A mechanism is covered by these
+tests by being registered: no new test code is needed."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import refattn as ra
+from refattn.testing import strategies as rst
+
+SPECS = list(ra.mechanisms().values())
+IDS = [s.name for s in SPECS]
+
+
+def _call(spec, q, k, v, **kwargs):
+    if spec.randomized:
+        kwargs.setdefault("rng", 0)
+    return spec.fn(q, k, v, **spec.example, **kwargs)
+
+
+def test_registry_lists_the_exact_oracles():
+    names = {s.name for s in SPECS}
+    assert {"attention", "tiled_attention"} <= names
+    for spec in SPECS:
+        assert spec.name == spec.fn.__name__
+        assert spec.family and spec.time.startswith("O(") and spec.doc
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.position_free], ids=lambda s: s.name)
+@given(inputs=rst.attention_inputs(dtype="float64"), seed=st.integers(0, 2**32 - 1))
+def test_permuting_keys_and_values_together_changes_nothing(spec, inputs, seed):
+    q, k, v = inputs
+    perm = np.random.default_rng(seed).permutation(k.shape[-2])
+    out = _call(spec, q, k, v)
+    permuted = _call(spec, q, k[..., perm, :], v[..., perm, :])
+    np.testing.assert_allclose(permuted, out, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.implied_matrix], ids=lambda s: s.name)
+@given(inputs=rst.attention_inputs(dtype="float64"), causal=st.booleans())
+def test_implied_matrix_is_row_stochastic_and_reproduces_output(spec, inputs, causal):
+    q, k, v = inputs
+    kwargs = {"causal": causal} if spec.supports_causal else {}
+    if spec.randomized:
+        kwargs["rng"] = 0
+    a = spec.implied_matrix(q, k, **spec.example, **kwargs)
+    assert a.shape == np.broadcast_shapes(q.shape[:-1], k.shape[:-3] + (1, 1)) + (k.shape[-2],)
+    if spec.row_stochastic:
+        assert (a >= 0).all()
+        sums = a.sum(-1)
+        kept = sums > 0        # rows that see no key (bottom-right causal, N > M) are 0
+        np.testing.assert_allclose(sums[kept], 1.0, rtol=1e-12)
+        if causal:
+            assert (~kept).sum() == np.prod(sums.shape[:-1]) * max(0, q.shape[-2] - k.shape[-2])
+    group = q.shape[-3] // k.shape[-3]
+    np.testing.assert_allclose(a @ np.repeat(v, group, axis=-3), _call(spec, q, k, v, **(
+        {"causal": causal} if spec.supports_causal else {})), rtol=1e-11, atol=1e-12)
+
+
+ADVERSARIAL = {
+    "huge logits": lambda r: (r.standard_normal((2, 8, 16)) * 40, r.standard_normal((2, 9, 16)) * 40),
+    "near ties": lambda r: (np.ones((2, 8, 16)) * 5, np.ones((2, 9, 16)) * 5 + 1e-13 * r.standard_normal((2, 9, 16))),
+    "one dominant key": lambda r: (np.ones((2, 8, 16)), np.concatenate([np.full((2, 1, 16), 30.0), -np.ones((2, 8, 16))], 1)),
+    "zeros": lambda r: (np.zeros((2, 8, 16)), np.zeros((2, 9, 16))),
+}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_outputs_are_finite_on_adversarial_inputs(spec, case):
+    rng = np.random.default_rng(5)
+    q, k = ADVERSARIAL[case](rng)
+    v = rng.standard_normal((2, 9, 4)) * 1e3
+    for causal in ((False, True) if spec.supports_causal else (False,)):
+        out = _call(spec, q, k, v, **({"causal": causal} if spec.supports_causal else {}))
+        assert out.shape == (2, 8, 4) and np.isfinite(out).all()
+        assert np.abs(out).max() <= np.abs(v).max() * (1 + 1e-12) or not spec.row_stochastic
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_same_rng_gives_bit_identical_results(spec):
+    q, k, v = np.random.default_rng(9).standard_normal((3, 2, 3, 21, 8))
+    first = _call(spec, q, k, v)
+    np.testing.assert_array_equal(first, _call(spec, q, k, v))
+    if spec.randomized:
+        again = spec.fn(q, k, v, **spec.example, rng=np.random.default_rng(123))
+        np.testing.assert_array_equal(again, spec.fn(q, k, v, **spec.example,
+                                                     rng=np.random.default_rng(123)))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_validation_names_the_argument(spec):
+    q = np.zeros((2, 5, 8))
+    with pytest.raises(ValueError, match=r"q and k must share the last dimension D; got q "
+                                         r"\(2, 5, 8\), k \(2, 5, 7\)"):
+        _call(spec, q, np.zeros((2, 5, 7)), q)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        _call(spec, np.zeros((3, 5, 8)), q, q)
+    with pytest.raises(ValueError, match="non-finite"):
+        _call(spec, np.full((2, 5, 8), np.nan), q, q)
+    with pytest.raises(TypeError, match="real numeric dtype"):
+        _call(spec, q.astype(complex), q, q)

@@ -1,0 +1,82 @@
+"""The helpers users check their kernels with, seen from the user's side."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+import refattn
+from refattn.testing import assert_as_accurate_as, assert_close
+
+
+def my_kernel(q, k, v, *, window=128, off_by_one=False):
+    """A user's bf16 sliding-window kernel, emulated: float32 logits and softmax,
+    probabilities rounded to bf16 before P @ V, float32 accumulation, bf16 output."""
+    q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v))
+    s = q32 @ np.swapaxes(k32, -1, -2) / np.float32(np.sqrt(q.shape[-1]))
+    dist = np.arange(q.shape[-2])[:, None] - np.arange(k.shape[-2])[None, :]
+    keep = (dist >= 0) & ((dist < window) if off_by_one else (dist <= window))
+    s = np.where(keep, s, -np.inf).astype(np.float32)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    out = p.astype(ml_dtypes.bfloat16).astype(np.float32) @ v32 / p.sum(-1, keepdims=True)
+    return out.astype(ml_dtypes.bfloat16)
+
+
+@pytest.fixture
+def qkv():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((3, 2, 4, 512, 64)).astype(ml_dtypes.bfloat16)
+
+
+def test_users_view_passes_for_a_correct_kernel(qkv):
+    q, k, v = qkv
+    assert_close(my_kernel(q, k, v), refattn.attention(q, k, v, mask=refattn.masks.sliding_window(128)), dtype="bfloat16")
+
+
+def test_users_view_catches_an_off_by_one_window(qkv):
+    q, k, v = qkv
+    with pytest.raises(AssertionError) as info:
+        assert_close(my_kernel(q, k, v, off_by_one=True), refattn.attention(q, k, v, mask=refattn.masks.sliding_window(128)), dtype="bfloat16")
+    message = str(info.value)
+    assert "bfloat16 tolerance rtol=0.016, atol=0.01" in message
+    assert "out of tolerance" in message and "worst at index (" in message
+    # only rows that reach a full window (i >= 128) can differ
+    worst_row = int(message.split("worst at index (")[1].split(")")[0].split(", ")[2])
+    assert worst_row >= 128
+
+
+def test_flash_rule_against_a_same_precision_baseline(qkv):
+    q, k, v = (x[:, :1, :256] for x in qkv)
+    mask = refattn.masks.sliding_window(128)
+    oracle = refattn.attention(q, k, v, mask=mask)
+    baseline = refattn.testing.low_precision_attention(q, k, v, "bfloat16", mask=mask)
+    assert_as_accurate_as(my_kernel(q, k, v), baseline, oracle)
+    sloppy = (my_kernel(q, k, v).astype(np.float32) * (1 + 2 ** -6)).astype(ml_dtypes.bfloat16)
+    with pytest.raises(AssertionError, match="less accurate than its baseline allows"):
+        assert_as_accurate_as(sloppy, baseline, oracle)
+
+
+def test_assert_close_reports_the_worst_element():
+    expected = np.zeros((2, 3))
+    actual = expected.copy()
+    actual[1, 2] = 0.5
+    actual[0, 0] = 1e-13
+    with pytest.raises(AssertionError) as info:
+        assert_close(actual, expected, name="out")
+    msg = str(info.value)
+    assert "1 of 6 elements (16.67%)" in msg and "worst at index (1, 2): out=0.5" in msg
+    assert_close(actual, expected, atol=0.6)
+
+
+def test_assert_close_tolerances_and_special_values():
+    assert refattn.testing.tolerance(ml_dtypes.bfloat16) == (1.6e-2, 1e-2)
+    assert refattn.testing.tolerance("float32") == (1e-5, 1e-5)
+    lse = np.array([-np.inf, 1.0])
+    assert_close(lse, lse)                                  # equal infinities match
+    with pytest.raises(AssertionError, match="worst at index \\(0,\\): actual=nan"):
+        assert_close(np.array([np.nan, 1.0]), lse)
+    with pytest.raises(AssertionError, match="shape"):
+        assert_close(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="no tolerance for dtype 'int8'"):
+        assert_close(np.zeros(3), np.zeros(3), dtype="int8")
+    x32 = np.ones(3, np.float32)
+    with pytest.raises(AssertionError, match="float32 tolerance"):   # dtype from actual
+        assert_close(x32 * (1 + 1e-4), np.ones(3))

@@ -30,7 +30,7 @@ setup(
     extras_require={
         # torch is an independent peer the tests compare against, never imported by refattn
         "test": ["pytest>=7", "hypothesis>=6.80", "mpmath>=1.3", "build>=1.0",
-                 "torch==2.13.0"],
+                 "setuptools>=64", "wheel", "torch==2.13.0"],
         "gpu": ["cupy-cuda13x", "cuda-bindings>=13", "nvidia-cuda-nvrtc"],
         "bench": ["torch==2.13.0"],
     },

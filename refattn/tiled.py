@@ -103,7 +103,7 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
         heads = np.arange(hs.start, hs.stop)
         r0 = qb * block_q
         rows = np.arange(r0, min(r0 + block_q, n))
-        qt = q_scaled[b, hs, r0:r0 + len(rows)]
+        qt = np.ascontiguousarray(q_scaled[b, hs, r0:r0 + len(rows)])  # (G, r, D)
         run_max = np.full((g, len(rows)), -np.inf)
         run_sum = np.zeros((g, len(rows)))
         acc = np.zeros((g, len(rows), pb.dv))

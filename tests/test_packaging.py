@@ -11,6 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run(*args, **kwargs):
+    """Run a command; on failure show its output in the assertion."""
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{args} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
 def _readme_commands():
     return re.findall(r"```sh\n(.+?)\n```", (ROOT / "README.md").read_text())
 
@@ -37,22 +44,17 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(tmp_path):
     as an editable refattn, are not processed), and import the three packages from
     outside the source tree."""
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation",
-                    "--outdir", str(dist), str(ROOT)], check=True, capture_output=True)
+    _run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist, ROOT)
     wheel = next(dist.glob("refattn-*.whl"))
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path("
-                           "'purelib'))"], check=True, capture_output=True, text=True)
+    site = _run(py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip()
     deps = [p for p in sys.path if p.endswith("-packages") and os.path.isdir(p)]
-    Path(site.stdout.strip(), "deps.pth").write_text("\n".join(deps) + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, capture_output=True)
+    Path(site, "deps.pth").write_text("\n".join(deps) + "\n")
+    _run(py, "-m", "pip", "install", "--no-deps", "--no-index", "-q", wheel)
     code = ("import refattn, refattn.analysis, refattn.gpu, pathlib; "
             "p = pathlib.Path(refattn.__file__); assert 'site-packages' in str(p), p; "
             "print(refattn.gpu.__name__, len(refattn.mechanisms()))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(py), "-c", code], cwd=tmp_path, env=env, check=True,
-                          capture_output=True, text=True)
-    assert done.stdout.split() == ["refattn.gpu", str(len(__import__("refattn").mechanisms()))]
+    assert _run(py, "-c", code, cwd=tmp_path, env=env).split() == ["refattn.gpu", str(len(__import__("refattn").mechanisms()))]

@@ -32,6 +32,8 @@ class Mechanism:
     ``example`` holds keyword arguments that make a small, valid call (tests use it).
     ``position_free``: without a mask or causality the output does not depend on the
     order of the keys (permuting keys and values together changes nothing).
+    ``self_attention_only``: queries and keys must have the same length (``N == M``),
+    as when both are hashed or clustered together.
     """
 
     name: str
@@ -48,6 +50,7 @@ class Mechanism:
     randomized: bool = False
     position_free: bool = True
     row_stochastic: bool = True
+    self_attention_only: bool = False
     implied_matrix: Callable | None = None
     example: dict = field(default_factory=dict)
     doc: str = ""

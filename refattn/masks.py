@@ -39,6 +39,7 @@ from __future__ import annotations
 import abc
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,12 +61,36 @@ def _tile_bounds(length: int, block: int):
     return lo, np.minimum(lo + block, length) - 1
 
 
-def _reduce_tiles(block: np.ndarray, block_k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per key tile, whether any / all of the boolean ``(..., rows, M)`` block is kept."""
-    flat = block.reshape(-1, m)
-    starts = np.arange(0, m, block_k)
-    return (np.logical_or.reduceat(flat.any(axis=0), starts),
-            np.logical_and.reduceat(flat.all(axis=0), starts))
+@dataclass(frozen=True)
+class Tiles:
+    """A grid of tiles to classify: consecutive query tiles ``[q_lo[a], q_hi[a]]`` and
+    key tiles ``[k_lo[b], k_hi[b]]`` (inclusive raw indices) of an ``N x M`` problem."""
+
+    q_lo: np.ndarray
+    q_hi: np.ndarray
+    k_lo: np.ndarray
+    k_hi: np.ndarray
+    n: int
+    m: int
+
+    @classmethod
+    def grid(cls, n, m, block_q, block_k, rows=None) -> "Tiles":
+        q_lo, q_hi = _tile_bounds(n, block_q)
+        if rows is not None:
+            q_lo, q_hi = q_lo[rows], q_hi[rows]
+        return cls(q_lo, q_hi, *_tile_bounds(m, block_k), n, m)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.q_lo), len(self.k_lo))
+
+
+def _reduce_tiles(block: np.ndarray, k_lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per key tile starting at ``k_lo``, whether any / all of the boolean
+    ``(..., rows, M)`` block is kept."""
+    flat = block.reshape(-1, block.shape[-1])
+    return (np.logical_or.reduceat(flat.any(axis=0), k_lo),
+            np.logical_and.reduceat(flat.all(axis=0), k_lo))
 
 
 class Mask(abc.ABC):
@@ -85,18 +110,18 @@ class Mask(abc.ABC):
     def _eval(self, b, h, q_idx, kv_idx, n, m) -> np.ndarray:
         """Boolean array, the broadcast of the index arrays' shapes (or smaller)."""
 
-    def _classify(self, n: int, m: int, block_q: int, block_k: int) -> np.ndarray:
-        """Tile labels by evaluating every element (row block by row block)."""
-        q_lo, q_hi = _tile_bounds(n, block_q)
-        out = np.empty((len(q_lo), -(-m // block_k)), dtype=np.int8)
-        kv = np.arange(m)[None, :]
-        for t, (a, z) in enumerate(zip(q_lo, q_hi)):
-            keep = np.asarray(self._eval(np.zeros((1, 1, 1, 1), np.int64),
-                                         np.zeros((1, 1, 1, 1), np.int64),
-                                         np.arange(a, z + 1)[:, None], kv, n, m))
-            keep = np.broadcast_to(keep, keep.shape[:-2] + (z + 1 - a, m))
-            any_, all_ = _reduce_tiles(keep, block_k, m)
-            out[t] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
+    def _classify(self, t: Tiles) -> np.ndarray:
+        """Tile labels by evaluating every element (query tile by query tile), for
+        ``b = h = 0``."""
+        out = np.empty(t.shape, dtype=np.int8)
+        kv = np.arange(t.m)[None, :]
+        zero = np.zeros((1, 1, 1, 1), np.int64)
+        for row, (a, z) in enumerate(zip(t.q_lo, t.q_hi)):
+            keep = np.asarray(self._eval(zero, zero, np.arange(a, z + 1)[:, None], kv,
+                                         t.n, t.m))
+            keep = np.broadcast_to(keep, keep.shape[:-2] + (z + 1 - a, t.m))
+            any_, all_ = _reduce_tiles(keep, t.k_lo)
+            out[row] = np.where(all_, FULL, np.where(any_, PARTIAL, EMPTY))
         return out
 
     # -- public API ------------------------------------------------------------------
@@ -122,17 +147,48 @@ class Mask(abc.ABC):
                           np.arange(m)[None, :], n, m)
         return np.broadcast_to(np.asarray(keep, dtype=bool), (n, m)).copy()
 
-    def classify_tiles(self, n: int, m: int, block_q: int, block_k: int) -> np.ndarray:
+    def classify_tiles(self, n: int, m: int, block_q: int, block_k: int, *,
+                       rows: slice | None = None) -> np.ndarray:
         """Label each ``(block_q, block_k)`` tile: ``EMPTY`` (0), ``PARTIAL`` (1) or
-        ``FULL`` (2). Returns int8 of shape ``(ceil(N/block_q), ceil(M/block_k))``.
-        The last tiles in each direction may be shorter than a block."""
+        ``FULL`` (2). Returns int8 of shape ``(ceil(N/block_q), ceil(M/block_k))``, or
+        only the query-tile rows in the slice ``rows`` (to bound memory at long N).
+        The last tiles in each direction may be shorter than a block. Masks that are not
+        ``analytic`` are classified by evaluation at ``b = h = 0``."""
         n, m = _check_lengths(n, m)
         for name, val in (("block_q", block_q), ("block_k", block_k)):
-            if not (isinstance(val, (int, np.integer)) and val > 0):
+            if isinstance(val, bool) or not (isinstance(val, (int, np.integer)) and val > 0):
                 raise ValueError(f"{name} must be a positive integer, got {val!r}")
-        shape = (-(-n // block_q), -(-m // block_k))
-        return np.broadcast_to(self._classify(n, m, int(block_q), int(block_k)),
-                               shape).astype(np.int8)
+        if rows is not None and (not isinstance(rows, slice) or rows.step not in (None, 1)):
+            raise ValueError(f"rows must be a slice of consecutive tile rows, got {rows!r}")
+        tiles = Tiles.grid(n, m, int(block_q), int(block_k), rows)
+        return np.broadcast_to(self._classify(tiles), tiles.shape).astype(np.int8)
+
+    def tile_lists(self, n: int, m: int, block_q: int, block_k: int, *,
+                   strip_elements: int = 2**20):
+        """The non-empty tiles, row by row, in CSR form: ``(indptr, key_tiles, labels)``
+        where query-tile row ``a`` has key tiles ``key_tiles[indptr[a]:indptr[a+1]]``
+        with ``labels`` ``PARTIAL`` or ``FULL``. Classifies ``strip_elements`` tiles at a
+        time, so memory grows with the non-empty tiles, not with the whole grid.
+
+        >>> import refattn as ra
+        >>> indptr, key_tiles, labels = ra.masks.causal().tile_lists(6, 6, 2, 2)
+        >>> indptr.tolist(), key_tiles.tolist(), labels.tolist()
+        ([0, 1, 3, 6], [0, 0, 1, 0, 1, 2], [1, 2, 1, 2, 2, 1])
+        """
+        rows = -(-n // block_q)
+        step = max(1, strip_elements // max(1, -(-m // block_k)))
+        counts, key_tiles, labels = [], [], []
+        for r0 in range(0, rows, step):
+            lab = self.classify_tiles(n, m, block_q, block_k, rows=slice(r0, r0 + step))
+            r, c = np.nonzero(lab)
+            counts.append(np.bincount(r, minlength=lab.shape[0]))
+            key_tiles.append(c)
+            labels.append(lab[r, c])
+        indptr = np.zeros(rows + 1, np.int64)
+        if rows:
+            np.cumsum(np.concatenate(counts), out=indptr[1:])
+        return (indptr, np.concatenate(key_tiles or [np.zeros(0, np.int64)]),
+                np.concatenate(labels or [np.zeros(0, np.int8)]))
 
     def __and__(self, other) -> "Mask":
         return _And(self, as_mask(other))
@@ -198,12 +254,10 @@ class _Band(Mask):
             keep &= d % self.dilation == 0
         return keep
 
-    def _classify(self, n, m, block_q, block_k):
-        q_lo, q_hi = _tile_bounds(n, block_q)
-        k_lo, k_hi = _tile_bounds(m, block_k)
-        off = _offset(self.align, n, m)
-        d_min = (q_lo + off)[:, None] - k_hi[None, :]
-        d_max = (q_hi + off)[:, None] - k_lo[None, :]
+    def _classify(self, t):
+        off = _offset(self.align, t.n, t.m)
+        d_min = (t.q_lo + off)[:, None] - t.k_hi[None, :]
+        d_max = (t.q_hi + off)[:, None] - t.k_lo[None, :]
         a = np.maximum(d_min, self.lo)   # the distances both present and allowed
         z = np.minimum(d_max, self.hi)
         if self.dilation > 1:
@@ -268,10 +322,9 @@ class _KeyPrefix(Mask):
         return np.broadcast_to(kv_idx < self.count,
                                np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx)))
 
-    def _classify(self, n, m, block_q, block_k):
-        k_lo, k_hi = _tile_bounds(m, block_k)
-        return np.where(k_hi < self.count, FULL,
-                        np.where(k_lo >= self.count, EMPTY, PARTIAL))[None, :].astype(np.int8)
+    def _classify(self, t):
+        return np.where(t.k_hi < self.count, FULL,
+                        np.where(t.k_lo >= self.count, EMPTY, PARTIAL))[None, :].astype(np.int8)
 
 
 def sinks(count: int) -> Mask:
@@ -305,7 +358,8 @@ class _GlobalTokens(Mask):
         pos = q_idx + _offset("bottom_right", n, m)
         return np.isin(pos, self.indices) | np.isin(kv_idx, self.indices)
 
-    def _classify(self, n, m, block_q, block_k):
+    def _classify(self, t):
+        n, m = t.n, t.m
         off = m - n
         size = max(m, n + max(off, 0), int(self.indices.max(initial=-1)) + 1) + 1
         member = np.zeros(size + 1, np.int64)  # prefix counts of global positions
@@ -316,11 +370,9 @@ class _GlobalTokens(Mask):
             lo, hi = np.clip(lo, 0, size), np.clip(hi + 1, 0, size)
             return cum[hi] - cum[lo]
 
-        q_lo, q_hi = _tile_bounds(n, block_q)
-        k_lo, k_hi = _tile_bounds(m, block_k)
-        cq = count(q_lo + off, q_hi + off)[:, None]
-        ck = count(k_lo, k_hi)[None, :]
-        full = (cq == (q_hi - q_lo + 1)[:, None]) | (ck == (k_hi - k_lo + 1)[None, :])
+        cq = count(t.q_lo + off, t.q_hi + off)[:, None]
+        ck = count(t.k_lo, t.k_hi)[None, :]
+        full = (cq == (t.q_hi - t.q_lo + 1)[:, None]) | (ck == (t.k_hi - t.k_lo + 1)[None, :])
         return np.where(full, FULL, np.where((cq == 0) & (ck == 0), EMPTY, PARTIAL))
 
 
@@ -357,13 +409,14 @@ class _Document(Mask):
         q_ids, kv_ids = self._ids(n, m)
         return q_ids[q_idx] == kv_ids[kv_idx]
 
-    def _classify(self, n, m, block_q, block_k):
-        q_ids, kv_ids = self._ids(n, m)
-        qs, ks = np.arange(0, n, block_q), np.arange(0, m, block_k)
-        if n == 0 or m == 0:
-            return np.zeros((len(qs), len(ks)), np.int8)
+    def _classify(self, t):
+        q_ids, kv_ids = self._ids(t.n, t.m)
+        if 0 in t.shape:
+            return np.zeros(t.shape, np.int8)
+        q_ids = q_ids[t.q_lo[0]:t.q_hi[-1] + 1]
+        qs = t.q_lo - t.q_lo[0]
         q_min, q_max = np.minimum.reduceat(q_ids, qs), np.maximum.reduceat(q_ids, qs)
-        k_min, k_max = np.minimum.reduceat(kv_ids, ks), np.maximum.reduceat(kv_ids, ks)
+        k_min, k_max = np.minimum.reduceat(kv_ids, t.k_lo), np.maximum.reduceat(kv_ids, t.k_lo)
         disjoint = (q_max[:, None] < k_min[None, :]) | (k_max[None, :] < q_min[:, None])
         same = ((q_min == q_max)[:, None] & (k_min == k_max)[None, :]
                 & (q_min[:, None] == k_min[None, :]))
@@ -427,13 +480,13 @@ class _BlockLayout(Mask):
             kv_idx < layout.shape[1] * self.block_size)
         return layout[qb, kb] & inside
 
-    def _classify(self, n, m, block_q, block_k):
+    def _classify(self, t):
+        n, m = t.n, t.m
         layout = self._checked_layout(n, m)
         bs = self.block_size
         cum = np.zeros((layout.shape[0] + 1, layout.shape[1] + 1), np.int64)
         cum[1:, 1:] = layout.astype(np.int64).cumsum(0).cumsum(1)
-        q_lo, q_hi = _tile_bounds(n, block_q)
-        k_lo, k_hi = _tile_bounds(m, block_k)
+        q_lo, q_hi, k_lo, k_hi = t.q_lo, t.q_hi, t.k_lo, t.k_hi
         off = m - n
         # Rows before position 0 are masked: a tile reaching them is at most partial.
         neg = (q_lo + off < 0)[:, None]
@@ -572,8 +625,8 @@ class _Named(Mask):
     def _eval(self, b, h, q_idx, kv_idx, n, m):
         return self.inner._eval(b, h, q_idx, kv_idx, n, m)
 
-    def _classify(self, n, m, block_q, block_k):
-        return self.inner._classify(n, m, block_q, block_k)
+    def _classify(self, t):
+        return self.inner._classify(t)
 
 
 class _Binary(Mask):
@@ -582,11 +635,10 @@ class _Binary(Mask):
         self.analytic = left.analytic and right.analytic
         self.name = f"{_wrap(left, type(self))} {self.symbol} {_wrap(right, type(self))}"
 
-    def _classify(self, n, m, block_q, block_k):
+    def _classify(self, t):
         if not self.analytic:
-            return Mask._classify(self, n, m, block_q, block_k)
-        return self.combine(self.left._classify(n, m, block_q, block_k),
-                            self.right._classify(n, m, block_q, block_k))
+            return Mask._classify(self, t)
+        return self.combine(self.left._classify(t), self.right._classify(t))
 
 
 def _wrap(mask, parent) -> str:
@@ -620,7 +672,7 @@ class _Not(Mask):
     def _eval(self, b, h, q_idx, kv_idx, n, m):
         return ~np.asarray(self.inner._eval(b, h, q_idx, kv_idx, n, m))
 
-    def _classify(self, n, m, block_q, block_k):
+    def _classify(self, t):
         if not self.analytic:
-            return Mask._classify(self, n, m, block_q, block_k)
-        return (FULL - self.inner._classify(n, m, block_q, block_k)).astype(np.int8)
+            return Mask._classify(self, t)
+        return (FULL - self.inner._classify(t)).astype(np.int8)

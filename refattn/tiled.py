@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 from ._inputs import prepare_qkv
 from ._logits import make_logits
 from .exact import _finish
-from .masks import EMPTY, FULL
+from .masks import FULL, PARTIAL
 from .registry import register
 
 __all__ = ["tiled_attention"]
@@ -89,13 +89,18 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
     block_q = _check_block("block_q", block_q) or max(1, min(n, TILE_ELEMENTS // (g * block_k)))
     workers = _check_block("workers", workers) or _available_cores()
     mask = logits.mask
-    classes = (mask.classify_tiles(n, m, block_q, block_k)
-               if mask is not None and mask.analytic else None)
+    n_k_tiles = -(-m // block_k)
+    if mask is not None and mask.analytic:   # visit the non-empty tiles only
+        indptr, key_tiles, labels = mask.tile_lists(n, m, block_q, block_k)
+    else:                                    # every tile; a mask is evaluated on each
+        rows = -(-n // block_q)
+        indptr = np.arange(rows + 1) * n_k_tiles
+        key_tiles = np.tile(np.arange(n_k_tiles), rows)
+        labels = np.full(len(key_tiles), FULL if mask is None else PARTIAL, np.int8)
 
     q_scaled = q * logits.scale
     out = np.full((pb.batch, pb.heads_q, n, pb.dv), np.nan)
     lse = np.full((pb.batch, pb.heads_q, n), np.nan)
-    k_starts = range(0, m, block_k)
 
     def run(item):
         b, hk, qb = item
@@ -107,10 +112,9 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
         run_max = np.full((g, len(rows)), -np.inf)
         run_sum = np.zeros((g, len(rows)))
         acc = np.zeros((g, len(rows), pb.dv))
-        for kb, c0 in enumerate(k_starts):
-            label = classes[qb, kb] if classes is not None else None
-            if label == EMPTY:
-                continue
+        for kb, label in zip(key_tiles[indptr[qb]:indptr[qb + 1]],
+                             labels[indptr[qb]:indptr[qb + 1]]):
+            c0 = kb * block_k
             cols = np.arange(c0, min(c0 + block_k, m))
             s = logits.block(qt, k[b, hk, c0:c0 + len(cols)], b, heads, rows, cols,
                              apply_mask=label != FULL)

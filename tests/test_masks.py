@@ -139,3 +139,18 @@ def test_length_mismatches_are_reported():
         ra.attention(q, q, q, mask=np.ones((4, 3), bool))
     with pytest.raises(TypeError, match="mask_mod must return booleans"):
         ra.attention(q, q, q, mask=lambda b, h, i, j: i - j)
+
+
+@given(rst.masks(max_len=40), st.integers(1, 40), st.integers(1, 40), st.integers(1, 9),
+       st.integers(1, 9), st.integers(1, 5))
+def test_strips_and_tile_lists_agree_with_the_full_grid(mask, n, m, bq, bk, strip):
+    full = mask.classify_tiles(n, m, bq, bk)
+    for r0 in range(0, full.shape[0], 2):
+        np.testing.assert_array_equal(mask.classify_tiles(n, m, bq, bk, rows=slice(r0, r0 + 2)),
+                                      full[r0:r0 + 2])
+    indptr, key_tiles, labels = mask.tile_lists(n, m, bq, bk, strip_elements=strip)
+    rows, cols = np.nonzero(full)
+    np.testing.assert_array_equal(indptr, np.concatenate([[0], np.cumsum(
+        np.bincount(rows, minlength=full.shape[0]))]))
+    np.testing.assert_array_equal(key_tiles, cols)
+    np.testing.assert_array_equal(labels, full[rows, cols])

@@ -13,6 +13,9 @@ from ._inputs import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
 from .exact import attention, attention_probs, merge_partials
 from .registry import Mechanism, mechanisms
 from .tiled import tiled_attention
+from .sparse import (sparse_attention, sliding_window_attention, strided_attention,
+                     fixed_attention, block_sparse_attention, bigbird_attention,
+                     longformer_attention, sink_attention)
 from . import testing  # noqa: E402  (uses the references above)
 
 __version__ = "0.1.0"
@@ -20,4 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "attention_probs", "tiled_attention", "merge_partials", "masks", "scores",
     "mechanisms", "Mechanism", "testing", "MemoryBudgetError", "DEFAULT_MEMORY_BUDGET",
+    "sparse_attention", "sliding_window_attention", "strided_attention", "fixed_attention",
+    "block_sparse_attention", "bigbird_attention", "longformer_attention", "sink_attention",
 ]

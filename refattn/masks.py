@@ -51,7 +51,7 @@ _ALIGNS = ("bottom_right", "top_left")
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "global_tokens",
     "prefix_lm", "document", "sinks", "strided", "block_layout", "random_blocks",
-    "from_function", "from_array", "as_mask",
+    "from_function", "from_array", "as_mask", "block_window", "fixed", "Tiles",
 ]
 
 
@@ -250,8 +250,11 @@ class _Band(Mask):
     def _eval(self, b, h, q_idx, kv_idx, n, m):
         d = q_idx + _offset(self.align, n, m) - kv_idx
         keep = (d >= self.lo) & (d <= self.hi)
-        if self.dilation > 1:
-            keep &= d % self.dilation == 0
+        if len(self.dilation) > 1:          # per head: head h uses dilation[h % H]
+            dil = np.asarray(self.dilation)[np.asarray(h) % len(self.dilation)]
+            keep = keep & (d % dil == 0)
+        elif self.dilation[0] > 1:
+            keep &= d % self.dilation[0] == 0
         return keep
 
     def _classify(self, t):
@@ -260,10 +263,14 @@ class _Band(Mask):
         d_max = (t.q_hi + off)[:, None] - t.k_lo[None, :]
         a = np.maximum(d_min, self.lo)   # the distances both present and allowed
         z = np.minimum(d_max, self.hi)
-        if self.dilation > 1:
-            first = np.ceil(a / self.dilation) * self.dilation  # a is finite
+        # With several (per-head) dilations a tile is empty only if it is for the
+        # smallest one, and full only if every dilation is 1.
+        dil = min(self.dilation)
+        if max(self.dilation) > 1:
+            first = np.ceil(a / dil) * dil  # a is finite
             empty = first > z
-            full = (d_min >= self.lo) & (d_max <= self.hi) & (d_min == d_max) & ~empty
+            full = ((d_min >= self.lo) & (d_max <= self.hi) & (d_min == d_max) & ~empty
+                    & (len(self.dilation) == 1))
         else:
             empty = a > z
             full = (d_min >= self.lo) & (d_max <= self.hi)
@@ -279,7 +286,7 @@ def causal(align: str = "bottom_right") -> Mask:
     """
     _check_align(align)
     name = "causal()" if align == "bottom_right" else f"causal(align={align!r})"
-    return _Band(0, math.inf, 1, align, name)
+    return _Band(0, math.inf, (1,), align, name)
 
 
 def sliding_window(left: int, right: int = 0, dilation: int = 1,
@@ -290,23 +297,100 @@ def sliding_window(left: int, right: int = 0, dilation: int = 1,
     Sizes count positions: ``sliding_window(128)`` keeps the query's own position and
     the 128 before it (129 keys), the Longformer/Mistral convention with ``left`` the
     look-back. ``right > 0`` adds look-ahead; ``dilation`` keeps every ``dilation``-th
-    position of the window (dilated sliding window, Longformer).
+    position of the window (dilated sliding window, Longformer); a sequence gives each
+    query head its own dilation (head ``h`` uses ``dilation[h % len(dilation)]``).
     """
     left = _check_count("left", left)
     right = _check_count("right", right)
-    dilation = _check_count("dilation", dilation, minimum=1)
+    if isinstance(dilation, (list, tuple, np.ndarray)):
+        dils = tuple(_check_count("dilation", d, minimum=1) for d in dilation)
+        if not dils:
+            raise ValueError("dilation must be a positive integer or a non-empty per-head "
+                             "sequence of them")
+        shown = f"dilation={list(dils)}"
+    else:
+        dils = (_check_count("dilation", dilation, minimum=1),)
+        shown = f"dilation={dils[0]}"
     _check_align(align)
     args = [str(left)] + ([f"right={right}"] if right else []) + (
-        [f"dilation={dilation}"] if dilation != 1 else []) + (
+        [shown] if dils != (1,) else []) + (
         [f"align={align!r}"] if align != "bottom_right" else [])
-    return _Band(-right, left, dilation, align, f"sliding_window({', '.join(args)})")
+    return _Band(-right, left, dils, align, f"sliding_window({', '.join(args)})")
 
 
 def strided(stride: int) -> Mask:
     """Keep key ``j`` for query ``i`` iff ``(i' - j) % stride == 0`` (the strided head of
     the Sparse Transformer, Child et al. 2019; combine with ``causal()``)."""
     stride = _check_count("stride", stride, minimum=1)
-    return _Band(-math.inf, math.inf, stride, "bottom_right", f"strided({stride})")
+    return _Band(-math.inf, math.inf, (stride,), "bottom_right", f"strided({stride})")
+
+
+class _BlockBand(Mask):
+    """Keep iff ``|i' // size - j // size| <= blocks``: a sliding window of whole blocks."""
+
+    analytic = True
+
+    def __init__(self, blocks, size, name):
+        self.blocks, self.size, self.name = blocks, size, name
+
+    def _eval(self, b, h, q_idx, kv_idx, n, m):
+        pos = q_idx + _offset("bottom_right", n, m)
+        return (np.abs(pos // self.size - kv_idx // self.size) <= self.blocks) & (pos >= 0)
+
+    def _classify(self, t):
+        off = t.m - t.n
+        q0, q1 = (t.q_lo + off) // self.size, (t.q_hi + off) // self.size
+        d_min = q0[:, None] - (t.k_hi // self.size)[None, :]
+        d_max = q1[:, None] - (t.k_lo // self.size)[None, :]
+        empty = (d_max < -self.blocks) | (d_min > self.blocks) | (t.q_hi + off < 0)[:, None]
+        full = (d_min >= -self.blocks) & (d_max <= self.blocks) & (t.q_lo + off >= 0)[:, None]
+        return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL))
+
+
+def block_window(blocks: int, block_size: int) -> Mask:
+    """Blocked sliding window (BigBird): positions are grouped in blocks of
+    ``block_size``; a query keeps the keys of its own block and of ``blocks`` blocks on
+    each side: keep iff ``|i' // block_size - j // block_size| <= blocks``."""
+    blocks = _check_count("blocks", blocks)
+    block_size = _check_count("block_size", block_size, minimum=1)
+    return _BlockBand(blocks, block_size, f"block_window({blocks}, block_size={block_size})")
+
+
+class _KeyPeriodic(Mask):
+    """Keep key ``j`` iff ``j % period >= period - count`` (the last ``count`` positions of
+    every period)."""
+
+    analytic = True
+
+    def __init__(self, period, count, name):
+        self.period, self.count, self.name = period, count, name
+
+    def _eval(self, b, h, q_idx, kv_idx, n, m):
+        keep = kv_idx % self.period >= self.period - self.count
+        return np.broadcast_to(keep, np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx)))
+
+    def _kept_below(self, x):
+        """How many of the positions ``0 .. x - 1`` are kept."""
+        return (x // self.period) * self.count + np.maximum(
+            0, x % self.period - (self.period - self.count))
+
+    def _classify(self, t):
+        kept = self._kept_below(t.k_hi + 1) - self._kept_below(t.k_lo)
+        size = t.k_hi - t.k_lo + 1
+        return np.where(kept == size, FULL, np.where(kept == 0, EMPTY, PARTIAL))[None, :]
+
+
+def fixed(block: int, summary: int = 1) -> Mask:
+    """The Sparse Transformer's fixed pattern (Child et al. 2019): a query keeps the keys
+    of its own block of ``block`` positions and the last ``summary`` positions of every
+    block: keep iff ``i' // block == j // block`` or ``j % block >= block - summary``.
+    Combine with ``causal()`` for autoregressive models."""
+    block = _check_count("block", block, minimum=1)
+    summary = _check_count("summary", summary)
+    if summary > block:
+        raise ValueError(f"summary={summary} must not exceed block={block}")
+    return _Named(_BlockBand(0, block, "") | _KeyPeriodic(block, summary, ""),
+                  f"fixed({block}, summary={summary})")
 
 
 # --------------------------------------------------------------------- key prefix

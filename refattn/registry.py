@@ -34,6 +34,8 @@ class Mechanism:
     order of the keys (permuting keys and values together changes nothing).
     ``self_attention_only``: queries and keys must have the same length (``N == M``),
     as when both are hashed or clustered together.
+    ``mask``: for mask-defined mechanisms, ``mask(**params)`` builds the
+    :class:`refattn.masks.Mask` they compute exact attention under.
     """
 
     name: str
@@ -52,6 +54,7 @@ class Mechanism:
     row_stochastic: bool = True
     self_attention_only: bool = False
     implied_matrix: Callable | None = None
+    mask: Callable | None = None
     example: dict = field(default_factory=dict)
     doc: str = ""
 

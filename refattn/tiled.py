@@ -84,18 +84,45 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
                          softcap=softcap, check_finite=check_finite)
+    block_k = _check_block("block_k", block_k) or max(1, min(pb.m, DEFAULT_BLOCK_K))
+    block_q = _check_block("block_q", block_q) or max(
+        1, min(pb.n, TILE_ELEMENTS // (pb.group * block_k)))
+    out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k,
+                                    _check_block("workers", workers))
+    out = out.reshape(pb.batch_shape + out.shape[1:])
+    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
+    return (out, lse) if return_lse else out
+
+
+def run_items(run, items, workers, work: float) -> None:
+    """Call ``run(item)`` for every item; on ``workers`` threads (default: the available
+    cores) with BLAS single-threaded, unless ``work`` (logits to compute) is small."""
+    workers = workers or _available_cores()
+    if workers == 1 or len(items) <= 1 or work < _PARALLEL_MIN_ELEMENTS:
+        for item in items:
+            run(item)
+        return
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(run, items):
+            pass
+
+
+def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, workers=None):
+    """The tiled online-softmax engine on validated inputs (``q (B, Hq, N, D)`` ...).
+
+    Visits, for each query tile, the key tiles that the mask does not classify as empty
+    (every tile for masks without an analytic classification). Returns flat
+    ``out (B, Hq, N, Dv)`` and ``lse (B, Hq, N)``.
+    """
     g, n, m = pb.group, pb.n, pb.m
-    block_k = _check_block("block_k", block_k) or max(1, min(m, DEFAULT_BLOCK_K))
-    block_q = _check_block("block_q", block_q) or max(1, min(n, TILE_ELEMENTS // (g * block_k)))
-    workers = _check_block("workers", workers) or _available_cores()
     mask = logits.mask
-    n_k_tiles = -(-m // block_k)
+    n_q_tiles, n_k_tiles = -(-n // block_q), -(-m // block_k)
     if mask is not None and mask.analytic:   # visit the non-empty tiles only
         indptr, key_tiles, labels = mask.tile_lists(n, m, block_q, block_k)
     else:                                    # every tile; a mask is evaluated on each
-        rows = -(-n // block_q)
-        indptr = np.arange(rows + 1) * n_k_tiles
-        key_tiles = np.tile(np.arange(n_k_tiles), rows)
+        indptr = np.arange(n_q_tiles + 1) * n_k_tiles
+        key_tiles = np.tile(np.arange(n_k_tiles), n_q_tiles)
         labels = np.full(len(key_tiles), FULL if mask is None else PARTIAL, np.int8)
 
     q_scaled = q * logits.scale
@@ -132,18 +159,10 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
                 out[b, hs, r0:r0 + len(rows)], lse[b, hs, r0:r0 + len(rows)])
 
     items = [(b, hk, qb) for b in range(pb.batch) for hk in range(pb.heads_kv)
-             for qb in range(-(-n // block_q))]
-    if workers == 1 or len(items) == 1 or pb.batch * pb.heads_q * n * m < _PARALLEL_MIN_ELEMENTS:
-        for item in items:
-            run(item)
-    else:
-        with threadpool_limits(limits=1, user_api="blas"), \
-                ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(run, items):
-                pass
-    out = out.reshape(pb.batch_shape + out.shape[1:])
-    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
-    return (out, lse) if return_lse else out
+             for qb in range(n_q_tiles)]
+    visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
+    run_items(run, items, workers, visited)
+    return out, lse
 
 
 def _implied_probs(q, k, *, block_q=None, block_k=None, workers=None, **kwargs):

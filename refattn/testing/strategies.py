@@ -104,6 +104,10 @@ def masks(draw, *, max_len: int = 40, compose: bool = True) -> _masks.Mask:
                   st.lists(st.integers(0, max_len - 1), min_size=1, max_size=4)),
         st.builds(lambda c, bs, s: _masks.random_blocks(c, bs, s),
                   st.integers(0, 3), st.integers(1, 8), seeds()),
+        st.builds(_masks.block_window, st.integers(0, 3), st.integers(1, 8)),
+        st.builds(_masks.fixed, st.integers(4, 8), st.integers(0, 4)),
+        st.builds(lambda left, dils: _masks.sliding_window(left, dilation=dils), small,
+                  st.lists(st.integers(1, 4), min_size=1, max_size=3)),
         st.builds(lambda bs, s: _masks.block_layout(
             np.random.default_rng(s).random((-(-max_len // bs),) * 2) < 0.5, bs),
             st.integers(1, 8), seeds()),

@@ -1,6 +1,7 @@
 """The ``refattn`` command.
 
-``refattn list`` prints the registry of mechanisms as a table.
+``refattn list`` prints the registry of mechanisms as a table; ``refattn mask EXPR``
+draws a mask to a PNG.
 """
 from __future__ import annotations
 
@@ -38,10 +39,30 @@ def main(argv: list[str] | None = None) -> int:
         prog="refattn", description="Reference implementations of efficient attention.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.add_parser("list", help="print the registered attention mechanisms as a table")
+    draw = sub.add_parser("mask", help="draw a mask to a PNG",
+                          description="Draw a mask built from refattn.masks' factories, "
+                          "e.g. refattn mask \"causal() & sliding_window(16) | sinks(2)\"")
+    draw.add_argument("expression", help="mask expression over refattn.masks factories")
+    draw.add_argument("--n", type=int, default=64, help="queries (default 64)")
+    draw.add_argument("--m", type=int, default=None, help="keys (default: n)")
+    draw.add_argument("--block", type=int, default=None,
+                      help="also shade the tile classification for this tile size")
+    draw.add_argument("--head", type=int, default=0, help="query head to draw")
+    draw.add_argument("-o", "--out", default="mask.png", help="PNG to write (mask.png)")
     args = parser.parse_args(argv)
     if args.command == "list":
         print(_format(registry_table()))
         print(f"\n{len(mechanisms())} mechanisms registered.")
+        return 0
+    if args.command == "mask":
+        from .drawing import draw_mask, parse_mask
+        try:
+            mask = parse_mask(args.expression)
+            draw_mask(mask, args.n, args.m, args.out, block=args.block, head=args.head)
+        except ValueError as exc:
+            print(f"refattn mask: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}: {mask.name}, N={args.n}, M={args.m or args.n}")
         return 0
     parser.print_help(sys.stderr)
     return 2

@@ -27,3 +27,19 @@ def test_console_script_runs():
     done = subprocess.run([sys.executable, "-m", "refattn.cli", "list"], capture_output=True,
                           text=True, check=True)
     assert "tiled_attention" in done.stdout
+
+
+def test_mask_command_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "m.png"
+    assert main(["mask", "causal() & sliding_window(8) | sinks(2)", "--n", "40", "--m", "48",
+                 "--block", "8", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(causal() & sliding_window(8)) | sinks(2), N=40, M=48" in capsys.readouterr().out
+
+
+def test_mask_command_explains_a_bad_expression(capsys):
+    assert main(["mask", "window(3)", "-o", "unused.png"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build a mask from 'window(3)'" in err and "sliding_window" in err
+    assert main(["mask", "3 + 4"]) == 2
+    assert "is a int, not a mask" in capsys.readouterr().err

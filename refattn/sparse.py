@@ -31,6 +31,7 @@ True
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from . import masks as _masks
 from ._inputs import prepare_qkv
@@ -112,32 +113,21 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
 
     def run(item):
         b, h, qb = item
-        hk = h // g
         rows = np.arange(qb * block_q, min((qb + 1) * block_q, n))
         span = slice(indptr[qb], indptr[qb + 1])
-        r, c = _kept_pairs(mask, b, h, rows, n, m, block_k,
-                              (key_tiles[span], labels[span]))
-        s = np.einsum("pd,pd->p", q_scaled[b, h, r], k[b, hk, c])
+        r, c = _kept_pairs(mask, b, h, rows, n, m, block_k, (key_tiles[span], labels[span]))
+        starts = np.searchsorted(r, rows[0] + np.arange(len(rows) + 1))  # CSR row pointers
+        qh, kh, vh = q_scaled[b, h], k[b, h // g], v[b, h // g]
+        s = _pair_logits(qh, kh, r, c)
         if logits.softcap is not None:
             s = logits.softcap * np.tanh(s / logits.softcap)
         if logits.score_mod is not None:
             s = np.array(np.broadcast_to(logits.score_mod._apply(
                 s, np.asarray(b), np.asarray(h), r, c, n, m), s.shape), dtype=np.float64)
-        starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]]) if len(r) else r
-        row_max = np.full(len(rows), -np.inf)
-        row_sum = np.zeros(len(rows))
         acc = np.zeros((len(rows), pb.dv))
-        if len(r):
-            local = r[starts] - rows[0]
-            seg_max = np.maximum.reduceat(s, starts)
-            seg_safe = np.where(np.isneginf(seg_max), 0.0, seg_max)
-            seg_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(r)]))
-            p = np.exp(s - seg_safe[seg_of])
-            row_max[local] = seg_max
-            row_sum[local] = np.add.reduceat(p, starts)
-            acc[local] = np.add.reduceat(p[:, None] * v[b, hk, c], starts)
-        _finish(acc, np.where(np.isneginf(row_max), 0.0, row_max), row_sum,
-                out[b, h, rows[0]:rows[-1] + 1], lse[b, h, rows[0]:rows[-1] + 1])
+        row_max, row_sum = _segment_softmax_values(s, starts, c, vh, acc)
+        _finish(acc, row_max, row_sum, out[b, h, rows[0]:rows[-1] + 1],
+                lse[b, h, rows[0]:rows[-1] + 1])
 
     items = [(b, h, qb) for b in range(pb.batch) for h in range(pb.heads_q)
              for qb in range(n_q_tiles)]
@@ -333,3 +323,39 @@ def sink_attention(q, k, v, *, window, sinks=4, **options):
     array([1, 1, 0, 0, 1, 1])
     """
     return sparse_attention(q, k, v, _sink_mask(window, sinks), **options)
+
+
+@njit(cache=True, nogil=True)
+def _pair_logits(q, k, rows, cols):  # pragma: no cover - compiled
+    """``s[p] = q[rows[p]] . k[cols[p]]`` for each listed pair."""
+    s = np.empty(len(rows))
+    for p in range(len(rows)):
+        total = 0.0
+        for d in range(q.shape[1]):
+            total += q[rows[p], d] * k[cols[p], d]
+        s[p] = total
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _segment_softmax_values(s, starts, cols, v, acc):  # pragma: no cover - compiled
+    """Per row ``i`` (pairs ``starts[i]:starts[i+1]``): ``acc[i] = sum_p e^(s_p - max)
+    v[cols[p]]``; returns the row maxima (0 for rows with nothing kept) and sums."""
+    rows = len(starts) - 1
+    row_max = np.zeros(rows)
+    row_sum = np.zeros(rows)
+    for i in range(rows):
+        top = -np.inf
+        for p in range(starts[i], starts[i + 1]):
+            top = max(top, s[p])
+        if top == -np.inf:
+            continue
+        total = 0.0
+        for p in range(starts[i], starts[i + 1]):
+            w = np.exp(s[p] - top)
+            total += w
+            for d in range(v.shape[1]):
+                acc[i, d] += w * v[cols[p], d]
+        row_max[i] = top
+        row_sum[i] = total
+    return row_max, row_sum

@@ -16,6 +16,8 @@ from .tiled import tiled_attention
 from .sparse import (sparse_attention, sliding_window_attention, strided_attention,
                      fixed_attention, block_sparse_attention, bigbird_attention,
                      longformer_attention, sink_attention)
+from .topk import topk_attention
+from .clustered import routing_attention, clustered_attention, improved_clustered_attention
 from . import testing  # noqa: E402  (uses the references above)
 
 __version__ = "0.1.0"
@@ -25,4 +27,6 @@ __all__ = [
     "mechanisms", "Mechanism", "testing", "MemoryBudgetError", "DEFAULT_MEMORY_BUDGET",
     "sparse_attention", "sliding_window_attention", "strided_attention", "fixed_attention",
     "block_sparse_attention", "bigbird_attention", "longformer_attention", "sink_attention",
+    "topk_attention", "routing_attention", "clustered_attention",
+    "improved_clustered_attention",
 ]

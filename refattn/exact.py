@@ -40,12 +40,12 @@ def _softmax_rows(s: np.ndarray):
 
 def _finish(acc: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray, out, lse) -> None:
     """``out = acc / rowsum`` and ``lse = rowmax + log(rowsum)``, with 0 and ``-inf``
-    for rows that kept no key."""
-    live = row_sum > 0
-    np.divide(acc, row_sum[..., None], out=out, where=live[..., None])
-    out[~live] = 0.0
+    for rows that kept no key (NaN from NaN inputs propagates)."""
+    empty = row_sum == 0
+    np.divide(acc, row_sum[..., None], out=out, where=~empty[..., None])
+    out[empty] = 0.0
     with np.errstate(divide="ignore"):
-        lse[...] = np.where(live, row_max + np.log(row_sum), -np.inf)
+        lse[...] = np.where(empty, -np.inf, row_max + np.log(row_sum))
 
 
 def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
@@ -146,9 +146,9 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
                  "refattn.tiled_attention (it never forms the matrix)")
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
     for b, hs, p, _, _, row_sum in blocks:
-        live = row_sum > 0
-        p[~live] = 0.0
-        np.divide(p, row_sum[..., None], out=p, where=live[..., None])
+        empty = row_sum == 0
+        p[empty] = 0.0
+        np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
         probs[b, hs] = p
     return probs.reshape(pb.batch_shape + probs.shape[1:])
 

@@ -347,7 +347,13 @@ def _segment_softmax_values(s, starts, cols, v, acc):  # pragma: no cover - comp
     for i in range(rows):
         top = -np.inf
         for p in range(starts[i], starts[i + 1]):
+            if np.isnan(s[p]):       # NaN input (check_finite=False) propagates
+                top = np.nan
+                break
             top = max(top, s[p])
+        if np.isnan(top):
+            row_max[i] = row_sum[i] = np.nan
+            continue
         if top == -np.inf:
             continue
         total = 0.0

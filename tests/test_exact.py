@@ -144,3 +144,17 @@ def test_against_flex_attention_with_its_own_mask_mod(rng):
         pytest.skip(f"flex_attention unavailable on this CPU build: {exc}")
     got = ra.attention(q, k, v, mask=mask_mod, bias=score_mod)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_unchecked_nan_inputs_propagate_instead_of_looking_masked(rng):
+    q, k, v = rng.standard_normal((3, 1, 6, 4))
+    q[0, 2, 1] = np.nan
+    for name, fn in [("attention", ra.attention), ("tiled", ra.tiled_attention),
+                     ("sparse tiles", lambda *a, **kw: ra.sparse_attention(
+                         *a, ra.masks.causal(), method="tiles", **kw)),
+                     ("sparse gather", lambda *a, **kw: ra.sparse_attention(
+                         *a, ra.masks.causal(), method="gather", **kw))]:
+        out, lse = fn(q, k, v, check_finite=False, return_lse=True)
+        assert np.isnan(out[0, 2]).all() and np.isnan(lse[0, 2]), name
+        assert np.isfinite(np.delete(out, 2, axis=1)).all(), name
+    assert np.isnan(ra.attention_probs(q, k, check_finite=False)[0, 2]).all()

@@ -190,3 +190,20 @@ def gather4(a: np.ndarray, b, h, q_idx, kv_idx, n, m, what: str) -> np.ndarray:
     idx = tuple(np.asarray(i) if s > 1 else np.zeros_like(np.asarray(i))
                 for i, s in zip((b, h, q_idx, kv_idx), a.shape))
     return a[idx]
+
+
+def resolve_rng(rng, where: str) -> np.random.Generator:
+    """The generator of a randomized reference: ``rng`` is an int seed (a fresh
+    generator) or a ``numpy.random.Generator`` (used, and so advanced). There is no
+    default: an oracle's randomness is always chosen by the caller."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)):
+        if rng < 0:
+            raise ValueError(f"{where}: rng seed must be a non-negative integer, got {rng!r}")
+        return np.random.default_rng(int(rng))
+    if rng is None:
+        raise TypeError(f"{where} is randomized and needs rng= (an int seed or a "
+                        f"numpy.random.Generator); the same rng gives the same result")
+    raise TypeError(f"{where}: rng must be an int seed or a numpy.random.Generator, "
+                    f"got {rng!r}")

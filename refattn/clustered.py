@@ -26,8 +26,8 @@ depend on the order of the points. Here the points are first put in a canonical 
 a function of the *set* of points: permuting keys (with their values) leaves every
 output unchanged, and permuting queries permutes the outputs. Hence ``position_free``.
 
-**Randomness.** ``rng`` is an int seed or a ``numpy.random.Generator`` (whose state is
-advanced); ``rng=None`` means ``rng=0``, so a call without ``rng`` is reproducible.
+**Randomness.** ``rng`` is required: an int seed or a ``numpy.random.Generator`` (whose
+state is advanced).
 Each clustering draws ``min(n_clusters, #points)`` uniforms from one generator, in the
 order of the (broadcast, flattened) batch elements and query heads; the same ``rng``
 gives bit-identical results.
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import check_memory, prepare_qkv
+from ._inputs import check_memory, prepare_qkv, resolve_rng
 from ._logits import make_logits
 from .registry import register
 from .topk import _block_rows, _check_int, _normalize_rows, _topk_keep
@@ -53,19 +53,6 @@ __all__ = ["routing_attention", "routing_attention_matrix", "routing_clusters",
 
 
 # ------------------------------------------------------------------------ k-means
-def _as_generator(rng) -> np.random.Generator:
-    if rng is None:
-        return np.random.default_rng(0)
-    if isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)):
-        if rng < 0:
-            raise ValueError(f"rng seed must be a non-negative integer, got {rng!r}")
-        return np.random.default_rng(int(rng))
-    raise TypeError(f"rng must be an int seed, a numpy.random.Generator or None, "
-                    f"got {rng!r}")
-
-
 def _unit(x: np.ndarray) -> np.ndarray:
     """Rows of ``x`` scaled to unit length; zero rows stay zero."""
     norm = np.sqrt(np.einsum("...d,...d->...", x, x))[..., None]
@@ -144,7 +131,7 @@ def _seen(pb, *names) -> str:
 
 def _check_clustering(n_clusters, n_iters, rng, where: str):
     return (_check_int("n_clusters", n_clusters, minimum=1, context=where),
-            _check_int("n_iters", n_iters, minimum=0), _as_generator(rng))
+            _check_int("n_iters", n_iters, minimum=0), resolve_rng(rng, "k-means clustering"))
 
 
 def _routing_kmeans(q, k, pb, n_clusters, n_iters, gen):
@@ -181,7 +168,7 @@ def _shape_back(pb, *arrays):
     return tuple(a.reshape(pb.batch_shape + a.shape[1:]) for a in arrays)
 
 
-def routing_clusters(q, k, *, n_clusters, n_iters=10, rng=None, check_finite=True):
+def routing_clusters(q, k, *, n_clusters, n_iters=10, rng, check_finite=True):
     """The clusters :func:`routing_attention` routes with (same arguments, same ``rng``).
 
     Returns ``(q_clusters, k_clusters, centroids)``: int64 ``(..., Hq, N)`` and
@@ -205,7 +192,7 @@ def routing_clusters(q, k, *, n_clusters, n_iters=10, rng=None, check_finite=Tru
     return _shape_back(pb, qa, ka, cent)
 
 
-def query_clusters(q, *, n_clusters, n_iters=10, rng=None, check_finite=True):
+def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
     """The query clusters of :func:`clustered_attention` (same arguments and ``rng``).
 
     Returns ``(clusters, centroids)``: int64 ``(..., Hq, N)`` cluster indices and the
@@ -276,7 +263,7 @@ def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, 
           supports_gqa=True, position_free=True, self_attention_only=False,
           implied="routing_attention_matrix", example={"n_clusters": 2})
 def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
-                      scale=None, bias=None, softcap=None, rng=None, return_lse=False,
+                      scale=None, bias=None, softcap=None, rng, return_lse=False,
                       check_finite=True, block_q=None):
     r"""Routing attention: each query attends to the keys of its own k-means cluster.
 
@@ -343,7 +330,7 @@ def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fals
 
 
 def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=False,
-                             scale=None, bias=None, softcap=None, rng=None,
+                             scale=None, bias=None, softcap=None, rng,
                              check_finite=True, block_q=None, memory_budget=None):
     """The implied attention matrix ``A`` ``(..., Hq, N, M)`` of
     :func:`routing_attention` (same arguments and ``rng``):
@@ -439,7 +426,7 @@ def _clustered_matrix(pb, blocks, memory_budget, name):
           supports_gqa=True, position_free=True, self_attention_only=False,
           implied="clustered_attention_matrix", example={"n_clusters": 2})
 def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
-                        scale=None, bias=None, softcap=None, rng=None, return_lse=False,
+                        scale=None, bias=None, softcap=None, rng, return_lse=False,
                         check_finite=True, block_q=None):
     r"""Clustered attention: every query gets the attention weights of its cluster's
     centroid.
@@ -492,7 +479,7 @@ def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fa
 
 
 def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=False,
-                               scale=None, bias=None, softcap=None, rng=None,
+                               scale=None, bias=None, softcap=None, rng,
                                check_finite=True, block_q=None, memory_budget=None):
     """The implied attention matrix ``A`` ``(..., Hq, N, M)`` of
     :func:`clustered_attention` (same arguments and ``rng``):
@@ -521,7 +508,7 @@ def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causa
           example={"n_clusters": 2, "topk": 3})
 def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=None,
                                  causal=False, scale=None, bias=None, softcap=None,
-                                 rng=None, return_lse=False, check_finite=True,
+                                 rng, return_lse=False, check_finite=True,
                                  block_q=None):
     r"""Improved clustered attention ("i-clustered", Vyas et al. 2020): exact weights on
     the keys the centroid weights most, the centroid's weights on the rest.
@@ -563,7 +550,7 @@ def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=
 
 def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, mask=None,
                                         causal=False, scale=None, bias=None, softcap=None,
-                                        rng=None, check_finite=True, block_q=None,
+                                        rng, check_finite=True, block_q=None,
                                         memory_budget=None):
     """The implied attention matrix ``A^t`` ``(..., Hq, N, M)`` of
     :func:`improved_clustered_attention` (same arguments and ``rng``).

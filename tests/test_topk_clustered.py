@@ -181,7 +181,7 @@ def test_topk_validation(bad, err, msg):
     with pytest.raises(err, match=msg):
         topk_attention_matrix(q, q, topk=bad)
     with pytest.raises(err, match=msg.replace("keys kept", "keys recomputed")):
-        improved_clustered_attention(q, q, q, n_clusters=2, topk=bad)
+        improved_clustered_attention(q, q, q, n_clusters=2, topk=bad, rng=0)
 
 
 def test_topk_other_validation():
@@ -201,7 +201,7 @@ def test_topk_other_validation():
 def test_routing_with_one_cluster_is_exact_attention(qkv, mask, causal):
     q, k, v = qkv
     out, lse = routing_attention(q, k, v, n_clusters=1, mask=mask, causal=causal,
-                                 return_lse=True)
+                                 return_lse=True, rng=0)
     ref, ref_lse = ra.attention(q, k, v, mask=mask, causal=causal, return_lse=True)
     ra.testing.assert_close(out, ref, name="out", **TIGHT)
     ra.testing.assert_close(lse, ref_lse, name="lse", **TIGHT)
@@ -255,9 +255,9 @@ def test_routing_falls_back_when_the_own_cluster_has_no_visible_key():
     k = np.concatenate([np.tile(e[1], (4, 1)), np.tile(e[0], (4, 1))])[None]
     k = k + 0.01 * np.arange(n)[None, :, None] * e[::-1][0]
     v = np.random.default_rng(0).standard_normal((1, n, 3))
-    qc, kc, _ = routing_clusters(q, k, n_clusters=2)
+    qc, kc, _ = routing_clusters(q, k, n_clusters=2, rng=0)
     assert len(set(qc[0])) == 1 and (kc[0, :4] != qc[0, 0]).all() and (kc[0, 4:] == qc[0, 0]).all()
-    out = routing_attention(q, k, v, n_clusters=2, causal=True)
+    out = routing_attention(q, k, v, n_clusters=2, causal=True, rng=0)
     for i in range(n):
         keys = np.arange(i + 1) if i < 4 else np.arange(4, i + 1)
         ref = ra.attention(q[:, i:i + 1], k[:, keys], v[:, keys])
@@ -297,7 +297,8 @@ def test_clustered_with_every_query_its_own_cluster_is_exact_attention(qkv, mask
     n = q.shape[-2]
     ref, ref_lse = ra.attention(q, k, v, mask=mask, causal=causal, return_lse=True)
     for fn, kw in ((clustered_attention, {}), (improved_clustered_attention, {"topk": 2})):
-        out, lse = fn(q, k, v, n_clusters=n, mask=mask, causal=causal, return_lse=True, **kw)
+        out, lse = fn(q, k, v, n_clusters=n, mask=mask, causal=causal, return_lse=True,
+                      rng=0, **kw)
         ra.testing.assert_close(out, ref, name=f"{fn.__name__} out", **TIGHT)
         ra.testing.assert_close(lse, ref_lse, name=f"{fn.__name__} lse", **TIGHT)
 
@@ -323,7 +324,7 @@ def test_clustered_with_one_cluster_uses_the_mean_query():
     rng = np.random.default_rng(4)
     q, k, v = rng.standard_normal((3, 2, 9, 6))
     mean = np.broadcast_to(q.mean(-2, keepdims=True), q.shape)
-    ra.testing.assert_close(clustered_attention(q, k, v, n_clusters=1),
+    ra.testing.assert_close(clustered_attention(q, k, v, n_clusters=1, rng=0),
                             ra.attention(mean, k, v), **TIGHT)
 
 
@@ -331,9 +332,9 @@ def test_clustered_with_one_cluster_uses_the_mean_query():
 @given(_inputs(max_len=20), st.booleans(), st.integers(1, 4), st.integers(1, 6))
 def test_improved_clustered_matches_its_definition_and_beats_clustered(qkv, causal, c, topk):
     q, k, v = qkv
-    a_t = improved_clustered_attention_matrix(q, k, n_clusters=c, topk=topk, causal=causal)
-    a_c = clustered_attention_matrix(q, k, n_clusters=c, causal=causal)
-    assign, cent = query_clusters(q, n_clusters=c)
+    a_t = improved_clustered_attention_matrix(q, k, n_clusters=c, topk=topk, causal=causal, rng=0)
+    a_c = clustered_attention_matrix(q, k, n_clusters=c, causal=causal, rng=0)
+    assign, cent = query_clusters(q, n_clusters=c, rng=0)
     s_c = _logits(np.take_along_axis(cent, assign[..., None], -2), k)
     s_q = _logits(q, k)
     n, m = s_q.shape[-2:]
@@ -352,11 +353,11 @@ def test_improved_clustered_matches_its_definition_and_beats_clustered(qkv, caus
     np.testing.assert_allclose(a_t, expected, rtol=1e-12, atol=1e-15)
     exact = ra.attention_probs(q, k, causal=causal)
     assert (np.abs(a_t - exact).sum(-1) <= np.abs(a_c - exact).sum(-1) + 1e-13).all()
-    out = improved_clustered_attention(q, k, v, n_clusters=c, topk=topk, causal=causal)
+    out = improved_clustered_attention(q, k, v, n_clusters=c, topk=topk, causal=causal, rng=0)
     g = q.shape[-3] // k.shape[-3]
     ra.testing.assert_close(out, a_t @ np.repeat(v, g, axis=-3), **TIGHT)
     ra.testing.assert_close(
-        improved_clustered_attention(q, k, v, n_clusters=c, topk=m, causal=causal),
+        improved_clustered_attention(q, k, v, n_clusters=c, topk=m, causal=causal, rng=0),
         ra.attention(q, k, v, causal=causal), **TIGHT)
 
 
@@ -395,7 +396,8 @@ def test_seeded_reproducibility(fn):
     np.testing.assert_array_equal(fn(q, k, v, rng=17, **kw), first)
     np.testing.assert_array_equal(fn(q, k, v, rng=np.random.default_rng(17), **kw),
                                   fn(q, k, v, rng=np.random.default_rng(17), **kw))
-    np.testing.assert_array_equal(fn(q, k, v, rng=None, **kw), fn(q, k, v, rng=0, **kw))
+    with pytest.raises(TypeError, match="needs rng="):
+        fn(q, k, v, rng=None, **kw)
     assert not np.array_equal(fn(q, k, v, rng=18, **kw), first)   # the seed matters
 
 
@@ -412,7 +414,7 @@ def test_more_clusters_than_points_acts_like_one_per_point(fn):
 def test_rows_without_visible_keys_are_zero(fn):
     q = np.random.default_rng(8).standard_normal((2, 7, 4))
     k, v = q[:, :3], q[:, :3, :2]
-    out, lse = fn(q, k, v, n_clusters=2, causal=True, return_lse=True, **EXTRA[fn])
+    out, lse = fn(q, k, v, n_clusters=2, causal=True, return_lse=True, rng=0, **EXTRA[fn])
     assert (out[:, :4] == 0).all() and np.isneginf(lse[:, :4]).all()
     assert np.isfinite(lse[:, 4:]).all() and np.isfinite(out).all()
 
@@ -423,13 +425,14 @@ def test_rows_without_visible_keys_are_zero(fn):
                                     r"queries.*q \(2, 5, 4\)"),
     ({"n_clusters": 2.0}, TypeError, "n_clusters must be an integer"),
     ({"n_iters": -1}, ValueError, "n_iters must be an integer >= 0"),
-    ({"rng": "seed"}, TypeError, "rng must be an int seed, a numpy.random.Generator"),
+    ({"rng": "seed"}, TypeError, "rng must be an int seed or a numpy.random.Generator"),
+    ({"rng": None}, TypeError, "needs rng="),
     ({"rng": -1}, ValueError, "rng seed must be a non-negative integer"),
     ({"block_q": 0}, ValueError, "block_q must be an integer >= 1"),
 ])
 def test_clustered_validation(fn, kw, err, msg):
     q = np.zeros((2, 5, 4))
-    kw = {"n_clusters": 2, **EXTRA[fn], **kw}
+    kw = {"n_clusters": 2, "rng": 0, **EXTRA[fn], **kw}
     with pytest.raises(err, match=msg):
         fn(q, q, q, **kw)
     matrix = {routing_attention: routing_attention_matrix,

@@ -18,6 +18,8 @@ from .sparse import (sparse_attention, sliding_window_attention, strided_attenti
                      longformer_attention, sink_attention)
 from .topk import topk_attention
 from .clustered import routing_attention, clustered_attention, improved_clustered_attention
+from .lsh import lsh_attention, lsh_buckets
+from . import reversible
 from . import testing  # noqa: E402  (uses the references above)
 
 __version__ = "0.1.0"
@@ -28,5 +30,5 @@ __all__ = [
     "sparse_attention", "sliding_window_attention", "strided_attention", "fixed_attention",
     "block_sparse_attention", "bigbird_attention", "longformer_attention", "sink_attention",
     "topk_attention", "routing_attention", "clustered_attention",
-    "improved_clustered_attention",
+    "improved_clustered_attention", "lsh_attention", "lsh_buckets", "reversible",
 ]

@@ -100,7 +100,7 @@ def prepare_qkv(q, k, v, *, check_finite: bool = True, need_v: bool = True):
     if v is not None and v.shape[-3:-1] != (hkv, m):
         raise ValueError(f"k and v must have the same heads and length (..., Hkv, M, *); "
                          f"got {shapes}")
-    if hkv == 0 or hq % hkv != 0:
+    if hkv == 0 or hq == 0 or hq % hkv != 0:
         raise ValueError(f"query heads Hq={hq} must be a positive multiple of KV heads "
                          f"Hkv={hkv} (grouped-query attention); got {shapes}")
     if d == 0:

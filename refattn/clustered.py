@@ -312,7 +312,7 @@ def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fals
     >>> q, k, v = rng.standard_normal((3, 2, 16, 8))
     >>> routing_attention(q, k, v, n_clusters=4, causal=True, rng=1).shape
     (2, 16, 8)
-    >>> one = routing_attention(q, k, v, n_clusters=1, causal=True)   # one cluster: exact
+    >>> one = routing_attention(q, k, v, n_clusters=1, causal=True, rng=0)  # one cluster: exact
     >>> bool(np.allclose(one, ra.attention(q, k, v, causal=True)))
     True
     """
@@ -340,7 +340,7 @@ def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=
     >>> import numpy as np
     >>> from refattn.clustered import routing_attention_matrix
     >>> q = k = np.array([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])   # three directions
-    >>> routing_attention_matrix(q, k, n_clusters=3, scale=0.0)      # each its own cluster
+    >>> routing_attention_matrix(q, k, n_clusters=3, scale=0.0, rng=0)  # own clusters
     array([[[1., 0., 0.],
             [0., 1., 0.],
             [0., 0., 1.]]])
@@ -467,7 +467,7 @@ def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fa
     >>> out = clustered_attention(q, k, v, n_clusters=3, rng=0)
     >>> len(np.unique(out[0].round(12), axis=0))          # 3 distinct rows per head
     3
-    >>> exact = clustered_attention(q, k, v, n_clusters=12, causal=True)
+    >>> exact = clustered_attention(q, k, v, n_clusters=12, causal=True, rng=0)
     >>> bool(np.allclose(exact, ra.attention(q, k, v, causal=True)))
     True
     """
@@ -489,7 +489,7 @@ def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causa
     >>> from refattn.clustered import clustered_attention_matrix
     >>> q = np.array([[[1.0, 0.0], [3.0, 0.0]]])          # one cluster, centroid (2, 0)
     >>> k = np.array([[[0.0, 0.0], [1.0, 0.0]]])
-    >>> a = clustered_attention_matrix(q, k, n_clusters=1, scale=np.log(2) / 2)
+    >>> a = clustered_attention_matrix(q, k, n_clusters=1, scale=np.log(2) / 2, rng=0)
     >>> a.round(6)                                       # logits 0 and log 2
     array([[[0.333333, 0.666667],
             [0.333333, 0.666667]]])
@@ -536,8 +536,9 @@ def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 1, 20, 8))
     >>> exact = ra.attention(q, k, v)
-    >>> err_c = np.abs(clustered_attention(q, k, v, n_clusters=2) - exact).max()
-    >>> err_i = np.abs(improved_clustered_attention(q, k, v, n_clusters=2, topk=5) - exact).max()
+    >>> err_c = np.abs(clustered_attention(q, k, v, n_clusters=2, rng=0) - exact).max()
+    >>> err_i = np.abs(improved_clustered_attention(q, k, v, n_clusters=2, topk=5, rng=0)
+    ...          - exact).max()
     >>> bool(err_i < err_c)
     True
     """
@@ -559,7 +560,7 @@ def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, m
     >>> from refattn.clustered import improved_clustered_attention_matrix
     >>> rng = np.random.default_rng(0)
     >>> q, k = rng.standard_normal((2, 1, 6, 4))
-    >>> a = improved_clustered_attention_matrix(q, k, n_clusters=1, topk=6)  # topk = M
+    >>> a = improved_clustered_attention_matrix(q, k, n_clusters=1, topk=6, rng=0)  # topk = M
     >>> bool(np.allclose(a, ra.attention_probs(q, k)))
     True
     """

@@ -158,3 +158,8 @@ def test_unchecked_nan_inputs_propagate_instead_of_looking_masked(rng):
         assert np.isnan(out[0, 2]).all() and np.isnan(lse[0, 2]), name
         assert np.isfinite(np.delete(out, 2, axis=1)).all(), name
     assert np.isnan(ra.attention_probs(q, k, check_finite=False)[0, 2]).all()
+
+
+def test_zero_query_heads_are_rejected():
+    with pytest.raises(ValueError, match="positive multiple of KV heads"):
+        ra.attention(np.zeros((0, 5, 8)), np.zeros((1, 5, 8)), np.zeros((1, 5, 8)))

@@ -110,3 +110,10 @@ def test_validation_names_the_argument(spec):
         _call(spec, np.full((2, 5, 8), np.nan), q, q)
     with pytest.raises(TypeError, match="real numeric dtype"):
         _call(spec, q.astype(complex), q, q)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.randomized], ids=lambda s: s.name)
+def test_randomized_mechanisms_need_an_explicit_rng(spec):
+    q = np.random.default_rng(1).standard_normal((2, 6, 4))
+    with pytest.raises(TypeError, match="rng"):
+        spec.fn(q, q, q, **spec.example)

@@ -72,6 +72,17 @@ class Problem:
         """Query heads per KV head (1 for multi-head, Hq for multi-query attention)."""
         return self.heads_q // self.heads_kv
 
+    def poisoned_outputs(self):
+        """NaN-filled flat ``out (B, Hq, N, Dv)`` and ``lse (B, Hq, N)`` for a reference
+        to fill piece by piece: an element left unwritten shows as NaN."""
+        return (np.full((self.batch, self.heads_q, self.n, self.dv), np.nan),
+                np.full((self.batch, self.heads_q, self.n), np.nan))
+
+    def unflatten(self, *arrays):
+        """Give flat ``(B, ...)`` arrays the caller's batch dimensions back."""
+        out = tuple(a.reshape(self.batch_shape + a.shape[1:]) for a in arrays)
+        return out if len(out) > 1 else out[0]
+
 
 def _flatten_batch(x: np.ndarray, batch_shape: tuple) -> np.ndarray:
     x = np.broadcast_to(x, batch_shape + x.shape[-3:])

@@ -164,10 +164,6 @@ def _query_kmeans(q, pb, n_clusters, n_iters, gen):
     return qa, cent
 
 
-def _shape_back(pb, *arrays):
-    return tuple(a.reshape(pb.batch_shape + a.shape[1:]) for a in arrays)
-
-
 def routing_clusters(q, k, *, n_clusters, n_iters=10, rng, check_finite=True):
     """The clusters :func:`routing_attention` routes with (same arguments, same ``rng``).
 
@@ -189,7 +185,7 @@ def routing_clusters(q, k, *, n_clusters, n_iters=10, rng, check_finite=True):
     n_clusters, n_iters, gen = _check_clustering(
         n_clusters, n_iters, rng, f" (clusters of queries and keys; {_seen(pb, 'q', 'k')})")
     qa, ka, cent, _ = _routing_kmeans(q, k, pb, n_clusters, n_iters, gen)
-    return _shape_back(pb, qa, ka, cent)
+    return pb.unflatten(qa, ka, cent)
 
 
 def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
@@ -211,7 +207,7 @@ def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
     n_clusters, n_iters, gen = _check_clustering(
         n_clusters, n_iters, rng, f" (clusters of queries; {_seen(pb, 'q')})")
     qa, cent = _query_kmeans(qf, pb, n_clusters, n_iters, gen)
-    return _shape_back(pb, qa, cent)
+    return pb.unflatten(qa, cent)
 
 
 # ---------------------------------------------------------------- routing attention
@@ -320,12 +316,11 @@ def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fals
                                     mask=mask, causal=causal, scale=scale, bias=bias,
                                     softcap=softcap, rng=rng, check_finite=check_finite,
                                     block_q=block_q)
-    out = np.full((pb.batch, pb.heads_q, pb.n, pb.dv), np.nan)
-    lse = np.full((pb.batch, pb.heads_q, pb.n), np.nan)
+    out, lse = pb.poisoned_outputs()
     for b, h, hk, rs, p, block_lse in blocks:
         out[b, h, rs] = p @ v[b, hk]
         lse[b, h, rs] = block_lse
-    out, lse = _shape_back(pb, out, lse)
+    out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -355,7 +350,7 @@ def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
     for b, h, _, rs, p, _ in blocks:
         probs[b, h, rs] = p
-    return _shape_back(pb, probs)[0]
+    return pb.unflatten(probs)
 
 
 # -------------------------------------------------------------- clustered attention
@@ -402,12 +397,11 @@ def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale
 
 
 def _clustered_output(pb, v, blocks, return_lse):
-    out = np.full((pb.batch, pb.heads_q, pb.n, pb.dv), np.nan)
-    lse = np.full((pb.batch, pb.heads_q, pb.n), np.nan)
+    out, lse = pb.poisoned_outputs()
     for b, hk, hs, rs, a, block_lse in blocks:
         out[b, hs, rs] = a @ v[b, hk]
         lse[b, hs, rs] = block_lse
-    out, lse = _shape_back(pb, out, lse)
+    out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -418,7 +412,7 @@ def _clustered_matrix(pb, blocks, memory_budget, name):
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
     for b, _, hs, rs, a, _ in blocks:
         probs[b, hs, rs] = a
-    return _shape_back(pb, probs)[0]
+    return pb.unflatten(probs)
 
 
 @register(family="clustered", exact=False, time="O(N·C·D·I + C·M·(D+Dv))",

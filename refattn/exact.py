@@ -116,12 +116,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softca
     pb, blocks = _dense_blocks(q, k, v, mask=mask, causal=causal, scale=scale, bias=bias,
                                softcap=softcap, check_finite=check_finite,
                                memory_budget=memory_budget, what="dense attention")
-    out = np.full((pb.batch, pb.heads_q, pb.n, pb.dv), np.nan)
-    lse = np.full((pb.batch, pb.heads_q, pb.n), np.nan)
+    out, lse = pb.poisoned_outputs()
     for b, hs, p, vb, row_max, row_sum in blocks:
         _finish(p @ vb, row_max, row_sum, out[b, hs], lse[b, hs])
-    out = out.reshape(pb.batch_shape + out.shape[1:])
-    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
+    out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -150,7 +148,7 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
         p[empty] = 0.0
         np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
         probs[b, hs] = p
-    return probs.reshape(pb.batch_shape + probs.shape[1:])
+    return pb.unflatten(probs)
 
 
 def merge_partials(outs, lses):

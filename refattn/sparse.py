@@ -83,8 +83,7 @@ def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, soft
     else:
         block_q = _check_block("block_q", block_q) or GATHER_BLOCK_Q
         out, lse = _gather_attention(q, k, v, pb, logits, block_q, block_k, workers)
-    out = out.reshape(pb.batch_shape + out.shape[1:])
-    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
+    out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -108,8 +107,7 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
         key_tiles = np.tile(np.arange(n_k), n_q_tiles)
         labels = np.full(len(key_tiles), PARTIAL, np.int8)
     q_scaled = q * logits.scale
-    out = np.full((pb.batch, pb.heads_q, n, pb.dv), np.nan)
-    lse = np.full((pb.batch, pb.heads_q, n), np.nan)
+    out, lse = pb.poisoned_outputs()
 
     def run(item):
         b, h, qb = item

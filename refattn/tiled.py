@@ -89,8 +89,7 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
         1, min(pb.n, TILE_ELEMENTS // (pb.group * block_k)))
     out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k,
                                     _check_block("workers", workers))
-    out = out.reshape(pb.batch_shape + out.shape[1:])
-    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
+    out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -126,8 +125,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
         labels = np.full(len(key_tiles), FULL if mask is None else PARTIAL, np.int8)
 
     q_scaled = q * logits.scale
-    out = np.full((pb.batch, pb.heads_q, n, pb.dv), np.nan)
-    lse = np.full((pb.batch, pb.heads_q, n), np.nan)
+    out, lse = pb.poisoned_outputs()
 
     def run(item):
         b, hk, qb = item

@@ -166,13 +166,11 @@ def topk_attention(q, k, v, *, topk, mask=None, causal=False, scale=None, bias=N
     pb, v, blocks = _topk_blocks(q, k, v, topk=topk, mask=mask, causal=causal, scale=scale,
                                  bias=bias, softcap=softcap, check_finite=check_finite,
                                  block_q=block_q)
-    out = np.full((pb.batch, pb.heads_q, pb.n, pb.dv), np.nan)
-    lse = np.full((pb.batch, pb.heads_q, pb.n), np.nan)
+    out, lse = pb.poisoned_outputs()
     for b, hk, hs, rs, p, block_lse in blocks:
         out[b, hs, rs] = p @ v[b, hk]
         lse[b, hs, rs] = block_lse
-    out = out.reshape(pb.batch_shape + out.shape[1:])
-    lse = lse.reshape(pb.batch_shape + lse.shape[1:])
+    out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
@@ -202,4 +200,4 @@ def topk_attention_matrix(q, k, *, topk, mask=None, causal=False, scale=None, bi
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
     for b, _, hs, rs, p, _ in blocks:
         probs[b, hs, rs] = p
-    return probs.reshape(pb.batch_shape + probs.shape[1:])
+    return pb.unflatten(probs)

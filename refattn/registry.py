@@ -36,6 +36,8 @@ class Mechanism:
     as when both are hashed or clustered together.
     ``mask``: for mask-defined mechanisms, ``mask(**params)`` builds the
     :class:`refattn.masks.Mask` they compute exact attention under.
+    ``init_state``/``step``: the streaming form (:mod:`refattn.streaming`), where one
+    exists; ``constant_state``: its state does not grow with the tokens seen.
     """
 
     name: str
@@ -55,6 +57,9 @@ class Mechanism:
     self_attention_only: bool = False
     implied_matrix: Callable | None = None
     mask: Callable | None = None
+    init_state: Callable | None = None
+    step: Callable | None = None
+    constant_state: bool = False
     example: dict = field(default_factory=dict)
     doc: str = ""
 
@@ -63,11 +68,12 @@ _REGISTRY: dict[str, Mechanism] = {}
 
 
 def register(*, family: str, exact: bool, time: str, state: str, implied=None,
-             example=None, **flags):
+             example=None, streaming=None, **flags):
     """Decorator that registers ``fn`` under ``fn.__name__``.
 
     ``implied``: the implied-matrix function, or the name of one defined later in the
-    same module (resolved when :func:`mechanisms` is called).
+    same module (resolved when :func:`mechanisms` is called); ``streaming``: the names
+    (or functions) ``(init_state, step)`` of its streaming form, resolved the same way.
     """
     def deco(fn):
         sig = inspect.signature(fn)
@@ -80,20 +86,24 @@ def register(*, family: str, exact: bool, time: str, state: str, implied=None,
             name=fn.__name__, family=family, exact=exact, fn=fn, time=time, state=state,
             params=params, randomized="rng" in sig.parameters, implied=implied,
             example=dict(example or {}), doc=(inspect.getdoc(fn) or "").split("\n")[0],
-            flags=flags)
+            streaming=streaming, flags=flags)
         return fn
     return deco
 
 
 def _resolve(entry) -> Mechanism:
-    implied = entry["implied"]
-    if isinstance(implied, str):
-        implied = getattr(inspect.getmodule(entry["fn"]), implied)
+    module = inspect.getmodule(entry["fn"])
+
+    def named(x):
+        return getattr(module, x) if isinstance(x, str) else x
+    init_state, step = (named(x) for x in entry["streaming"] or (None, None))
+    flags = dict(entry["flags"])
+    flags.setdefault("supports_streaming", init_state is not None)
     return Mechanism(name=entry["name"], family=entry["family"], exact=entry["exact"],
                      fn=entry["fn"], time=entry["time"], state=entry["state"],
                      params=entry["params"], randomized=entry["randomized"],
-                     implied_matrix=implied, example=dict(entry["example"]),
-                     doc=entry["doc"], **entry["flags"])
+                     implied_matrix=named(entry["implied"]), example=dict(entry["example"]),
+                     doc=entry["doc"], init_state=init_state, step=step, **flags)
 
 
 def mechanisms() -> dict[str, Mechanism]:

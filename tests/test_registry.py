@@ -117,3 +117,30 @@ def test_randomized_mechanisms_need_an_explicit_rng(spec):
     q = np.random.default_rng(1).standard_normal((2, 6, 4))
     with pytest.raises(TypeError, match="rng"):
         spec.fn(q, q, q, **spec.example)
+
+
+STREAMING = [s for s in SPECS if s.init_state is not None]
+
+
+@pytest.mark.parametrize("spec", STREAMING, ids=lambda s: s.name)
+@given(data=st.data())
+def test_stepping_equals_the_causal_parallel_form(spec, data):
+    sh = data.draw(rst.shapes(max_batch_dims=1, max_len=12))
+    q, k, v = data.draw(rst.attention_inputs(
+        st.just(rst.Shapes(sh.batch, sh.hq, sh.hkv, sh.n, sh.n, sh.d, sh.dv)),
+        dtype="float64"))
+    params = dict(spec.example, **({"rng": 0} if spec.randomized else {}))
+    state = spec.init_state(batch_shape=sh.batch, heads_q=sh.hq, heads_kv=sh.hkv, d=sh.d,
+                            dv=sh.dv, **params)
+    first_size, outs = state.nbytes, []
+    for t in range(sh.n):
+        out_t, new = spec.step(state, q[..., t, :], k[..., t, :], v[..., t, :])
+        assert new.position == state.position + 1
+        state = new
+        outs.append(out_t)
+        if t == 0:
+            first_size = state.nbytes
+    parallel = spec.fn(q, k, v, causal=True, **params)
+    np.testing.assert_allclose(np.stack(outs, axis=-2), parallel, rtol=1e-11, atol=1e-12)
+    if spec.constant_state:
+        assert state.nbytes == first_size

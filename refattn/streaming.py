@@ -1,0 +1,52 @@
+"""The streaming protocol: mechanisms with a recurrent form process one token at a time.
+
+A streaming mechanism provides two functions, registered with it::
+
+    state = init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, **params)
+    out_t, state = step(state, q_t, k_t, v_t)
+
+``q_t: (*batch_shape, Hq, D)``, ``k_t: (*batch_shape, Hkv, D)``,
+``v_t: (*batch_shape, Hkv, Dv)``; ``out_t: (*batch_shape, Hq, Dv)`` float64. ``step``
+returns a new state and leaves the old one unchanged. Running ``step`` over a sequence
+equals the mechanism's parallel form with ``causal=True`` (the registry's property tests
+check this for every streaming mechanism). ``state.nbytes`` is the memory the state
+holds: constant for recurrent mechanisms, growing with every token for a full KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ._inputs import to_float64
+
+__all__ = ["State", "check_token"]
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Base class of streaming states: a frozen dataclass of arrays (and settings).
+
+    ``position`` counts the tokens consumed; ``nbytes`` sums the arrays' sizes.
+    """
+
+    position: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(value.nbytes for value in vars(self).values()
+                   if isinstance(value, np.ndarray))
+
+    def replace(self, **changes) -> "State":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def check_token(x, name: str, expected: tuple, *, check_finite: bool = True) -> np.ndarray:
+    """``x`` as float64, checked to have exactly the shape ``expected`` (a token of a
+    stream: ``(*batch_shape, heads, dim)``)."""
+    arr = to_float64(x, name, check_finite=check_finite)
+    if arr.shape != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} (batch dims, heads, dim) "
+                         f"to match the state, got {arr.shape}")
+    return arr

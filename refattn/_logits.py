@@ -28,17 +28,22 @@ class Logits:
     m: int
 
     def block(self, q_scaled: np.ndarray, k: np.ndarray, b: int, heads: np.ndarray,
-              rows: np.ndarray, cols: np.ndarray, apply_mask: bool = True) -> np.ndarray:
+              rows: np.ndarray, cols: np.ndarray, apply_mask: bool = True,
+              buffer: np.ndarray | None = None) -> np.ndarray:
         """Logits of one block.
 
         ``q_scaled``: ``(G, r, D)``, already multiplied by ``scale``; ``k``: ``(c, D)``;
         ``b``: flat batch index; ``heads``: ``(G,)`` query heads; ``rows``: ``(r,)`` query
-        rows; ``cols``: ``(c,)`` key indices. Returns a new ``(G, r, c)`` float64 array
-        with ``-inf`` where the mask drops a key (skipped when ``apply_mask`` is false,
-        for tiles known to be full).
+        rows; ``cols``: ``(c,)`` key indices. Returns a ``(G, r, c)`` float64 array with
+        ``-inf`` where the mask drops a key (skipped when ``apply_mask`` is false, for
+        tiles known to be full). It is written into ``buffer`` (a flat float64 array of
+        at least ``G * r * c`` elements, reused between tiles) when one is given.
         """
         g, r, d = q_scaled.shape
-        s = (q_scaled.reshape(g * r, d) @ k.T).reshape(g, r, len(cols))
+        size = g * r * len(cols)
+        out = None if buffer is None or buffer.size < size else \
+            buffer[:size].reshape(g * r, len(cols))
+        s = np.matmul(q_scaled.reshape(g * r, d), k.T, out=out).reshape(g, r, len(cols))
         if self.softcap is not None:
             s /= self.softcap
             np.tanh(s, out=s)

@@ -19,6 +19,7 @@ import numpy as np
 from ._inputs import check_memory, prepare_qkv, to_float64
 from ._logits import make_logits
 from .registry import register
+from ._threads import run_items
 
 __all__ = ["attention", "attention_probs", "merge_partials"]
 
@@ -27,15 +28,26 @@ def _softmax_rows(s: np.ndarray):
     """Exponentiate ``s`` in place as ``exp(s - rowmax)``; return ``(rowmax, rowsum)``.
 
     Rows that are entirely ``-inf`` get rowmax 0 (so no ``-inf - -inf``) and rowsum 0.
+    Large blocks are split into row bands worked on by parallel threads.
     """
+    row_max = np.zeros(s.shape[:-1])
+    row_sum = np.zeros(s.shape[:-1])
     if s.shape[-1] == 0:
-        shape = s.shape[:-1]
-        return np.zeros(shape), np.zeros(shape)
-    row_max = s.max(axis=-1)
-    row_max[np.isneginf(row_max)] = 0.0
-    s -= row_max[..., None]
-    np.exp(s, out=s)
-    return row_max, s.sum(axis=-1)
+        return row_max, row_sum
+
+    def band(rows):
+        part = s[..., rows, :]
+        top = part.max(axis=-1)
+        top[np.isneginf(top)] = 0.0
+        part -= top[..., None]
+        np.exp(part, out=part)
+        row_max[..., rows] = top
+        row_sum[..., rows] = part.sum(axis=-1)
+
+    n = s.shape[-2]
+    step = max(1, -(-n // 8))
+    run_items(band, [slice(i, i + step) for i in range(0, n, step)], work=s.size)
+    return row_max, row_sum
 
 
 def _finish(acc: np.ndarray, row_max: np.ndarray, row_sum: np.ndarray, out, lse) -> None:
@@ -68,6 +80,7 @@ def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
                 s = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols)
                 row_max, row_sum = _softmax_rows(s)
                 yield b, hs, s, (None if v is None else v[b, hk]), row_max, row_sum
+                del s   # one (G, N, M) block alive at a time
     return pb, blocks()
 
 
@@ -119,6 +132,7 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softca
     out, lse = pb.poisoned_outputs()
     for b, hs, p, vb, row_max, row_sum in blocks:
         _finish(p @ vb, row_max, row_sum, out[b, hs], lse[b, hs])
+        del p
     out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
@@ -148,6 +162,7 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
         p[empty] = 0.0
         np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
         probs[b, hs] = p
+        del p
     return pb.unflatten(probs)
 
 

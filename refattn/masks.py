@@ -248,13 +248,14 @@ class _Band(Mask):
         self.lo, self.hi, self.dilation, self.align, self.name = lo, hi, dilation, align, name
 
     def _eval(self, b, h, q_idx, kv_idx, n, m):
-        d = q_idx + _offset(self.align, n, m) - kv_idx
-        keep = (d >= self.lo) & (d <= self.hi)
+        pos = q_idx + _offset(self.align, n, m)
+        # lo <= pos - j <= hi, compared without forming the distance array
+        keep = (kv_idx <= pos - self.lo) & (kv_idx >= pos - self.hi)
         if len(self.dilation) > 1:          # per head: head h uses dilation[h % H]
             dil = np.asarray(self.dilation)[np.asarray(h) % len(self.dilation)]
-            keep = keep & (d % dil == 0)
+            keep = keep & ((pos - kv_idx) % dil == 0)
         elif self.dilation[0] > 1:
-            keep &= d % self.dilation[0] == 0
+            keep &= (pos - kv_idx) % self.dilation[0] == 0
         return keep
 
     def _classify(self, t):

@@ -39,7 +39,8 @@ from ._logits import make_logits
 from .exact import _finish, attention_probs
 from .masks import FULL, PARTIAL
 from .registry import register
-from .tiled import _check_block, online_softmax_tiles, run_items
+from .tiled import _check_block, online_softmax_tiles
+from ._threads import run_items
 
 __all__ = ["sparse_attention", "sliding_window_attention", "strided_attention",
            "fixed_attention", "block_sparse_attention", "bigbird_attention",

@@ -16,17 +16,16 @@ that the mask classifies as empty are skipped; full tiles skip mask evaluation.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from ._inputs import prepare_qkv
 from ._logits import make_logits
 from .exact import _finish
 from .masks import FULL, PARTIAL
 from .registry import register
+from ._threads import run_items
 
 __all__ = ["tiled_attention"]
 
@@ -34,15 +33,6 @@ __all__ = ["tiled_attention"]
 #: large enough for efficient matrix products and small enough to stay in cache.
 TILE_ELEMENTS = 2**19
 DEFAULT_BLOCK_K = 1024
-#: Below this many logits in total, threads cost more than they save.
-_PARALLEL_MIN_ELEMENTS = 2**22
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def _check_block(name, value):
@@ -63,10 +53,10 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
 
     Same arguments and result as :func:`refattn.attention`, plus:
 
-    block_q, block_k : tile sizes in queries and keys. By default ``block_k = 1024``
-        and ``block_q`` such that a tile of all ``G = Hq / Hkv`` heads sharing a KV head
-        holds about ``TILE_ELEMENTS`` logits (fast on CPUs; neither needs to divide
-        ``N`` or ``M``).
+    block_q, block_k : tile sizes in queries and keys (neither needs to divide ``N`` or
+        ``M``); by default :func:`default_blocks` (``block_k = 1024`` and ``block_q`` such
+        that a tile of all ``G = Hq / Hkv`` heads sharing a KV head holds about
+        ``TILE_ELEMENTS`` logits; smaller square tiles under a mask at short lengths).
     workers : threads working on different query blocks (default: the cores available
         to this process; 1 for small problems). While they run, the BLAS library is
         limited to one thread each.
@@ -84,27 +74,30 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
                          softcap=softcap, check_finite=check_finite)
-    block_k = _check_block("block_k", block_k) or max(1, min(pb.m, DEFAULT_BLOCK_K))
-    block_q = _check_block("block_q", block_q) or max(
-        1, min(pb.n, TILE_ELEMENTS // (pb.group * block_k)))
+    block_q, block_k = default_blocks(pb, logits.mask is not None, block_q, block_k)
     out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k,
                                     _check_block("workers", workers))
     out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
 
 
-def run_items(run, items, workers, work: float) -> None:
-    """Call ``run(item)`` for every item; on ``workers`` threads (default: the available
-    cores) with BLAS single-threaded, unless ``work`` (logits to compute) is small."""
-    workers = workers or _available_cores()
-    if workers == 1 or len(items) <= 1 or work < _PARALLEL_MIN_ELEMENTS:
-        for item in items:
-            run(item)
-        return
-    with threadpool_limits(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(run, items):
-            pass
+def default_blocks(pb, masked: bool, block_q=None, block_k=None) -> tuple[int, int]:
+    """Tile sizes: ``block_k = 1024`` and ``block_q`` filling ``TILE_ELEMENTS`` logits
+    with all ``G`` heads of a KV head; with a mask, square tiles of at most a quarter of
+    ``M`` (at least 128), so that tiles the mask empties can be skipped at short lengths."""
+    block_k = _check_block("block_k", block_k)
+    block_q = _check_block("block_q", block_q)
+    if block_k is None:
+        block_k = DEFAULT_BLOCK_K
+        if masked:
+            block_k = max(128, min(block_k, 1 << max(0, (pb.m // 4).bit_length() - 1)))
+        block_k = max(1, min(pb.m, block_k))
+    if block_q is None:
+        block_q = TILE_ELEMENTS // (pb.group * block_k)
+        if masked:
+            block_q = min(block_q, block_k)
+        block_q = max(1, min(pb.n, block_q))
+    return block_q, block_k
 
 
 def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, workers=None):
@@ -126,8 +119,11 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
 
     q_scaled = q * logits.scale
     out, lse = pb.poisoned_outputs()
+    local = threading.local()          # one reusable logit tile per worker thread
 
     def run(item):
+        if not hasattr(local, "tile"):
+            local.tile = np.empty(g * min(block_q, n) * min(block_k, m))
         b, hk, qb = item
         hs = slice(hk * g, (hk + 1) * g)
         heads = np.arange(hs.start, hs.stop)
@@ -142,7 +138,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
             c0 = kb * block_k
             cols = np.arange(c0, min(c0 + block_k, m))
             s = logits.block(qt, k[b, hk, c0:c0 + len(cols)], b, heads, rows, cols,
-                             apply_mask=label != FULL)
+                             apply_mask=label != FULL, buffer=local.tile)
             new_max = np.maximum(run_max, s.max(axis=-1))
             safe = np.where(np.isneginf(new_max), 0.0, new_max)
             alpha = np.exp(run_max - safe)             # 0 while nothing was kept

@@ -1,0 +1,37 @@
+"""Running independent pieces of a reference on the available cores.
+
+NumPy's ufuncs and BLAS release the GIL, so Python threads working on disjoint blocks run
+in parallel; while they do, the BLAS library is limited to one thread each (threadpoolctl)
+so the cores are not oversubscribed.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from threadpoolctl import threadpool_limits
+
+#: Below this much work (elements touched), threads cost more than they save.
+PARALLEL_MIN_WORK = 2**22
+
+
+def available_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_items(run, items, workers=None, work: float = float("inf")) -> None:
+    """Call ``run(item)`` for every item; on ``workers`` threads (default: the available
+    cores) with BLAS single-threaded, unless ``work`` is below ``PARALLEL_MIN_WORK``."""
+    workers = workers or available_cores()
+    if workers == 1 or len(items) <= 1 or work < PARALLEL_MIN_WORK:
+        for item in items:
+            run(item)
+        return
+    with threadpool_limits(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(run, items):
+            pass

@@ -1,0 +1,121 @@
+"""How time and memory grow with sequence length: the complexity rows of the literature,
+measured.
+
+For each mechanism and each N it runs one float64 call (batch 1, one head, D = 64) in a
+fresh subprocess and prints wall time, the peak working memory beyond inputs and output
+(``tracemalloc``: NumPy reports its buffers; a second, traced call) and the RSS high-water
+growth (``ru_maxrss``, untraced call, fresh process), then the exponent ``p`` of a
+least-squares fit ``time ~ N^p`` over the sizes from ``--fit-from`` on: about 1 for
+sparse and linear mechanisms, 2 for exact attention.
+
+Run by hand, not by the test suite::
+
+    python benchmarks/scale.py                         # every case, default sizes
+    python benchmarks/scale.py --cases sliding_window --sizes 4096,1048576
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiled_memory import OtherLoad, current_rss, max_rss  # noqa: E402
+
+MiB, K = 2**20, 1024
+
+#: name -> (description, call(q, k, v), default sizes)
+CASES = {
+    "sliding_window": (
+        "causal sliding window, 512 keys per query (sliding_window_attention window=511)",
+        lambda ra, q, k, v: ra.sliding_window_attention(q, k, v, window=511, causal=True),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
+    "bigbird": (
+        "BigBird, blocks of 64: 1 window block each side, 2 global, 3 random (rng=0)",
+        lambda ra, q, k, v: ra.bigbird_attention(q, k, v, block_size=64, window_blocks=1,
+                                                 global_blocks=2, random_blocks=3, rng=0),
+        [4 * K, 16 * K, 64 * K, 256 * K]),
+    "exact_causal": (
+        "exact causal attention (tiled_attention), the quadratic reference",
+        lambda ra, q, k, v: ra.tiled_attention(q, k, v, causal=True),
+        [4 * K, 8 * K, 16 * K, 32 * K, 64 * K]),
+}
+
+
+def measure(case: str, n: int, d: int) -> dict:
+    """Run one case in this process (a fresh subprocess of the driver)."""
+    import refattn as ra
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, n, d)) for _ in range(3))
+    call = CASES[case][1]
+    w = min(n, 16 * K)                                     # warm up: imports, Numba, threads
+    call(ra, q[:, :w], k[:, :w], v[:, :w])
+    rss0 = current_rss()
+    with OtherLoad() as load:
+        start = time.perf_counter()
+        out = call(ra, q, k, v)
+        seconds = time.perf_counter() - start
+    rss_peak = max_rss() - rss0 - out.nbytes
+    del out
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    out = call(ra, q, k, v)
+    traced = tracemalloc.get_traced_memory()[1] - before - out.nbytes
+    tracemalloc.stop()
+    return {"case": case, "n": n, "seconds": seconds, "traced_mib": traced / MiB,
+            "rss_mib": rss_peak / MiB, "other": load.fraction,
+            "inputs_mib": 3 * q.nbytes / MiB}
+
+
+def fit_exponent(ns, seconds) -> float:
+    """Least-squares slope of log(time) against log(N)."""
+    return float(np.polyfit(np.log(ns), np.log(seconds), 1)[0])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--sizes", default=None, help="comma-separated N (default per case)")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--fit-from", type=int, default=16 * K,
+                        help="fit the exponent on sizes >= this (default 16384)")
+    parser.add_argument("--one", nargs=2, metavar=("CASE", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.d)))
+        return
+    print(f"float64, batch 1, one head, D={args.d}; numpy {np.__version__}; each size in a "
+          f"fresh process; peak = working memory beyond inputs and output")
+    for case in args.cases.split(","):
+        desc, _, sizes = CASES[case]
+        if args.sizes:
+            sizes = [int(s) for s in args.sizes.split(",")]
+        print(f"\n{case}: {desc}")
+        print(f"{'N':>9} {'time s':>9} {'traced MiB':>11} {'RSS MiB':>9} {'inputs MiB':>11} "
+              f"{'other%':>7}")
+        rows = []
+        for n in sizes:
+            done = subprocess.run([sys.executable, __file__, "--d", str(args.d), "--one", case,
+                                   str(n)], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{n:>9} failed: {done.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(done.stdout)
+            rows.append(r)
+            print(f"{n:>9} {r['seconds']:>9.3f} {r['traced_mib']:>11.1f} {r['rss_mib']:>9.1f} "
+                  f"{r['inputs_mib']:>11.1f} {100 * r['other']:>6.0f}%", flush=True)
+        fit = [r for r in rows if r["n"] >= args.fit_from]
+        if len(fit) >= 2:
+            p = fit_exponent([r["n"] for r in fit], [r["seconds"] for r in fit])
+            print(f"fitted exponent time ~ N^{p:.2f} over N = {fit[0]['n']} .. {fit[-1]['n']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -264,12 +264,12 @@ class _Band(Mask):
         d_max = (t.q_hi + off)[:, None] - t.k_lo[None, :]
         a = np.maximum(d_min, self.lo)   # the distances both present and allowed
         z = np.minimum(d_max, self.hi)
-        # With several (per-head) dilations a tile is empty only if it is for the
-        # smallest one, and full only if every dilation is 1.
-        dil = min(self.dilation)
+        # With several (per-head) dilations a tile is empty only if it is empty for
+        # every one of them, and full only if every dilation is 1.
         if max(self.dilation) > 1:
-            first = np.ceil(a / dil) * dil  # a is finite
-            empty = first > z
+            empty = np.ones(np.broadcast_shapes(a.shape, z.shape), bool)
+            for dil in set(self.dilation):
+                empty &= np.ceil(a / dil) * dil > z     # no multiple of dil in [a, z]
             full = ((d_min >= self.lo) & (d_max <= self.hi) & (d_min == d_max) & ~empty
                     & (len(self.dilation) == 1))
         else:

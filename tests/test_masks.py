@@ -79,16 +79,18 @@ def test_flexattention_signature_and_bind():
 @given(rst.masks(max_len=40), st.integers(1, 40), st.integers(1, 40),
        st.integers(1, 9), st.integers(1, 9))
 def test_tile_labels_agree_with_materialized_mask(mask, n, m, bq, bk):
-    """EMPTY tiles keep nothing, FULL tiles keep everything (PARTIAL may be either)."""
-    keep = mask.materialize(n, m)
+    """EMPTY tiles keep nothing, FULL tiles keep everything (PARTIAL may be either), for
+    every head of head-dependent masks."""
     labels = mask.classify_tiles(n, m, bq, bk)
     assert labels.shape == (-(-n // bq), -(-m // bk))
-    for (a, b), label in np.ndenumerate(labels):
-        tile = keep[a * bq:(a + 1) * bq, b * bk:(b + 1) * bk]
-        if label == EMPTY:
-            assert not tile.any(), (mask, a, b)
-        elif label == FULL:
-            assert tile.all(), (mask, a, b)
+    for h in range(3):
+        keep = mask.materialize(n, m, h=h)
+        for (a, b), label in np.ndenumerate(labels):
+            tile = keep[a * bq:(a + 1) * bq, b * bk:(b + 1) * bk]
+            if label == EMPTY:
+                assert not tile.any(), (mask, h, a, b)
+            elif label == FULL:
+                assert tile.all(), (mask, h, a, b)
 
 
 @given(st.data(), st.integers(1, 30), st.integers(1, 30), st.integers(1, 7),
@@ -154,3 +156,17 @@ def test_strips_and_tile_lists_agree_with_the_full_grid(mask, n, m, bq, bk, stri
         np.bincount(rows, minlength=full.shape[0]))]))
     np.testing.assert_array_equal(key_tiles, cols)
     np.testing.assert_array_equal(labels, full[rows, cols])
+
+
+def test_per_head_dilations_classify_soundly():
+    """Regression: a tile is empty only if empty for every head's dilation (found by
+    hypothesis: distance 3 is a multiple of 3, not of 2)."""
+    mask = ra.masks.sliding_window(3, dilation=[3, 2])
+    labels = mask.classify_tiles(4, 4, 1, 1)
+    assert labels[3, 0] != EMPTY and mask.materialize(4, 4, h=0)[3, 0]
+    for h in (0, 1):
+        keep = mask.materialize(9, 9, h=h)
+        labels = mask.classify_tiles(9, 9, 2, 3)
+        for (a, b), label in np.ndenumerate(labels):
+            tile = keep[a * 2:(a + 1) * 2, b * 3:(b + 1) * 3]
+            assert (label != EMPTY or not tile.any()) and (label != FULL or tile.all())

@@ -20,6 +20,9 @@ from .topk import topk_attention
 from .clustered import routing_attention, clustered_attention, improved_clustered_attention
 from .lsh import lsh_attention, lsh_buckets
 from . import reversible
+from .memory import (transformer_xl_attention, compressive_attention,
+                     persistent_memory_attention, knn_memory_attention)
+from . import streaming
 from . import testing  # noqa: E402  (uses the references above)
 
 __version__ = "0.1.0"
@@ -31,4 +34,6 @@ __all__ = [
     "block_sparse_attention", "bigbird_attention", "longformer_attention", "sink_attention",
     "topk_attention", "routing_attention", "clustered_attention",
     "improved_clustered_attention", "lsh_attention", "lsh_buckets", "reversible",
+    "transformer_xl_attention", "compressive_attention", "persistent_memory_attention",
+    "knn_memory_attention", "streaming",
 ]

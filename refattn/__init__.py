@@ -20,6 +20,8 @@ from .topk import topk_attention
 from .clustered import routing_attention, clustered_attention, improved_clustered_attention
 from .lsh import lsh_attention, lsh_buckets
 from . import reversible
+from .linear import linear_attention
+from .performer import performer_attention, performer_features, softmax_kernel_estimate
 from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
 from . import streaming
@@ -35,5 +37,6 @@ __all__ = [
     "topk_attention", "routing_attention", "clustered_attention",
     "improved_clustered_attention", "lsh_attention", "lsh_buckets", "reversible",
     "transformer_xl_attention", "compressive_attention", "persistent_memory_attention",
-    "knn_memory_attention", "streaming",
+    "knn_memory_attention", "streaming", "linear_attention", "performer_attention",
+    "performer_features", "softmax_kernel_estimate",
 ]

@@ -22,6 +22,10 @@ from .lsh import lsh_attention, lsh_buckets
 from . import reversible
 from .linear import linear_attention
 from .performer import performer_attention, performer_features, softmax_kernel_estimate
+from .scatterbrain import scatterbrain_attention
+from .lowrank import linformer_attention, nystrom_attention, luna_attention
+from .compression import (pooled_attention, strided_kv_attention, landmark_attention,
+                          kmeans_kv_attention)
 from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
 from . import streaming
@@ -38,5 +42,7 @@ __all__ = [
     "improved_clustered_attention", "lsh_attention", "lsh_buckets", "reversible",
     "transformer_xl_attention", "compressive_attention", "persistent_memory_attention",
     "knn_memory_attention", "streaming", "linear_attention", "performer_attention",
-    "performer_features", "softmax_kernel_estimate",
+    "performer_features", "softmax_kernel_estimate", "scatterbrain_attention",
+    "linformer_attention", "nystrom_attention", "luna_attention", "pooled_attention",
+    "strided_kv_attention", "landmark_attention", "kmeans_kv_attention",
 ]

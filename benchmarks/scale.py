@@ -41,6 +41,15 @@ CASES = {
         lambda ra, q, k, v: ra.bigbird_attention(q, k, v, block_size=64, window_blocks=1,
                                                  global_blocks=2, random_blocks=3, rng=0),
         [4 * K, 16 * K, 64 * K, 256 * K]),
+    "linear_causal": (
+        "causal linear attention, elu+1 features, chunked (chunk 64)",
+        lambda ra, q, k, v: ra.linear_attention(q, k, v, causal=True),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
+    "performer_causal": (
+        "causal Performer (FAVOR+), 64 positive orthogonal features (rng=0), prefix sums",
+        lambda ra, q, k, v: ra.performer_attention(q, k, v, num_features=64, causal=True,
+                                                   rng=0),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "exact_causal": (
         "exact causal attention (tiled_attention), the quadratic reference",
         lambda ra, q, k, v: ra.tiled_attention(q, k, v, causal=True),

@@ -218,3 +218,13 @@ def resolve_rng(rng, where: str) -> np.random.Generator:
                         f"numpy.random.Generator); the same rng gives the same result")
     raise TypeError(f"{where}: rng must be an int seed or a numpy.random.Generator, "
                     f"got {rng!r}")
+
+
+def check_int(name: str, value, *, minimum: int, context: str = "") -> int:
+    """An integer ``>= minimum`` (bools rejected): ``TypeError`` for a non-integer,
+    ``ValueError`` below the minimum, both naming ``name`` (and ``context``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer{context}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{context}, got {value!r}")
+    return int(value)

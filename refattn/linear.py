@@ -75,7 +75,7 @@ from typing import Callable
 import numpy as np
 from numba import njit
 
-from ._inputs import check_memory, prepare_qkv, to_float64
+from ._inputs import check_memory, prepare_qkv, to_float64, check_int as _check_int
 from .registry import register
 from .streaming import State, check_token
 
@@ -89,14 +89,6 @@ METHODS = ("quadratic", "recurrent", "chunked")
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_int(name: str, value, *, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -70,7 +70,8 @@ import math
 
 import numpy as np
 
-from ._inputs import check_memory, prepare_qkv, resolve_rng, resolve_scale, to_float64
+from ._inputs import (check_int, check_memory, prepare_qkv, resolve_rng, resolve_scale,
+                      to_float64)
 from .registry import register
 
 __all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_buckets", "SELF_LOGIT",
@@ -85,16 +86,8 @@ _BLOCK_BYTES = 2**28
 
 
 # --------------------------------------------------------------------------- checks
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_n_buckets(n_buckets):
-    n_buckets = _check_int("n_buckets", n_buckets, 2)
+    n_buckets = check_int("n_buckets", n_buckets, minimum=2)
     if n_buckets % 2:
         raise ValueError(f"n_buckets must be even (angular LSH takes argmax([xR; -xR]) "
                          f"with R of shape (D, n_buckets/2)), got n_buckets={n_buckets}")
@@ -150,7 +143,7 @@ def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
     x = to_float64(x, "x")
     if x.ndim < 2 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., L, D) with D >= 1, got shape {x.shape}")
-    rounds = 1 if n_hashes is None else _check_int("n_hashes", n_hashes, 1)
+    rounds = 1 if n_hashes is None else check_int("n_hashes", n_hashes, minimum=1)
     out = _hash(x, _rotations(rng, rounds, x.shape[-1], n_buckets))
     return out[0] if n_hashes is None else out
 
@@ -185,8 +178,8 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
     ``P = B * Hq`` (KV heads repeated to query heads), and the problem sizes.
     """
     n_buckets = _check_n_buckets(n_buckets)
-    n_hashes = _check_int("n_hashes", n_hashes, 1)
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    n_hashes = check_int("n_hashes", n_hashes, minimum=1)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     if not isinstance(shared_qk, (bool, np.bool_)):
         raise TypeError(f"shared_qk must be a bool, got {shared_qk!r}")
     if not isinstance(causal, (bool, np.bool_)):

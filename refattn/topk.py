@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import check_memory, prepare_qkv
+from ._inputs import check_memory, prepare_qkv, check_int as _check_int
 from ._logits import make_logits
 from .exact import _softmax_rows
 from .registry import register
@@ -38,15 +38,6 @@ __all__ = ["topk_attention", "topk_attention_matrix"]
 
 #: Default number of logits in one query block (``G * block_q * M``): 8 MiB of float64.
 BLOCK_ELEMENTS = 2**20
-
-
-def _check_int(name: str, value, *, minimum: int, context: str = "") -> int:
-    """An integer ``>= minimum`` (bools rejected); TypeError/ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer{context}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{context}, got {value!r}")
-    return int(value)
 
 
 def _block_rows(block_q, heads: int, n: int, m: int) -> int:

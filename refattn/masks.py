@@ -556,6 +556,15 @@ class _BlockLayout(Mask):
                     f"({need}, {need}) blocks")
         return layout
 
+    @functools.lru_cache(maxsize=4)
+    def _prefix_counts(self, m: int) -> np.ndarray:
+        """2-D prefix counts of the layout for ``m`` keys (kept between the strips of a
+        classification): ``cum[r, c]`` = kept blocks above-left of ``(r, c)``."""
+        layout = self.layout(m)
+        cum = np.zeros((layout.shape[0] + 1, layout.shape[1] + 1), np.int32)
+        cum[1:, 1:] = layout.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32)
+        return cum
+
     def _eval(self, b, h, q_idx, kv_idx, n, m):
         layout = self._checked_layout(n, m)
         pos = q_idx + _offset("bottom_right", n, m)
@@ -569,8 +578,7 @@ class _BlockLayout(Mask):
         n, m = t.n, t.m
         layout = self._checked_layout(n, m)
         bs = self.block_size
-        cum = np.zeros((layout.shape[0] + 1, layout.shape[1] + 1), np.int64)
-        cum[1:, 1:] = layout.astype(np.int64).cumsum(0).cumsum(1)
+        cum = self._prefix_counts(m)
         q_lo, q_hi, k_lo, k_hi = t.q_lo, t.q_hi, t.k_lo, t.k_hi
         off = m - n
         # Rows before position 0 are masked: a tile reaching them is at most partial.

@@ -29,6 +29,8 @@ from .compression import (pooled_attention, strided_kv_attention, landmark_atten
 from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
 from . import streaming
+from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
+                     spatial_reduction_attention, patch_merging)
 from . import testing  # noqa: E402  (uses the references above)
 
 __version__ = "0.1.0"
@@ -45,4 +47,6 @@ __all__ = [
     "performer_features", "softmax_kernel_estimate", "scatterbrain_attention",
     "linformer_attention", "nystrom_attention", "luna_attention", "pooled_attention",
     "strided_kv_attention", "landmark_attention", "kmeans_kv_attention",
+    "window_attention", "shifted_window_attention", "neighborhood_attention",
+    "spatial_reduction_attention", "patch_merging",
 ]

@@ -77,7 +77,7 @@ from numba import njit
 
 from ._inputs import check_memory, prepare_qkv, to_float64, check_int as _check_int
 from .registry import register
-from .streaming import State, check_token
+from .streaming import State, check_sizes, check_token
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
            "linear_attention_step", "LinearAttentionState", "FEATURE_MAPS", "METHODS"]
@@ -235,7 +235,7 @@ def _core_quadratic(fq, fk, v, last):
 
 def _core_chunked(fq, fk, v, last, chunk):
     nb, hkv, m, nf = fk.shape
-    n, dv = fq.shape[2], v.shape[-1]
+    dv = v.shape[-1]
     fqg = _grouped(fq, hkv)                                    # (B, Hkv, G, N, F)
     out = np.zeros(fqg.shape[:4] + (dv,))
     s = np.zeros((nb, hkv, 1, nf, dv))
@@ -429,15 +429,7 @@ def linear_attention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv,
     ((2, 2, 8, 3), (2, 2, 8), 1024)
     """
     feature_map = _check_feature_map(feature_map)
-    batch_shape = tuple(_check_int("batch_shape entries", b, minimum=1)
-                        for b in batch_shape)
-    heads_q = _check_int("heads_q", heads_q, minimum=1)
-    heads_kv = _check_int("heads_kv", heads_kv, minimum=1)
-    if heads_q % heads_kv:
-        raise ValueError(f"query heads Hq={heads_q} must be a positive multiple of KV "
-                         f"heads Hkv={heads_kv} (grouped-query attention)")
-    d = _check_int("d", d, minimum=1)
-    dv = _check_int("dv", dv, minimum=1)
+    batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     allow_negative = _check_bool("allow_negative", allow_negative)
     if isinstance(feature_map, str):
         nf = d

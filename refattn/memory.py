@@ -68,7 +68,7 @@ from ._inputs import (check_memory, prepare_qkv, resolve_rng, resolve_scale,
 from ._logits import make_logits
 from .exact import _finish, _softmax_rows, attention_probs
 from .registry import register
-from .streaming import State, check_token
+from .streaming import State, check_sizes, check_token
 from .topk import _check_int, _topk_keep
 
 __all__ = ["transformer_xl_mask", "transformer_xl_attention",
@@ -522,15 +522,9 @@ def _segment_init(batch_shape, heads_q, heads_kv, d, dv, segment_len, mem_len, c
                   rate, compress, scale, softcap):
     segment_len, mem_len, cmem_len, rate = _compressive_params(segment_len, mem_len,
                                                                cmem_len, rate)
-    heads_q = _check_int("heads_q", heads_q, minimum=1)
-    heads_kv = _check_int("heads_kv", heads_kv, minimum=1)
-    if heads_q % heads_kv:
-        raise ValueError(f"query heads Hq={heads_q} must be a positive multiple of KV "
-                         f"heads Hkv={heads_kv} (grouped-query attention)")
-    d = _check_int("d", d, minimum=1)
-    dv = _check_int("dv", dv, minimum=0)
+    batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d,
+                                                        dv, min_dv=0)
     kind, w_k, w_v = _resolve_compress(compress, rate, d, dv)
-    batch_shape = tuple(int(x) for x in batch_shape)
     bsz, window = int(np.prod(batch_shape)), mem_len + segment_len
     return SegmentMemoryState(
         position=0, k_buf=np.zeros((bsz, heads_kv, window, d)),

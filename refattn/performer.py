@@ -76,7 +76,7 @@ from ._inputs import check_memory, prepare_qkv, resolve_rng, resolve_scale, to_f
 from .linear import (_check_bool, _check_int, _check_method, _core,
                      _implied, _safe_divide)
 from .registry import register
-from .streaming import State, check_token
+from .streaming import State, check_sizes, check_token
 
 __all__ = ["performer_attention", "performer_attention_matrix", "performer_features",
            "draw_omega", "softmax_kernel_estimate", "performer_init_state",
@@ -456,15 +456,7 @@ def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_featur
     >>> st.s.shape, st.z.shape, st.omega.shape
     ((1, 8, 3), (1, 8), (8, 4))
     """
-    batch_shape = tuple(_check_int("batch_shape entries", b, minimum=1)
-                        for b in batch_shape)
-    heads_q = _check_int("heads_q", heads_q, minimum=1)
-    heads_kv = _check_int("heads_kv", heads_kv, minimum=1)
-    if heads_q % heads_kv:
-        raise ValueError(f"query heads Hq={heads_q} must be a positive multiple of KV "
-                         f"heads Hkv={heads_kv} (grouped-query attention)")
-    d = _check_int("d", d, minimum=1)
-    dv = _check_int("dv", dv, minimum=1)
+    batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     kernel = _check_kernel(kernel)
     stabilize = _check_bool("stabilize", stabilize)
     omega = _resolve_omega(omega, num_features, d, orthogonal, rng, "performer_init_state")

@@ -18,9 +18,9 @@ import dataclasses
 
 import numpy as np
 
-from ._inputs import to_float64
+from ._inputs import check_int, to_float64
 
-__all__ = ["State", "check_token"]
+__all__ = ["State", "check_token", "check_sizes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,3 +50,16 @@ def check_token(x, name: str, expected: tuple, *, check_finite: bool = True) -> 
         raise ValueError(f"{name} must have shape {tuple(expected)} (batch dims, heads, dim) "
                          f"to match the state, got {arr.shape}")
     return arr
+
+
+def check_sizes(batch_shape, heads_q, heads_kv, d, dv, *, min_dv: int = 1):
+    """Validate the sizes an ``init_state`` receives; returns them as
+    ``(batch_shape tuple, heads_q, heads_kv, d, dv)`` ints."""
+    batch_shape = tuple(check_int("batch_shape entries", b, minimum=1) for b in batch_shape)
+    heads_q = check_int("heads_q", heads_q, minimum=1)
+    heads_kv = check_int("heads_kv", heads_kv, minimum=1)
+    if heads_q % heads_kv:
+        raise ValueError(f"query heads Hq={heads_q} must be a positive multiple of KV "
+                         f"heads Hkv={heads_kv} (grouped-query attention)")
+    return (batch_shape, heads_q, heads_kv, check_int("d", d, minimum=1),
+            check_int("dv", dv, minimum=min_dv))

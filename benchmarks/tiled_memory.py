@@ -156,10 +156,10 @@ def main(argv=None) -> None:
         return
 
     import refattn
-    from refattn.tiled import _available_cores
+    from refattn._threads import available_cores
     print(f"refattn.tiled_attention: H={args.heads} N={args.n} M={args.m} D={args.d} "
           f"Dv={args.dv} causal={args.causal} float64; numpy {np.__version__}, "
-          f"{_available_cores()} cores, dense memory budget "
+          f"{available_cores()} cores, dense memory budget "
           f"{refattn.DEFAULT_MEMORY_BUDGET / GiB:.0f} GiB")
 
     def run_self(mode):

@@ -133,7 +133,6 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
         indptr = np.arange(n_q_tiles + 1) * n_k
         key_tiles = np.tile(np.arange(n_k), n_q_tiles)
         labels = np.full(len(key_tiles), PARTIAL, np.int8)
-    q_scaled = q * logits.scale
     out, lse = pb.poisoned_outputs()
 
     def run(item):
@@ -142,8 +141,8 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
         span = slice(indptr[qb], indptr[qb + 1])
         r, c = _kept_pairs(mask, b, h, rows, n, m, block_k, (key_tiles[span], labels[span]))
         starts = np.searchsorted(r, rows[0] + np.arange(len(rows) + 1))  # CSR row pointers
-        qh, kh, vh = q_scaled[b, h], k[b, h // g], v[b, h // g]
-        s = _pair_logits(qh, kh, r, c)
+        qh, kh, vh = q[b, h, rows[0]:rows[-1] + 1] * logits.scale, k[b, h // g], v[b, h // g]
+        s = _pair_logits(qh, kh, r - rows[0], c)
         if logits.softcap is not None:
             s = logits.softcap * np.tanh(s / logits.softcap)
         if logits.score_mod is not None:

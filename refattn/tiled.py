@@ -62,7 +62,7 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
         limited to one thread each.
 
     Working memory beyond inputs and outputs: about ``3 * G * block_q * block_k`` float64
-    per worker, plus a scaled copy of ``q``.
+    per worker (a logit tile, its mask and a scaled query block): O(block) in N and M.
 
     >>> import numpy as np, refattn as ra
     >>> rng = np.random.default_rng(0)
@@ -117,7 +117,6 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
         key_tiles = np.tile(np.arange(n_k_tiles), n_q_tiles)
         labels = np.full(len(key_tiles), FULL if mask is None else PARTIAL, np.int8)
 
-    q_scaled = q * logits.scale
     out, lse = pb.poisoned_outputs()
     local = threading.local()          # one reusable logit tile per worker thread
 
@@ -129,7 +128,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
         heads = np.arange(hs.start, hs.stop)
         r0 = qb * block_q
         rows = np.arange(r0, min(r0 + block_q, n))
-        qt = np.ascontiguousarray(q_scaled[b, hs, r0:r0 + len(rows)])  # (G, r, D)
+        qt = q[b, hs, r0:r0 + len(rows)] * logits.scale     # (G, r, D), scaled per tile
         run_max = np.full((g, len(rows)), -np.inf)
         run_sum = np.zeros((g, len(rows)))
         acc = np.zeros((g, len(rows), pb.dv))

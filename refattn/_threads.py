@@ -33,5 +33,4 @@ def run_items(run, items, workers=None, work: float = float("inf")) -> None:
         return
     with threadpool_limits(limits=1, user_api="blas"), \
             ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(run, items):
-            pass
+        list(pool.map(run, items))          # re-raises the first worker exception

@@ -1,0 +1,461 @@
+r"""Decoding with a KV cache for exact attention: the streaming forms of
+:func:`refattn.attention`, :func:`refattn.sink_attention`, plus split-KV decoding.
+
+Each step appends token ``t``'s key/value to a cache and computes
+
+.. math:: o_t = \operatorname{softmax}\big(\tfrac{1}{\sqrt D} q_t K_{\text{cache}}^\top\big)
+          V_{\text{cache}}
+
+over the cached keys (Pope et al. 2022, "Efficiently Scaling Transformer Inference";
+StreamingLLM, Xiao et al. 2024, for sinks + window). The cache stores ``Hkv`` heads
+(grouped-query attention): query head ``h`` reads KV head ``h // (Hq // Hkv)``.
+States follow :mod:`refattn.streaming`: ``step`` is functional, the old state is
+unchanged. Every state reports ``nbytes_after(n)``, its size after ``n`` tokens,
+without stepping.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ._inputs import check_int
+from .exact import attention, merge_partials
+from .registry import _REGISTRY
+from .streaming import State, check_sizes, check_token
+
+__all__ = ["FullCacheState", "SinkWindowState", "full_cache_init", "full_cache_step",
+           "ring_init", "ring_step", "paged_init", "paged_step", "PagedCacheState",
+           "sink_init", "quantize", "dequantize", "quantized_init", "quantized_step",
+           "quantization_error", "QuantizedCacheState", "sink_step", "split_kv_decode",
+           "state_size_table"]
+
+
+def _tokens(state, q_t, k_t, v_t):
+    b, hq, hkv, d, dv = state.sizes
+    return (check_token(q_t, "q_t", b + (hq, d)), check_token(k_t, "k_t", b + (hkv, d)),
+            check_token(v_t, "v_t", b + (hkv, dv)))
+
+
+def _attend(q_t, keys, values, scale):
+    """One query token ``(*b, Hq, D)`` over ``keys (*b, Hkv, L, D)``: ``(*b, Hq, Dv)``."""
+    return attention(q_t[..., None, :], keys, values, scale=scale)[..., 0, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class FullCacheState(State):
+    """Full KV cache: ``keys (*b, Hkv, t, D)``, ``values (*b, Hkv, t, Dv)``; grows by one
+    token per step."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    sizes: tuple
+    scale: float | None
+
+    def nbytes_after(self, n: int) -> int:
+        """Bytes held after ``n`` tokens: ``prod(batch)·Hkv·n·(D + Dv)·8``."""
+        b, _, hkv, d, dv = self.sizes
+        return int(np.prod(b, dtype=np.int64)) * hkv * check_int("n", n, minimum=0) * (d + dv) * 8
+
+
+def full_cache_init(*, batch_shape=(), heads_q, heads_kv, d, dv, scale=None):
+    """Empty full KV cache for :func:`refattn.attention` (causal decoding).
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 4, 8))
+    >>> s = full_cache_init(heads_q=2, heads_kv=2, d=8, dv=8)
+    >>> outs = []
+    >>> for t in range(4):
+    ...     o, s = full_cache_step(s, q[:, t], k[:, t], v[:, t]); outs.append(o)
+    >>> bool(np.allclose(np.stack(outs, 1), ra.attention(q, k, v, causal=True)))
+    True
+    """
+    sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    b, _, hkv, d, dv = sizes
+    return FullCacheState(position=0, keys=np.zeros(b + (hkv, 0, d)),
+                          values=np.zeros(b + (hkv, 0, dv)), sizes=sizes, scale=scale)
+
+
+def full_cache_step(state, q_t, k_t, v_t):
+    """Append ``k_t (*b, Hkv, D)``, ``v_t (*b, Hkv, Dv)``; attend ``q_t (*b, Hq, D)`` to
+    all cached tokens. Returns ``(out_t (*b, Hq, Dv), new_state)``. Example: see
+    :func:`full_cache_init`."""
+    q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
+    keys = np.concatenate([state.keys, k_t[..., None, :]], axis=-2)
+    values = np.concatenate([state.values, v_t[..., None, :]], axis=-2)
+    new = state.replace(position=state.position + 1, keys=keys, values=values)
+    return _attend(q_t, keys, values, state.scale), new
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkWindowState(State):
+    """Fixed-size cache: ``sinks`` slots for the first tokens, and a ring buffer of
+    ``window + 1`` slots for the most recent later tokens (slot ``t % (window+1)``)."""
+
+    sink_keys: np.ndarray
+    sink_values: np.ndarray
+    ring_keys: np.ndarray
+    ring_values: np.ndarray
+    sizes: tuple
+    window: int
+    sinks: int
+    scale: float | None
+
+    def nbytes_after(self, n: int) -> int:
+        """Bytes held after ``n`` tokens: constant, ``prod(batch)·Hkv·(s+w+1)·(D+Dv)·8``."""
+        check_int("n", n, minimum=0)
+        b, _, hkv, d, dv = self.sizes
+        return int(np.prod(b, dtype=np.int64)) * hkv * (self.sinks + self.window + 1) * (d + dv) * 8
+
+
+def sink_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, sinks=4, scale=None):
+    """Fixed-size StreamingLLM cache for :func:`refattn.sink_attention` with
+    ``causal=True``: ``sinks`` first tokens plus the last ``window + 1`` tokens.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 9, 4))
+    >>> s = sink_init(heads_q=1, heads_kv=1, d=4, dv=4, window=2, sinks=2)
+    >>> outs = []
+    >>> for t in range(9):
+    ...     o, s = sink_step(s, q[:, t], k[:, t], v[:, t]); outs.append(o)
+    >>> ref = ra.sink_attention(q, k, v, window=2, sinks=2, causal=True)
+    >>> bool(np.allclose(np.stack(outs, 1), ref))
+    True
+    """
+    sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    window = check_int("window", window, minimum=0)
+    sinks = check_int("sinks", sinks, minimum=0)
+    b, _, hkv, d, dv = sizes
+    return SinkWindowState(position=0, sink_keys=np.zeros(b + (hkv, sinks, d)),
+                           sink_values=np.zeros(b + (hkv, sinks, dv)),
+                           ring_keys=np.zeros(b + (hkv, window + 1, d)),
+                           ring_values=np.zeros(b + (hkv, window + 1, dv)),
+                           sizes=sizes, window=window, sinks=sinks, scale=scale)
+
+
+def sink_step(state, q_t, k_t, v_t):
+    """Write token ``t`` into its sink slot (``t < sinks``) or ring slot
+    ``(t - sinks) % (window + 1)``; attend ``q_t`` to the sinks and the valid ring slots
+    (keys ``j < sinks`` or ``t - window <= j <= t``). Returns ``(out_t, new_state)``.
+    Example: see :func:`sink_init`."""
+    q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
+    t, s, w = state.position, state.sinks, state.window
+    sk, sv = state.sink_keys.copy(), state.sink_values.copy()
+    rk, rv = state.ring_keys.copy(), state.ring_values.copy()
+    if t < s:
+        sk[..., t, :], sv[..., t, :] = k_t, v_t
+    else:
+        slot = (t - s) % (w + 1)
+        rk[..., slot, :], rv[..., slot, :] = k_t, v_t
+    n_sink, n_ring = min(t + 1, s), min(max(t + 1 - s, 0), w + 1)
+    keys = np.concatenate([sk[..., :n_sink, :], rk[..., :n_ring, :]], axis=-2)
+    values = np.concatenate([sv[..., :n_sink, :], rv[..., :n_ring, :]], axis=-2)
+    new = state.replace(position=t + 1, sink_keys=sk, sink_values=sv, ring_keys=rk,
+                        ring_values=rv)
+    return _attend(q_t, keys, values, state.scale), new
+
+
+def ring_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, right=0, dilation=1,
+              scale=None):
+    """Sliding-window ring buffer of ``window + 1`` slots for
+    :func:`refattn.sliding_window_attention` with ``causal=True`` (keys
+    ``t - window <= j <= t``). ``right > 0`` (look-ahead) and ``dilation != 1`` cannot be
+    streamed and raise ValueError.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 7, 4))
+    >>> s = ring_init(heads_q=1, heads_kv=1, d=4, dv=4, window=2)
+    >>> outs = []
+    >>> for t in range(7):
+    ...     o, s = ring_step(s, q[:, t], k[:, t], v[:, t]); outs.append(o)
+    >>> ref = ra.sliding_window_attention(q, k, v, window=2, causal=True)
+    >>> bool(np.allclose(np.stack(outs, 1), ref))
+    True
+    """
+    if check_int("right", right, minimum=0) != 0:
+        raise ValueError(f"right={right}: a streaming step cannot look ahead; only right=0")
+    if dilation != 1:
+        raise ValueError(f"dilation={dilation}: the ring buffer supports only dilation=1")
+    return sink_init(batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv, d=d,
+                     dv=dv, window=window, sinks=0, scale=scale)
+
+
+ring_step = sink_step
+
+
+def split_kv_decode(q_t, k_cache, v_cache, splits, *, scale=None):
+    """Split-KV (flash-decoding) attention of one query token over a cache.
+
+    ``q_t (*b, Hq, D)``, ``k_cache (*b, Hkv, L, D)``, ``v_cache (*b, Hkv, L, Dv)``; the
+    cache is cut into ``splits`` contiguous shards (empty shards allowed when
+    ``splits > L``), each attended separately with its lse, and merged by
+    :func:`refattn.merge_partials`: ``o = sum_s exp(lse_s - lse) o_s``. Returns
+    ``(*b, Hq, Dv)``.
+
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((2, 8)); k, v = rng.standard_normal((2, 1, 5, 8))
+    >>> bool(np.allclose(split_kv_decode(q, k, v, 3), ra.attention(q[:, None], k, v)[:, 0]))
+    True
+    """
+    splits = check_int("splits", splits, minimum=1)
+    q_t = np.asarray(q_t, dtype=np.float64)
+    if q_t.ndim < 2:
+        raise ValueError(f"q_t must have shape (*batch, Hq, D), got {q_t.shape}")
+    length = np.shape(k_cache)[-2]
+    bounds = np.linspace(0, length, splits + 1).round().astype(int)
+    outs, lses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi == lo:
+            continue
+        o, lse = attention(q_t[..., None, :], np.asarray(k_cache)[..., lo:hi, :],
+                           np.asarray(v_cache)[..., lo:hi, :], scale=scale, return_lse=True)
+        outs.append(o)
+        lses.append(lse)
+    if not outs:
+        raise ValueError("k_cache holds no tokens (L = 0)")
+    return merge_partials(outs, lses)[0][..., 0, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedCacheState(State):
+    """Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023): a preallocated pool
+    ``key_pages (P, *b, Hkv, page_size, D)``, ``value_pages (P, *b, Hkv, page_size, Dv)``
+    and a page table ``page_table`` (tuple of physical page ids, logical order)."""
+
+    key_pages: np.ndarray
+    value_pages: np.ndarray
+    page_table: tuple
+    allocation: tuple
+    sizes: tuple
+    page_size: int
+    scale: float | None
+
+    def nbytes_after(self, n: int) -> int:
+        """Bytes held after ``n`` tokens: the pool, ``P·prod(batch)·Hkv·page_size·(D+Dv)·8``
+        (constant; preallocated), plus nothing for the page table (a tuple)."""
+        check_int("n", n, minimum=0)
+        return self.key_pages.nbytes + self.value_pages.nbytes
+
+
+def paged_init(*, batch_shape=(), heads_q, heads_kv, d, dv, page_size, num_pages,
+               allocation=None, scale=None):
+    """Empty paged cache with a pool of ``num_pages`` pages of ``page_size`` tokens.
+    New pages are taken in the order ``allocation`` (a permutation of a subset of
+    ``range(num_pages)``; default ``0, 1, 2, ...``), so tests can allocate out of order.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 7, 4))
+    >>> s = paged_init(heads_q=1, heads_kv=1, d=4, dv=4, page_size=3, num_pages=3,
+    ...                allocation=(2, 0, 1))
+    >>> outs = []
+    >>> for t in range(7):
+    ...     o, s = paged_step(s, q[:, t], k[:, t], v[:, t]); outs.append(o)
+    >>> s.page_table, bool(np.allclose(np.stack(outs, 1), ra.attention(q, k, v, causal=True)))
+    ((2, 0, 1), True)
+    """
+    sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    page_size = check_int("page_size", page_size, minimum=1)
+    num_pages = check_int("num_pages", num_pages, minimum=1)
+    allocation = tuple(range(num_pages)) if allocation is None else tuple(
+        check_int("allocation entries", a, minimum=0) for a in allocation)
+    if len(set(allocation)) != len(allocation) or any(a >= num_pages for a in allocation):
+        raise ValueError(f"allocation must list distinct page ids < num_pages={num_pages}, "
+                         f"got {allocation}")
+    b, _, hkv, d, dv = sizes
+    return PagedCacheState(position=0,
+                           key_pages=np.zeros((num_pages,) + b + (hkv, page_size, d)),
+                           value_pages=np.zeros((num_pages,) + b + (hkv, page_size, dv)),
+                           page_table=(), allocation=allocation, sizes=sizes,
+                           page_size=page_size, scale=scale)
+
+
+def paged_step(state, q_t, k_t, v_t):
+    """Write token ``t`` at offset ``t % page_size`` of logical page ``t // page_size``
+    (allocating the next page of ``allocation`` when a page fills), gather the pages of
+    the page table in logical order, and attend ``q_t`` to the first ``t + 1`` tokens.
+    Returns ``(out_t, new_state)``; raises ValueError when the pool is exhausted.
+    Example: see :func:`paged_init`."""
+    q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
+    t, ps = state.position, state.page_size
+    table = state.page_table
+    if t % ps == 0:
+        if len(table) >= len(state.allocation):
+            raise ValueError(f"paged cache is full: {len(state.allocation)} pages of "
+                             f"{ps} tokens hold {t} tokens")
+        table = table + (state.allocation[len(table)],)
+    kp, vp = state.key_pages.copy(), state.value_pages.copy()
+    kp[table[-1], ..., t % ps, :], vp[table[-1], ..., t % ps, :] = k_t, v_t
+    idx = list(table)
+    keys = np.concatenate(list(kp[idx]), axis=-2)[..., :t + 1, :]
+    values = np.concatenate(list(vp[idx]), axis=-2)[..., :t + 1, :]
+    new = state.replace(position=t + 1, key_pages=kp, value_pages=vp, page_table=table)
+    return _attend(q_t, keys, values, state.scale), new
+
+
+def quantize(x, kind):
+    """Quantize ``x (..., D)`` along its last axis; returns ``(codes, scales)`` with
+    ``dequantize(codes, scales) ~ x``.
+
+    ``kind="int8"``: symmetric per-token (per row) int8, ``scale = max|x| / 127`` (1 for
+    an all-zero row), ``code = clip(round_half_to_even(x / scale), -127, 127)``; so
+    ``|x - code·scale| <= scale / 2``. ``kind="fp8"``: ``ml_dtypes.float8_e4m3fn``
+    (round to nearest even, no scale; finite inputs must satisfy ``|x| <= 448``), relative
+    error ``<= 2**-4`` for normals (``|x| >= 2**-6``) and absolute ``<= 2**-10`` below.
+
+    >>> c, s = quantize(np.array([[1.0, -0.5, 0.25]]), "int8")
+    >>> c, dequantize(c, s).round(4)
+    (array([[127, -64,  32]], dtype=int8), array([[ 1.    , -0.5039,  0.252 ]]))
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if kind == "int8":
+        top = np.abs(x).max(axis=-1, keepdims=True)
+        scale = np.where(top > 0, top / 127.0, 1.0)
+        return np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale
+    if kind == "fp8":
+        import ml_dtypes
+        if np.abs(x).max(initial=0.0) > 448:
+            raise ValueError("fp8 e4m3 holds |x| <= 448; got larger keys/values")
+        return x.astype(ml_dtypes.float8_e4m3fn), None
+    raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+
+
+def dequantize(codes, scales):
+    """Inverse of :func:`quantize`: ``codes · scales`` (int8) or ``codes`` as float64
+    (fp8). Example: see :func:`quantize`."""
+    out = codes.astype(np.float64)
+    return out if scales is None else out * scales
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedCacheState(State):
+    """Full cache of quantized keys/values (``kind`` "int8" per-token or "fp8" e4m3):
+    codes ``(*b, Hkv, t, D)`` (1 byte each) and, for int8, float64 scales
+    ``(*b, Hkv, t, 1)``."""
+
+    key_codes: np.ndarray
+    value_codes: np.ndarray
+    key_scales: np.ndarray
+    value_scales: np.ndarray
+    sizes: tuple
+    kind: str
+    scale: float | None
+
+    def nbytes_after(self, n: int) -> int:
+        """Bytes after ``n`` tokens: ``prod(b)·Hkv·n·(D + Dv + (16 if int8 else 0))``."""
+        b, _, hkv, d, dv = self.sizes
+        extra = 16 if self.kind == "int8" else 0
+        return int(np.prod(b, dtype=np.int64)) * hkv * check_int("n", n, minimum=0) * (d + dv + extra)
+
+
+def quantized_init(*, batch_shape=(), heads_q, heads_kv, d, dv, kind="int8", scale=None):
+    """Empty quantized full cache (:func:`quantize` rules, per token; scales are fixed
+    when a token is written, so streaming needs no requantization). Per-channel scales
+    are not implemented. ``step`` equals :func:`refattn.attention` over the dequantized
+    keys/values.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 5, 4))
+    >>> s = quantized_init(heads_q=1, heads_kv=1, d=4, dv=4, kind="fp8")
+    >>> for t in range(5):
+    ...     o, s = quantized_step(s, q[:, t], k[:, t], v[:, t])
+    >>> kd = dequantize(s.key_codes, None); vd = dequantize(s.value_codes, None)
+    >>> bool(np.array_equal(o, ra.attention(q[:, 4:], kd, vd)[:, 0]))
+    True
+    """
+    sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    if kind not in ("int8", "fp8"):
+        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+    b, _, hkv, d, dv = sizes
+    dt = np.int8
+    if kind == "fp8":
+        import ml_dtypes
+        dt = ml_dtypes.float8_e4m3fn
+    nsc = 1 if kind == "int8" else 0
+    return QuantizedCacheState(position=0, key_codes=np.zeros(b + (hkv, 0, d), dt),
+                               value_codes=np.zeros(b + (hkv, 0, dv), dt),
+                               key_scales=np.zeros(b + (hkv, 0, nsc)),
+                               value_scales=np.zeros(b + (hkv, 0, nsc)),
+                               sizes=sizes, kind=kind, scale=scale)
+
+
+def quantized_step(state, q_t, k_t, v_t):
+    """Quantize and append ``k_t``, ``v_t``; attend ``q_t`` to the dequantized cache.
+    Example: see :func:`quantized_init`."""
+    q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
+    kc, ks = quantize(k_t[..., None, :], state.kind)
+    vc, vs = quantize(v_t[..., None, :], state.kind)
+    cat = lambda a, x: np.concatenate([a, x], axis=-2)   # noqa: E731
+    new = state.replace(position=state.position + 1, key_codes=cat(state.key_codes, kc),
+                        value_codes=cat(state.value_codes, vc),
+                        key_scales=state.key_scales if ks is None else cat(state.key_scales, ks),
+                        value_scales=state.value_scales if vs is None else cat(state.value_scales, vs))
+    sc = (lambda a: None) if state.kind == "fp8" else (lambda a: a)
+    keys = dequantize(new.key_codes, sc(new.key_scales))
+    values = dequantize(new.value_codes, sc(new.value_scales))
+    return _attend(q_t, keys, values, state.scale), new
+
+
+def quantization_error(q, k, v, kind="int8"):
+    """Error of a quantized cache vs the float64 cache for queries ``q (..., Hq, N, D)``,
+    keys ``k``, values ``v`` (causal decoding). Returns a dict: ``key_max_abs``,
+    ``value_max_abs`` (max elementwise dequantization errors), ``key_bound``,
+    ``value_bound`` (the per-element bound: ``scale/2`` for int8, ``max(|x|·2**-4,
+    2**-10)`` for fp8, maximized), and ``out_max_abs`` (max |output difference|).
+
+    >>> import numpy as np
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> e = quantization_error(q, k, v, "int8")
+    >>> e["key_max_abs"] <= e["key_bound"], e["out_max_abs"] < 0.05
+    (True, True)
+    """
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    res = {}
+    for name, x in (("key", k), ("value", v)):
+        c, s = quantize(x, kind)
+        err = np.abs(dequantize(c, s) - x)
+        bound = s / 2 if kind == "int8" else np.maximum(np.abs(x) * 2.0**-4, 2.0**-10)
+        res[f"{name}_max_abs"] = float(err.max(initial=0.0))
+        res[f"{name}_bound"] = float(np.broadcast_to(bound, x.shape).max(initial=0.0))
+        res[f"{name}_within_bound"] = bool((err <= bound).all())
+    kd, vd = (dequantize(*quantize(x, kind)) for x in (k, v))
+    res["out_max_abs"] = float(np.abs(attention(q, kd, vd, causal=True)
+                                      - attention(q, k, v, causal=True)).max(initial=0.0))
+    return res
+
+
+def _register():
+    _REGISTRY["attention"]["streaming"] = (full_cache_init, full_cache_step)
+    if "sink_attention" in _REGISTRY:
+        _REGISTRY["sink_attention"]["streaming"] = (sink_init, sink_step)
+        _REGISTRY["sink_attention"]["flags"]["constant_state"] = True
+
+
+_register()
+
+
+def state_size_table(ns=(1_000, 16_000, 256_000, 1_000_000), *, batch_shape=(),
+                     heads_q=32, heads_kv=8, d=128, dv=128):
+    """Bytes of state after each ``n`` in ``ns`` tokens for every registered streaming
+    mechanism (``example`` params), from ``state.nbytes_after(n)`` where the state has it
+    (else ``nbytes`` of the initial state, for constant states). Returns
+    ``{name: {n: bytes}}``.
+
+    >>> t = state_size_table((1000,), heads_q=4, heads_kv=1, d=8, dv=8)
+    >>> t["attention"][1000]
+    128000
+    """
+    from .registry import mechanisms
+    table = {}
+    for name, spec in mechanisms().items():
+        if spec.init_state is None:
+            continue
+        params = dict(spec.example, **({"rng": 0} if spec.randomized else {}))
+        state = spec.init_state(batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv,
+                                d=d, dv=dv, **params)
+        if hasattr(state, "nbytes_after"):
+            table[name] = {n: state.nbytes_after(n) for n in ns}
+        elif spec.constant_state:
+            table[name] = {n: state.nbytes for n in ns}
+    return table

@@ -1,0 +1,198 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from refattn.exact import attention
+from refattn.sparse import sink_attention, sliding_window_attention
+from refattn.kvcache import (quantize, dequantize, quantized_init, quantized_step,
+                             quantization_error, full_cache_init, full_cache_step, ring_init, ring_step,
+                             sink_init, sink_step, split_kv_decode,
+                             paged_init, paged_step, state_size_table)
+
+
+def _run(init, step, q, k, v, **params):
+    *b, hq, n, d = q.shape
+    hkv, dv = k.shape[-3], v.shape[-1]
+    state = init(batch_shape=tuple(b), heads_q=hq, heads_kv=hkv, d=d, dv=dv, **params)
+    outs, sizes = [], []
+    for t in range(n):
+        o, state = step(state, q[..., t, :], k[..., t, :], v[..., t, :])
+        outs.append(o)
+        sizes.append((state.nbytes, state.nbytes_after(t + 1)))
+    return np.stack(outs, axis=-2), state, sizes
+
+
+@st.composite
+def problems(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    batch = tuple(draw(st.lists(st.integers(1, 2), max_size=1)))
+    hkv, g = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    n, d, dv = draw(st.integers(1, 14)), draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    q = rng.standard_normal(batch + (hkv * g, n, d)) * 2
+    k = rng.standard_normal(batch + (hkv, n, d)) * 2
+    v = rng.standard_normal(batch + (hkv, n, dv))
+    return q, k, v
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems())
+def test_full_cache_equals_causal_attention(qkv):
+    q, k, v = qkv
+    out, state, sizes = _run(full_cache_init, full_cache_step, q, k, v)
+    np.testing.assert_allclose(out, attention(q, k, v, causal=True), rtol=1e-12, atol=1e-12)
+    assert all(a == b for a, b in sizes)              # nbytes_after == actual nbytes
+    assert state.position == q.shape[-2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(0, 6))
+def test_ring_buffer_equals_sliding_window(qkv, w):
+    q, k, v = qkv
+    out, _, sizes = _run(ring_init, ring_step, q, k, v, window=w)
+    ref = sliding_window_attention(q, k, v, window=w, causal=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    assert len({s for pair in sizes for s in pair}) == 1   # constant, and as predicted
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(0, 5), st.integers(0, 4))
+def test_sink_cache_equals_sink_attention(qkv, w, s):
+    q, k, v = qkv
+    out, _, sizes = _run(sink_init, sink_step, q, k, v, window=w, sinks=s)
+    ref = sink_attention(q, k, v, window=w, sinks=s, causal=True)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+    assert len({x for pair in sizes for x in pair}) == 1
+
+
+def test_gqa_cache_is_group_times_smaller():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((8, 6, 4))
+    k, v = rng.standard_normal((2, 2, 6, 4))
+    _, gqa, _ = _run(full_cache_init, full_cache_step, q, k, v)
+    rep = np.repeat(k, 4, axis=0), np.repeat(v, 4, axis=0)
+    out_rep, mha, _ = _run(full_cache_init, full_cache_step, q, *rep)
+    out, _, _ = _run(full_cache_init, full_cache_step, q, k, v)
+    assert mha.nbytes == 4 * gqa.nbytes == 4 * 2 * 6 * 8 * 8
+    np.testing.assert_allclose(out, out_rep, rtol=1e-13, atol=1e-13)
+
+
+def test_step_is_functional():
+    rng = np.random.default_rng(1)
+    s0 = sink_init(heads_q=1, heads_kv=1, d=3, dv=3, window=1, sinks=1)
+    x = rng.standard_normal((3, 1, 3))
+    _, s1 = sink_step(s0, *x)
+    _, s2 = sink_step(s1, *x)
+    assert s0.position == 0 and not s0.sink_keys.any() and not s0.ring_keys.any()
+    assert s1.position == 1 and not s1.ring_keys.any()
+    f0 = full_cache_init(heads_q=1, heads_kv=1, d=3, dv=3)
+    _, f1 = full_cache_step(f0, *x)
+    assert f0.keys.shape[-2] == 0 and f1.keys.shape[-2] == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.integers(1, 20))
+def test_split_kv_decode_equals_attention(qkv, splits):
+    q, k, v = qkv
+    q_t = q[..., -1, :]
+    ref = attention(q_t[..., None, :], k, v)[..., 0, :]
+    np.testing.assert_allclose(split_kv_decode(q_t, k, v, splits), ref,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_state_size_table():
+    t = state_size_table(heads_q=32, heads_kv=8, d=128, dv=128)
+    assert t["attention"][1_000_000] == 8 * 1_000_000 * 256 * 8
+    assert t["attention"][16_000] == 16 * t["attention"][1_000]
+    assert len(set(t["sink_attention"].values())) == 1
+    assert t["sink_attention"][1000] == 8 * (2 + 3 + 1) * 256 * 8   # example sinks=2, window=3
+
+
+def test_bad_inputs_name_the_argument():
+    s = full_cache_init(batch_shape=(2,), heads_q=2, heads_kv=1, d=4, dv=3)
+    good = np.zeros((2, 2, 4)), np.zeros((2, 1, 4)), np.zeros((2, 1, 3))
+    with pytest.raises(ValueError, match="q_t"):
+        full_cache_step(s, np.zeros((2, 1, 4)), *good[1:])
+    with pytest.raises(ValueError, match="k_t"):
+        full_cache_step(s, good[0], np.zeros((2, 1, 5)), good[2])
+    with pytest.raises(ValueError, match="v_t"):
+        full_cache_step(s, *good[:2], np.zeros((1, 1, 3)))
+    with pytest.raises(TypeError, match="q_t"):
+        full_cache_step(s, good[0].astype(complex), *good[1:])
+    with pytest.raises(ValueError, match="window"):
+        ring_init(heads_q=1, heads_kv=1, d=1, dv=1, window=-1)
+    with pytest.raises(ValueError, match="right"):
+        ring_init(heads_q=1, heads_kv=1, d=1, dv=1, window=2, right=1)
+    with pytest.raises(ValueError, match="sinks"):
+        sink_init(heads_q=1, heads_kv=1, d=1, dv=1, window=2, sinks=-1)
+    with pytest.raises(ValueError, match="splits"):
+        split_kv_decode(*good[:2], np.zeros((2, 1, 3)), 0)
+    with pytest.raises(ValueError, match="heads"):
+        full_cache_init(heads_q=3, heads_kv=2, d=1, dv=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(1, 5), st.randoms(use_true_random=False))
+def test_paged_cache_equals_full_cache(qkv, page_size, rnd):
+    q, k, v = qkv
+    n = q.shape[-2]
+    pages = -(-n // page_size) + 1
+    allocation = list(range(pages))
+    rnd.shuffle(allocation)                      # pages allocated out of order
+    out, state, sizes = _run(paged_init, paged_step, q, k, v, page_size=page_size,
+                             num_pages=pages, allocation=allocation)
+    full, _, _ = _run(full_cache_init, full_cache_step, q, k, v)
+    np.testing.assert_array_equal(out, full)
+    assert state.page_table == tuple(allocation[:-(-n // page_size)])
+    assert len({x for pair in sizes for x in pair}) == 1
+
+
+def test_paged_out_of_order_and_bad_page_size():
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((3, 1, 7, 2))      # 7 tokens, page size 3 (no divide)
+    out, state, _ = _run(paged_init, paged_step, q, k, v, page_size=3, num_pages=4,
+                         allocation=(3, 1, 0))
+    assert state.page_table == (3, 1, 0)
+    np.testing.assert_array_equal(state.key_pages[3][0], k[0, 0:3])
+    np.testing.assert_array_equal(state.key_pages[0][0, 0], k[0, 6])
+    np.testing.assert_allclose(out, attention(q, k, v, causal=True), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="page_size"):
+        paged_init(heads_q=1, heads_kv=1, d=1, dv=1, page_size=0, num_pages=1)
+    with pytest.raises(ValueError, match="allocation"):
+        paged_init(heads_q=1, heads_kv=1, d=1, dv=1, page_size=1, num_pages=2,
+                   allocation=(0, 0))
+    with pytest.raises(ValueError, match="full"):
+        _run(paged_init, paged_step, q, k, v, page_size=3, num_pages=2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.sampled_from(["int8", "fp8"]))
+def test_quantized_cache_equals_attention_over_dequantized(qkv, kind):
+    q, k, v = qkv
+    out, state, sizes = _run(quantized_init, quantized_step, q, k, v, kind=kind)
+    kd, vd = (dequantize(*quantize(x, kind)) for x in (k, v))
+    np.testing.assert_allclose(out, attention(q, kd, vd, causal=True), rtol=1e-12, atol=1e-12)
+    assert all(a == b for a, b in sizes)
+    e = quantization_error(q, k, v, kind)
+    assert e["key_within_bound"] and e["value_within_bound"]
+    assert e["key_max_abs"] <= e["key_bound"] and e["value_max_abs"] <= e["value_bound"]
+    # outputs are convex combinations of values: the value error bounds part of it,
+    # and logits move by at most |q|·key_err·scale per key
+    d = q.shape[-1]
+    dl = np.abs(q).sum(-1).max() * e["key_max_abs"] / np.sqrt(d)
+    bound = e["value_bound"] + np.abs(v).max() * np.expm1(2 * dl)
+    assert e["out_max_abs"] <= bound + 1e-12
+
+
+def test_quantization_rules():
+    c, s = quantize(np.array([[1.0, -0.5, 0.25, 0.0]]), "int8")
+    np.testing.assert_array_equal(c, [[127, -64, 32, 0]])   # -63.5 -> -64 (half to even)
+    np.testing.assert_array_equal(quantize(np.zeros((1, 3)), "int8")[0], 0)
+    c, _ = quantize(np.array([1.0, 1.0625, 1.1875, 448.0]), "fp8")
+    np.testing.assert_array_equal(c.astype(float), [1.0, 1.0, 1.25, 448.0])
+    with pytest.raises(ValueError, match="kind"):
+        quantized_init(heads_q=1, heads_kv=1, d=1, dv=1, kind="int4")
+    with pytest.raises(ValueError, match="448"):
+        quantize(np.array([500.0]), "fp8")
+    s8 = quantized_init(heads_q=2, heads_kv=1, d=4, dv=4)
+    s8 = quantized_step(s8, np.zeros((2, 4)), np.ones((1, 4)), np.ones((1, 4)))[1]
+    assert s8.nbytes == 4 + 4 + 8 + 8 == s8.nbytes_after(1)

@@ -1,7 +1,7 @@
 """The ``refattn`` command.
 
 ``refattn list`` prints the registry of mechanisms as a table; ``refattn mask EXPR``
-draws a mask to a PNG.
+draws a mask to a PNG; ``refattn state-sizes`` tabulates streaming state sizes.
 """
 from __future__ import annotations
 
@@ -49,7 +49,24 @@ def main(argv: list[str] | None = None) -> int:
                       help="also shade the tile classification for this tile size")
     draw.add_argument("--head", type=int, default=0, help="query head to draw")
     draw.add_argument("-o", "--out", default="mask.png", help="PNG to write (mask.png)")
+    sizes = sub.add_parser("state-sizes", help="state bytes of every streaming mechanism "
+                           "after 1k, 16k, 256k and 1M tokens")
+    sizes.add_argument("--heads-q", type=int, default=32)
+    sizes.add_argument("--heads-kv", type=int, default=8)
+    sizes.add_argument("--d", type=int, default=128)
     args = parser.parse_args(argv)
+    if args.command == "state-sizes":
+        from .kvcache import state_size_table
+        table = state_size_table(heads_q=args.heads_q, heads_kv=args.heads_kv, d=args.d,
+                                 dv=args.d)
+        ns = next(iter(table.values())).keys()
+        rows = [["mechanism"] + [f"N={n:,}" for n in ns]]
+        rows += [[name] + [f"{b / 2**20:,.2f} MiB" for b in sizes.values()]
+                 for name, sizes in table.items()]
+        print(f"float64 state, Hq={args.heads_q}, Hkv={args.heads_kv}, D=Dv={args.d}, "
+              f"batch 1, registry example parameters")
+        print(_format(rows))
+        return 0
     if args.command == "list":
         print(_format(registry_table()))
         print(f"\n{len(mechanisms())} mechanisms registered.")

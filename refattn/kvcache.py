@@ -439,7 +439,7 @@ def state_size_table(ns=(1_000, 16_000, 256_000, 1_000_000), *, batch_shape=(),
                      heads_q=32, heads_kv=8, d=128, dv=128):
     """Bytes of state after each ``n`` in ``ns`` tokens for every registered streaming
     mechanism (``example`` params), from ``state.nbytes_after(n)`` where the state has it
-    (else ``nbytes`` of the initial state, for constant states). Returns
+    (else, for constant states, ``nbytes`` after one token). Returns
     ``{name: {n: bytes}}``.
 
     >>> t = state_size_table((1000,), heads_q=4, heads_kv=1, d=8, dv=8)
@@ -456,6 +456,9 @@ def state_size_table(ns=(1_000, 16_000, 256_000, 1_000_000), *, batch_shape=(),
                                 d=d, dv=dv, **params)
         if hasattr(state, "nbytes_after"):
             table[name] = {n: state.nbytes_after(n) for n in ns}
-        elif spec.constant_state:
+        elif spec.constant_state:   # size after one token; the registry tests that it stays
+            token = np.zeros(tuple(batch_shape) + (heads_kv, d))
+            _, state = spec.step(state, np.zeros(tuple(batch_shape) + (heads_q, d)), token,
+                                 np.zeros(tuple(batch_shape) + (heads_kv, dv)))
             table[name] = {n: state.nbytes for n in ns}
     return table

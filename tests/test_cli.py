@@ -43,3 +43,13 @@ def test_mask_command_explains_a_bad_expression(capsys):
     assert "cannot build a mask from 'window(3)'" in err and "sliding_window" in err
     assert main(["mask", "3 + 4"]) == 2
     assert "is a int, not a mask" in capsys.readouterr().err
+
+
+def test_state_sizes_table(capsys):
+    assert main(["state-sizes", "--heads-q", "4", "--heads-kv", "2", "--d", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    full = next(line for line in lines if line.startswith("attention "))
+    # full KV cache: 2 heads x (8 + 8) float64 per token, growing linearly
+    assert "0.24 MiB" in full and "244.14 MiB" in full
+    window = next(line for line in lines if line.startswith("sink_attention "))
+    assert len(set(window.split()[1::2])) == 1          # constant

@@ -29,6 +29,7 @@ from .compression import (pooled_attention, strided_kv_attention, landmark_atten
 from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
 from . import streaming
+from .retnet import retention
 from . import kvcache   # registers the KV-cache streaming forms of attention and sinks
 from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
                      spatial_reduction_attention, patch_merging)
@@ -49,5 +50,5 @@ __all__ = [
     "linformer_attention", "nystrom_attention", "luna_attention", "pooled_attention",
     "strided_kv_attention", "landmark_attention", "kmeans_kv_attention",
     "window_attention", "shifted_window_attention", "neighborhood_attention",
-    "spatial_reduction_attention", "patch_merging", "kvcache",
+    "spatial_reduction_attention", "patch_merging", "kvcache", "retention",
 ]

@@ -77,7 +77,7 @@ from numba import njit
 
 from ._inputs import check_memory, prepare_qkv, to_float64, check_int as _check_int
 from .registry import register
-from .streaming import State, check_sizes, check_token
+from .streaming import State, check_sizes, check_tokens
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
            "linear_attention_step", "LinearAttentionState", "FEATURE_MAPS", "METHODS"]
@@ -471,9 +471,8 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
         raise TypeError(f"state must be a LinearAttentionState from "
                         f"linear_attention_init_state, got {type(state).__name__}")
     bs, cf = state.batch_shape, state.check_finite
-    q_t = check_token(q_t, "q_t", bs + (state.heads_q, state.d), check_finite=cf)
-    k_t = check_token(k_t, "k_t", bs + (state.heads_kv, state.d), check_finite=cf)
-    v_t = check_token(v_t, "v_t", bs + (state.heads_kv, state.dv), check_finite=cf)
+    q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
+                                 state.dv, check_finite=cf)
     kw = dict(allow_negative=state.allow_negative, check_finite=cf)
     fq = _features(state.feature_map, q_t[..., None, :], "q_t", **kw)[..., 0, :]
     fk = _features(state.feature_map, k_t[..., None, :], "k_t", **kw)[..., 0, :]

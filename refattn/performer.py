@@ -76,7 +76,7 @@ from ._inputs import check_memory, prepare_qkv, resolve_rng, resolve_scale, to_f
 from .linear import (_check_bool, _check_int, _check_method, _core,
                      _implied, _safe_divide)
 from .registry import register
-from .streaming import State, check_sizes, check_token
+from .streaming import State, check_sizes, check_tokens
 
 __all__ = ["performer_attention", "performer_attention_matrix", "performer_features",
            "draw_omega", "softmax_kernel_estimate", "performer_init_state",
@@ -503,9 +503,8 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
         raise TypeError(f"state must be a PerformerState from performer_init_state, got "
                         f"{type(state).__name__}")
     bs, cf = state.batch_shape, state.check_finite
-    q_t = check_token(q_t, "q_t", bs + (state.heads_q, state.d), check_finite=cf)
-    k_t = check_token(k_t, "k_t", bs + (state.heads_kv, state.d), check_finite=cf)
-    v_t = check_token(v_t, "v_t", bs + (state.heads_kv, state.dv), check_finite=cf)
+    q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
+                                 state.dv, check_finite=cf)
     x, y = _scaled(q_t, k_t, state.scale)
     with np.errstate(over="ignore", invalid="ignore"):
         fq = _stabilized_features(x[..., None, :], state.omega, state.kernel,

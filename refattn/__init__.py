@@ -30,6 +30,7 @@ from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
 from . import streaming
 from .retnet import retention
+from .gla import gated_linear_attention
 from . import kvcache   # registers the KV-cache streaming forms of attention and sinks
 from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
                      spatial_reduction_attention, patch_merging)
@@ -51,4 +52,5 @@ __all__ = [
     "strided_kv_attention", "landmark_attention", "kmeans_kv_attention",
     "window_attention", "shifted_window_attention", "neighborhood_attention",
     "spatial_reduction_attention", "patch_merging", "kvcache", "retention",
+    "gated_linear_attention",
 ]

@@ -90,7 +90,9 @@ def full_cache_step(state, q_t, k_t, v_t):
 @dataclasses.dataclass(frozen=True)
 class SinkWindowState(State):
     """Fixed-size cache: ``sinks`` slots for the first tokens, and a ring buffer of
-    ``window + 1`` slots for the most recent later tokens (slot ``t % (window+1)``)."""
+    ``window + 1`` slots for the most recent later tokens (token ``j >= sinks`` in slot
+    ``(j - sinks) % (window+1)``). ``dilation``: one int per query head, head ``h``
+    reading only keys ``j`` with ``(t - j) % dilation[h] == 0`` (None: every key)."""
 
     sink_keys: np.ndarray
     sink_values: np.ndarray
@@ -100,6 +102,7 @@ class SinkWindowState(State):
     window: int
     sinks: int
     scale: float | None
+    dilation: tuple | None = None
 
     def nbytes_after(self, n: int) -> int:
         """Bytes held after ``n`` tokens: constant, ``prod(batch)·Hkv·(s+w+1)·(D+Dv)·8``."""
@@ -152,32 +155,44 @@ def sink_step(state, q_t, k_t, v_t):
     values = np.concatenate([sv[..., :n_sink, :], rv[..., :n_ring, :]], axis=-2)
     new = state.replace(position=t + 1, sink_keys=sk, sink_values=sv, ring_keys=rk,
                         ring_values=rv)
-    return _attend(q_t, keys, values, state.scale), new
+    mask = None
+    if state.dilation is not None and any(x != 1 for x in state.dilation):
+        slots = np.arange(n_ring)                          # token held by each ring slot
+        held = s + slots if t + 1 - s <= w + 1 else t - (t - s - slots) % (w + 1)
+        dist = t - np.concatenate([np.arange(n_sink), held])
+        dil = np.asarray(state.dilation)[:, None]
+        mask = (dist[None, :] % dil == 0)[:, None, :]                     # (Hq, 1, L)
+    return attention(q_t[..., None, :], keys, values, scale=state.scale,
+                     mask=mask)[..., 0, :], new
 
 
 def ring_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, right=0, dilation=1,
-              scale=None):
-    """Sliding-window ring buffer of ``window + 1`` slots for
+              scale=None, **_ignored):
+    """Sliding-window ring buffer of ``window + 1`` slots: the streaming form of
     :func:`refattn.sliding_window_attention` with ``causal=True`` (keys
-    ``t - window <= j <= t``). ``right > 0`` (look-ahead) and ``dilation != 1`` cannot be
-    streamed and raise ValueError.
+    ``t - window <= j <= t`` with ``(t - j) % dilation == 0``; ``dilation`` one number or
+    one per query head). Causality cuts every look-ahead key, so ``right`` changes
+    nothing here. ``_ignored``: the parallel form's options (``method`` etc.).
 
     >>> import numpy as np, refattn as ra
-    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 7, 4))
-    >>> s = ring_init(heads_q=1, heads_kv=1, d=4, dv=4, window=2)
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 9, 4))
+    >>> s = ring_init(heads_q=2, heads_kv=2, d=4, dv=4, window=4, dilation=[1, 2])
     >>> outs = []
-    >>> for t in range(7):
+    >>> for t in range(9):
     ...     o, s = ring_step(s, q[:, t], k[:, t], v[:, t]); outs.append(o)
-    >>> ref = ra.sliding_window_attention(q, k, v, window=2, causal=True)
-    >>> bool(np.allclose(np.stack(outs, 1), ref))
-    True
+    >>> ref = ra.sliding_window_attention(q, k, v, window=4, dilation=[1, 2], causal=True)
+    >>> bool(np.allclose(np.stack(outs, 1), ref)), s.nbytes
+    (True, 640)
     """
-    if check_int("right", right, minimum=0) != 0:
-        raise ValueError(f"right={right}: a streaming step cannot look ahead; only right=0")
-    if dilation != 1:
-        raise ValueError(f"dilation={dilation}: the ring buffer supports only dilation=1")
-    return sink_init(batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv, d=d,
-                     dv=dv, window=window, sinks=0, scale=scale)
+    check_int("right", right, minimum=0)
+    state = sink_init(batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv, d=d,
+                      dv=dv, window=window, sinks=0, scale=scale)
+    dil = np.asarray(dilation)
+    if dil.ndim > 1 or (dil.ndim == 1 and dil.shape[0] != state.sizes[1]) or \
+            not np.issubdtype(dil.dtype, np.integer) or (dil < 1).any():
+        raise ValueError(f"dilation must be an int >= 1 or one per query head "
+                         f"(Hq={state.sizes[1]},), got {dilation!r}")
+    return state.replace(dilation=tuple(int(x) for x in np.broadcast_to(dil, (state.sizes[1],))))
 
 
 ring_step = sink_step
@@ -293,66 +308,122 @@ def paged_step(state, q_t, k_t, v_t):
     return _attend(q_t, keys, values, state.scale), new
 
 
-def quantize(x, kind):
-    """Quantize ``x (..., D)`` along its last axis; returns ``(codes, scales)`` with
-    ``dequantize(codes, scales) ~ x``.
+_KINDS = ("int8", "int8-channel", "fp8")
 
-    ``kind="int8"``: symmetric per-token (per row) int8, ``scale = max|x| / 127`` (1 for
-    an all-zero row), ``code = clip(round_half_to_even(x / scale), -127, 127)``; so
-    ``|x - code·scale| <= scale / 2``. ``kind="fp8"``: ``ml_dtypes.float8_e4m3fn``
-    (round to nearest even, no scale; finite inputs must satisfy ``|x| <= 448``), relative
-    error ``<= 2**-4`` for normals (``|x| >= 2**-6``) and absolute ``<= 2**-10`` below.
 
-    >>> c, s = quantize(np.array([[1.0, -0.5, 0.25]]), "int8")
+def quantize(x, kind, *, group_size=32):
+    """Quantize keys or values ``x (..., T, D)``; returns ``(codes, scales)`` with
+    ``dequantize(codes, scales, group_size=...) ~ x``.
+
+    ``kind="int8"``: symmetric per-token int8 (one scale per row of ``D``),
+    ``scale = max|x| / 127`` (1 for an all-zero row),
+    ``code = clip(round_half_to_even(x / scale), -127, 127)``; so
+    ``|x - code·scale| <= scale / 2``. ``kind="int8-channel"``: the same rule with one scale
+    per channel for each group of ``group_size`` consecutive tokens (KIVI, Liu et al. 2024:
+    keys have outlier channels, which per-token scales spread over the whole row); scales
+    ``(..., ceil(T / group_size), D)``, the last group possibly shorter.
+    ``kind="fp8"``: ``ml_dtypes.float8_e4m3fn`` (round to nearest even, no scale; finite
+    inputs must satisfy ``|x| <= 448``), relative error ``<= 2**-4`` for normals
+    (``|x| >= 2**-6``) and absolute ``<= 2**-10`` below.
+
+    >>> x = np.array([[1.0, -0.5, 0.25], [0.5, 0.25, -0.25]])
+    >>> c, s = quantize(x, "int8")
     >>> c, dequantize(c, s).round(4)
-    (array([[127, -64,  32]], dtype=int8), array([[ 1.    , -0.5039,  0.252 ]]))
+    (array([[127, -64,  32],
+           [127,  64, -64]], dtype=int8), array([[ 1.    , -0.5039,  0.252 ],
+           [ 0.5   ,  0.252 , -0.252 ]]))
+    >>> c, s = quantize(x, "int8-channel", group_size=2)     # one scale per column
+    >>> c, s.shape
+    (array([[ 127, -127,  127],
+           [  64,   64, -127]], dtype=int8), (1, 3))
     """
     x = np.asarray(x, dtype=np.float64)
-    if kind == "int8":
-        top = np.abs(x).max(axis=-1, keepdims=True)
+    if kind in ("int8", "int8-channel"):
+        if kind == "int8":
+            top = np.abs(x).max(axis=-1, keepdims=True)
+        else:
+            if x.ndim < 2:
+                raise ValueError(f"int8-channel quantizes (..., tokens, channels); got "
+                                 f"shape {x.shape}")
+            g = check_int("group_size", group_size, minimum=1)
+            starts = np.arange(0, x.shape[-2], g)
+            top = np.maximum.reduceat(np.abs(x), starts, axis=-2) if x.shape[-2] else \
+                np.zeros(x.shape[:-2] + (0, x.shape[-1]))
         scale = np.where(top > 0, top / 127.0, 1.0)
-        return np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale
+        full = scale if kind == "int8" else _expand(scale, group_size, x.shape[-2])
+        return np.clip(np.rint(x / full), -127, 127).astype(np.int8), scale
     if kind == "fp8":
         import ml_dtypes
         if np.abs(x).max(initial=0.0) > 448:
             raise ValueError("fp8 e4m3 holds |x| <= 448; got larger keys/values")
         return x.astype(ml_dtypes.float8_e4m3fn), None
-    raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+    raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
 
 
-def dequantize(codes, scales):
-    """Inverse of :func:`quantize`: ``codes · scales`` (int8) or ``codes`` as float64
-    (fp8). Example: see :func:`quantize`."""
+def _expand(scales, group_size, tokens):
+    """Per-group channel scales ``(..., groups, D)`` repeated to ``(..., tokens, D)``."""
+    return np.repeat(scales, group_size, axis=-2)[..., :tokens, :]
+
+
+def dequantize(codes, scales, *, group_size=None):
+    """Inverse of :func:`quantize`: ``codes · scales`` (int8; pass ``group_size`` for
+    ``"int8-channel"`` codes) or ``codes`` as float64 (fp8). Example: see
+    :func:`quantize`."""
     out = codes.astype(np.float64)
-    return out if scales is None else out * scales
+    if scales is None:
+        return out
+    return out * (scales if group_size is None else
+                  _expand(scales, group_size, codes.shape[-2]))
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizedCacheState(State):
-    """Full cache of quantized keys/values (``kind`` "int8" per-token or "fp8" e4m3):
-    codes ``(*b, Hkv, t, D)`` (1 byte each) and, for int8, float64 scales
-    ``(*b, Hkv, t, 1)``."""
+    """Full cache of quantized keys/values (``kind`` "int8" per token, "int8-channel" per
+    channel and group of tokens, or "fp8" e4m3): codes ``(*b, Hkv, t, D)`` (1 byte each),
+    float64 scales (``(*b, Hkv, t, 1)`` int8; ``(*b, Hkv, t // group_size, D)``
+    int8-channel; empty fp8), and, for int8-channel, the float64 ``residual`` tokens of the
+    group being filled (``t % group_size`` of them), as KIVI keeps them."""
 
     key_codes: np.ndarray
     value_codes: np.ndarray
     key_scales: np.ndarray
     value_scales: np.ndarray
+    residual_keys: np.ndarray
+    residual_values: np.ndarray
     sizes: tuple
     kind: str
+    group_size: int
     scale: float | None
 
     def nbytes_after(self, n: int) -> int:
-        """Bytes after ``n`` tokens: ``prod(b)·Hkv·n·(D + Dv + (16 if int8 else 0))``."""
+        """Bytes after ``n`` tokens: codes ``n·(D + Dv)`` plus 16 bytes of scales per token
+        (int8), or ``(D + Dv)·8`` bytes of scales per full group and 8 bytes per channel
+        for each of the ``n % group_size`` residual tokens (int8-channel); times
+        ``prod(b)·Hkv``."""
         b, _, hkv, d, dv = self.sizes
-        extra = 16 if self.kind == "int8" else 0
-        return int(np.prod(b, dtype=np.int64)) * hkv * check_int("n", n, minimum=0) * (d + dv + extra)
+        n = check_int("n", n, minimum=0)
+        if self.kind == "int8-channel":
+            groups, rest = divmod(n, self.group_size)
+            per = groups * self.group_size * (d + dv) + (groups + rest) * (d + dv) * 8
+        else:
+            per = n * (d + dv + (16 if self.kind == "int8" else 0))
+        return int(np.prod(b, dtype=np.int64)) * hkv * per
+
+    def dequantized(self):
+        """``(keys, values)`` the cache holds, float64 ``(*b, Hkv, t, D)``."""
+        group = self.group_size if self.kind == "int8-channel" else None
+        scales = (None, None) if self.kind == "fp8" else (self.key_scales, self.value_scales)
+        return tuple(_cat(dequantize(codes, sc, group_size=group), rest) for codes, sc, rest
+                     in ((self.key_codes, scales[0], self.residual_keys),
+                         (self.value_codes, scales[1], self.residual_values)))
 
 
-def quantized_init(*, batch_shape=(), heads_q, heads_kv, d, dv, kind="int8", scale=None):
-    """Empty quantized full cache (:func:`quantize` rules, per token; scales are fixed
-    when a token is written, so streaming needs no requantization). Per-channel scales
-    are not implemented. ``step`` equals :func:`refattn.attention` over the dequantized
-    keys/values.
+def quantized_init(*, batch_shape=(), heads_q, heads_kv, d, dv, kind="int8", group_size=32,
+                   scale=None):
+    """Empty quantized full cache (:func:`quantize` rules). Scales are fixed when a token
+    (int8, fp8) or a group of ``group_size`` tokens (int8-channel) is written, so streaming
+    never requantizes; int8-channel keeps the tokens of the unfinished group in float64.
+    ``step`` equals :func:`refattn.attention` over the dequantized keys/values.
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 5, 4))
@@ -364,44 +435,61 @@ def quantized_init(*, batch_shape=(), heads_q, heads_kv, d, dv, kind="int8", sca
     True
     """
     sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
-    if kind not in ("int8", "fp8"):
-        raise ValueError(f"kind must be 'int8' or 'fp8', got {kind!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    group_size = check_int("group_size", group_size, minimum=1)
     b, _, hkv, d, dv = sizes
     dt = np.int8
     if kind == "fp8":
         import ml_dtypes
         dt = ml_dtypes.float8_e4m3fn
-    nsc = 1 if kind == "int8" else 0
+    width = {"int8": (1, 1), "int8-channel": (d, dv), "fp8": (0, 0)}[kind]
     return QuantizedCacheState(position=0, key_codes=np.zeros(b + (hkv, 0, d), dt),
                                value_codes=np.zeros(b + (hkv, 0, dv), dt),
-                               key_scales=np.zeros(b + (hkv, 0, nsc)),
-                               value_scales=np.zeros(b + (hkv, 0, nsc)),
-                               sizes=sizes, kind=kind, scale=scale)
+                               key_scales=np.zeros(b + (hkv, 0, width[0])),
+                               value_scales=np.zeros(b + (hkv, 0, width[1])),
+                               residual_keys=np.zeros(b + (hkv, 0, d)),
+                               residual_values=np.zeros(b + (hkv, 0, dv)),
+                               sizes=sizes, kind=kind, group_size=group_size, scale=scale)
+
+
+def _cat(a, x):
+    return np.concatenate([a, x], axis=-2)
 
 
 def quantized_step(state, q_t, k_t, v_t):
-    """Quantize and append ``k_t``, ``v_t``; attend ``q_t`` to the dequantized cache.
-    Example: see :func:`quantized_init`."""
+    """Quantize and append ``k_t``, ``v_t`` (int8-channel: once their group is full);
+    attend ``q_t`` to the dequantized cache (and the float64 residual). Example: see
+    :func:`quantized_init`."""
     q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
-    kc, ks = quantize(k_t[..., None, :], state.kind)
-    vc, vs = quantize(v_t[..., None, :], state.kind)
-    cat = lambda a, x: np.concatenate([a, x], axis=-2)   # noqa: E731
-    new = state.replace(position=state.position + 1, key_codes=cat(state.key_codes, kc),
-                        value_codes=cat(state.value_codes, vc),
-                        key_scales=state.key_scales if ks is None else cat(state.key_scales, ks),
-                        value_scales=state.value_scales if vs is None else cat(state.value_scales, vs))
-    sc = (lambda a: None) if state.kind == "fp8" else (lambda a: a)
-    keys = dequantize(new.key_codes, sc(new.key_scales))
-    values = dequantize(new.value_codes, sc(new.value_scales))
+    kind, g = state.kind, state.group_size
+    fresh_k, fresh_v = k_t[..., None, :], v_t[..., None, :]
+    if kind == "int8-channel":
+        fresh_k = _cat(state.residual_keys, fresh_k)
+        fresh_v = _cat(state.residual_values, fresh_v)
+    changes = dict(residual_keys=fresh_k[..., :0, :], residual_values=fresh_v[..., :0, :])
+    if kind != "int8-channel" or fresh_k.shape[-2] == g:
+        (kc, ks), (vc, vs) = (quantize(x, kind, group_size=g) for x in (fresh_k, fresh_v))
+        changes.update(key_codes=_cat(state.key_codes, kc),
+                       value_codes=_cat(state.value_codes, vc))
+        if kind != "fp8":
+            changes.update(key_scales=_cat(state.key_scales, ks),
+                           value_scales=_cat(state.value_scales, vs))
+    else:
+        changes.update(residual_keys=fresh_k, residual_values=fresh_v)
+    new = state.replace(position=state.position + 1, **changes)
+    keys, values = new.dequantized()
     return _attend(q_t, keys, values, state.scale), new
 
 
-def quantization_error(q, k, v, kind="int8"):
+def quantization_error(q, k, v, kind="int8", *, group_size=32):
     """Error of a quantized cache vs the float64 cache for queries ``q (..., Hq, N, D)``,
-    keys ``k``, values ``v`` (causal decoding). Returns a dict: ``key_max_abs``,
-    ``value_max_abs`` (max elementwise dequantization errors), ``key_bound``,
-    ``value_bound`` (the per-element bound: ``scale/2`` for int8, ``max(|x|·2**-4,
-    2**-10)`` for fp8, maximized), and ``out_max_abs`` (max |output difference|).
+    keys ``k``, values ``v`` (causal decoding; int8-channel quantizes every group, the
+    last one too, so this bounds what a cache holding a float64 residual would show).
+    Returns a dict: ``key_max_abs``, ``value_max_abs`` (max elementwise dequantization
+    errors), ``key_bound``, ``value_bound`` (the per-element bound: ``scale/2`` for int8,
+    ``max(|x|·2**-4, 2**-10)`` for fp8, maximized), and ``out_max_abs`` (max |output
+    difference|).
 
     >>> import numpy as np
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
@@ -412,24 +500,28 @@ def quantization_error(q, k, v, kind="int8"):
     k = np.asarray(k, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
     res = {}
+    group = group_size if kind == "int8-channel" else None
+    recon = {}
     for name, x in (("key", k), ("value", v)):
-        c, s = quantize(x, kind)
-        err = np.abs(dequantize(c, s) - x)
-        bound = s / 2 if kind == "int8" else np.maximum(np.abs(x) * 2.0**-4, 2.0**-10)
+        c, s = quantize(x, kind, group_size=group_size)
+        recon[name] = dequantize(c, s, group_size=group)
+        err = np.abs(recon[name] - x)
+        bound = (np.maximum(np.abs(x) * 2.0**-4, 2.0**-10) if kind == "fp8" else
+                 (s if group is None else _expand(s, group, x.shape[-2])) / 2)
         res[f"{name}_max_abs"] = float(err.max(initial=0.0))
         res[f"{name}_bound"] = float(np.broadcast_to(bound, x.shape).max(initial=0.0))
         res[f"{name}_within_bound"] = bool((err <= bound).all())
-    kd, vd = (dequantize(*quantize(x, kind)) for x in (k, v))
-    res["out_max_abs"] = float(np.abs(attention(q, kd, vd, causal=True)
+    res["out_max_abs"] = float(np.abs(attention(q, recon["key"], recon["value"], causal=True)
                                       - attention(q, k, v, causal=True)).max(initial=0.0))
     return res
 
 
 def _register():
     _REGISTRY["attention"]["streaming"] = (full_cache_init, full_cache_step)
-    if "sink_attention" in _REGISTRY:
-        _REGISTRY["sink_attention"]["streaming"] = (sink_init, sink_step)
-        _REGISTRY["sink_attention"]["flags"]["constant_state"] = True
+    for name, stream in (("sink_attention", (sink_init, sink_step)),
+                         ("sliding_window_attention", (ring_init, ring_step))):
+        _REGISTRY[name]["streaming"] = stream
+        _REGISTRY[name]["flags"]["constant_state"] = True
 
 
 _register()

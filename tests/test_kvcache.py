@@ -48,8 +48,9 @@ def test_full_cache_equals_causal_attention(qkv):
 @given(problems(), st.integers(0, 6))
 def test_ring_buffer_equals_sliding_window(qkv, w):
     q, k, v = qkv
-    out, _, sizes = _run(ring_init, ring_step, q, k, v, window=w)
-    ref = sliding_window_attention(q, k, v, window=w, causal=True)
+    dilation = 1 + np.arange(q.shape[-3]) % 3                 # per query head
+    out, _, sizes = _run(ring_init, ring_step, q, k, v, window=w, dilation=dilation)
+    ref = sliding_window_attention(q, k, v, window=w, dilation=dilation, causal=True)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
     assert len({s for pair in sizes for s in pair}) == 1   # constant, and as predicted
 
@@ -121,7 +122,9 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="window"):
         ring_init(heads_q=1, heads_kv=1, d=1, dv=1, window=-1)
     with pytest.raises(ValueError, match="right"):
-        ring_init(heads_q=1, heads_kv=1, d=1, dv=1, window=2, right=1)
+        ring_init(heads_q=1, heads_kv=1, d=1, dv=1, window=2, right=-1)
+    with pytest.raises(ValueError, match="dilation"):
+        ring_init(heads_q=2, heads_kv=1, d=1, dv=1, window=2, dilation=[1, 2, 3])
     with pytest.raises(ValueError, match="sinks"):
         sink_init(heads_q=1, heads_kv=1, d=1, dv=1, window=2, sinks=-1)
     with pytest.raises(ValueError, match="splits"):
@@ -183,6 +186,42 @@ def test_quantized_cache_equals_attention_over_dequantized(qkv, kind):
     assert e["out_max_abs"] <= bound + 1e-12
 
 
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.integers(1, 5))
+def test_per_channel_cache_keeps_the_unfinished_group_exact(qkv, group):
+    q, k, v = qkv
+    out, state, sizes = _run(quantized_init, quantized_step, q, k, v, kind="int8-channel",
+                             group_size=group)
+    t = k.shape[-2]
+    full = t - t % group                                    # tokens in finished groups
+    kd, vd = (np.concatenate([dequantize(*quantize(x[..., :full, :], "int8-channel",
+                                                   group_size=group), group_size=group),
+                              x[..., full:, :]], axis=-2) for x in (k, v))
+    keys, values = state.dequantized()
+    np.testing.assert_array_equal(keys, kd)
+    np.testing.assert_array_equal(values, vd)
+    np.testing.assert_allclose(out[..., -1, :], attention(q, kd, vd, causal=True)[..., -1, :],
+                               rtol=1e-12, atol=1e-12)
+    assert all(a == b for a, b in sizes)
+    e = quantization_error(q, k, v, "int8-channel", group_size=group)
+    assert e["key_within_bound"] and e["value_within_bound"]
+
+
+def test_per_channel_scales_tame_outlier_channels(rng):
+    """Keys with one large channel (as in LLM caches): per-token scales are set by the
+    outlier and crush the other channels; per-channel scales are not."""
+    k = rng.standard_normal((1, 256, 16))
+    k[..., 3] *= 100.0
+    q, v = rng.standard_normal((2, 1, 256, 16))
+    per_token = quantization_error(q, k, v, "int8")
+    per_channel = quantization_error(q, k, v, "int8-channel", group_size=32)
+    small = np.delete(np.arange(16), 3)
+    err = lambda kind, **kw: np.abs(dequantize(*quantize(k, kind, **kw), **(         # noqa
+        {"group_size": 32} if kind == "int8-channel" else {})) - k)[..., small].max()
+    assert err("int8-channel", group_size=32) < err("int8") / 20
+    assert per_channel["out_max_abs"] < per_token["out_max_abs"]
+
+
 def test_quantization_rules():
     c, s = quantize(np.array([[1.0, -0.5, 0.25, 0.0]]), "int8")
     np.testing.assert_array_equal(c, [[127, -64, 32, 0]])   # -63.5 -> -64 (half to even)
@@ -196,3 +235,10 @@ def test_quantization_rules():
     s8 = quantized_init(heads_q=2, heads_kv=1, d=4, dv=4)
     s8 = quantized_step(s8, np.zeros((2, 4)), np.ones((1, 4)), np.ones((1, 4)))[1]
     assert s8.nbytes == 4 + 4 + 8 + 8 == s8.nbytes_after(1)
+    sc = quantized_init(heads_q=2, heads_kv=1, d=4, dv=3, kind="int8-channel", group_size=2)
+    for t in range(5):
+        sc = quantized_step(sc, np.zeros((2, 4)), np.ones((1, 4)), np.ones((1, 3)))[1]
+        assert sc.nbytes == sc.nbytes_after(t + 1)
+    assert sc.nbytes == 4 * 7 + 2 * 7 * 8 + 1 * 7 * 8        # 2 groups + 1 residual token
+    with pytest.raises(ValueError, match="group_size"):
+        quantized_init(heads_q=1, heads_kv=1, d=1, dv=1, kind="int8-channel", group_size=0)

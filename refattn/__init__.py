@@ -31,6 +31,7 @@ from .memory import (transformer_xl_attention, compressive_attention,
 from . import streaming
 from .retnet import retention
 from .gla import gated_linear_attention
+from .chunked import chunked_attention
 from . import kvcache   # registers the KV-cache streaming forms of attention and sinks
 from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
                      spatial_reduction_attention, patch_merging)
@@ -52,5 +53,5 @@ __all__ = [
     "strided_kv_attention", "landmark_attention", "kmeans_kv_attention",
     "window_attention", "shifted_window_attention", "neighborhood_attention",
     "spatial_reduction_attention", "patch_merging", "kvcache", "retention",
-    "gated_linear_attention",
+    "gated_linear_attention", "chunked_attention",
 ]

@@ -51,7 +51,7 @@ _ALIGNS = ("bottom_right", "top_left")
 __all__ = [
     "EMPTY", "PARTIAL", "FULL", "Mask", "causal", "sliding_window", "global_tokens",
     "prefix_lm", "document", "sinks", "strided", "block_layout", "random_blocks",
-    "from_function", "from_array", "as_mask", "block_window", "fixed", "Tiles",
+    "from_function", "from_array", "as_mask", "block_window", "fixed", "chunks", "Tiles",
 ]
 
 
@@ -355,6 +355,48 @@ def block_window(blocks: int, block_size: int) -> Mask:
     blocks = _check_count("blocks", blocks)
     block_size = _check_count("block_size", block_size, minimum=1)
     return _BlockBand(blocks, block_size, f"block_window({blocks}, block_size={block_size})")
+
+
+class _Chunks(Mask):
+    """Keep iff ``c·size - overlap <= j < (c + 1)·size`` with ``c = i' // size``: the
+    query's own chunk and the ``overlap`` keys before it."""
+
+    analytic = True
+
+    def __init__(self, size, overlap, name):
+        self.size, self.overlap, self.name = size, overlap, name
+
+    def _range(self, pos):
+        """First and last kept key of query position ``pos >= 0``; both nondecreasing."""
+        start = pos // self.size * self.size
+        return start - self.overlap, start + self.size - 1
+
+    def _eval(self, b, h, q_idx, kv_idx, n, m):
+        pos = q_idx + _offset("bottom_right", n, m)
+        lo, hi = self._range(pos)
+        return (kv_idx >= lo) & (kv_idx <= hi) & (pos >= 0)
+
+    def _classify(self, t):
+        off = t.m - t.n
+        p0, p1 = t.q_lo + off, t.q_hi + off
+        lo0, hi0 = self._range(np.maximum(p0, 0))
+        lo1, hi1 = self._range(p1)
+        empty = ((t.k_hi[None, :] < lo0[:, None]) | (t.k_lo[None, :] > hi1[:, None])
+                 | (p1 < 0)[:, None])
+        full = ((t.k_lo[None, :] >= lo1[:, None]) & (t.k_hi[None, :] <= hi0[:, None])
+                & (p0 >= 0)[:, None])
+        return np.where(full, FULL, np.where(empty, EMPTY, PARTIAL))
+
+
+def chunks(size: int, overlap: int = 0) -> Mask:
+    """Chunked attention: positions are cut into chunks of ``size``; a query keeps the
+    keys of its own chunk and the ``overlap`` keys just before it (a rolling memory
+    carried from the previous chunks): keep iff ``c·size - overlap <= j < (c+1)·size``
+    with ``c = i' // size``. ``overlap = 0``: independent chunks (block-diagonal).
+    Combine with ``causal()`` for streaming."""
+    size = _check_count("size", size, minimum=1)
+    overlap = _check_count("overlap", overlap)
+    return _Chunks(size, overlap, f"chunks({size}, overlap={overlap})")
 
 
 class _KeyPeriodic(Mask):

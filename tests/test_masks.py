@@ -41,6 +41,9 @@ def test_kinds_by_definition():
     layout = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
     np.testing.assert_array_equal(ra.masks.block_layout(layout, 4).materialize(n, n),
                                   layout[i // 4, j // 4])
+    np.testing.assert_array_equal(ra.masks.chunks(4).materialize(n, n), i // 4 == j // 4)
+    np.testing.assert_array_equal(ra.masks.chunks(4, overlap=2).materialize(n, n),
+                                  (i // 4 == j // 4) | ((j < i // 4 * 4) & (j >= i // 4 * 4 - 2)))
 
 
 def test_random_blocks_reproducible_and_counted():
@@ -108,7 +111,8 @@ def test_analytic_labels_are_tight_for_bands():
     np.testing.assert_array_equal(ra.masks.causal().classify_tiles(8, 8, 4, 4),
                                   [[1, 0], [2, 1]])
     for mask in (ra.masks.causal(), ra.masks.sliding_window(3, right=2), ra.masks.sinks(5),
-                 ra.masks.global_tokens([3, 17]), ra.masks.block_layout(
+                 ra.masks.global_tokens([3, 17]), ra.masks.chunks(5, 3), ra.masks.chunks(4),
+                 ra.masks.block_layout(
                      np.random.default_rng(0).random((6, 6)) < 0.5, 4)):
         for n, m in ((23, 23), (9, 23)):
             exact = ra.masks.from_function(mask.bind(n, m)).classify_tiles(n, m, 4, 3)

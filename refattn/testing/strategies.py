@@ -106,6 +106,7 @@ def masks(draw, *, max_len: int = 40, compose: bool = True) -> _masks.Mask:
                   st.integers(0, 3), st.integers(1, 8), seeds()),
         st.builds(_masks.block_window, st.integers(0, 3), st.integers(1, 8)),
         st.builds(_masks.fixed, st.integers(4, 8), st.integers(0, 4)),
+        st.builds(_masks.chunks, st.integers(1, 8), st.integers(0, 10)),
         st.builds(lambda left, dils: _masks.sliding_window(left, dilation=dils), small,
                   st.lists(st.integers(1, 4), min_size=1, max_size=3)),
         st.builds(lambda bs, s: _masks.block_layout(

@@ -26,7 +26,7 @@ from . import masks as _masks
 from ._inputs import check_int, prepare_qkv, resolve_scale
 from .exact import attention, attention_probs
 from .registry import register
-from .streaming import State, check_sizes, check_tokens
+from .streaming import State, attend_token, check_sizes, check_tokens
 
 __all__ = ["chunked_attention", "chunked_init_state", "chunked_step", "ChunkState"]
 
@@ -137,6 +137,5 @@ def chunked_step(state: ChunkState, q_t, k_t, v_t):
     keys[..., t % slots, :], values[..., t % slots, :] = k_t, v_t
     held = t - (t - np.arange(slots)) % slots               # token in each slot (may be < 0)
     keep = (held >= max(t // state.chunk_size * state.chunk_size - state.overlap, 0))
-    out = attention(q_t[..., None, :], keys, values, scale=state.scale,
-                    mask=keep[None, :], check_finite=False)[..., 0, :]
+    out = attend_token(q_t, keys, values, scale=state.scale, mask=keep)
     return out, state.replace(position=t + 1, keys=keys, values=values)

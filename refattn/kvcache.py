@@ -19,12 +19,13 @@ import dataclasses
 
 import numpy as np
 
-from ._inputs import check_int
+from ._inputs import check_int, to_float64
 from .exact import attention, merge_partials
 from .registry import _REGISTRY
-from .streaming import State, check_sizes, check_token
+from .streaming import State, attend_token, check_sizes, check_token
 
 __all__ = ["FullCacheState", "SinkWindowState", "full_cache_init", "full_cache_step",
+           "full_cache_from",
            "ring_init", "ring_step", "paged_init", "paged_step", "PagedCacheState",
            "sink_init", "quantize", "dequantize", "quantized_init", "quantized_step",
            "quantization_error", "QuantizedCacheState", "sink_step", "split_kv_decode",
@@ -38,19 +39,39 @@ def _tokens(state, q_t, k_t, v_t):
 
 
 def _attend(q_t, keys, values, scale):
-    """One query token ``(*b, Hq, D)`` over ``keys (*b, Hkv, L, D)``: ``(*b, Hq, Dv)``."""
-    return attention(q_t[..., None, :], keys, values, scale=scale)[..., 0, :]
+    return attend_token(q_t, keys, values, scale=scale)
 
 
 @dataclasses.dataclass(frozen=True)
 class FullCacheState(State):
     """Full KV cache: ``keys (*b, Hkv, t, D)``, ``values (*b, Hkv, t, Dv)``; grows by one
-    token per step."""
+    token per step.
 
-    keys: np.ndarray
-    values: np.ndarray
+    The tokens live in buffers with spare capacity (doubled when full) so that a step
+    appends in amortized O(1) instead of copying the whole cache; a state still never
+    changes: it sees only its first ``t`` slots, and stepping a state whose buffer has
+    already been appended to by another step copies first. ``nbytes`` counts the ``t``
+    cached tokens (the buffers hold at most twice that).
+    """
+
+    key_buffer: np.ndarray
+    value_buffer: np.ndarray
     sizes: tuple
     scale: float | None
+    filled: list = dataclasses.field(default_factory=lambda: [0], repr=False,
+                                     compare=False)   # slots written, shared by a buffer
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.key_buffer[..., :self.position, :]
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.value_buffer[..., :self.position, :]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
 
     def nbytes_after(self, n: int) -> int:
         """Bytes held after ``n`` tokens: ``prod(batch)·Hkv·n·(D + Dv)·8``."""
@@ -72,8 +93,40 @@ def full_cache_init(*, batch_shape=(), heads_q, heads_kv, d, dv, scale=None):
     """
     sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     b, _, hkv, d, dv = sizes
-    return FullCacheState(position=0, keys=np.zeros(b + (hkv, 0, d)),
-                          values=np.zeros(b + (hkv, 0, dv)), sizes=sizes, scale=scale)
+    return FullCacheState(position=0, key_buffer=np.zeros(b + (hkv, 0, d)),
+                          value_buffer=np.zeros(b + (hkv, 0, dv)), sizes=sizes, scale=scale)
+
+
+def full_cache_from(k, v, *, heads_q, scale=None):
+    """A full cache already holding ``k (*b, Hkv, t, D)``, ``v (*b, Hkv, t, Dv)`` (after a
+    prefill), ready for :func:`full_cache_step`.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> s = full_cache_from(k[:, :5], v[:, :5], heads_q=1)
+    >>> o, s = full_cache_step(s, q[:, 5], k[:, 5], v[:, 5])
+    >>> bool(np.allclose(o, ra.attention(q, k, v, causal=True)[:, 5])), s.position
+    (True, 6)
+    """
+    k, v = (to_float64(x, name) for x, name in ((k, "k"), (v, "v")))
+    if k.ndim < 3 or v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"k and v must have shapes (*batch, Hkv, t, D) and "
+                         f"(*batch, Hkv, t, Dv); got k {k.shape}, v {v.shape}")
+    *b, hkv, t, d = k.shape
+    sizes = check_sizes(b, heads_q, hkv, d, v.shape[-1])
+    return FullCacheState(position=t, key_buffer=k.copy(), value_buffer=v.copy(),
+                          sizes=sizes, scale=scale, filled=[t])
+
+
+def _append(buffer, t, x, capacity):
+    """``buffer`` with ``x (..., D)`` written at slot ``t``, reallocated with room for
+    ``capacity`` slots when given."""
+    if capacity is not None:
+        grown = np.empty(buffer.shape[:-2] + (capacity, buffer.shape[-1]))
+        grown[..., :t, :] = buffer[..., :t, :]
+        buffer = grown
+    buffer[..., t, :] = x
+    return buffer
 
 
 def full_cache_step(state, q_t, k_t, v_t):
@@ -81,10 +134,15 @@ def full_cache_step(state, q_t, k_t, v_t):
     all cached tokens. Returns ``(out_t (*b, Hq, Dv), new_state)``. Example: see
     :func:`full_cache_init`."""
     q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
-    keys = np.concatenate([state.keys, k_t[..., None, :]], axis=-2)
-    values = np.concatenate([state.values, v_t[..., None, :]], axis=-2)
-    new = state.replace(position=state.position + 1, keys=keys, values=values)
-    return _attend(q_t, keys, values, state.scale), new
+    t, filled = state.position, state.filled
+    capacity = None
+    if filled[0] != t or t == state.key_buffer.shape[-2]:   # shared further, or full
+        capacity, filled = max(2 * t, 16), [t]
+    keys = _append(state.key_buffer, t, k_t, capacity)
+    values = _append(state.value_buffer, t, v_t, capacity)
+    filled[0] = t + 1
+    new = state.replace(position=t + 1, key_buffer=keys, value_buffer=values, filled=filled)
+    return _attend(q_t, new.keys, new.values, state.scale), new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +219,8 @@ def sink_step(state, q_t, k_t, v_t):
         held = s + slots if t + 1 - s <= w + 1 else t - (t - s - slots) % (w + 1)
         dist = t - np.concatenate([np.arange(n_sink), held])
         dil = np.asarray(state.dilation)[:, None]
-        mask = (dist[None, :] % dil == 0)[:, None, :]                     # (Hq, 1, L)
-    return attention(q_t[..., None, :], keys, values, scale=state.scale,
-                     mask=mask)[..., 0, :], new
+        mask = dist[None, :] % dil == 0                                    # (Hq, L)
+    return attend_token(q_t, keys, values, scale=state.scale, mask=mask), new
 
 
 def ring_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, right=0, dilation=1,

@@ -18,9 +18,9 @@ import dataclasses
 
 import numpy as np
 
-from ._inputs import check_int, to_float64
+from ._inputs import check_int, resolve_scale, to_float64
 
-__all__ = ["State", "check_token", "check_tokens", "check_sizes"]
+__all__ = ["State", "check_token", "check_tokens", "check_sizes", "attend_token"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +72,32 @@ def check_sizes(batch_shape, heads_q, heads_kv, d, dv, *, min_dv: int = 1):
                          f"heads Hkv={heads_kv} (grouped-query attention)")
     return (batch_shape, heads_q, heads_kv, check_int("d", d, minimum=1),
             check_int("dv", dv, minimum=min_dv))
+
+
+def attend_token(q_t, keys, values, *, scale=None, mask=None) -> np.ndarray:
+    """Softmax attention of one query token per head over cached keys: the decode step of
+    the KV-cache states.
+
+    ``q_t (*b, Hq, D)``, ``keys (*b, Hkv, L, D)``, ``values (*b, Hkv, L, Dv)`` (query head
+    ``h`` reads KV head ``h // (Hq // Hkv)``), optional boolean ``mask`` broadcastable to
+    ``(*b, Hq, L)`` (True keeps a key; every query needs one). Returns ``(*b, Hq, Dv)``:
+    ``softmax(scale · q_t Kᵀ) V`` with ``scale = 1/sqrt(D)`` by default. Works on strided
+    views of larger buffers without copying them (no input checks: callers check tokens).
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 4, 5, 8))
+    >>> out = attend_token(q[:, 4], k[:2], v[:2])          # 4 query heads, 2 KV heads
+    >>> bool(np.allclose(out, ra.attention(q[:, 4:], k[:2], v[:2])[:, 0]))
+    True
+    """
+    *lead, hq, d = q_t.shape
+    hkv = keys.shape[-3]
+    grouped = q_t.reshape(tuple(lead) + (hkv, hq // hkv, d)) * resolve_scale(scale, d)
+    logits = grouped @ np.swapaxes(keys, -1, -2)           # (*b, Hkv, G, L)
+    if mask is not None:
+        keep = np.broadcast_to(mask, tuple(lead) + (hq, keys.shape[-2]))
+        logits = np.where(keep.reshape(logits.shape), logits, -np.inf)
+    logits -= logits.max(axis=-1, keepdims=True)
+    weights = np.exp(logits)
+    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(tuple(lead) + (hq, values.shape[-1]))

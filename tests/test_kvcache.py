@@ -4,7 +4,7 @@ from hypothesis import given, settings, strategies as st
 
 from refattn.exact import attention
 from refattn.sparse import sink_attention, sliding_window_attention
-from refattn.kvcache import (quantize, dequantize, quantized_init, quantized_step,
+from refattn.kvcache import (quantize, dequantize, quantized_init, quantized_step, full_cache_from,
                              quantization_error, full_cache_init, full_cache_step, ring_init, ring_step,
                              sink_init, sink_step, split_kv_decode,
                              paged_init, paged_step, state_size_table)
@@ -242,3 +242,32 @@ def test_quantization_rules():
     assert sc.nbytes == 4 * 7 + 2 * 7 * 8 + 1 * 7 * 8        # 2 groups + 1 residual token
     with pytest.raises(ValueError, match="group_size"):
         quantized_init(heads_q=1, heads_kv=1, d=1, dv=1, kind="int8-channel", group_size=0)
+
+
+def test_full_cache_appends_in_place_yet_states_never_change(rng):
+    """The growth buffer is shared along one line of steps; branching from an old state
+    copies, so every state keeps seeing exactly its own tokens."""
+    q, k, v = rng.standard_normal((3, 2, 40, 4))
+    s = full_cache_init(heads_q=2, heads_kv=2, d=4, dv=4)
+    states = [s]
+    for t in range(30):
+        s = full_cache_step(s, q[:, t], k[:, t], v[:, t])[1]
+        states.append(s)
+    assert states[30].key_buffer is states[20].key_buffer      # appended, not copied
+    branch_out, branch = full_cache_step(states[10], q[:, 35], k[:, 35], v[:, 35])
+    again_out, _ = full_cache_step(states[10], q[:, 36], k[:, 36], v[:, 36])
+    for t, st_ in enumerate(states):
+        np.testing.assert_array_equal(st_.keys, k[:, :t])
+        np.testing.assert_array_equal(st_.values, v[:, :t])
+    idx = list(range(10)) + [35]
+    np.testing.assert_array_equal(branch.keys, k[:, idx])
+    np.testing.assert_allclose(branch_out, attention(q[:, 35:36], k[:, idx], v[:, idx])[:, 0],
+                               rtol=1e-13)
+    idx[-1] = 36
+    np.testing.assert_allclose(again_out, attention(q[:, 36:37], k[:, idx], v[:, idx])[:, 0],
+                               rtol=1e-13)
+    resumed = full_cache_from(k[:, :30], v[:, :30], heads_q=2)
+    np.testing.assert_array_equal(full_cache_step(resumed, q[:, 30], k[:, 30], v[:, 30])[0],
+                                  full_cache_step(states[30], q[:, 30], k[:, 30], v[:, 30])[0])
+    with pytest.raises(ValueError, match="k and v must have shapes"):
+        full_cache_from(k[:, :3], v[:, :2], heads_q=2)

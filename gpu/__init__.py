@@ -1,16 +1,46 @@
-"""refattn.gpu: CUDA kernels launched through CuPy, checked against the references.
+"""refattn.gpu: CUDA attention kernels launched through CuPy, checked against the
+float64 references.
 
-Importing never needs CUDA. No kernel ships yet: this package holds the device
-detection that the kernels will use. :func:`device_status` says whether a usable device
-is present and, if not, why.
+:func:`flash_attention` is exact softmax attention (FlashAttention-2's forward pass) on
+the GPU, with two kernels behind one function:
+
+* ``variant="fast"``: tensor cores (``mma.sync`` m16n8k16, fp16/bf16 inputs, fp32
+  accumulation), ``ldmatrix``, ``cp.async`` double buffering, swizzled shared memory,
+  online softmax in registers; it mirrors :func:`refattn.tiled_attention`'s block
+  algorithm. float32 inputs run the simple kernel.
+* ``variant="simple"``: one warp per query row, float32 arithmetic, no shared memory —
+  written to be obviously correct.
+
+Both support head dims 32, 64, 96, 128, 256, causal masks and sliding windows
+(bottom-right aligned), GQA/MQA, softcap, any N and M, the log-sum-exp, and block masks
+(any refattn mask, classified into the kernel's tiles; empty tiles are skipped).
+
+**Verification status.** Kernels count as verified only when a selfcheck record for the
+current kernel sources (sha256 in the record, under ``reports/gpu/``) says so. At the
+time of writing no GPU had run these kernels: they compile for sm_80 and sm_90 without
+spills (``python -m refattn.gpu.compile_check``) and everything but the launch is tested
+on the CPU, but their results are **not verified**. ``gpu/run_on_device.sh`` runs the
+selfcheck, the device tests, compute-sanitizer and the benchmark in one go.
+
+Importing never needs CUDA; :func:`available` says whether a device is usable and why not.
 
 >>> from refattn import gpu
->>> isinstance(gpu.device_status(), str)
+>>> ok, reason = gpu.available()
+>>> isinstance(ok, bool) and isinstance(reason, str)
 True
+>>> gpu.plan((8, 500, 64), (2, 700, 64), (2, 700, 64), "float16", causal=True).kernel
+'flash_fwd_fast<__half, 64, 64, 64, 4>'
 """
 from __future__ import annotations
 
-__all__ = ["device_status", "require_device"]
+import numpy as np
+
+from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
+from .blockmask import BlockMask, build as build_block_mask
+
+__all__ = ["device_status", "require_device", "available", "flash_attention", "plan",
+           "Plan", "UNBOUNDED", "BlockMask", "build_block_mask", "dtype_name", "flops",
+           "reference_mask"]
 
 
 def device_status() -> str:
@@ -30,8 +60,60 @@ def device_status() -> str:
     return f"ok: {name}"
 
 
+def available() -> tuple[bool, str]:
+    """``(True, device name)`` when the kernels can run, else ``(False, why not)``."""
+    status = device_status()
+    return (True, status[4:]) if status.startswith("ok") else (False, status)
+
+
 def require_device() -> None:
     """Raise ``RuntimeError`` with :func:`device_status`'s reason when no device is usable."""
     status = device_status()
     if not status.startswith("ok"):
         raise RuntimeError(f"refattn.gpu needs a CUDA device: {status}")
+
+
+def flash_attention(q, k, v, *, causal=False, window=None, scale=None, softcap=None,
+                    block_mask=None, return_lse=False, variant="fast"):
+    """Exact softmax attention on the GPU (FlashAttention-2 forward).
+
+    q : ``(..., Hq, N, D)``; k : ``(..., Hkv, M, D)``; v : ``(..., Hkv, M, D)``, all
+        float16, bfloat16 (NumPy ``ml_dtypes.bfloat16``, PyTorch ``bfloat16``, or CuPy
+        ``uint16`` bits) or float32, one dtype; ``Hq`` a multiple of ``Hkv`` (GQA/MQA);
+        ``D`` in 32, 64, 96, 128, 256; leading dims broadcast.
+    causal : key ``j`` kept for query ``i`` iff ``j <= i + (M - N)`` (bottom-right).
+    window : ``w`` or ``(left, right)`` (``None`` for an unbounded side): keep iff
+        ``-right <= i + (M - N) - j <= left`` (``refattn.masks.sliding_window``).
+    scale : logit scale, ``1/sqrt(D)`` when None.
+    softcap : ``s -> softcap * tanh(s / softcap)`` on the scaled logits.
+    block_mask : a refattn mask (or ``mask_mod`` function / boolean array, or a
+        :class:`BlockMask` built for this call's tiling), the same for every batch and
+        head; tiles it leaves empty are skipped.
+    return_lse : also return the log-sum-exp ``(..., Hq, N)`` in float32 (``-inf`` for
+        rows with no key kept, whose output is 0).
+    variant : ``"fast"`` or ``"simple"``.
+
+    Returns ``out (..., Hq, N, D)`` in the input dtype: NumPy in, NumPy out; CuPy or
+    ``__dlpack__`` in, CuPy out (bfloat16 as ``uint16`` bits). Raises ``ValueError`` /
+    ``TypeError`` for bad arguments before touching the device, ``RuntimeError`` when no
+    device is usable.
+    """
+    names = [dtype_name(x) for x in (q, k, v)]
+    if len(set(names)) != 1:
+        raise TypeError(f"q, k, v must share one dtype; got q {names[0]}, k {names[1]}, "
+                        f"v {names[2]}")
+    p = plan(tuple(q.shape), tuple(k.shape), tuple(v.shape), names[0], causal=causal,
+             window=window, scale=scale, softcap=softcap, block_mask=block_mask,
+             variant=variant)
+    require_device()
+    from . import launch
+    (qd, kind), (kd, _), (vd, _) = (launch.to_device(x, p.dtype, n)
+                                    for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    out, lse = launch.run(p, qd, kd, vd)
+    if kind == "numpy":
+        out = out.get()
+        if p.dtype == "bfloat16":
+            import ml_dtypes
+            out = out.view(ml_dtypes.bfloat16)
+        lse = lse.get()
+    return (out, lse) if return_lse else out

@@ -1,6 +1,8 @@
-"""Tests that need a CUDA device. No kernel ships yet; this checks the device path."""
+"""Tests that need a CUDA device (skipped with the reason where none is usable)."""
+import numpy as np
 import pytest
 
+import refattn as ra
 import refattn.gpu
 
 status = refattn.gpu.device_status()
@@ -9,3 +11,4 @@ pytestmark = pytest.mark.skipif(not status.startswith("ok"), reason=status)
 
 def test_device_is_usable():
     refattn.gpu.require_device()
+    assert refattn.gpu.available()[0]

@@ -1,0 +1,133 @@
+"""The kernel sources and every template instantiation the launchers may ask for.
+
+Two kernels, both templated on the element type, the head dimension ``D`` and the tile
+``(BM, BN)`` (the ``(block_q, block_k)`` tiling that a block mask is classified at):
+
+* ``flash_fwd_fast<T, D, BM, BN, WARPS>`` in ``kernels/flash_fast.cu`` — tensor cores
+  (``mma.sync`` m16n8k16), ``ldmatrix``, ``cp.async`` double buffering, swizzled shared
+  memory; ``T`` is ``__half`` or ``__nv_bfloat16``.
+* ``flash_fwd_simple<T, D, BM, BN>`` in ``kernels/flash_simple.cu`` — one warp per query
+  row, float32 arithmetic; ``T`` is ``float``, ``__half`` or ``__nv_bfloat16``. It is
+  also the float32 path of ``variant="fast"``.
+
+>>> from refattn.gpu import kernels_spec as ks
+>>> ks.tiles(128)
+(64, 64, 4)
+>>> ks.kernel_name("fast", "bfloat16", 128)
+'flash_fwd_fast<__nv_bfloat16, 128, 64, 64, 4>'
+>>> ks.kernel_name("fast", "float32", 64)    # float32 runs the simple kernel
+'flash_fwd_simple<float, 64, 64, 64>'
+>>> len(ks.instantiations())
+25
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+__all__ = ["HEAD_DIMS", "DTYPES", "VARIANTS", "ARCHS", "NVRTC_OPTIONS", "Instantiation", "tiles",
+           "kernel_name", "instantiations", "source", "sources_sha256",
+           "shared_memory_bytes"]
+
+#: Head dimensions with a compiled kernel (``D`` of q and k, equal to ``Dv`` of v).
+HEAD_DIMS = (32, 64, 96, 128, 256)
+#: dtype name -> CUDA element type.
+DTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+VARIANTS = ("simple", "fast")
+#: Architectures the compile check builds for.
+ARCHS = ("sm_80", "sm_90")
+#: NVRTC options shared by the compile check and the run-time build (CuPy adds the
+#: architecture).
+NVRTC_OPTIONS = ("--std=c++17",)
+SOURCES = {"simple": "flash_simple.cu", "fast": "flash_fast.cu"}
+HEADERS = ("common.cuh",)
+
+
+def tiles(d: int) -> tuple[int, int, int]:
+    """``(BM, BN, WARPS)`` for head dimension ``d``: 64 query rows (4 warps of 16) and
+    64 keys; 32 keys at ``d = 256`` (to keep the fp32 accumulators in registers) and at
+    ``d = 32`` (where ptxas capped 64-key tiles at 128 registers and spilled)."""
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dimension D={d} has no kernel; supported: {HEAD_DIMS}")
+    return 64, (32 if d > 128 or d < 64 else 64), 4
+
+
+def kernel_name(variant: str, dtype: str, d: int) -> str:
+    """The template instantiation (a ``name_expressions`` entry) that runs a call."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype {dtype!r} has no kernel; supported: {sorted(DTYPES)}")
+    bm, bn, warps = tiles(d)
+    if variant == "fast" and dtype != "float32":
+        return f"flash_fwd_fast<{DTYPES[dtype]}, {d}, {bm}, {bn}, {warps}>"
+    return f"flash_fwd_simple<{DTYPES[dtype]}, {d}, {bm}, {bn}>"
+
+
+@dataclass(frozen=True)
+class Instantiation:
+    """One compiled kernel: which source, which template arguments."""
+
+    kernel: str   # "simple" or "fast": the source file that holds it
+    dtype: str
+    d: int
+    name: str     # the name expression
+
+    @property
+    def source(self) -> str:
+        return SOURCES[self.kernel]
+
+
+def instantiations() -> list[Instantiation]:
+    """Every instantiation a call can need: fast for fp16/bf16, simple for all dtypes."""
+    out = []
+    for kernel in VARIANTS:
+        for dtype in DTYPES:
+            if kernel == "fast" and dtype == "float32":
+                continue
+            for d in HEAD_DIMS:
+                out.append(Instantiation(kernel, dtype, d, kernel_name(kernel, dtype, d)))
+    return out
+
+
+def _read(name: str) -> str:
+    return resources.files("refattn.gpu").joinpath("kernels", name).read_text(
+        encoding="utf-8")
+
+
+def source(kernel: str) -> str:
+    """The self-contained source of ``kernel`` ("simple" or "fast"): the ``.cu`` file with
+    its ``#include "common.cuh"`` replaced by the header (NVRTC and CuPy then need no
+    include path for it)."""
+    text = _read(SOURCES[kernel])
+    for header in HEADERS:
+        text = re.sub(rf'^#include "{re.escape(header)}"\s*$',
+                      lambda _: _read(header), text, flags=re.M)
+    return text
+
+
+def sources_sha256() -> str:
+    """sha256 over every kernel source file (name and bytes), in a fixed order: the
+    identity a selfcheck record is tied to."""
+    h = hashlib.sha256()
+    for name in sorted(set(SOURCES.values()) | set(HEADERS)):
+        h.update(name.encode() + b"\0" + _read(name).encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def shared_memory_bytes(variant: str, dtype: str, d: int) -> int:
+    """Dynamic shared memory of the kernel running ``(variant, dtype, d)``: the fast
+    kernel holds a Q tile and two stages of K and V tiles (rows padded per
+    ``SmemRows``); the simple kernel none.
+
+    >>> shared_memory_bytes("fast", "float16", 128)     # (64 + 4 * 64) rows * 256 bytes
+    81920
+    """
+    if not kernel_name(variant, dtype, d).startswith("flash_fwd_fast"):
+        return 0
+    bm, bn, _ = tiles(d)
+    c = d // 8
+    stride = c if (c % 8 == 0 or c == 4) else (c + 1 if c % 2 == 0 else c)
+    return (bm + 4 * bn) * stride * 16

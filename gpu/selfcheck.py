@@ -1,0 +1,278 @@
+"""Run every kernel against the float64 references and write a JSON record.
+
+``python -m refattn.gpu.selfcheck [--out DIR] [--quick] [--seed S] [--match RE]`` draws fresh random
+inputs (odd lengths, every dtype, both variants, every head dim, causal, windows, GQA,
+MQA, softcap, N != M, rows with no key, block masks: BigBird, Longformer, documents),
+runs :func:`refattn.gpu.flash_attention`'s kernels into NaN-poisoned outputs with K/V
+followed by NaN in memory, and compares with :func:`refattn.attention` (float64):
+
+* float32: ``refattn.testing.assert_close`` with the float32 tolerances;
+* float16 / bfloat16: the FlashAttention rule, ``max|out - oracle| <= 2 max|base -
+  oracle| + atol`` with ``base`` = :func:`refattn.testing.low_precision_attention` and
+  ``atol`` the dtype's table atol;
+* the log-sum-exp within ``1e-3`` (``-inf`` exactly where the oracle has it).
+
+The record carries the device, driver, CuPy version, commit, the sha256 of the kernel
+sources (:func:`refattn.gpu.kernels_spec.sources_sha256`), the seed, and each case's
+errors and pass/fail. Exit status 0 only when every case passes.
+
+The case list is built without a device:
+
+>>> cs = cases(quick=True)
+>>> len(cs) > 10, {c.variant for c in cs} == {"simple", "fast"}
+(True, True)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import kernels_spec as ks
+
+__all__ = ["Case", "cases", "make_inputs", "block_mask_for", "run_case", "record", "main"]
+
+LSE_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One check: shapes, dtype, variant and masking."""
+
+    variant: str
+    dtype: str
+    d: int
+    batch: int = 1
+    hq: int = 2
+    hkv: int = 2
+    n: int = 77
+    m: int = 77
+    causal: bool = False
+    window: tuple | int | None = None
+    softcap: float | None = None
+    scale: float | None = None
+    mask: str | None = None  # "bigbird", "longformer", "document"
+
+    @property
+    def label(self) -> str:
+        parts = [self.variant, self.dtype, f"d{self.d}", f"B{self.batch}",
+                 f"H{self.hq}/{self.hkv}", f"N{self.n}", f"M{self.m}"]
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append(f"window{self.window}")
+        if self.softcap:
+            parts.append(f"softcap{self.softcap}")
+        if self.mask:
+            parts.append(self.mask)
+        return " ".join(parts)
+
+
+def cases(quick: bool = False) -> list[Case]:
+    """Every instantiation on a plain case, then the features on a few head dims."""
+    out = []
+    dims = (64, 128) if quick else ks.HEAD_DIMS
+    for variant in ks.VARIANTS:
+        for dtype in ks.DTYPES:
+            for d in dims:
+                out.append(Case(variant, dtype, d, batch=2, hq=3, hkv=3, n=93, m=117))
+            feat_d = 64
+            out += [
+                Case(variant, dtype, feat_d, causal=True, n=131, m=131),
+                Case(variant, dtype, feat_d, causal=True, n=70, m=201),        # decode-like
+                Case(variant, dtype, feat_d, causal=True, n=150, m=61),        # empty rows
+                Case(variant, dtype, feat_d, window=(17, 5), n=200, m=190),
+                Case(variant, dtype, feat_d, window=40, causal=True, n=257, m=257),
+                Case(variant, dtype, feat_d, hq=6, hkv=2, n=65, m=129),        # GQA
+                Case(variant, dtype, feat_d, hq=4, hkv=1, n=33, m=95),         # MQA
+                Case(variant, dtype, feat_d, softcap=5.0, scale=0.5, n=100, m=100),
+                Case(variant, dtype, feat_d, mask="bigbird", n=300, m=300),
+                Case(variant, dtype, feat_d, mask="longformer", n=250, m=250),
+                Case(variant, dtype, feat_d, mask="document", causal=True, n=280, m=280),
+                Case(variant, dtype, feat_d, n=1, m=1),
+            ]
+            if not quick:
+                out += [Case(variant, dtype, 128, causal=True, hq=4, hkv=2, n=513, m=700),
+                        Case(variant, dtype, 256, window=(30, 30), n=190, m=190),
+                        Case(variant, dtype, 32, mask="bigbird", hq=4, hkv=2, n=300, m=300),
+                        Case(variant, dtype, 96, causal=True, softcap=10.0, n=99, m=99)]
+    return out
+
+
+def block_mask_for(case: Case):
+    """The refattn mask of a case's ``mask`` name (None when it has none)."""
+    import refattn as ra
+    mk = ra.masks
+    if case.mask is None:
+        return None
+    if case.mask == "bigbird":
+        return (mk.block_window(1, 32) | mk.global_tokens([0, 1, 2])
+                | mk.random_blocks(2, 32, rng=7))
+    if case.mask == "longformer":
+        return mk.sliding_window(24, 24) | mk.global_tokens([0, 5, 99])
+    if case.mask == "document":
+        ids = np.repeat(np.arange(10), -(-case.m // 10))[:case.m]
+        return mk.document(np.sort(np.r_[ids[:-7], np.full(7, 10)]))
+    raise ValueError(f"unknown mask {case.mask!r}")
+
+
+def make_inputs(case: Case, rng) -> tuple:
+    """Random ``q, k, v`` of the case's dtype (NumPy; bfloat16 via ml_dtypes)."""
+    import ml_dtypes
+    dt = ml_dtypes.bfloat16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    q = rng.standard_normal((case.batch, case.hq, case.n, case.d)).astype(dt)
+    k = rng.standard_normal((case.batch, case.hkv, case.m, case.d)).astype(dt)
+    v = rng.standard_normal((case.batch, case.hkv, case.m, case.d)).astype(dt)
+    return q, k, v
+
+
+def _poisoned_device(x):
+    """A CuPy copy of NumPy ``x`` whose memory is followed by NaN (reads past the end show)."""
+    import cupy
+    bits = x.view(np.uint16) if x.dtype.name == "bfloat16" else x
+    nan = np.full(4096, np.nan, np.float32).astype(x.dtype)
+    nan = nan.view(np.uint16) if x.dtype.name == "bfloat16" else nan
+    buf = cupy.asarray(np.concatenate([bits.ravel(), nan]))
+    return buf[:x.size].reshape(x.shape)
+
+
+def run_case(case: Case, rng) -> dict:
+    """Run one case on the device; returns its record entry."""
+    import cupy
+    import ml_dtypes
+    import refattn as ra
+    from refattn.testing import low_precision_attention, tolerance
+    from . import host, launch
+
+    q, k, v = make_inputs(case, rng)
+    bmask = block_mask_for(case)
+    p = host.plan(q.shape, k.shape, v.shape, case.dtype, causal=case.causal,
+                  window=case.window, scale=case.scale, softcap=case.softcap,
+                  block_mask=bmask, variant=case.variant)
+    qd, kd, vd = (_poisoned_device(x) for x in (q, k, v))
+    elem = np.uint16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    nan = np.array(np.nan, np.float32).astype(np.dtype(case.dtype) if case.dtype != "bfloat16"
+                                              else ml_dtypes.bfloat16).view(elem)
+    out = cupy.full(p.out_shape(), nan, dtype=elem)
+    lse = cupy.full(p.lse_shape(), np.nan, dtype=cupy.float32)
+    launch.run(p, qd, kd, vd, out, lse)
+    cupy.cuda.Device().synchronize()
+    out_h = out.get()
+    if case.dtype == "bfloat16":
+        out_h = out_h.view(ml_dtypes.bfloat16)
+    out64, lse_h = out_h.astype(np.float64), lse.get().astype(np.float64)
+
+    mask = host.reference_mask(case.causal, case.window, bmask, case.n, case.m)
+    kwargs = dict(mask=mask, scale=case.scale, softcap=case.softcap)
+    oracle, oracle_lse = ra.attention(q, k, v, return_lse=True, **kwargs)
+    entry = {"case": case.label, **{k_: (list(v_) if isinstance(v_, tuple) else v_)
+                                   for k_, v_ in asdict(case).items()},
+             "kernel": p.kernel, "visited_tiles": (None if p.tiles is None
+                                                   else round(p.tiles.visited_fraction, 4))}
+    nan_count = int(np.isnan(out64).sum() + np.isnan(lse_h).sum())
+    err = float(np.abs(out64 - oracle).max()) if out64.size else 0.0
+    same_inf = np.array_equal(np.isneginf(lse_h), np.isneginf(oracle_lse))
+    fin = np.isfinite(oracle_lse)
+    lse_err = float(np.abs(lse_h[fin] - oracle_lse[fin]).max()) if fin.any() else 0.0
+    rtol, atol = tolerance(case.dtype)
+    if case.dtype == "float32":
+        allowed = atol + rtol * np.abs(oracle)
+        ok_out = bool((np.abs(out64 - oracle) <= allowed).all())
+        entry.update(max_abs_err=err, rule="float32 table (rtol, atol) = "
+                     f"({rtol:g}, {atol:g})")
+    else:
+        base = low_precision_attention(q, k, v, case.dtype, **kwargs)
+        base_err = float(np.abs(base - oracle).max()) if base.size else 0.0
+        ok_out = err <= 2 * base_err + atol
+        entry.update(max_abs_err=err, baseline_err=base_err,
+                     rule=f"err <= 2 x baseline + {atol:g}")
+    entry.update(lse_err=lse_err, lse_inf_match=bool(same_inf), nan_count=nan_count)
+    entry["passed"] = bool(ok_out and nan_count == 0 and same_inf and lse_err <= LSE_ATOL)
+    return entry
+
+
+def _commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def record(entries: list, seed: int) -> dict:
+    """The JSON record of a selfcheck run."""
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return {
+        "what": "refattn.gpu selfcheck",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": name,
+        "compute_capability": f"{props['major']}.{props['minor']}",
+        "driver": cupy.cuda.runtime.driverGetVersion(),
+        "runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        "cupy": cupy.__version__,
+        "python": platform.python_version(),
+        "commit": _commit(),
+        "kernel_sources_sha256": ks.sources_sha256(),
+        "seed": seed,
+        "passed": all(e["passed"] for e in entries),
+        "n_cases": len(entries),
+        "n_failed": sum(not e["passed"] for e in entries),
+        "cases": entries,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m refattn.gpu.selfcheck",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=".", help="folder for selfcheck-<date>.json")
+    ap.add_argument("--quick", action="store_true", help="a small subset (for sanitizers)")
+    ap.add_argument("--seed", type=int, default=None, help="default: fresh entropy")
+    ap.add_argument("--match", default=None,
+                    help="only cases whose label matches this regular expression")
+    args = ap.parse_args(argv)
+    from . import device_status
+    status = device_status()
+    if not status.startswith("ok"):
+        print(f"selfcheck needs a CUDA device: {status}", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    rng = np.random.default_rng(seed)
+    entries = []
+    todo = [c for c in cases(args.quick) if args.match is None
+            or re.search(args.match, c.label)]
+    for case in todo:
+        try:
+            e = run_case(case, rng)
+        except Exception as exc:  # a launch or compile failure is a failed case
+            e = {"case": case.label, "passed": False, "error": f"{type(exc).__name__}: {exc}"}
+        entries.append(e)
+        print(f"{'ok  ' if e['passed'] else 'FAIL'} {e['case']}: "
+              + (f"err {e.get('max_abs_err', float('nan')):.3g}"
+                 f" (base {e.get('baseline_err', float('nan')):.3g})"
+                 f" lse {e.get('lse_err', float('nan')):.3g}" if "error" not in e
+                 else e["error"]), flush=True)
+    rec = record(entries, seed)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = rec["date"].replace(":", "").replace("-", "")
+    kind = "match-" if args.match else ("quick-" if args.quick else "")
+    path = os.path.join(args.out, f"selfcheck-{kind}{stamp}.json")
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(f"{rec['n_cases'] - rec['n_failed']}/{rec['n_cases']} cases passed; "
+          f"sources {rec['kernel_sources_sha256'][:12]}; record {path}")
+    return 0 if rec["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

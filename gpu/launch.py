@@ -33,7 +33,10 @@ def get_kernel(p: Plan):
     with _lock:
         mod = module_cache.get(key)
         if mod is None:
-            mod = cupy.RawModule(code=ks.source(p.source), options=ks.NVRTC_OPTIONS,
+            from .compile_check import cuda_include_dir
+            inc = cuda_include_dir()
+            opts = ks.NVRTC_OPTIONS + ((f"-I{inc}",) if inc else ())
+            mod = cupy.RawModule(code=ks.source(p.source), options=opts,
                                  name_expressions=[p.kernel])
             module_cache[key] = mod
     fn = mod.get_function(p.kernel)

@@ -160,7 +160,7 @@ def run_case(case: Case, rng) -> dict:
     qd, kd, vd = (_poisoned_device(x) for x in (q, k, v))
     elem = np.uint16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
     nan = np.array(np.nan, np.float32).astype(np.dtype(case.dtype) if case.dtype != "bfloat16"
-                                              else ml_dtypes.bfloat16).view(elem)
+                                              else ml_dtypes.bfloat16).view(elem).item()
     out = cupy.full(p.out_shape(), nan, dtype=elem)
     lse = cupy.full(p.lse_shape(), np.nan, dtype=cupy.float32)
     launch.run(p, qd, kd, vd, out, lse)

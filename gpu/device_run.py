@@ -1,0 +1,169 @@
+"""Everything a GPU machine should run, in one go, within 10 minutes.
+
+``python -m refattn.gpu.device_run --out DIR`` (``gpu/run_on_device.sh`` installs the
+checkout first and calls it with ``--out $OUT``) runs, each step under a time limit and
+all under one deadline:
+
+1. the NVRTC compile check (where ``cuda.bindings`` is installed);
+2. the selfcheck, every case (``selfcheck-*.json``);
+3. ``pytest tests/gpu`` (``pytest-gpu.xml``, ``pytest-gpu.txt``);
+4. ``compute-sanitizer`` memcheck and racecheck on a small selfcheck
+   (``sanitizer-memcheck.txt``, ``sanitizer-racecheck.txt``);
+5. ``benchmarks/gpu_attention.py`` (``bench-*.json``);
+
+then writes ``device-run.json`` (each step's status, seconds and record files) and
+prints a short table last. Exit status 0 only when every step that ran passed.
+
+>>> [s.name for s in steps("OUT")][:3]
+['compile_check', 'selfcheck', 'pytest_gpu']
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+__all__ = ["Step", "steps", "main"]
+
+DEADLINE_S = 570
+#: A small selfcheck for the sanitizers: fast fp16/bf16 kernels with masks, GQA, tails.
+SANITIZER_MATCH = (r"^(fast (float16|bfloat16) d(64|128) B2|fast bfloat16 d64 .*"
+                   r"(causal|bigbird|H6/2)|simple float16 d64 .*(bigbird|N70))")
+
+
+@dataclass
+class Step:
+    name: str
+    cmd: list
+    limit_s: int
+    log: str            # file under OUT receiving stdout + stderr
+    records: str = ""   # glob of JSON records this step writes under OUT
+    optional: bool = False  # a missing tool skips the step instead of failing it
+
+
+def _repo() -> str:
+    """The checkout root (gpu/..), where tests/ and benchmarks/ live."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def steps(out: str) -> list[Step]:
+    py = sys.executable
+    sc = [py, "-m", "refattn.gpu.selfcheck", "--quick", "--out",
+          os.path.join(out, "sanitizer-selfcheck"), "--match", SANITIZER_MATCH]
+    san = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    return [
+        Step("compile_check", [py, "-m", "refattn.gpu.compile_check"], 90,
+             "compile-check.txt", optional=True),
+        Step("selfcheck", [py, "-m", "refattn.gpu.selfcheck", "--out", out], 170,
+             "selfcheck.txt", "selfcheck-2*.json"),
+        Step("pytest_gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            os.path.join(_repo(), "tests", "gpu"),
+                            f"--junitxml={os.path.join(out, 'pytest-gpu.xml')}"], 120,
+             "pytest-gpu.txt"),
+        Step("memcheck", [san, "--tool", "memcheck", "--error-exitcode", "3",
+                          "--leak-check", "no", *sc], 75, "sanitizer-memcheck.txt"),
+        Step("racecheck", [san, "--tool", "racecheck", "--error-exitcode", "3",
+                           "--racecheck-report", "all", *sc], 75,
+             "sanitizer-racecheck.txt"),
+        Step("benchmark", [py, os.path.join(_repo(), "benchmarks", "gpu_attention.py"),
+                           "--out", out], 200, "benchmark.txt", "bench-*.json"),
+    ]
+
+
+def _run(step: Step, out: str, remaining: float) -> dict:
+    limit = max(5, min(step.limit_s, int(remaining)))
+    if not (os.path.exists(step.cmd[0]) or shutil.which(step.cmd[0])):
+        return {"status": "skipped", "why": f"{step.cmd[0]} not found", "seconds": 0}
+    t0 = time.time()
+    with open(os.path.join(out, step.log), "w") as log:
+        try:
+            rc = subprocess.run(step.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=limit, cwd=_repo()).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    secs = round(time.time() - t0, 1)
+    with open(os.path.join(out, step.log)) as f:
+        tail = f.read()[-1500:]
+    if step.optional and rc == 2:   # the compile check says it cannot run here
+        return {"status": "skipped", "why": tail.strip()[-300:], "seconds": secs}
+    return {"status": "passed" if rc == 0 else ("timeout" if rc == "timeout" else "failed"),
+            "returncode": rc, "seconds": secs, "limit_s": limit, "log_tail": tail,
+            "records": sorted(os.path.basename(p) for p in
+                              glob.glob(os.path.join(out, step.records)))
+            if step.records else []}
+
+
+def _summary_lines(out: str, results: dict) -> list[str]:
+    lines = [f"{'step':14} {'status':8} {'seconds':>7}  detail"]
+    for name, r in results.items():
+        detail = r.get("why", "") if r["status"] == "skipped" else ""
+        if name == "selfcheck":
+            for rec in r.get("records", []):
+                with open(os.path.join(out, rec)) as f:
+                    data = json.load(f)
+                detail = (f"{data['n_cases'] - data['n_failed']}/{data['n_cases']} cases, "
+                          f"sources {data['kernel_sources_sha256'][:12]}")
+        if name in ("memcheck", "racecheck") and "log_tail" in r:
+            summ = [ln for ln in r["log_tail"].splitlines() if "ERROR SUMMARY" in ln
+                    or "RACECHECK SUMMARY" in ln]
+            detail = summ[-1].strip() if summ else ""
+        if name == "pytest_gpu" and "log_tail" in r:
+            detail = r["log_tail"].strip().splitlines()[-1] if r["log_tail"].strip() else ""
+        lines.append(f"{name:14} {r['status']:8} {r['seconds']:7}  {detail[:90]}")
+    bench = sorted(glob.glob(os.path.join(out, "bench-*.json")))
+    if bench:
+        with open(bench[-1]) as f:
+            rows = json.load(f)["rows"]
+        lines.append("")
+        lines.append(f"{'config':34} {'ours fast':>9} {'simple':>7} {'torch':>7} "
+                     f"{'ratio':>6} {'err ours':>9} {'err torch':>9}")
+        for row in rows:
+            lines.append(
+                f"{row['config']:34} {row.get('fast_tflops', float('nan')):9.1f} "
+                f"{row.get('simple_tflops') or float('nan'):7.2f} "
+                f"{row.get('torch_tflops') or float('nan'):7.1f} "
+                f"{row.get('ratio_fast_to_torch') or float('nan'):6.2f} "
+                f"{row.get('fast_err') or float('nan'):9.2e} "
+                f"{row.get('torch_err') or float('nan'):9.2e}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m refattn.gpu.device_run",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu-run"))
+    ap.add_argument("--only", nargs="*", default=None, help="step names to run")
+    args = ap.parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    results = {}
+    for step in steps(out):
+        if args.only and step.name not in args.only:
+            continue
+        remaining = DEADLINE_S - (time.time() - start)
+        if remaining < 10:
+            results[step.name] = {"status": "skipped", "why": "out of time", "seconds": 0}
+            continue
+        results[step.name] = _run(step, out, remaining)
+        print(f"[{time.time() - start:6.1f} s] {step.name}: {results[step.name]['status']}",
+              flush=True)
+    from . import device_status, kernels_spec
+    summary = {"device": device_status(), "kernel_sources_sha256": kernels_spec.sources_sha256(),
+               "seconds": round(time.time() - start, 1), "steps": results}
+    with open(os.path.join(out, "device-run.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print("\n".join(_summary_lines(out, results)))
+    failed = [n for n, r in results.items() if r["status"] in ("failed", "timeout")]
+    print(f"device: {summary['device']}; {'FAILED: ' + ', '.join(failed) if failed else 'all steps passed or skipped'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,3 +5,4 @@ the ``refattn report`` are planned (see the project's issues); this package is t
 they land. The references it will analyse are listed by :func:`refattn.mechanisms`.
 """
 __all__: list[str] = []
+from . import minilm  # noqa: E402,F401  (safetensors/tokenizers load lazily)

@@ -50,6 +50,12 @@ def _pair(a, b, name_a: str, name_b: str, min_ndim: int = 0):
     return a, b
 
 
+def _fro(x: np.ndarray) -> float:
+    """Frobenius norm without under/overflow of the squares (scaled by max |x|)."""
+    big = float(np.abs(x).max(initial=0.0))
+    return 0.0 if big == 0 else big * float(np.linalg.norm((x / big).ravel()))
+
+
 def relative_frobenius(approx, exact) -> float:
     r""":math:`\|\tilde A - A\|_F / \|A\|_F` over the whole array (any shape). If
     :math:`\|A\|_F = 0` the result is 0 when ``approx`` is also 0, else ``inf``.
@@ -60,8 +66,7 @@ def relative_frobenius(approx, exact) -> float:
     0.10000000000000009
     """
     a, e = _pair(approx, exact, "approx", "exact")
-    num = np.linalg.norm((a - e).ravel())
-    den = np.linalg.norm(e.ravel())
+    num, den = _fro(a - e), _fro(e)
     if den == 0:
         return 0.0 if num == 0 else float("inf")
     return float(num / den)
@@ -90,12 +95,17 @@ def cosine_similarity(approx, exact, axis: int = -1) -> np.ndarray:
     [0.7071, 1.0]
     """
     a, e = _pair(approx, exact, "approx", "exact", min_ndim=1)
-    dot = (a * e).sum(axis=axis)
-    na = np.linalg.norm(a, axis=axis)
-    ne = np.linalg.norm(e, axis=axis)
-    den = na * ne
-    out = np.divide(dot, den, out=np.zeros_like(dot), where=den > 0)
-    out[(na == 0) & (ne == 0)] = 1.0
+    def unit(x):
+        # divide by the largest magnitude first, then by the norm: squares of tiny or
+        # huge entries would under- or overflow
+        big = np.abs(x).max(axis=axis, keepdims=True, initial=0.0)
+        x = np.divide(x, big, out=np.zeros_like(x), where=big > 0)
+        n = np.linalg.norm(x, axis=axis, keepdims=True)
+        return np.divide(x, n, out=np.zeros_like(x), where=n > 0), big == 0
+    ua, za = unit(a)
+    ue, ze = unit(e)
+    out = (ua * ue).sum(axis=axis)
+    out[np.squeeze(za & ze, axis=axis)] = 1.0
     return out
 
 

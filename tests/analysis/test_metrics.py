@@ -58,7 +58,7 @@ def test_divergence_properties(a, b):
        st.floats(0.1, 10))
 def test_cosine_invariances(a, c):
     cos = M.cosine_similarity(c * a, a)
-    nz = np.linalg.norm(a, axis=-1) > 0
+    nz = (a != 0).any(axis=-1)
     np.testing.assert_allclose(cos[nz], 1.0, rtol=1e-12)
     assert (cos[~nz] == 1.0).all()
     assert (np.abs(M.cosine_similarity(-a, a)[nz] + 1) < 1e-12).all()
@@ -71,3 +71,15 @@ def test_shape_mismatch_names_both_shapes():
     for fn in (M.kl_divergence, M.total_variation):
         with pytest.raises(ValueError, match=r"p \(2, 3\) and q \(2, 4\)"):
             fn(np.ones((2, 3)) / 3, np.ones((2, 4)) / 4)
+
+
+_MODERATE = st.one_of(st.just(0.0), st.floats(1e-3, 1e3), st.floats(-1e3, -1e-3))
+
+
+@given(hnp.arrays(np.float64, (3, 4), elements=_MODERATE),
+       hnp.arrays(np.float64, (3, 4), elements=_MODERATE),
+       st.sampled_from([1e-200, 1e-5, 1.0, 1e200]))
+def test_relative_frobenius_scale_invariant(a, b, c):
+    ref = M.relative_frobenius(a, b)
+    if np.isfinite(ref):
+        np.testing.assert_allclose(M.relative_frobenius(c * a, c * b), ref, rtol=1e-12)

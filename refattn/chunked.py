@@ -44,7 +44,8 @@ def _implied(q, k, *, chunk_size, overlap=0, causal=False, scale=None, softcap=N
 @register(family="chunked", exact=False, time="O(N·(C + O)·D)", state="O((C + O)·D)",
           supports_causal=True, supports_mask=False, supports_gqa=True,
           position_free=False, implied=_implied, mask=_chunk_mask,
-          example={"chunk_size": 3, "overlap": 2}, constant_state=True,
+          example={"chunk_size": 3, "overlap": 2},
+          budget=lambda n, b: {"chunk_size": max(1, b // 2), "overlap": b // 2}, constant_state=True,
           streaming=("chunked_init_state", "chunked_step"))
 def chunked_attention(q, k, v, *, chunk_size, overlap=0, causal=False, scale=None,
                       softcap=None, return_lse=False, check_finite=True):

@@ -257,7 +257,8 @@ def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, 
 @register(family="clustered", exact=False, time="O((N+M)·C·D·I + N·M·D/C)",
           state="O(M·D) KV cache", supports_causal=True, supports_mask=True,
           supports_gqa=True, position_free=True, self_attention_only=False,
-          implied="routing_attention_matrix", example={"n_clusters": 2})
+          implied="routing_attention_matrix", example={"n_clusters": 2},
+          budget=lambda n, b: {"n_clusters": max(1, n // b)})
 def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
                       scale=None, bias=None, softcap=None, rng, return_lse=False,
                       check_finite=True, block_q=None):
@@ -418,7 +419,8 @@ def _clustered_matrix(pb, blocks, memory_budget, name):
 @register(family="clustered", exact=False, time="O(N·C·D·I + C·M·(D+Dv))",
           state="O(M·D) KV cache", supports_causal=True, supports_mask=True,
           supports_gqa=True, position_free=True, self_attention_only=False,
-          implied="clustered_attention_matrix", example={"n_clusters": 2})
+          implied="clustered_attention_matrix", example={"n_clusters": 2},
+          budget=lambda n, b: {"n_clusters": b})
 def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
                         scale=None, bias=None, softcap=None, rng, return_lse=False,
                         check_finite=True, block_q=None):
@@ -499,7 +501,8 @@ def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causa
           time="O(N·C·D·I + C·M·(D+Dv) + N·k·(D+Dv))", state="O(M·D) KV cache",
           supports_causal=True, supports_mask=True, supports_gqa=True, position_free=True,
           self_attention_only=False, implied="improved_clustered_attention_matrix",
-          example={"n_clusters": 2, "topk": 3})
+          example={"n_clusters": 2, "topk": 3},
+          budget=lambda n, b: {"n_clusters": max(1, b // 2), "topk": max(1, b // 2)})
 def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=None,
                                  causal=False, scale=None, bias=None, softcap=None,
                                  rng, return_lse=False, check_finite=True,

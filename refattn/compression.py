@@ -210,7 +210,8 @@ def _pooled_plans(k, v, pb, *, stride, pool, causal, local, log_count):
 @register(family="compression", exact=False, time="O(N·(M/stride + stride)·(D+Dv))",
           state="O(M/stride·(D+Dv)) pooled keys and values", supports_causal=True,
           supports_mask=False, supports_gqa=True, position_free=False, row_stochastic=True,
-          implied="pooled_attention_matrix", example={"stride": 2, "local": True})
+          implied="pooled_attention_matrix", example={"stride": 2, "local": True},
+          budget=lambda n, b: {"stride": max(1, 2 * n // b), "local": True})
 def pooled_attention(q, k, v, *, stride, pool="mean", causal=False, local=False,
                      log_count=False, scale=None, check_finite=True, memory_budget=None):
     r"""Attention over keys and values pooled in windows of ``stride`` positions.
@@ -312,7 +313,8 @@ def _strided_plans(k, v, pb, *, stride, offset, causal):
 @register(family="compression", exact=False, time="O(N·(M/stride)·(D+Dv))",
           state="O(M/stride·(D+Dv)) kept keys and values", supports_causal=True,
           supports_mask=False, supports_gqa=True, position_free=False, row_stochastic=True,
-          implied="strided_kv_attention_matrix", example={"stride": 2})
+          implied="strided_kv_attention_matrix", example={"stride": 2},
+          budget=lambda n, b: {"stride": max(1, n // b)})
 def strided_kv_attention(q, k, v, *, stride, offset=0, causal=False, scale=None,
                          check_finite=True, memory_budget=None):
     r"""Attention over every ``stride``-th key and value (strided downsampling of the
@@ -456,7 +458,8 @@ def landmark_indices(k, *, num_landmarks, select="norm", check_finite=True):
 @register(family="compression", exact=False, time="O(N·L·(D+Dv) + M·D)",
           state="O(L·(D+Dv)) landmark keys and values", supports_causal=True,
           supports_mask=False, supports_gqa=True, position_free=True, row_stochastic=True,
-          implied="landmark_attention_matrix", example={"num_landmarks": 2})
+          implied="landmark_attention_matrix", example={"num_landmarks": 2},
+          budget=lambda n, b: {"num_landmarks": b})
 def landmark_attention(q, k, v, *, indices=None, num_landmarks=None, select="norm",
                        causal=False, scale=None, check_finite=True, memory_budget=None):
     r"""Attention over a subset of the keys (landmarks): given positions, or the
@@ -564,7 +567,8 @@ def _kmeans_plans(k, v, pb, *, n_centroids, n_iters, rng, log_count):
 @register(family="compression", exact=False, time="O(M·C·D·I + N·C·(D+Dv))",
           state="O(C·(D+Dv)) centroids", supports_causal=False, supports_mask=False,
           supports_gqa=True, position_free=True, row_stochastic=True,
-          implied="kmeans_kv_attention_matrix", example={"n_centroids": 2})
+          implied="kmeans_kv_attention_matrix", example={"n_centroids": 2},
+          budget=lambda n, b: {"n_centroids": b})
 def kmeans_kv_attention(q, k, v, *, n_centroids, n_iters=10, rng, log_count=True,
                         scale=None, check_finite=True, memory_budget=None):
     r"""Attention over k-means centroids of the keys and the matching means of the

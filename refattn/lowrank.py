@@ -239,7 +239,7 @@ def _linformer(q, k, v, *, rank, proj, shared, rng, scale, check_finite):
           state="O(r·(D+Dv)) projected keys and values per KV head", supports_causal=False,
           supports_mask=False, supports_gqa=True, position_free=False,
           row_stochastic=False, implied="linformer_attention_matrix",
-          example={"rank": 1})
+          example={"rank": 1}, budget=lambda n, b: {"rank": b})
 def linformer_attention(q, k, v, *, rank=None, proj=None, shared=False, rng=None,
                         scale=None, check_finite=True):
     r"""Linformer attention: keys and values projected along the sequence to ``rank``
@@ -397,7 +397,7 @@ def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite):
           state="O(c·(D+Dv)) landmarks per query head", supports_causal=False,
           supports_mask=False, supports_gqa=True, position_free=False,
           row_stochastic=False, implied="nystrom_attention_matrix",
-          example={"num_landmarks": 1})
+          example={"num_landmarks": 1}, budget=lambda n, b: {"num_landmarks": b})
 def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, scale=None,
                       check_finite=True):
     r"""Nyströmformer attention: the Nyström approximation of ``softmax(s Q K^T)``
@@ -531,7 +531,8 @@ def _luna(q, k, v, *, packed, scale, check_finite):
 @register(family="lowrank", exact=False, time="O(l·(N+M)·(D+Dv))",
           state="O(l·(D+Dv)) packed keys and values per query head", supports_causal=False,
           supports_mask=False, supports_gqa=True, position_free=True,
-          row_stochastic=True, implied="luna_attention_matrix", example={"packed": 1})
+          row_stochastic=True, implied="luna_attention_matrix", example={"packed": 1},
+          budget=lambda n, b: {"packed": b})
 def luna_attention(q, k, v, *, packed, scale=None, return_packed=False,
                    check_finite=True):
     r"""Luna attention: pack the keys and values into ``l`` rows with a packed query

@@ -374,7 +374,9 @@ _COMMON_DOC = """
           state="O(n_hashes·N·chunk_size) working memory per head", supports_causal=True,
           supports_mask=False, supports_gqa=True, position_free=False,
           self_attention_only=True, implied="lsh_attention_matrix",
-          example={"n_buckets": 4, "n_hashes": 2, "chunk_size": 4})
+          example={"n_buckets": 4, "n_hashes": 2, "chunk_size": 4},
+          budget=lambda n, b: {"n_buckets": max(2, n // b // 2 * 2), "n_hashes": 2,
+                               "chunk_size": max(1, b // 2)})
 def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SIZE,
                   shared_qk=False, causal=False, scale=None, rng=None, buckets=None,
                   return_lse=False, check_finite=True):

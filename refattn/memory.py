@@ -180,7 +180,8 @@ def transformer_xl_mask(segment_len: int, mem_len: int) -> _masks.Mask:
           row_stochastic=True, self_attention_only=False, constant_state=True,
           implied="transformer_xl_attention_matrix", mask=transformer_xl_mask,
           streaming=("transformer_xl_init_state", "transformer_xl_step"),
-          example={"segment_len": 3, "mem_len": 2})
+          example={"segment_len": 3, "mem_len": 2},
+          budget=lambda n, b: {"segment_len": max(1, b // 2), "mem_len": b // 2})
 def transformer_xl_attention(q, k, v, *, segment_len, mem_len, mask=None, causal=False,
                              scale=None, bias=None, softcap=None, return_lse=False,
                              check_finite=True):
@@ -404,7 +405,9 @@ def _compressive(q, k, v, *, segment_len, mem_len, cmem_len, rate, compress, mas
           row_stochastic=True, self_attention_only=False, constant_state=True,
           implied="compressive_attention_matrix",
           streaming=("compressive_init_state", "compressive_step"),
-          example={"segment_len": 2, "mem_len": 2, "cmem_len": 2, "rate": 2})
+          example={"segment_len": 2, "mem_len": 2, "cmem_len": 2, "rate": 2},
+          budget=lambda n, b: {"segment_len": max(1, b // 4), "mem_len": b // 4,
+                               "cmem_len": b // 4, "rate": 2})
 def compressive_attention(q, k, v, *, segment_len, mem_len, cmem_len, rate,
                           compress="mean", causal=False, scale=None, softcap=None,
                           return_lse=False, check_finite=True):

@@ -315,6 +315,7 @@ def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omeg
           state="O(m·Dv) per KV head", supports_causal=True, supports_mask=False,
           supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True,
           implied="performer_attention_matrix", example={"num_features": 16},
+          budget=lambda n, b: {"num_features": b},
           streaming=("performer_init_state", "performer_step"))
 def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=True,
                         causal=False, rng=None, stabilize=True, scale=None, omega=None,

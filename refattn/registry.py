@@ -38,6 +38,11 @@ class Mechanism:
     :class:`refattn.masks.Mask` they compute exact attention under.
     ``init_state``/``step``: the streaming form (:mod:`refattn.streaming`), where one
     exists; ``constant_state``: its state does not grow with the tokens seen.
+    ``budget(n, b)``: for mechanisms that approximate softmax attention over the same keys,
+    the keyword arguments that spend about ``b`` keys (or features, landmarks, rank) per
+    query at sequence length ``n`` -- the analysis sweeps ``b`` to trace error against
+    cost; None: the mechanism is analysed at ``example`` only, or is not such an
+    approximation (retention, memories).
     """
 
     name: str
@@ -60,6 +65,7 @@ class Mechanism:
     init_state: Callable | None = None
     step: Callable | None = None
     constant_state: bool = False
+    budget: Callable | None = None
     example: dict = field(default_factory=dict)
     doc: str = ""
 

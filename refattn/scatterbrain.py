@@ -97,7 +97,8 @@ def _blocks(pb, x, y, fq, cq, fk, ck, buckets, topk, block_q):
           state="O(m·Dv) + sparse support", supports_causal=False, supports_mask=False,
           supports_gqa=True, position_free=True, row_stochastic=True,
           implied="scatterbrain_attention_matrix",
-          example={"num_features": 8, "topk": 2})
+          example={"num_features": 8, "topk": 2},
+          budget=lambda n, b: {"num_features": max(1, b // 2), "topk": max(1, b // 2)})
 def scatterbrain_attention(q, k, v, *, num_features, support="topk", topk=None,
                            n_buckets=None, n_hashes=1, kernel="positive", orthogonal=True,
                            scale=None, rng, block_q=256, check_finite=True):

@@ -206,7 +206,8 @@ def _window_mask(window, right=0, dilation=1):
 
 
 @_pattern(_window_mask, time="O(N·w·D)", state="O(w·D) rolling KV cache",
-          example={"window": 3, "right": 1})
+          example={"window": 3, "right": 1},
+          budget=lambda n, b: {"window": b // 2, "right": b // 2})
 def sliding_window_attention(q, k, v, *, window, right=0, dilation=1, **options):
     """Local attention in a sliding window (Beltagy et al. 2020; Mistral 7B).
 
@@ -231,7 +232,7 @@ def _strided_mask(stride):
 
 
 @_pattern(_strided_mask, time="O(N·(s + N/s)·D)", state="O((s + N/s)·D)",
-          example={"stride": 3})
+          example={"stride": 3}, budget=lambda n, b: {"stride": max(1, b // 2)})
 def strided_attention(q, k, v, *, stride, **options):
     """Sparse Transformer, strided pattern (Child et al. 2019), both heads merged.
 
@@ -247,7 +248,8 @@ def strided_attention(q, k, v, *, stride, **options):
 
 
 @_pattern(_masks.fixed, time="O(N·(l + c·N/l)·D)", state="O((l + c·N/l)·D)",
-          example={"block": 4, "summary": 1})
+          example={"block": 4, "summary": 1},
+          budget=lambda n, b: {"block": b, "summary": max(1, b // 8)})
 def fixed_attention(q, k, v, *, block, summary=1, **options):
     """Sparse Transformer, fixed pattern (Child et al. 2019): keep iff
     ``i' // block == j // block`` or ``j % block >= block - summary``
@@ -291,7 +293,9 @@ def _bigbird_mask(block_size, window_blocks=1, global_blocks=1, random_blocks=2,
 
 @_pattern(_bigbird_mask, time="O(N·b·(w + g + r)·D)", state="O(N·D)",
           example={"block_size": 2, "window_blocks": 1, "global_blocks": 1,
-                   "random_blocks": 1})
+                   "random_blocks": 1},
+          budget=lambda n, b: {"block_size": max(1, b // 6), "window_blocks": 1,
+                               "global_blocks": 1, "random_blocks": 2})
 def bigbird_attention(q, k, v, *, block_size, window_blocks=1, global_blocks=1,
                       random_blocks=2, rng, **options):
     """BigBird (Zaheer et al. 2020), ITC form, in blocks of ``block_size`` positions:
@@ -319,7 +323,8 @@ def _longformer_mask(window, global_tokens=(), dilation=1):
 
 
 @_pattern(_longformer_mask, time="O(N·(w + g)·D)", state="O(N·D)",
-          example={"window": 2, "global_tokens": [0], "dilation": [1, 2]})
+          example={"window": 2, "global_tokens": [0], "dilation": [1, 2]},
+          budget=lambda n, b: {"window": b // 2, "global_tokens": [0]})
 def longformer_attention(q, k, v, *, window, global_tokens=(), dilation=1, **options):
     """Longformer (Beltagy et al. 2020): a symmetric sliding window of ``window``
     positions each side, dilated per head if ``dilation`` is a sequence, plus global
@@ -340,7 +345,8 @@ def _sink_mask(window, sinks=4):
 
 
 @_pattern(_sink_mask, time="O(N·(w + s)·D)", state="O((w + s)·D)",
-          example={"window": 3, "sinks": 2})
+          example={"window": 3, "sinks": 2},
+          budget=lambda n, b: {"window": max(0, b - 4), "sinks": 4})
 def sink_attention(q, k, v, *, window, sinks=4, **options):
     """Attention sinks plus a sliding window (StreamingLLM, Xiao et al. 2024): every
     query keeps the first ``sinks`` keys and the ``window`` keys before it (and itself);

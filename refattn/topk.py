@@ -109,7 +109,8 @@ def _topk_blocks(q, k, v, *, topk, mask, causal, scale, bias, softcap, check_fin
 
 @register(family="sparse", exact=False, time="O(N·M·D)", state="O(M·D) KV cache",
           supports_causal=True, supports_mask=True, supports_gqa=True, position_free=True,
-          implied="topk_attention_matrix", example={"topk": 3})
+          implied="topk_attention_matrix", example={"topk": 3},
+          budget=lambda n, b: {"topk": b})
 def topk_attention(q, k, v, *, topk, mask=None, causal=False, scale=None, bias=None,
                    softcap=None, return_lse=False, check_finite=True, block_q=None):
     r"""Top-k attention: softmax over each query's ``topk`` highest-scoring keys.

@@ -144,3 +144,14 @@ def test_stepping_equals_the_causal_parallel_form(spec, data):
     np.testing.assert_allclose(np.stack(outs, axis=-2), parallel, rtol=1e-11, atol=1e-12)
     if spec.constant_state:
         assert state.nbytes == first_size
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.budget], ids=lambda s: s.name)
+def test_budget_parameters_make_valid_calls(spec):
+    """``budget(n, b)`` gives valid keyword arguments, and different ones for a larger b."""
+    q, k, v = np.random.default_rng(0).standard_normal((3, 2, 48, 8))
+    kw = {"rng": 0} if spec.randomized else {}
+    outs = [spec.fn(q, k, v, **spec.budget(48, b), **kw) for b in (8, 16)]
+    for out in outs:
+        assert out.shape == (2, 48, 8) and np.isfinite(out).all()
+    assert spec.budget(48, 8) != spec.budget(48, 16), "the budget changes nothing"

@@ -42,10 +42,11 @@ def _events_time(fn, repeat: int, warmup: int = 2) -> float:
 
 
 def configs(quick: bool):
-    ns = (1024, 4096) if quick else (1024, 4096, 8192)
-    for d in (64, 128):
-        for causal in (False, True):
-            for n in ns:
+    """Most informative first (a time budget may cut the list): N = 4k, then 1k, 8k."""
+    ns = (4096, 1024) if quick else (4096, 1024, 8192)
+    for n in ns:
+        for d in (128, 64):
+            for causal in (False, True):
                 yield {"b": 16384 // n, "h": 2048 // d, "n": n, "d": d, "causal": causal}
 
 
@@ -73,7 +74,7 @@ def bench_one(cfg, repeat: int, simple: bool) -> dict:
                           repeat if variant == "fast" else max(2, repeat // 5))
         row[f"{variant}_ms"] = ms
         row[f"{variant}_tflops"] = flop / ms / 1e9
-        outs[variant] = torch.from_dlpack(out).view(torch.bfloat16)
+        outs[variant] = torch.from_dlpack(out.view(cupy.int16)).view(torch.bfloat16)
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=170,
                     help="stop starting new configurations after this many seconds")
     args = ap.parse_args(argv)
-    from refattn.gpu import device_status, kernels_spec
+    from refattn.gpu import device_status
     status = device_status()
     if not status.startswith("ok"):
         print(f"benchmark needs a CUDA device: {status}", file=sys.stderr)
@@ -113,14 +114,22 @@ def main(argv=None) -> int:
     import cupy
     import torch
     t0 = time.time()
-    rows = []
+    start_date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows, path = [], None
     for cfg in configs(args.quick):
         if time.time() - t0 > args.budget_s:
             print(f"time budget reached; skipping {cfg}", flush=True)
             continue
-        row = bench_one(cfg, args.repeat, simple=cfg["n"] <= 4096)
+        try:
+            row = bench_one(cfg, args.repeat, simple=cfg["n"] <= 4096)
+        except Exception as exc:   # keep going; the record says what failed
+            row = {"config": str(cfg), **cfg, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"{cfg}: {row['error']}", flush=True)
+            rows.append(row)
+            path = _write(args.out, rows, status, start_date)
+            continue
         rows.append(row)
-        print(f"{row['config']:34} fast {row['fast_tflops']:7.1f} TFLOP/s  "
+        print(f"{row['config']:34} fast {row.get('fast_tflops', float('nan')):7.1f} TFLOP/s  "
               f"simple {row.get('simple_tflops', float('nan')):6.2f}  "
               f"torch {row.get('torch_tflops', float('nan')):7.1f}  "
               f"ratio {row.get('ratio_fast_to_torch', float('nan')):5.2f}  "
@@ -128,18 +137,25 @@ def main(argv=None) -> int:
               f"torch {row.get('torch_err', float('nan')):.2e}", flush=True)
         torch.cuda.empty_cache()
         cupy.get_default_memory_pool().free_all_blocks()
-    rec = {"what": "refattn.gpu benchmark vs torch SDPA (flash backend)",
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": status[4:], "torch": torch.__version__, "cupy": cupy.__version__,
-           "kernel_sources_sha256": kernels_spec.sources_sha256(),
-           "flops": "4 B H N M D, halved for causal", "rows": rows}
-    os.makedirs(args.out, exist_ok=True)
-    stamp = rec["date"].replace(":", "").replace("-", "")
-    path = os.path.join(args.out, f"bench-{stamp}.json")
-    with open(path, "w") as f:
-        json.dump(rec, f, indent=1)
+        path = _write(args.out, rows, status, start_date)   # after every row: a kill keeps them
+    path = _write(args.out, rows, status, start_date)
     print(f"record {path}")
     return 0
+
+
+def _write(out_dir, rows, status, date):
+    import cupy
+    import torch
+    from refattn.gpu import kernels_spec
+    rec = {"what": "refattn.gpu benchmark vs torch SDPA (flash backend)",
+           "date": date, "device": status[4:], "torch": torch.__version__, "cupy": cupy.__version__,
+           "kernel_sources_sha256": kernels_spec.sources_sha256(),
+           "flops": "4 B H N M D, halved for causal", "rows": rows}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"bench-{date.replace(':', '').replace('-', '')}.json")
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    return path
 
 
 if __name__ == "__main__":

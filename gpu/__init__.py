@@ -33,7 +33,6 @@ True
 """
 from __future__ import annotations
 
-import numpy as np
 
 from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
 from .blockmask import BlockMask, build as build_block_mask

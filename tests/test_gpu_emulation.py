@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import refattn as ra
-from refattn.gpu import blockmask, host, kernels_spec as ks
+from refattn.gpu import host, kernels_spec as ks
 
 LANE = np.arange(32)
 G, TIG = LANE >> 2, LANE & 3

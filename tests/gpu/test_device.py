@@ -1,8 +1,6 @@
 """Tests that need a CUDA device (skipped with the reason where none is usable)."""
-import numpy as np
 import pytest
 
-import refattn as ra
 import refattn.gpu
 
 status = refattn.gpu.device_status()

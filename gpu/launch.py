@@ -46,11 +46,10 @@ def get_kernel(p: Plan):
 
 
 def _kind(x) -> str:
-    mod = type(x).__module__
+    if type(x).__module__.startswith("cupy"):
+        return "cupy"
     if isinstance(x, np.ndarray):
         return "numpy"
-    if mod.startswith("cupy"):
-        return "cupy"
     if hasattr(x, "__dlpack__"):
         return "dlpack"
     raise TypeError(f"expected a NumPy array, a CuPy array or an object with __dlpack__, "

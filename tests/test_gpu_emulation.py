@@ -1,6 +1,9 @@
-"""A NumPy transliteration of ``flash_fwd_fast`` (gpu/kernels/flash_fast.cu) run on the
-CPU with the PTX ISA's semantics of ``ldmatrix`` (``.x4``, ``.trans``) and
-``mma.m16n8k16.row.col`` fragments, against the float64 oracle.
+"""NumPy transliterations of ``flash_fwd_fast`` (gpu/kernels/flash_fast.cu, run with the
+PTX ISA's semantics of ``ldmatrix`` ``.x4``/``.trans`` and ``mma.m16n8k16.row.col``
+fragments) and ``flash_fwd_simple``, against the float64 oracle; and a fake CuPy that
+runs them, so the whole Python path (plan, array hand-over, module cache, launch
+arguments checked against the kernel's parameter list in the source, results back,
+the selfcheck itself) runs on the CPU.
 
 This checks the kernel's index algebra without a GPU: the shared-memory swizzle, the
 ldmatrix lane addresses, the fragment coordinates of S, P and O, the P-to-A-fragment
@@ -11,6 +14,10 @@ races and the hardware are untested until the device selfcheck passes.
 Shared memory starts as NaN, so a read of a location no load wrote shows up; every A/B
 fragment element must be supplied by exactly one lane.
 """
+import re
+import sys
+import types
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -77,63 +84,60 @@ def mma(d, a, b0, b1):
         d[:, 2 + j] = np.float32(d[:, 2 + j] + D[G + 8, 2 * TIG + j])
 
 
-def emulate_fast(q, k, v, p, dt):
-    """Run ``flash_fwd_fast`` block by block. q (B, Hq, N, D) etc. already on the dtype's
-    grid (float32 values); returns out (B, Hq, N, D) float64 and lse (B, Hq, N)."""
-    bm, bn, warps = p.block_q, p.block_k, p.block[0] // 32
-    d, n, m = p.d, p.n, p.m
-    L = SmemRows(d)
-    NT, DT = bn // 8, d // 8
+def emulate_fast(q, k, v, o, lse, B, Hq, Hkv, N, M, scale, softcap, left, right,
+                 indptr, tile_k, tile_bits, bits, use_list, *, D, BM, BN, WARPS, grid, dt):
+    """Run ``flash_fwd_fast<T, D, BM, BN, WARPS>`` block by block on its launch arguments.
+    q (B, Hq, N, D), k/v (B, Hkv, M, D) float32 values on T's grid; writes o (same shape
+    as q, float32 values rounded to T) and lse (B, Hq, N) float32."""
+    L = SmemRows(D)
+    NT, DT = BN // 8, D // 8
     rnd = (lambda x: np.asarray(x, np.float32).astype(dt).astype(np.float32))
-    out = np.full((p.batch, p.heads_q, n, d), np.nan)
-    lse = np.full((p.batch, p.heads_q, n), np.nan)
-    left, right, offset = p.left, p.right, m - n
-    t = p.tiles
+    offset = M - N
     log2e = np.float32(1.4426950408889634)
 
     def load_tile(smem, base, src, row0, limit, rows):
         for idx in range(rows * L.C):
             r, c = idx // L.C, idx % L.C
-            o = base + int(L.offset(r, c))
-            smem[o:o + 8] = src[row0 + r, c * 8:c * 8 + 8] if row0 + r < limit else 0
+            off = base + int(L.offset(r, c))
+            smem[off:off + 8] = src[row0 + r, c * 8:c * 8 + 8] if row0 + r < limit else 0
 
-    for b in range(p.batch):
-        for h in range(p.heads_q):
-            hk = h // p.group
-            for qt in range(p.grid[0]):
-                smem = np.full((bm + 4 * bn) * L.ELEMS, np.nan, np.float32)
-                sQ, sK, sV = 0, bm * L.ELEMS, bm * L.ELEMS + 2 * bn * L.ELEMS
-                r0 = qt * bm
-                if t is not None:
-                    first, count = int(t.indptr[qt]), int(t.indptr[qt + 1] - t.indptr[qt])
+    for b in range(grid[2]):
+        for h in range(grid[1]):
+            hk = h // (Hq // Hkv)
+            for qt in range(grid[0]):
+                smem = np.full((BM + 4 * BN) * L.ELEMS, np.nan, np.float32)
+                sQ, sK, sV = 0, BM * L.ELEMS, BM * L.ELEMS + 2 * BN * L.ELEMS
+                r0 = qt * BM
+                if use_list:
+                    first, count = int(indptr[qt]), int(indptr[qt + 1] - indptr[qt])
                 else:
-                    r_last = min(r0 + bm, n) - 1
+                    r_last = min(r0 + BM, N) - 1
                     j_min = max(0, r0 + offset - left)
-                    j_max = min(m - 1, r_last + offset + right)
-                    first = j_min // bn
-                    count = 0 if j_min > j_max else j_max // bn - first + 1
-                key_tile = (lambda it: int(t.tile_k[first + it])) if t is not None else \
+                    j_max = min(M - 1, r_last + offset + right)
+                    first = j_min // BN
+                    count = 0 if j_min > j_max else j_max // BN - first + 1
+                key_tile = (lambda it: int(tile_k[first + it])) if use_list else \
                     (lambda it: first + it)
-                load_tile(smem, sQ, q[b, h], r0, n, bm)
+                load_tile(smem, sQ, q[b, h], r0, N, BM)
                 if count > 0:
-                    load_tile(smem, sK, k[b, hk], key_tile(0) * bn, m, bn)
-                    load_tile(smem, sV, v[b, hk], key_tile(0) * bn, m, bn)
-                acc = np.zeros((warps, DT, 32, 4), np.float32)
-                row_max = np.full((warps, 2, 32), -np.inf, np.float32)
-                row_sum = np.zeros((warps, 2, 32), np.float32)
+                    load_tile(smem, sK, k[b, hk], key_tile(0) * BN, M, BN)
+                    load_tile(smem, sV, v[b, hk], key_tile(0) * BN, M, BN)
+                acc = np.zeros((WARPS, DT, 32, 4), np.float32)
+                row_max = np.full((WARPS, 2, 32), -np.inf, np.float32)
+                row_sum = np.zeros((WARPS, 2, 32), np.float32)
                 for it in range(count):
                     stage = it & 1
                     if it + 1 < count:
-                        nk = key_tile(it + 1) * bn
-                        load_tile(smem, sK + (stage ^ 1) * bn * L.ELEMS, k[b, hk], nk, m, bn)
-                        load_tile(smem, sV + (stage ^ 1) * bn * L.ELEMS, v[b, hk], nk, m, bn)
-                    tK, tV = sK + stage * bn * L.ELEMS, sV + stage * bn * L.ELEMS
-                    c0 = key_tile(it) * bn
-                    bit = int(t.tile_bits[first + it]) if t is not None else -1
-                    for warp in range(warps):
+                        nk = key_tile(it + 1) * BN
+                        load_tile(smem, sK + (stage ^ 1) * BN * L.ELEMS, k[b, hk], nk, M, BN)
+                        load_tile(smem, sV + (stage ^ 1) * BN * L.ELEMS, v[b, hk], nk, M, BN)
+                    tK, tV = sK + stage * BN * L.ELEMS, sV + stage * BN * L.ELEMS
+                    c0 = key_tile(it) * BN
+                    bit = int(tile_bits[first + it]) if use_list else -1
+                    for warp in range(WARPS):
                         wrow = warp * 16
                         s = np.zeros((NT, 32, 4), np.float32)
-                        for kk in range(d // 16):
+                        for kk in range(D // 16):
                             a = ldmatrix_x4(smem, sQ + L.offset(wrow + (LANE & 15),
                                                                2 * kk + (LANE >> 4)))
                             for n2 in range(NT // 2):
@@ -142,23 +146,23 @@ def emulate_fast(q, k, v, p, dt):
                                     16 * n2 + (mat >> 1) * 8 + (LANE & 7), 2 * kk + (mat & 1)))
                                 mma(s[2 * n2], a, bk[:, 0], bk[:, 1])
                                 mma(s[2 * n2 + 1], a, bk[:, 2], bk[:, 3])
-                        i_lo, i_hi = r0, r0 + bm - 1
-                        band_full = (i_lo + offset - (c0 + bn - 1) >= -right) and \
+                        i_lo, i_hi = r0, r0 + BM - 1
+                        band_full = (i_lo + offset - (c0 + BN - 1) >= -right) and \
                             (i_hi + offset - c0 <= left)
-                        need_mask = bit >= 0 or c0 + bn > m or not band_full
+                        need_mask = bit >= 0 or c0 + BN > M or not band_full
                         for nn in range(NT):
                             for e in range(4):
-                                x = s[nn, :, e] * np.float32(p.scale)
-                                if p.softcap > 0:
-                                    x = np.float32(p.softcap) * np.tanh(x / np.float32(p.softcap))
+                                x = s[nn, :, e] * np.float32(scale)
+                                if softcap > 0:
+                                    x = np.float32(softcap) * np.tanh(x / np.float32(softcap))
                                 x = (x * log2e).astype(np.float32)
                                 if need_mask:
                                     rl = wrow + G + 8 * (e >> 1)
                                     cl = 8 * nn + 2 * TIG + (e & 1)
                                     dist = (r0 + rl) + offset - (c0 + cl)
-                                    keep = (c0 + cl < m) & (dist <= left) & (dist >= -right)
+                                    keep = (c0 + cl < M) & (dist <= left) & (dist >= -right)
                                     if bit >= 0:
-                                        words = t.bits[bit, rl, cl >> 5]
+                                        words = bits[bit, rl, cl >> 5]
                                         keep &= ((words >> (cl & 31).astype(np.uint32)) & 1) == 1
                                     x = np.where(keep, x, -np.inf).astype(np.float32)
                                 s[nn, :, e] = x
@@ -180,7 +184,7 @@ def emulate_fast(q, k, v, p, dt):
                             row_max[warp, r] = mx
                         acc[warp][:, :, 0:2] *= alpha[0][None, :, None]
                         acc[warp][:, :, 2:4] *= alpha[1][None, :, None]
-                        for kk in range(bn // 16):
+                        for kk in range(BN // 16):
                             a = np.empty((32, 4, 2), np.float32)
                             a[:, 0] = rnd(s[2 * kk][:, 0:2])
                             a[:, 1] = rnd(s[2 * kk][:, 2:4])
@@ -193,7 +197,7 @@ def emulate_fast(q, k, v, p, dt):
                                     trans=True)
                                 mma(acc[warp, 2 * d2], a, bv[:, 0], bv[:, 1])
                                 mma(acc[warp, 2 * d2 + 1], a, bv[:, 2], bv[:, 3])
-                for warp in range(warps):
+                for warp in range(WARPS):
                     wrow = warp * 16
                     for r in range(2):
                         l_ = row_sum[warp, r].copy()
@@ -202,16 +206,83 @@ def emulate_fast(q, k, v, p, dt):
                         inv = np.where(l_ > 0, 1 / np.where(l_ > 0, l_, 1), 0).astype(np.float32)
                         for lane in range(32):
                             i = r0 + wrow + G[lane] + 8 * r
-                            if i >= n:
+                            if i >= N:
                                 continue
                             for tt in range(DT):
                                 for j in range(2):
-                                    out[b, h, i, 8 * tt + 2 * TIG[lane] + j] = rnd(
+                                    o[b, h, i, 8 * tt + 2 * TIG[lane] + j] = rnd(
                                         acc[warp, tt, lane, 2 * r + j] * inv[lane])
                             if TIG[lane] == 0:
                                 lse[b, h, i] = ((row_max[warp, r, lane] + np.log2(l_[lane]))
                                                 * np.log(2)) if l_[lane] > 0 else -np.inf
-    return out, lse
+
+
+def emulate_simple(q, k, v, o, lse, B, Hq, Hkv, N, M, scale, softcap, left, right,
+                   indptr, tile_k, tile_bits, bits, use_list, *, D, BM, BN, grid, dt):
+    """Run ``flash_fwd_simple<T, D, BM, BN>``: rows of one query tile vectorized, keys in
+    order, the kernel's per-key float32 update."""
+    with np.errstate(invalid="ignore"):   # masked keys: both np.where branches evaluate
+        _simple_rows(q, k, v, o, lse, Hq, Hkv, N, M, scale, softcap, left, right, indptr,
+                     tile_k, tile_bits, bits, use_list, D, BM, BN, grid, dt)
+
+
+def _simple_rows(q, k, v, o, lse, Hq, Hkv, N, M, scale, softcap, left, right, indptr,
+                 tile_k, tile_bits, bits, use_list, D, BM, BN, grid, dt):
+    rnd = (lambda x: np.asarray(x, np.float32).astype(dt).astype(np.float32))
+    offset = M - N
+    rows_total = min(grid[0] * 4, N)
+    for b in range(grid[2]):
+        for h in range(grid[1]):
+            hk = h // (Hq // Hkv)
+            for qt in range(-(-rows_total // BM)):
+                i = np.arange(qt * BM, min(qt * BM + BM, rows_total))
+                qv = q[b, h, i]
+                acc = np.zeros((len(i), D), np.float32)
+                m_ = np.full(len(i), -np.inf, np.float32)
+                l_ = np.zeros(len(i), np.float32)
+                n_k = -(-M // BN)
+                start, stop = (int(indptr[qt]), int(indptr[qt + 1])) if use_list else (0, n_k)
+                for it in range(start, stop):
+                    kt = int(tile_k[it]) if use_list else it
+                    bit = int(tile_bits[it]) if use_list else -1
+                    c0 = kt * BN
+                    for j in range(c0, min(c0 + BN, M)):
+                        dist = i + offset - j
+                        keep = (dist <= left) & (dist >= -right)
+                        if bit >= 0:
+                            col = j - c0
+                            keep &= ((bits[bit, i - qt * BM, col >> 5] >> np.uint32(col & 31))
+                                     & 1) == 1
+                        dot = (qv * k[b, hk, j]).sum(axis=1, dtype=np.float32)
+                        s = dot * np.float32(scale)
+                        if softcap > 0:
+                            s = np.float32(softcap) * np.tanh(s / np.float32(softcap))
+                        m_new = np.where(keep, np.maximum(m_, s), m_)
+                        alpha = np.where(keep, np.exp(m_ - m_new), 1).astype(np.float32)
+                        p = np.where(keep, np.exp(s - m_new), 0).astype(np.float32)
+                        l_ = l_ * alpha + p
+                        acc = acc * alpha[:, None] + p[:, None] * v[b, hk, j][None, :]
+                        m_ = m_new.astype(np.float32)
+                inv = np.where(l_ > 0, 1 / np.where(l_ > 0, l_, 1), 0).astype(np.float32)
+                o[b, h, i] = rnd(acc * inv[:, None])
+                lse[b, h, i] = np.where(l_ > 0, m_ + np.log(np.where(l_ > 0, l_, 1)), -np.inf)
+
+
+def emulate_plan(q, k, v, p, dt):
+    """The fast or simple kernel of plan ``p`` on float32 inputs; returns (out, lse)."""
+    t = p.tiles
+    lists = ((t.indptr, t.tile_k, t.tile_bits, t.bits, 1) if t is not None
+             else (None, None, None, None, 0))
+    out = np.full(q.shape[:-1] + (p.d,), np.nan, np.float32)
+    lse = np.full(q.shape[:-1], np.nan, np.float32)
+    args = (q, k, v, out, lse, p.batch, p.heads_q, p.heads_kv, p.n, p.m, p.scale, p.softcap,
+            p.left, p.right, *lists)
+    if p.source == "fast":
+        emulate_fast(*args, D=p.d, BM=p.block_q, BN=p.block_k, WARPS=p.block[0] // 32,
+                     grid=p.grid, dt=dt)
+    else:
+        emulate_simple(*args, D=p.d, BM=p.block_q, BN=p.block_k, grid=p.grid, dt=dt)
+    return out.astype(np.float64), lse.astype(np.float64)
 
 
 CASES = [
@@ -225,9 +296,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("variant", ["fast", "simple"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_fast_kernel_transliteration_matches_oracle(case, dtype):
+def test_kernel_transliteration_matches_oracle(case, dtype, variant):
     case = dict(case)
     d, n, m = case.pop("d"), case.pop("n"), case.pop("m")
     hq, hkv = case.pop("hq", 2), case.pop("hkv", 1)
@@ -241,10 +313,10 @@ def test_fast_kernel_transliteration_matches_oracle(case, dtype):
     q = rng.standard_normal((1, hq, n, d)).astype(dt)
     k = rng.standard_normal((1, hkv, m, d)).astype(dt)
     v = rng.standard_normal((1, hkv, m, d)).astype(dt)
-    p = host.plan(q.shape, k.shape, v.shape, dtype, block_mask=bmask, variant="fast", **case)
-    assert p.source == "fast"
+    p = host.plan(q.shape, k.shape, v.shape, dtype, block_mask=bmask, variant=variant, **case)
+    assert p.source == variant
     f32 = [x.astype(np.float32) for x in (q, k, v)]
-    out, lse = emulate_fast(*f32, p, dt)
+    out, lse = emulate_plan(*f32, p, dt)
     mask = host.reference_mask(case.get("causal", False), case.get("window"), bmask, n, m)
     kw = dict(mask=mask, scale=case.get("scale"), softcap=case.get("softcap"))
     oracle, oracle_lse = ra.attention(q, k, v, return_lse=True, **kw)
@@ -302,3 +374,192 @@ def test_transliteration_uses_the_kernels_index_expressions():
                  "const long long j_max = min((long long)M - 1, r_last + offset + right);",
                  "const bool need_mask = bit >= 0 || c0 + BN > M || !band_full;"]:
         assert expr in src, expr
+
+
+# ----------------------------------------------------------------- a fake CuPy device
+class FakeDeviceArray(np.ndarray):
+    """A NumPy array posing as a CuPy array (``.get()``, ``.data.ptr``)."""
+
+    def get(self):
+        return np.array(self)
+
+    @property
+    def data(self):
+        return type("Mem", (), {"ptr": self.ctypes.data})()
+
+
+FakeDeviceArray.__module__ = "cupy._fake"
+
+_SIG = re.compile(r"(flash_fwd_\w+)\(([^)]*)\)\s*\{", re.S)
+_ELEM = {"float": np.float32, "__half": np.float16, "__nv_bfloat16": np.uint16,
+         "int": np.int32, "unsigned": np.uint32}
+
+
+def _signature(source, kernel):
+    """``[(type, name)]`` of the kernel's parameters, read from the CUDA source."""
+    for name, params in _SIG.findall(source):
+        if name == kernel:
+            out = []
+            for prm in params.split(","):
+                words = prm.replace("*", " * ").replace("__restrict__", "").split()
+                out.append((" ".join(words[:-1]), words[-1]))
+            return out
+    raise AssertionError(f"no kernel {kernel} in the source")
+
+
+class FakeKernel:
+    """Checks a launch against the kernel's signature and runs the emulator."""
+
+    launches = []
+
+    def __init__(self, source, name):
+        self.source, self.name = source, name
+        self.max_dynamic_shared_size_bytes = 0
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        kernel, targs = self.name.split("<")
+        targs = [a.strip() for a in targs.rstrip(">").split(",")]
+        tmap = {"T": _ELEM[targs[0]]}
+        sig = _signature(self.source, kernel)
+        assert len(sig) == len(args), (len(sig), len(args))
+        for (typ, pname), arg in zip(sig, args):
+            base = typ.replace("const", "").replace("*", "").strip()
+            if "*" in typ:
+                assert isinstance(arg, FakeDeviceArray), pname
+                assert arg.dtype == tmap.get(base, _ELEM.get(base)), (pname, arg.dtype)
+                assert arg.flags.c_contiguous and arg.ctypes.data % 16 == 0, pname
+            else:
+                want = {"int": np.int32, "long long": np.int64, "float": np.float32}[base]
+                assert type(arg) is want, (pname, type(arg))
+        assert len(grid) == len(block) == 3 and all(g > 0 for g in grid)
+        if shared_mem > 48 * 1024:
+            assert self.max_dynamic_shared_size_bytes >= shared_mem
+        FakeKernel.launches.append((self.name, grid, block, shared_mem))
+        dt = ml_dtypes.bfloat16 if targs[0] == "__nv_bfloat16" else tmap["T"]
+
+        def val(x):   # device bits -> float32 values
+            return (x.view(ml_dtypes.bfloat16) if targs[0] == "__nv_bfloat16"
+                    else np.asarray(x)).astype(np.float32)
+
+        q, k, v, o, lse = args[:5]
+        bsz, hq, hkv, n, m = (int(a) for a in args[5:10])
+        d = int(targs[1])
+        qf = val(q).reshape(bsz, hq, n, d)
+        kf, vf = (val(x).reshape(bsz, hkv, m, d) for x in (k, v))
+        of = np.full((bsz, hq, n, d), np.nan, np.float32)
+        lf = np.asarray(lse).reshape(bsz, hq, n)
+        use_list = int(args[18])
+        lists = [np.asarray(a) for a in args[14:18]]
+        if use_list:
+            lists[3] = lists[3].reshape(lists[3].shape[0], int(targs[2]), int(targs[3]) // 32)
+        rest = (float(args[10]), float(args[11]), int(args[12]), int(args[13]), *lists, use_list)
+        if kernel == "flash_fwd_fast":
+            emulate_fast(qf, kf, vf, of, lf, bsz, hq, hkv, n, m, *rest, D=d, BM=int(targs[2]),
+                         BN=int(targs[3]), WARPS=int(targs[4]), grid=grid, dt=dt)
+            assert block == (32 * int(targs[4]), 1, 1)
+        else:
+            emulate_simple(qf, kf, vf, of, lf, bsz, hq, hkv, n, m, *rest, D=d,
+                           BM=int(targs[2]), BN=int(targs[3]), grid=grid, dt=dt)
+            assert block == (128, 1, 1)
+        written = ~np.isnan(of)
+        obits = of.astype(dt).view(o.dtype) if targs[0] == "__nv_bfloat16" else of.astype(o.dtype)
+        np.asarray(o).reshape(of.shape)[written] = obits[written]
+
+
+class FakeModule:
+    def __init__(self, code, options, name_expressions):
+        assert "--std=c++17" in options and len(name_expressions) == 1
+        assert "flash_fwd" in code and "#include \"common.cuh\"" not in code
+        self.code, self.names = code, name_expressions
+
+    def get_function(self, name):
+        assert name in self.names
+        return FakeKernel(self.code, name)
+
+
+def make_fake_cupy():
+    """A module with the parts of CuPy that refattn.gpu uses, over NumPy."""
+    fake = types.ModuleType("cupy")
+    fake.__version__ = "fake"
+    dev = lambda a: np.asarray(a).view(FakeDeviceArray)   # noqa: E731
+    fake.ndarray = FakeDeviceArray
+    fake.asarray = lambda a, dtype=None: dev(np.array(a, dtype=dtype))
+    fake.empty = lambda shape, dtype=np.float32: dev(np.empty(shape, dtype))
+    fake.zeros = lambda shape, dtype=np.float32: dev(np.zeros(shape, dtype))
+    fake.full = lambda shape, value, dtype=None: dev(np.full(shape, value, dtype))
+    fake.ascontiguousarray = lambda a: dev(np.ascontiguousarray(a))
+    fake.broadcast_to = lambda a, shape: dev(np.broadcast_to(a, shape))
+    for name in ("float16", "float32", "uint16", "int16", "int32", "uint32"):
+        setattr(fake, name, getattr(np, name))
+    fake.RawModule = FakeModule
+    fake.get_default_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, driverGetVersion=lambda: 0, runtimeGetVersion=lambda: 0,
+        getDeviceProperties=lambda i: {"name": b"CPU emulation", "major": 9, "minor": 0})
+    device = lambda *a: types.SimpleNamespace(id=0, synchronize=lambda: None)  # noqa: E731
+    fake.cuda = types.SimpleNamespace(runtime=runtime, Device=device)
+    return fake
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    from refattn.gpu import launch
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+    monkeypatch.setattr(launch, "module_cache", {})
+    FakeKernel.launches.clear()
+    return sys.modules["cupy"]
+
+
+@pytest.mark.parametrize("variant", ["fast", "simple"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_flash_attention_end_to_end_on_the_emulator(fake_cupy, variant, dtype):
+    """The whole Python path (checks, plan, hand-over, module cache, launch arguments
+    against the kernel's signature, results back) with the emulated kernels."""
+    import refattn.gpu as gpu
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((2, 4, 70, 64)).astype(dt)
+    k = rng.standard_normal((1, 2, 90, 64)).astype(dt)   # batch broadcast, GQA
+    v = rng.standard_normal((1, 2, 90, 64)).astype(dt)
+    mask = ra.masks.global_tokens([0, 1]) | ra.masks.sliding_window(10, 10)
+    out, lse = gpu.flash_attention(q, k, v, block_mask=mask, causal=True, return_lse=True,
+                                   variant=variant)
+    assert out.dtype == dt and out.shape == (2, 4, 70, 64) and lse.dtype == np.float32
+    ref_mask = mask & ra.masks.causal()
+    oracle, oracle_lse = ra.attention(q, k, v, mask=ref_mask, return_lse=True)
+    ra.testing.assert_close(out, oracle, dtype=dtype)
+    assert np.abs(lse - oracle_lse).max() < 1e-3
+    name, grid, block, smem = FakeKernel.launches[-1]
+    want = "flash_fwd_simple" if variant == "simple" or dtype == "float32" else "flash_fwd_fast"
+    assert name.startswith(want) and grid[1:] == (4, 2)
+    # module cache: a second call compiles nothing new
+    from refattn.gpu import launch
+    cached = dict(launch.module_cache)
+    gpu.flash_attention(q, k, v, variant=variant)
+    assert set(launch.module_cache) == set(cached) | set(launch.module_cache)
+    assert all(launch.module_cache[key] is mod for key, mod in cached.items())
+
+
+def test_device_arrays_stay_on_the_device(fake_cupy):
+    import refattn.gpu as gpu
+    rng = np.random.default_rng(12)
+    q, k, v = (fake_cupy.asarray(rng.standard_normal((2, 40, 128)).astype(np.float16))
+               for _ in range(3))
+    out = gpu.flash_attention(q, k, v, window=(5, 5))
+    assert isinstance(out, FakeDeviceArray) and FakeKernel.launches[-1][3] == 81920
+    ra.testing.assert_close(out.get(), ra.attention(q.get(), k.get(), v.get(),
+                                                    mask=ra.masks.sliding_window(5, 5)),
+                            dtype="float16")
+
+
+@pytest.mark.parametrize("label", ["fast bfloat16 d64 B1 H2/2 N150 M61 causal",
+                                   "simple float16 d64 B1 H2/2 N250 M250 longformer",
+                                   "fast float16 d64 B1 H4/1 N33 M95"])
+def test_selfcheck_cases_pass_on_the_emulator(fake_cupy, label):
+    """The selfcheck itself (poisoned buffers, oracle, FA rule, record) on the emulator."""
+    from refattn.gpu import selfcheck
+    case = next(c for c in selfcheck.cases(quick=True) if c.label == label)
+    entry = selfcheck.run_case(case, np.random.default_rng(0))
+    assert entry["passed"], entry
+    rec = selfcheck.record([entry], seed=0)
+    assert rec["passed"] and rec["device"] == "CPU emulation"

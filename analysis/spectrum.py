@@ -33,12 +33,31 @@ __all__ = ["MAX_EXACT", "singular_values", "randomized_svdvals", "lanczos_svdval
 MAX_EXACT = 4096
 
 
+#: Up to this ``min(N, M)`` the SVDs run with single-threaded BLAS: for small matrices
+#: threads cost more than they save (and much more on a loaded machine).
+SERIAL_BLAS_MAX = 1024
+
+
+def _blas_for(a):
+    """A context limiting BLAS to one thread for small matrices (refattn's controller)."""
+    import contextlib
+    if min(a.shape[-2:]) > SERIAL_BLAS_MAX:
+        return contextlib.nullcontext()
+    from refattn._threads import _blas
+    return _blas().limit(limits=1, user_api="blas")
+
+
 def _matrix(a, name="a") -> np.ndarray:
     a = to_float64(a, name)
     if a.ndim < 2:
         raise ValueError(f"{name} must be a matrix or a batch of matrices (..., N, M), "
                          f"got shape {a.shape}")
     return a
+
+
+def _svdvals(a):
+    with _blas_for(a):
+        return np.linalg.svd(a, compute_uv=False)
 
 
 def randomized_svdvals(a, k, *, rng, oversample=10, power_iters=4) -> np.ndarray:
@@ -66,12 +85,14 @@ def randomized_svdvals(a, k, *, rng, oversample=10, power_iters=4) -> np.ndarray
     gen = resolve_rng(rng, "randomized_svdvals")
     ell = min(k + p, min(n, m))
     at = np.swapaxes(a, -1, -2)
-    y, _ = np.linalg.qr(a @ gen.standard_normal(a.shape[:-2] + (m, ell)))
-    for _ in range(q):
-        z, _ = np.linalg.qr(at @ y)
-        y, _ = np.linalg.qr(a @ z)
-    b = np.swapaxes(y, -1, -2) @ a                                   # (..., ell, M)
-    return np.linalg.svd(b, compute_uv=False)[..., :k]
+    omega = gen.standard_normal(a.shape[:-2] + (m, ell))
+    with _blas_for(a):
+        y, _ = np.linalg.qr(a @ omega)
+        for _ in range(q):
+            z, _ = np.linalg.qr(at @ y)
+            y, _ = np.linalg.qr(a @ z)
+        b = np.swapaxes(y, -1, -2) @ a                               # (..., ell, M)
+        return np.linalg.svd(b, compute_uv=False)[..., :k]
 
 
 def lanczos_svdvals(a, k, *, rng) -> np.ndarray:
@@ -94,10 +115,11 @@ def lanczos_svdvals(a, k, *, rng) -> np.ndarray:
     gen = resolve_rng(rng, "lanczos_svdvals")
     flat = a.reshape((-1, n, m))
     out = np.empty((flat.shape[0], k))
-    for i, mat in enumerate(flat):
-        v0 = gen.standard_normal(min(n, m))
-        s = svds(mat, k=k, v0=v0, return_singular_vectors=False, tol=0)
-        out[i] = np.sort(s)[::-1]
+    with _blas_for(a):
+        for i, mat in enumerate(flat):
+            v0 = gen.standard_normal(min(n, m))
+            s = svds(mat, k=k, v0=v0, return_singular_vectors=False, tol=0)
+            out[i] = np.sort(s)[::-1]
     return out.reshape(a.shape[:-2] + (k,))
 
 
@@ -129,7 +151,7 @@ def singular_values(a, *, k=None, method="auto", rng=None, power_iters=4,
         else:
             method = "randomized"
     if method == "exact":
-        s = np.linalg.svd(a, compute_uv=False)
+        s = _svdvals(a)
         return s if k is None else s[..., :check_int("k", k, minimum=1)]
     if k is None:
         raise ValueError(f"method={method!r} computes the top k singular values; pass k=")
@@ -173,7 +195,7 @@ def stable_rank(a, *, rng=None) -> np.ndarray:
     a = _matrix(a)
     fro2 = (a * a).sum(axis=(-2, -1))
     if min(a.shape[-2:]) <= MAX_EXACT:
-        s1 = np.linalg.svd(a, compute_uv=False)[..., 0] if a.size else np.zeros(a.shape[:-2])
+        s1 = _svdvals(a)[..., 0] if a.size else np.zeros(a.shape[:-2])
     else:
         if rng is None:
             raise ValueError(f"stable_rank of a {a.shape} matrix (beyond {MAX_EXACT}) "
@@ -206,7 +228,7 @@ def effective_rank(a=None, *, s=None) -> np.ndarray:
                              f"is beyond the exact-SVD limit {MAX_EXACT}; pass s= (e.g. a "
                              f"top-k spectrum from singular_values, giving the effective "
                              f"rank of that truncation)")
-        s = np.linalg.svd(a, compute_uv=False)
+        s = _svdvals(a)
     else:
         s = to_float64(s, "s")
         if s.ndim < 1 or (s < 0).any():
@@ -231,7 +253,7 @@ def numerical_rank(a, tol=None) -> np.ndarray:
     (3, 2)
     """
     a = _matrix(a)
-    s = np.linalg.svd(a, compute_uv=False)
+    s = _svdvals(a)
     if tol is None:
         t = s[..., :1] * max(a.shape[-2:]) * np.finfo(np.float64).eps
     else:

@@ -6,3 +6,15 @@ they land. The references it will analyse are listed by :func:`refattn.mechanism
 """
 __all__: list[str] = []
 from . import minilm  # noqa: E402,F401  (safetensors/tokenizers load lazily)
+
+# --- issue #6: measures and sweeps (inputs, metrics, spectrum, kernel_fidelity, facts,
+# sweep); loaded on first attribute access so importing the package stays light ---
+_MEASURE_MODULES = ("inputs", "metrics", "spectrum", "kernel_fidelity", "facts", "sweep")
+__all__ += list(_MEASURE_MODULES)
+
+
+def __getattr__(name):
+    if name in _MEASURE_MODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -73,7 +73,7 @@ def require_device() -> None:
 
 
 def flash_attention(q, k, v, *, causal=False, window=None, scale=None, softcap=None,
-                    block_mask=None, return_lse=False, variant="fast"):
+                    block_mask=None, return_lse=False, variant="fast", check_finite=True):
     """Exact softmax attention on the GPU (FlashAttention-2 forward).
 
     q : ``(..., Hq, N, D)``; k : ``(..., Hkv, M, D)``; v : ``(..., Hkv, M, D)``, all
@@ -91,6 +91,8 @@ def flash_attention(q, k, v, *, causal=False, window=None, scale=None, softcap=N
     return_lse : also return the log-sum-exp ``(..., Hq, N)`` in float32 (``-inf`` for
         rows with no key kept, whose output is 0).
     variant : ``"fast"`` or ``"simple"``.
+    check_finite : raise ``ValueError`` if q, k or v hold inf or NaN (one pass over each
+        on the device; ``False`` skips it).
 
     Returns ``out (..., Hq, N, D)`` in the input dtype: NumPy in, NumPy out; CuPy or
     ``__dlpack__`` in, CuPy out (bfloat16 as ``uint16`` bits). Raises ``ValueError`` /
@@ -108,6 +110,9 @@ def flash_attention(q, k, v, *, causal=False, window=None, scale=None, softcap=N
     from . import launch
     (qd, kind), (kd, _), (vd, _) = (launch.to_device(x, p.dtype, n)
                                     for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    if check_finite:
+        for x, n in ((qd, "q"), (kd, "k"), (vd, "v")):
+            launch.check_finite(x, p.dtype, n)
     out, lse = launch.run(p, qd, kd, vd)
     if kind == "numpy":
         out = out.get()

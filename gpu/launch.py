@@ -16,7 +16,7 @@ import numpy as np
 from . import kernels_spec as ks
 from .host import Plan
 
-__all__ = ["get_kernel", "to_device", "run", "module_cache"]
+__all__ = ["get_kernel", "to_device", "check_finite", "run", "module_cache"]
 
 _lock = threading.Lock()
 #: ``(device id, kernel name) -> cupy.RawModule``; modules are per device because a
@@ -82,6 +82,20 @@ def to_device(x, dtype: str, name: str):
     if dev.data.ptr % 16:          # cp.async moves 16-byte chunks
         dev = dev.copy()
     return dev, kind
+
+
+def check_finite(dev, dtype: str, name: str) -> None:
+    """Raise ``ValueError`` naming ``name`` if the device array holds inf or NaN (for
+    bfloat16 ``uint16`` bits: an all-ones exponent)."""
+    import cupy
+    if dtype == "bfloat16":
+        bad = (dev & 0x7F80) == 0x7F80
+    else:
+        bad = ~cupy.isfinite(dev)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in np.unravel_index(int(bad.ravel().argmax()), dev.shape))
+        raise ValueError(f"{name} {tuple(dev.shape)} contains non-finite values (first at "
+                         f"index {idx}); pass check_finite=False to allow them")
 
 
 def _broadcast(dev, batch_shape):

@@ -104,7 +104,8 @@ def emulate_fast(q, k, v, o, lse, B, Hq, Hkv, N, M, scale, softcap, left, right,
     for b in range(grid[2]):
         for h in range(grid[1]):
             hk = h // (Hq // Hkv)
-            for qt in range(grid[0]):
+            for block_x in range(grid[0]):
+                qt = grid[0] - 1 - block_x
                 smem = np.full((BM + 4 * BN) * L.ELEMS, np.nan, np.float32)
                 sQ, sK, sV = 0, BM * L.ELEMS, BM * L.ELEMS + 2 * BN * L.ELEMS
                 r0 = qt * BM
@@ -370,6 +371,7 @@ def test_transliteration_uses_the_kernels_index_expressions():
                  "const int rl = wrow + g + 8 * (e >> 1), cl = 8 * n + 2 * tig + (e & 1);",
                  "orow[8 * t + 2 * tig] = from_float<T>(acc[t][2 * r] * inv);",
                  "first = (int)(j_min / BN);",
+                 "const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;",
                  "const long long j_min = max(0LL, r0 + offset - left);",
                  "const long long j_max = min((long long)M - 1, r_last + offset + right);",
                  "const bool need_mask = bit >= 0 || c0 + BN > M || !band_full;"]:
@@ -489,6 +491,7 @@ def make_fake_cupy():
     fake.full = lambda shape, value, dtype=None: dev(np.full(shape, value, dtype))
     fake.ascontiguousarray = lambda a: dev(np.ascontiguousarray(a))
     fake.broadcast_to = lambda a, shape: dev(np.broadcast_to(a, shape))
+    fake.isfinite = np.isfinite
     for name in ("float16", "float32", "uint16", "int16", "int32", "uint32"):
         setattr(fake, name, getattr(np, name))
     fake.RawModule = FakeModule
@@ -563,3 +566,20 @@ def test_selfcheck_cases_pass_on_the_emulator(fake_cupy, label):
     assert entry["passed"], entry
     rec = selfcheck.record([entry], seed=0)
     assert rec["passed"] and rec["device"] == "CPU emulation"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_non_finite_inputs_are_refused(fake_cupy, dtype):
+    import refattn.gpu as gpu
+    dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    q = np.ones((2, 8, 64), dt)
+    k = q.copy()
+    k[1, 3, 5] = np.inf
+    with pytest.raises(ValueError, match=r"k \(2, 8, 64\) contains non-finite.*\(1, 3, 5\)"):
+        gpu.flash_attention(q, k, q)
+    v = q.copy()
+    v[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="v .* non-finite"):
+        gpu.flash_attention(q, q, v)
+    out = gpu.flash_attention(q, k, q, check_finite=False, variant="simple")
+    assert out.shape == q.shape

@@ -143,7 +143,9 @@ flash_fwd_fast(const T* __restrict__ q, const T* __restrict__ k, const T* __rest
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;  // mma fragment row group / thread in group
-  const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Last query tiles first: under a causal mask they have the most key tiles, and blocks
+  // are started roughly in blockIdx order, so the long ones do not end up in the tail.
+  const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (Hq / Hkv);
   const int r0 = qt * BM;
   const long long offset = (long long)M - N;

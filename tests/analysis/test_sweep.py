@@ -208,3 +208,10 @@ def test_peak_memory_scaling():
     for mech in ("tiled_attention", "sliding_window_attention", "performer_attention"):
         assert float(growth.sel(mechanism=mech)) < 5, mech
     assert (ds["wall_time_s"].isel(parameter=0) > 0).all()
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    S.sweep(["attention"], None, [8], ["temperature"], [0, 1], measure=("output",),
+            workers=1, progress=True)
+    captured = capsys.readouterr()
+    assert "sweep" in captured.err and "2/2" in captured.err and captured.out == ""

@@ -5,10 +5,13 @@ architecture (:data:`~refattn.gpu.kernels_spec.ARCHS`, sm_80 and sm_90) with all
 template instantiations as NVRTC name expressions, straight to CUBIN with
 ``-Xptxas=-v``, and reads ptxas' report: registers, barriers, stack frame, spill stores
 and loads per kernel. It fails (exit status 1) on a compile error, a spill or any local
-memory (a non-zero stack frame), and prints one line per instantiation and architecture.
+memory (a non-zero stack frame), and prints one line per instantiation and architecture:
+registers, static shared memory (ptxas) and dynamic shared memory (the launch's), stack
+frame and spill bytes.
 It uses ``cuda.bindings.nvrtc`` (``pip install cuda-bindings nvidia-cuda-nvrtc``) and the
-CUDA headers (``$CUDA_PATH/include``, ``$CUDA_HOME/include`` or
-``/usr/local/cuda/include``), because CuPy's own compile path asks a device for its
+CUDA headers (``$CUDA_PATH/include``, ``$CUDA_HOME/include``,
+``/usr/local/cuda/include`` or a pip ``nvidia-cuda-runtime``'s, found by
+``cuda.pathfinder``), because CuPy's own compile path asks a device for its
 architecture first.
 
 >>> from refattn.gpu.compile_check import parse_ptxas
@@ -40,7 +43,14 @@ def cuda_include_dir() -> str | None:
         if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
             return os.path.join(root, "include")
     default = "/usr/local/cuda/include"
-    return default if os.path.isfile(os.path.join(default, "cuda_fp16.h")) else None
+    if os.path.isfile(os.path.join(default, "cuda_fp16.h")):
+        return default
+    try:   # the headers of a pip-installed CUDA runtime (nvidia-cuda-runtime), if any
+        from cuda.pathfinder import find_nvidia_header_directory
+        found = find_nvidia_header_directory("cudart")
+    except Exception:
+        return None
+    return found if found and os.path.isfile(os.path.join(found, "cuda_fp16.h")) else None
 
 
 def nvrtc_status() -> str:
@@ -175,13 +185,14 @@ def problems(results: list[Result]) -> list[str]:
 def table(results: list[Result]) -> str:
     """One line per instantiation and architecture."""
     dyn = {i.name: ks.shared_memory_bytes(i.kernel, i.dtype, i.d) for i in ks.instantiations()}
-    lines = [f"{'instantiation':48} {'arch':6} {'regs':>4} {'smem(dyn)':>9} {'stack':>5} "
-             f"{'spill st/ld':>11}"]
+    lines = [f"{'instantiation':48} {'arch':6} {'regs':>4} {'smem st':>7} {'smem dyn':>8} "
+             f"{'stack':>5} {'spill st/ld':>11}"]
     for r in results:
         for name, f in r.kernels.items():
             if f:
-                lines.append(f"{name:48} {r.arch:6} {f['registers']:4d} {dyn[name]:9d} "
-                             f"{f['stack']:5d} {f['spill_stores']:5d}/{f['spill_loads']:<5d}")
+                lines.append(f"{name:48} {r.arch:6} {f['registers']:4d} {f['smem_static']:7d} "
+                             f"{dyn[name]:8d} {f['stack']:5d} "
+                             f"{f['spill_stores']:5d}/{f['spill_loads']:<5d}")
     return "\n".join(lines)
 
 

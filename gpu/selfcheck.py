@@ -38,7 +38,8 @@ import numpy as np
 
 from . import kernels_spec as ks
 
-__all__ = ["Case", "cases", "make_inputs", "block_mask_for", "run_case", "record", "main"]
+__all__ = ["Case", "cases", "make_inputs", "block_mask_for", "run_case", "diagnose", "record",
+           "main"]
 
 LSE_ATOL = 1e-3
 
@@ -196,7 +197,37 @@ def run_case(case: Case, rng) -> dict:
                      rule=f"err <= 2 x baseline + {atol:g}")
     entry.update(lse_err=lse_err, lse_inf_match=bool(same_inf), nan_count=nan_count)
     entry["passed"] = bool(ok_out and nan_count == 0 and same_inf and lse_err <= LSE_ATOL)
+    if not entry["passed"]:
+        entry["diagnosis"] = diagnose(out64, oracle, lse_h, oracle_lse, p.block_q,
+                                      atol if case.dtype != "float32" else
+                                      atol + rtol * float(np.abs(oracle).max(initial=0)))
     return entry
+
+
+def diagnose(out, oracle, lse, oracle_lse, block_q: int, tol: float) -> dict:
+    """Where a failing case goes wrong, for whoever debugs the kernel: the worst element,
+    how many elements/rows/columns are off by more than ``tol`` (or NaN), which rows
+    (also modulo the query tile and the 16-row warp slice) and columns.
+
+    >>> o = np.zeros((1, 1, 70, 8)); o[0, 0, 65, 3] = 1.0
+    >>> d = diagnose(o, np.zeros_like(o), np.zeros((1, 1, 70)), np.zeros((1, 1, 70)), 64, 0.1)
+    >>> d["worst_index"], d["bad_rows"], d["bad_rows_mod_block"], d["bad_cols"]
+    ([0, 0, 65, 3], [65], [1], [3])
+    """
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(out - oracle)
+    bad = ~(diff <= tol)                      # NaN counts as bad
+    worst = np.unravel_index(int(np.nanargmax(np.where(np.isnan(diff), np.inf, diff))),
+                             diff.shape) if diff.size else ()
+    rows = np.flatnonzero(bad.any(axis=(0, 1, 3))) if bad.ndim == 4 else np.array([], int)
+    cols = np.flatnonzero(bad.any(axis=(0, 1, 2))) if bad.ndim == 4 else np.array([], int)
+    lse_bad = ~((np.abs(lse - oracle_lse) <= 1e-3) | (lse == oracle_lse))
+    return {"worst_index": [int(i) for i in worst], "n_bad": int(bad.sum()),
+            "bad_rows": rows[:20].tolist(), "n_bad_rows": int(len(rows)),
+            "bad_rows_mod_block": sorted(set((rows % block_q).tolist()))[:20],
+            "bad_rows_mod_16": sorted(set((rows % 16).tolist())),
+            "bad_cols": cols[:20].tolist(), "n_bad_cols": int(len(cols)),
+            "lse_bad_rows": np.flatnonzero(lse_bad.any(axis=(0, 1)))[:20].tolist()}
 
 
 def _commit() -> str:

@@ -5,7 +5,8 @@ import pytest
 from refattn.gpu import compile_check, kernels_spec as ks
 
 status = compile_check.nvrtc_status()
-pytestmark = pytest.mark.skipif(not status.startswith("ok"), reason=status)
+pytestmark = [pytest.mark.slow,   # about 10-30 s on 2 cores
+              pytest.mark.skipif(not status.startswith("ok"), reason=status)]
 
 
 @pytest.fixture(scope="module")

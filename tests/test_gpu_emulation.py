@@ -583,3 +583,26 @@ def test_non_finite_inputs_are_refused(fake_cupy, dtype):
         gpu.flash_attention(q, q, v)
     out = gpu.flash_attention(q, k, q, check_finite=False, variant="simple")
     assert out.shape == q.shape
+
+
+def test_selfcheck_fails_a_broken_kernel(fake_cupy, monkeypatch):
+    """A kernel that forgets one output row, or gets one element wrong, fails the selfcheck
+    and the record says where."""
+    from refattn.gpu import selfcheck
+    real = emulate_fast
+
+    def forgets_row_65(q, k, v, o, lse, *args, **kw):
+        real(q, k, v, o, lse, *args, **kw)
+        o[:, :, 65] = np.nan             # unwritten: the poisoned buffer keeps NaN
+
+    def off_by_a_bit(q, k, v, o, lse, *args, **kw):
+        real(q, k, v, o, lse, *args, **kw)
+        o[0, 1, 70, 5] += 0.25
+
+    case = next(c for c in selfcheck.cases(quick=True)
+                if c.label == "fast float16 d64 B1 H2/2 N131 M131 causal")
+    for broken, rows in ((forgets_row_65, [65]), (off_by_a_bit, [70])):
+        monkeypatch.setattr(sys.modules[__name__], "emulate_fast", broken)
+        entry = selfcheck.run_case(case, np.random.default_rng(1))
+        assert not entry["passed"]
+        assert entry["diagnosis"]["bad_rows"] == rows, entry["diagnosis"]

@@ -4,7 +4,7 @@ import pytest
 import refattn.gpu
 
 status = refattn.gpu.device_status()
-pytestmark = pytest.mark.skipif(not status.startswith("ok"), reason=status)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not status.startswith("ok"), reason=status)]
 
 
 def test_device_is_usable():

@@ -11,7 +11,7 @@ import refattn.gpu as gpu
 from refattn.gpu import selfcheck
 
 status = gpu.device_status()
-pytestmark = pytest.mark.skipif(not status.startswith("ok"), reason=status)
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not status.startswith("ok"), reason=status)]
 
 
 @pytest.mark.parametrize("case", selfcheck.cases(quick=True), ids=lambda c: c.label)

@@ -262,8 +262,18 @@ def fixed_attention(q, k, v, *, block, summary=1, **options):
     return sparse_attention(q, k, v, _masks.fixed(block, summary), **options)
 
 
+def _band_layout(n, block_size):
+    """Block layout for ``n`` positions: each block row keeps its diagonal block and the
+    blocks on either side (3 blocks, ~3·block_size keys per query)."""
+    blocks = -(-n // block_size)
+    i = np.arange(blocks)
+    return np.abs(i[:, None] - i[None, :]) <= 1
+
+
 @_pattern(_masks.block_layout, time="O(nnz blocks·b²·D)", state="O(N·D)",
-          example={"layout": np.tril(np.ones((14, 14), bool)), "block_size": 3})
+          example={"layout": np.tril(np.ones((14, 14), bool)), "block_size": 3},
+          budget=lambda n, b: {"layout": _band_layout(n, max(1, b // 3)),
+                               "block_size": max(1, b // 3)})
 def block_sparse_attention(q, k, v, *, layout, block_size, **options):
     """Block-sparse attention over an arbitrary boolean block ``layout``
     (:func:`refattn.masks.block_layout`; Child et al. 2019, Gray et al. 2017).

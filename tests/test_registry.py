@@ -154,4 +154,6 @@ def test_budget_parameters_make_valid_calls(spec):
     outs = [spec.fn(q, k, v, **spec.budget(48, b), **kw) for b in (8, 16)]
     for out in outs:
         assert out.shape == (2, 48, 8) and np.isfinite(out).all()
-    assert spec.budget(48, 8) != spec.budget(48, 16), "the budget changes nothing"
+    small, large = spec.budget(48, 8), spec.budget(48, 16)
+    assert any(not np.array_equal(small[key], large[key]) for key in small), \
+        "the budget changes nothing"

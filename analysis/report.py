@@ -126,11 +126,13 @@ def _save(fig, path: Path) -> str:
 
 
 # ------------------------------------------------------------------ 1. error vs cost
-def _pareto(out, p: Preset, seed, sweep_kw):
+def _pareto(out, p: Preset, seed, sweep_kw, only):
     import refattn as ra
     from .sweep import save, sweep
     specs = ra.mechanisms()
-    names = [n for n, s in specs.items() if s.budget is not None]
+    names = [n for n, s in specs.items() if s.budget is not None and n in only]
+    if not names:
+        return None, "Skipped: none of the chosen mechanisms registers a `budget`."
     params = {n: [specs[n].budget(p.n, b) for b in p.budgets] for n in names}
     kinds = {"clustered": ("clustered", {}), "temperature 1": ("temperature",
                                                                 {"temperature": 1.0})}
@@ -188,11 +190,15 @@ def _pareto(out, p: Preset, seed, sweep_kw):
 
 
 # ------------------------------------------------------------- 2. error vs entropy
-def _entropy(out, p: Preset, seed, sweep_kw):
+def _entropy(out, p: Preset, seed, sweep_kw, only):
     import refattn as ra
     from .sweep import save, sweep
     specs = ra.mechanisms()
-    names = [n for n in ENTROPY_MECHANISMS if n in specs]
+    names = [n for n in ENTROPY_MECHANISMS if n in specs and n in only]
+    regimes = {ENTROPY_MECHANISMS[n] for n in names}
+    if regimes != set(ENTROPY_MECHANISMS.values()):
+        return None, (f"Skipped: needs a sparse, a low-rank and a sparse + low-rank "
+                      f"mechanism among {sorted(ENTROPY_MECHANISMS)}.")
     params = {n: [specs[n].budget(p.n, p.entropy_budget)] for n in names}
     kinds = {f"T={t:g}": ("temperature", {"temperature": t}) for t in p.temperatures}
     seeds = [seed + s for s in p.seeds]
@@ -348,13 +354,19 @@ def _kernel(out, p: Preset, seed):
 
 
 # ------------------------------------------------------------- 5. complexity
-def _complexity(out, p: Preset, seed, progress):
+def _complexity(out, p: Preset, seed, progress, only):
     from refattn.kvcache import state_size_table
     from .complexity import measure_scaling
-    ds = measure_scaling(ns=p.complexity_ns, rng=seed, repeats=1,
-                         progress=(lambda name, n: print(f"  complexity {name} N={n}",
-                                                         file=sys.stderr))
-                         if progress else None)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(only) * len(p.complexity_ns), desc="complexity")
+    try:
+        ds = measure_scaling(list(only), ns=p.complexity_ns, rng=seed, repeats=1,
+                             progress=(lambda name, n: bar.update()) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
     states = state_size_table((1_000, 1_000_000), heads_q=8, heads_kv=8, d=64, dv=64)
     ds["state_bytes_1k"] = ("mechanism", [float(states[m][1_000]) if m in states else np.nan
                                           for m in ds.mechanism.values])
@@ -421,11 +433,13 @@ def _facts(seed) -> str:
 
 
 # ------------------------------------------------------------------ the report
-def build_report(out="report", *, preset="quick", seed=0, scheduler=None, workers=None,
-                 progress=False) -> Path:
+def build_report(out="report", *, preset="quick", seed=0, mechanisms=None, scheduler=None,
+                 workers=None, progress=False) -> Path:
     """Run every study of ``preset`` (``"quick"``, ``"full"`` or a :class:`Preset`) with
     ``seed`` and write ``out/index.md``, its PNGs and netCDF data; returns the index path.
 
+    ``mechanisms``: registered names to restrict the sweeps and the complexity table to
+    (default: all; an unknown name raises :class:`ReportError` listing the known ones).
     ``scheduler``: a Dask scheduler address for the sweeps (default: local processes,
     ``workers`` of them); ``progress``: progress bars and messages on stderr.
     Raises :class:`ReportError` for an unknown preset or an unwritable ``out``, and
@@ -440,6 +454,12 @@ def build_report(out="report", *, preset="quick", seed=0, scheduler=None, worker
     else:
         raise ReportError(f"preset must be a name {sorted(PRESETS)} or a Preset, got "
                           f"{preset!r}")
+    import refattn
+    known = refattn.mechanisms()
+    only = list(known) if mechanisms is None else list(mechanisms)
+    unknown = [x for x in only if x not in known]
+    if unknown or not only:
+        raise ReportError(f"unknown mechanism(s) {unknown}; registered: {sorted(known)}")
     out = _writable(out)
     sweep_kw = dict(scheduler=scheduler, workers=workers, progress=progress)
     start = time.perf_counter()
@@ -448,15 +468,15 @@ def build_report(out="report", *, preset="quick", seed=0, scheduler=None, worker
     def section(title, body):
         sections.append(f"## {title}\n\n{body}\n")
 
-    section("1. Error vs cost", _pareto(out, p, seed, sweep_kw)[1])
-    section("2. Error vs attention entropy", _entropy(out, p, seed, sweep_kw)[1])
+    section("1. Error vs cost", _pareto(out, p, seed, sweep_kw, only)[1])
+    section("2. Error vs attention entropy", _entropy(out, p, seed, sweep_kw, only)[1])
     section("3. Spectrum of real attention (MiniLM-L6)", _spectrum(out, p, seed)[1])
     section("4. Performer softmax-kernel fidelity", _kernel(out, p, seed)[1])
-    section("5. Complexity, measured", _complexity(out, p, seed, progress)[1])
+    section("5. Complexity, measured", _complexity(out, p, seed, progress, only)[1])
     section("6. Published facts", _facts(seed))
-    import refattn
+    chosen = "" if mechanisms is None else f" --mechanisms {','.join(only)}"
     head = [f"# refattn report ({name} preset, seed {seed})", "",
-            f"Made by `refattn report --preset {name} --seed {seed}` with refattn "
+            f"Made by `refattn report --preset {name} --seed {seed}{chosen}` with refattn "
             f"{refattn.__version__}, NumPy {np.__version__}, Python "
             f"{platform.python_version()}. Every number except wall times, traced memory "
             f"and their exponents is a deterministic function of the preset and the seed; the "

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                         "on 2 cores) or full")
     report.add_argument("--out", default="report", help="directory to write (report/)")
     report.add_argument("--seed", type=int, default=0, help="seed of every random draw (0)")
+    report.add_argument("--mechanisms", default=None, help="comma-separated registered "
+                        "names to restrict the report to (default: all; see refattn list)")
     report.add_argument("--scheduler", default=None, help="Dask scheduler address for the "
                         "sweeps (default: local processes)")
     report.add_argument("--workers", type=int, default=None,
@@ -74,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from refattn.analysis.report import ReportError, build_report
         try:
+            chosen = None if args.mechanisms is None else [
+                x.strip() for x in args.mechanisms.split(",") if x.strip()]
             index = build_report(args.out, preset=args.preset, seed=args.seed,
-                                 scheduler=args.scheduler, workers=args.workers,
+                                 mechanisms=chosen, scheduler=args.scheduler,
+                                 workers=args.workers,
                                  progress=not args.quiet)
         except (ReportError, ConnectionError) as exc:
             print(f"refattn report: {exc}", file=sys.stderr)

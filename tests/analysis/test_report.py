@@ -53,10 +53,15 @@ def test_the_report_is_deterministic_for_a_seed(tmp_path):
     for png in ("pareto", "entropy", "minilm_spectrum", "kernel_fidelity", "complexity"):
         assert (tmp_path / "a" / f"{png}.png").stat().st_size > 10_000
     _same(_data(tmp_path / "a"), _data(tmp_path / "b"), rtol=0)
-    other = build_report(tmp_path / "c", preset=TINY, seed=4, workers=1)
+    other = build_report(tmp_path / "c", preset=TINY, seed=4, workers=1,
+                         mechanisms=["attention", "topk_attention", "nystrom_attention"])
+    assert "Skipped: needs a sparse" in other.read_text()
     with xr.open_dataset(other.parent / "pareto.nc", engine="scipy") as c, \
             xr.open_dataset(tmp_path / "a" / "pareto.nc", engine="scipy") as a:
-        assert not np.allclose(a.output_rel_fro, c.output_rel_fro)   # the seed matters
+        pick = dict(mechanism="topk_attention")
+        assert c.mechanism.values.tolist() == ["topk_attention", "nystrom_attention",
+                                               "attention"]
+        assert not np.allclose(a.output_rel_fro.sel(**pick), c.output_rel_fro.sel(**pick))
 
 
 @pytest.mark.slow
@@ -82,6 +87,9 @@ def test_bad_preset_and_directory_are_reported(tmp_path):
     with pytest.raises(ReportError, match="cannot write the report to"):
         build_report(blocker / "sub", preset=TINY)
     assert main(["report", "--preset", "huge", "--out", str(tmp_path)]) == 2
+    with pytest.raises(ReportError, match=r"unknown mechanism\(s\) \['flash'\]; registered"):
+        build_report(tmp_path, preset=TINY, mechanisms=["attention", "flash"])
+    assert main(["report", "--mechanisms", "attention,flash", "--out", str(tmp_path)]) == 2
     assert set(PRESETS) == {"quick", "full"}
 
 

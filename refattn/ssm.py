@@ -384,17 +384,30 @@ def _selective_kernel(u, delta, dbias, softplus, A, B, C, dskip, z, has_z, facto
                 out[i, d, t] = y
 
 
-def _expand(X, dim, p0, p1):
-    """``(batch | 1, groups, N, L | 1)`` -> ``(batch | 1, dim, p1 - p0 | 1, N)``."""
-    Xd = X[:, np.arange(dim) // (dim // X.shape[1])]
-    Xd = Xd[..., p0:p1] if X.shape[3] > 1 else Xd
-    return np.swapaxes(Xd, -1, -2)
+def _time_major(x, k, chunk, pad, fill=0.0):
+    """``(..., T)`` (last axis time, ``T = k·chunk - pad``) -> ``(chunk, k, ...)``
+    contiguous, padded at the end with ``fill``: the scans then slice whole slabs."""
+    if pad:
+        x = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=fill)
+    x = x.reshape(x.shape[:-1] + (k, chunk))
+    return np.ascontiguousarray(np.moveaxis(x, (-1, -2), (0, 1)))
 
 
-def _chunked_selective(u, dt, A, B, C, factor, state, chunk):
+def _grouped_time_major(X, p0, p1, k, chunk, pad):
+    """``(batch | 1, groups, N, L | 1)`` -> ``(chunk | 1, k | 1, batch | 1, groups, 1, N)``
+    to multiply a ``(chunk, k, batch, groups, dim // groups, N)`` view: no gather."""
+    if X.shape[3] > 1:
+        xt = _time_major(X[..., p0:p1], k, chunk, pad)      # (T, k, B|1, G, N)
+        return xt[:, :, :, :, None, :]
+    return X[None, None, :, :, None, :, 0]                  # (1, 1, 1, G, 1, N)
+
+
+def _chunked_selective(u, delta, dbias, softplus, A, B, C, D, z, factor, state, chunk):
     """Two-level parallel scan per block of positions: associative scan inside each chunk,
     associative scan across the chunk ends (from the carried state), then every state is
-    ``P_t · h_before_chunk + H_t``. Returns ``y`` without ``D``/``z``; updates ``state``."""
+    ``P_t · h_before_chunk + H_t``. Arrays are time-major ``(chunk, k, batch, dim, N)``
+    so that each level of the scan works on contiguous slabs; ``δ``, ``D`` and ``z`` are
+    applied block by block too (memory O(block), not O(L)). Returns ``(out, state)``."""
     nb, dim, length = u.shape
     nstate = A.shape[1]
     y = np.full((nb, dim, length), np.nan)
@@ -404,25 +417,34 @@ def _chunked_selective(u, dt, A, B, C, factor, state, chunk):
         p1 = min(p0 + span, length)
         k = -(-(p1 - p0) // chunk)
         pad = k * chunk - (p1 - p0)
-        dtb = dt[:, :, p0:p1, None]
-        a = np.exp(dtb * A[None, :, None, :])                          # (B, dim, T, N)
-        c = (dtb * u[:, :, p0:p1, None]) * _expand(B, dim, p0, p1)
-        if pad:   # identity steps (a = 1, c = 0) after the end: they change nothing
-            widths = ((0, 0), (0, 0), (0, pad), (0, 0))
-            a = np.pad(a, widths, constant_values=1.0)
-            c = np.pad(c, widths)
-        a = a.reshape(nb, dim, k, chunk, nstate)
-        c = c.reshape(nb, dim, k, chunk, nstate)
-        p_in, h_in = associative_scan(a, c, axis=3)      # inside chunks, from h = 0
-        ends_c = h_in[:, :, :, -1].copy()
-        ends_c[:, :, 0] += p_in[:, :, 0, -1] * state      # the carried state enters
-        ends = associative_scan(p_in[:, :, :, -1], ends_c, axis=2)[1]   # after chunk j
-        before = np.concatenate([state[:, :, None], ends[:, :, :-1]], axis=2)
-        h = (p_in * before[:, :, :, None] + h_in).reshape(nb, dim, k * chunk, nstate)
-        h = h[:, :, :p1 - p0]
-        y[:, :, p0:p1] = factor * np.einsum("bdtn,bdtn->bdt", h,
-                                            _expand(C, dim, p0, p1)).real
-        state = ends[:, :, -1]
+        # identity steps after the end (a = 1, c = 0): they change nothing
+        dt = delta[:, :, p0:p1] if dbias is None else delta[:, :, p0:p1] + dbias[:, None]
+        dt = _softplus(dt) if softplus else dt
+        ub = u[:, :, p0:p1]
+        dtt = _time_major(dt, k, chunk, pad)[..., None]                 # (T, k, B, dim, 1)
+        a = np.exp(dtt * A)                                             # (T, k, B, dim, N)
+        dtu = _time_major(dt * ub, k, chunk, pad)[..., None]
+        gb = B.shape[1]
+        c = (dtu.reshape(chunk, k, nb, gb, dim // gb, 1) *
+             _grouped_time_major(B, p0, p1, k, chunk, pad)).reshape(a.shape)
+        p_in, h_in = associative_scan(a, c, axis=0)     # inside chunks, from h = 0
+        ends_c = h_in[-1].copy()                         # (k, B, dim, N)
+        ends_c[0] += p_in[-1, 0] * state                 # the carried state enters
+        ends = associative_scan(p_in[-1], ends_c, axis=0)[1]   # state after chunk j
+        before = np.concatenate([state[None], ends[:-1]], axis=0)
+        h = p_in * before + h_in                         # (T, k, B, dim, N)
+        gc = C.shape[1]
+        hc = h.reshape(chunk, k, nb, gc, dim // gc, nstate) * \
+            _grouped_time_major(C, p0, p1, k, chunk, pad)
+        yt = hc.real.sum(axis=-1).reshape(chunk, k, nb, dim)
+        yb = factor * np.moveaxis(yt, (0, 1), (-1, -2)).reshape(
+            nb, dim, k * chunk)[:, :, :p1 - p0]
+        if D is not None:
+            yb = yb + D[:, None] * ub
+        if z is not None:
+            yb = yb * _silu_np(z[:, :, p0:p1])
+        y[:, :, p0:p1] = yb
+        state = ends[-1]
     return y, state
 
 
@@ -478,14 +500,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           np.zeros((1, 1, 1)) if z is None else z, z is not None,
                           factor, state, out)
     else:
-        dt = delta if delta_bias is None else delta + delta_bias[:, None]
-        dt = _softplus(dt) if softplus else dt
-        out, state = _chunked_selective(u, dt, A, B, C, factor, state,
-                                        check_int("chunk", chunk, minimum=1))
-        if D is not None:
-            out += D[:, None] * u
-        if z is not None:
-            out *= _silu_np(z)
+        out, state = _chunked_selective(u, delta, delta_bias, softplus, A, B, C, D, z,
+                                        factor, state, check_int("chunk", chunk, minimum=1))
     return (out, state) if return_last_state else out
 
 

@@ -393,3 +393,15 @@ def test_selective_scan_bad_input_is_named():
         selective_scan_step(state, u[0], u[..., 0], np.ones((2, 3)), np.ones((2, 3)))
     with pytest.raises(TypeError, match="C_t must be real"):
         selective_scan_step(state, u[..., 0], u[..., 0], np.ones((2, 3)), np.ones((2, 3)) * 1j)
+
+
+def test_empty_sequences(rng):
+    A, B, C = _s4d_params(rng, 2, 3, "complex")
+    for method in S4D_METHODS:
+        y, last = s4d(np.zeros((1, 2, 0)), A, B, C, 0.1, method=method,
+                      return_last_state=True)
+        assert y.shape == (1, 2, 0) and last.shape == (1, 2, 3) and not last.any()
+    u = np.zeros((1, 2, 0))
+    for method in ("recurrent", "chunked"):
+        out, last = selective_scan(u, u, A, B, C, method=method, return_last_state=True)
+        assert out.shape == (1, 2, 0) and last.shape == (1, 2, 3) and not last.any()

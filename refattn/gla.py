@@ -191,6 +191,11 @@ class GLAState(State):
     scale: float
     heads_q: int
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the recurrent state ``s`` (the fixed gate is a setting)."""
+        return self.s.nbytes
+
 
 def gla_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, log_gates=None, scale=None,
                    **_ignored):

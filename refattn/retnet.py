@@ -154,6 +154,11 @@ class RetentionState(State):
     scale: float
     heads_kv: int
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the recurrent state ``s`` (the decays are settings)."""
+        return self.s.nbytes
+
 
 def retention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, gamma, scale=None,
                          **_ignored):

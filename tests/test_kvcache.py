@@ -105,8 +105,13 @@ def test_state_size_table():
     assert t["attention"][1_000_000] == 8 * 1_000_000 * 256 * 8
     assert t["attention"][16_000] == 16 * t["attention"][1_000]
     assert len(set(t["sink_attention"].values())) == 1
-    assert t["sink_attention"][1000] == 8 * (2 + 3 + 1) * 256 * 8   # example sinks=2, window=3
-
+    # budget 4096: 4 sinks + a window of 4092 back (4093 ring slots)
+    assert t["sink_attention"][1000] == 8 * (4 + 4093) * 256 * 8
+    assert t["gated_linear_attention"][1000] == 8 * 128 * 128 * 8      # per KV head
+    assert t["retention"][1000] == 32 * 128 * 128 * 8                  # per query head
+    assert t["selective_scan"][10**6] == 32 * 128 * 16 * 8
+    small = state_size_table((10,), heads_q=2, heads_kv=1, d=4, dv=4, budget=8)
+    assert small["sliding_window_attention"][10] == (4 + 1) * 8 * 8    # window 4 back
 
 def test_bad_inputs_name_the_argument():
     s = full_cache_init(batch_shape=(2,), heads_q=2, heads_kv=1, d=4, dv=3)

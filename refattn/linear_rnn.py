@@ -221,7 +221,9 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
         for the plain form :math:`h_t = a_t h_{t-1} + x_t`).
     h0 : initial state ``(..., D)`` (broadcast), default 0.
     method : ``"recurrent"`` (Numba loop, default), ``"scan"`` (parallel associative
-        scan) or ``"chunked"`` (log-space chunks of ``chunk`` steps).
+        scan) or ``"chunked"`` (log-space chunks of ``chunk`` steps). ``"scan"`` holds
+        O(L·D) and ``"chunked"`` O(chunk²·D) per chunk; both check ``memory_budget``
+        (bytes; default :data:`refattn._inputs.DEFAULT_MEMORY_BUDGET`).
     return_last_state : also return ``h_{L-1}`` ``(..., D)`` (``h0`` when ``L = 0``).
 
     Returns float64 ``(..., L, D)`` (and the last state).
@@ -243,7 +245,11 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
                      "method='chunked' or method='recurrent'")
         out = _scan_form(a, b * x, h0)
     else:
-        out = _chunked_form(a, b * x, h0, check_int("chunk", chunk, minimum=1))
+        chunk = min(check_int("chunk", chunk, minimum=1), length)
+        check_memory(nb * chunk * chunk * dim * 8.0 * 4, memory_budget,
+                     f"one chunk of the chunked linear RNN (chunk² · D, chunk = {chunk})",
+                     "a smaller chunk or method='recurrent'")
+        out = _chunked_form(a, b * x, h0, chunk)
     last = out[:, -1] if length else h0.copy()
     out = out.reshape(batch_shape + (length, dim))
     if return_last_state:

@@ -183,6 +183,15 @@ def test_bad_shapes_dtypes_and_options():
         linear_rnn_init_state(batch_shape=(3,), dim=2, h0=np.ones(3))
 
 
+def test_memory_budget_is_checked_before_allocating():
+    from refattn._inputs import MemoryBudgetError
+    a, x = np.full((3000, 2), 0.5), np.ones((3000, 2))
+    with pytest.raises(MemoryBudgetError, match="chunk = 3000.*method='recurrent'"):
+        linear_rnn(a, 1.0, x, method="chunked", chunk=10**6, memory_budget=2**20)
+    with pytest.raises(MemoryBudgetError, match="associative scan"):
+        linear_rnn(a, 1.0, x, method="scan", memory_budget=2**10)
+
+
 def test_empty_sequence_returns_the_initial_state():
     out, last = linear_rnn(np.ones((0, 2)), 1.0, np.ones((0, 2)), h0=np.array([1.0, 2.0]),
                            method="chunked", return_last_state=True)

@@ -193,7 +193,8 @@ def test_selective_scan_matches_the_transcribed_reference(rng, layout, groups, c
     if extras:
         kw = dict(D=rng.standard_normal(4), z=rng.standard_normal(u.shape) * 3,
                   delta_bias=rng.standard_normal(4) * 5, delta_softplus=True)
-        delta = delta * 10          # both sides of softplus's threshold (20)
+        delta = delta * 10          # both sides of softplus's threshold (20) ...
+        delta[:, :, 3::4] = 20.25 - kw["delta_bias"][:, None]   # ... and just above it
     ref, ref_last = _torch_reference(u, delta, A, B, C, **kw)
     for method, chunk in (("recurrent", 0), ("chunked", 1), ("chunked", 5), ("chunked", 64)):
         out, last = selective_scan(u, delta, A, B, C, **kw, return_last_state=True,

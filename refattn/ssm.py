@@ -340,11 +340,12 @@ def _selective_setup(u, delta, A, B, C, D, z, delta_bias, delta_softplus, check_
 
 
 @njit(cache=True, parallel=True)
-def _selective_kernel(u, delta, dbias, softplus, A, B, C, dskip, z, has_z, factor,
-                      state, out):   # pragma: no cover - compiled
+def _selective_kernel(u, delta, dbias, softplus, A, B, C, dskip, z, has_z, reset,
+                      has_reset, factor, state, out):   # pragma: no cover - compiled
     """The recurrence, one (batch row, channel) per parallel iteration, ``_TILE`` steps
     at a time with the state index ``n`` outside the time loop. ``B``, ``C``:
-    ``(batch | 1, groups, N, L | 1)``; ``state (batch, dim, N)`` in/out."""
+    ``(batch | 1, groups, N, L | 1)``; ``state (batch, dim, N)`` in/out; the state
+    restarts from 0 at steps ``t`` with ``reset[t]`` (packed sequences)."""
     nb, dim, length = u.shape
     nstate = A.shape[1]
     per_b, per_c = dim // B.shape[1], dim // C.shape[1]
@@ -370,11 +371,21 @@ def _selective_kernel(u, delta, dbias, softplus, A, B, C, dskip, z, has_z, facto
             for n in range(nstate):
                 a = A[d, n]
                 h = state[i, d, n]
-                for j in range(m):
-                    bj = B[ib, gb, n, t0 + j if var_b else 0]
-                    cj = C[ic, gc, n, t0 + j if var_c else 0]
-                    h = np.exp(dt[j] * a) * h + dtu[j] * bj
-                    acc[j] += (h * cj).real
+                if has_reset:
+                    for j in range(m):
+                        bj = B[ib, gb, n, t0 + j if var_b else 0]
+                        cj = C[ic, gc, n, t0 + j if var_c else 0]
+                        if reset[t0 + j]:
+                            h = dtu[j] * bj
+                        else:
+                            h = np.exp(dt[j] * a) * h + dtu[j] * bj
+                        acc[j] += (h * cj).real
+                else:          # the hot loop, without the test
+                    for j in range(m):
+                        bj = B[ib, gb, n, t0 + j if var_b else 0]
+                        cj = C[ic, gc, n, t0 + j if var_c else 0]
+                        h = np.exp(dt[j] * a) * h + dtu[j] * bj
+                        acc[j] += (h * cj).real
                 state[i, d, n] = h
             for j in range(m):
                 t = t0 + j
@@ -402,7 +413,8 @@ def _grouped_time_major(X, p0, p1, k, chunk, pad):
     return X[None, None, :, :, None, :, 0]                  # (1, 1, 1, G, 1, N)
 
 
-def _chunked_selective(u, delta, dbias, softplus, A, B, C, D, z, factor, state, chunk):
+def _chunked_selective(u, delta, dbias, softplus, A, B, C, D, z, reset, factor, state,
+                       chunk):
     """Two-level parallel scan per block of positions: associative scan inside each chunk,
     associative scan across the chunk ends (from the carried state), then every state is
     ``P_t · h_before_chunk + H_t``. Arrays are time-major ``(chunk, k, batch, dim, N)``
@@ -423,6 +435,8 @@ def _chunked_selective(u, delta, dbias, softplus, A, B, C, D, z, factor, state, 
         ub = u[:, :, p0:p1]
         dtt = _time_major(dt, k, chunk, pad)[..., None]                 # (T, k, B, dim, 1)
         a = np.exp(dtt * A)                                             # (T, k, B, dim, N)
+        if reset is not None:      # a = 0 at a sequence start: the state restarts
+            a[_time_major(reset[p0:p1], k, chunk, pad, fill=False)] = 0.0
         dtu = _time_major(dt * ub, k, chunk, pad)[..., None]
         gb = B.shape[1]
         c = (dtu.reshape(chunk, k, nb, gb, dim // gb, 1) *
@@ -448,9 +462,26 @@ def _chunked_selective(u, delta, dbias, softplus, A, B, C, D, z, factor, state, 
     return y, state
 
 
+def _resets(cu_seqlens, length):
+    """Boolean ``(L,)`` marking the starts ``cu_seqlens[1:-1]`` (None if no packing)."""
+    if cu_seqlens is None:
+        return None
+    cu = np.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.size < 2 or cu.dtype.kind not in "iu":
+        raise TypeError(f"cu_seqlens must be a 1-D integer array [0, ..., L] of at least "
+                        f"2 entries, got {cu.dtype} with shape {cu.shape}")
+    if cu[0] != 0 or cu[-1] != length or (np.diff(cu) < 0).any():
+        raise ValueError(f"cu_seqlens must rise from 0 to L = {length} (cumulative "
+                         f"sequence lengths), got {cu.tolist()}")
+    reset = np.zeros(length, dtype=bool)
+    starts = cu[1:-1]
+    reset[starts[starts < length]] = True
+    return reset
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                    delta_softplus=False, *, return_last_state=False, method="recurrent",
-                   chunk=64, check_finite=True):
+                   chunk=64, cu_seqlens=None, check_finite=True):
     r"""Mamba's selective scan (S6), the semantics of ``mamba_ssm``'s
     ``selective_scan_ref`` in float64 (module docstring for the equations).
 
@@ -474,6 +505,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     method : ``"recurrent"`` (Numba, default; O(N) memory per channel) or
         ``"chunked"`` (two-level parallel scan over chunks of ``chunk`` steps, NumPy,
         processed in bounded blocks).
+    cu_seqlens : optional cumulative lengths ``[0, l_1, l_1 + l_2, ..., L]`` of
+        sequences packed along ``L`` (the reference's ``cu_seqlens``): the state
+        restarts from 0 at each start ``cu_seqlens[1:-1]``, in every batch row.
 
     Returns ``out`` float64 ``(batch, dim, L)`` (and the last state).
 
@@ -492,16 +526,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, check_finite)
     return_last_state = _check_bool("return_last_state", return_last_state)
     batch, dim, length = u.shape
+    reset = _resets(cu_seqlens, length)
     state = np.zeros((batch, dim, A.shape[1]), dtype=A.dtype)
     if method == "recurrent":
         out = np.full((batch, dim, length), np.nan)
         _selective_kernel(u, delta, np.zeros(dim) if delta_bias is None else delta_bias,
                           softplus, A, B, C, np.zeros(dim) if D is None else D,
                           np.zeros((1, 1, 1)) if z is None else z, z is not None,
-                          factor, state, out)
+                          np.zeros(1, bool) if reset is None else reset,
+                          reset is not None, factor, state, out)
     else:
         out, state = _chunked_selective(u, delta, delta_bias, softplus, A, B, C, D, z,
-                                        factor, state, check_int("chunk", chunk, minimum=1))
+                                        reset, factor, state,
+                                        check_int("chunk", chunk, minimum=1))
     return (out, state) if return_last_state else out
 
 

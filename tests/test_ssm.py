@@ -111,7 +111,7 @@ def test_s4d_small_and_large_steps_stay_exact(rng, scale):
 
 # --------------------------------------------------------------------------- selective
 def _torch_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                     delta_softplus=False):
+                     delta_softplus=False, cu_seqlens=None):
     """selective_scan_ref's equations, transcribed in float64 PyTorch: one step at a time,
     einsums over the state."""
     torch = pytest.importorskip("torch")
@@ -143,8 +143,9 @@ def _torch_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         dBu = torch.einsum("bdl,bdnl->bdln", (delta * u).to(B.dtype), B)
     x = torch.zeros(dA.shape[:2] + dA.shape[3:], dtype=dA.dtype)
     ys = []
+    starts = [] if cu_seqlens is None else list(cu_seqlens[1:-1])
     for i in range(length):
-        x = dA[:, :, i] * x + dBu[:, :, i]
+        x = dBu[:, :, i] if i in starts else dA[:, :, i] * x + dBu[:, :, i]
         if C.dim() == 2:
             y = torch.einsum("bdn,dn->bd", x, C.to(x.dtype))
         elif C.dim() == 3:
@@ -207,6 +208,27 @@ def test_selective_scan_matches_the_transcribed_reference(rng, layout, groups, c
         u, delta, A, B, C, D=np.ones(4)))
 
 
+@pytest.mark.parametrize("complex_a", [False, True])
+def test_packed_sequences_restart_the_state(rng, complex_a):
+    """cu_seqlens: the transcribed reference, and the sequences run one by one."""
+    cu = np.array([0, 7, 8, 8, 30, 41])
+    u, delta, A, B, C = _selective_inputs(rng, 1, 4, 3, 41, "grouped", complex_a, 2)
+    if complex_a and not np.iscomplexobj(B):
+        B = B[..., 0::2] + 1j * B[..., 1::2]
+    if complex_a and not np.iscomplexobj(C):
+        C = C[..., 0::2] + 1j * C[..., 1::2]
+    kw = dict(D=rng.standard_normal(4), z=rng.standard_normal(u.shape))
+    ref = _torch_reference(u, delta, A, B, C, **kw, cu_seqlens=cu)[0]
+    pieces = [selective_scan(u[..., a:b], delta[..., a:b], A, B[..., a:b], C[..., a:b],
+                             kw["D"], kw["z"][..., a:b]) for a, b in zip(cu[:-1], cu[1:])]
+    for method in ("recurrent", "chunked"):
+        out = selective_scan(u, delta, A, B, C, **kw, cu_seqlens=cu, method=method,
+                             chunk=5)
+        assert _rel(out, ref) <= 1e-12, method
+        assert _rel(out, np.concatenate(pieces, -1)) <= 1e-12, method
+    assert _rel(selective_scan(u, delta, A, B, C, **kw), ref) > 1e-3   # it matters
+
+
 @given(st.integers(1, 80), st.integers(1, 12), st.sampled_from([(1, 1), (4, 1), (4, 2),
                                                                 (6, 3), (3, 3)]),
        st.integers(1, 5), st.integers(1, 2), st.sampled_from(["constant", "shared",
@@ -221,6 +243,9 @@ def test_selective_scan_forms_agree(length, chunk, dim_groups, nstate, batch, la
     kw = dict(D=rng.standard_normal(dim), z=rng.standard_normal(u.shape),
               delta_bias=rng.standard_normal(dim), delta_softplus=bool(rng.random() < .5),
               return_last_state=True)
+    if rng.random() < 0.3:       # packed sequences
+        cuts = np.sort(rng.integers(0, length + 1, rng.integers(0, 4)))
+        kw["cu_seqlens"] = np.concatenate([[0], cuts, [length]])
     ref, last = selective_scan(u, delta, A, B, C, **kw)
     assert not np.isnan(ref).any()
     out, out_last = selective_scan(u, delta, A, B, C, **kw, method="chunked", chunk=chunk)
@@ -384,6 +409,10 @@ def test_selective_scan_bad_input_is_named():
         selective_scan(u, u, A, B, B, delta_softplus="yes")
     with pytest.raises(ValueError, match="method must be one of"):
         selective_scan(u, u, A, B, B, method="fft")
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to L = 6"):
+        selective_scan(u, u, A, B, B, cu_seqlens=np.array([0, 4, 3, 6]))
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D integer array"):
+        selective_scan(u, u, A, B, B, cu_seqlens=np.array([0.0, 6.0]))
     with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
         selective_scan(u, u, A, B, B, method="chunked", chunk=0)
     state = selective_scan_init_state(batch=2, A=A)

@@ -109,6 +109,27 @@ def test_s4d_small_and_large_steps_stay_exact(rng, scale):
         assert _rel(out[method], out["recurrent"]) <= 1e-10, method
 
 
+def test_s4d_a_million_steps_with_a_decay_near_one(rng):
+    """|Ā| = e^(-1e-7) (a memory of ~1e7 steps) beside a fast mode, L = 2^20: the three
+    forms agree, and the last output matches an extended-precision (long double) sum of
+    the convolution."""
+    n = 1 << 20
+    A = np.array([[-1e-7 + 0.3j, -0.5 + 2j]])
+    B, C = np.array([[1 + 0.5j, 0.3 - 1j]]), np.array([[0.7 + 0.1j, -1 + 0.2j]])
+    u = rng.standard_normal((1, 1, n))
+    out = {m: s4d(u, A, B, C, 1.0, method=m) for m in S4D_METHODS}
+    for method in ("fft", "scan"):
+        assert np.isfinite(out[method]).all()
+        assert _rel(out[method], out["recurrent"]) <= 1e-10, method
+    dA = A[0].astype(np.clongdouble)
+    bbar = np.expm1(dA) / dA * B[0]
+    lags = np.arange(n, dtype=np.longdouble)[::-1]
+    last = sum((2 * (C[0, k] * bbar[k] * np.exp(dA[k] * lags)).real * u[0, 0]).sum()
+               for k in range(2))
+    for method in S4D_METHODS:
+        assert abs(out[method][0, 0, -1] - last) <= 1e-10 * np.abs(out["recurrent"]).max()
+
+
 # --------------------------------------------------------------------------- selective
 def _torch_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                      delta_softplus=False, cu_seqlens=None):
@@ -423,6 +444,18 @@ def test_selective_scan_bad_input_is_named():
         selective_scan_step(state, u[0], u[..., 0], np.ones((2, 3)), np.ones((2, 3)))
     with pytest.raises(TypeError, match="C_t must be real"):
         selective_scan_step(state, u[..., 0], u[..., 0], np.ones((2, 3)), np.ones((2, 3)) * 1j)
+
+
+def test_low_precision_inputs_give_float64(rng):
+    u, delta, A, B, C = _selective_inputs(rng, 1, 2, 3, 9, "shared", False)
+    u32, d16 = u.astype(np.float32), delta.astype(np.float16)
+    out = selective_scan(u32, d16, A, B, C)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, selective_scan(u32.astype(float), d16.astype(float),
+                                                      A, B, C))
+    A4, B4, C4 = _s4d_params(rng, 2, 3, "real")
+    y = s4d(u32, A4.astype(np.float32), B4, C4, np.float32(0.1))
+    assert y.dtype == np.float64
 
 
 def test_empty_sequences(rng):

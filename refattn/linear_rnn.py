@@ -26,7 +26,7 @@ Three equal forms (``method=``):
   \le 0` (each formed by its own cumulative sum, no differences of large cumulative
   sums), and the state carried from chunk to chunk. Every factor is ``exp`` of a
   non-positive number: nothing overflows, nothing is divided, and gates near 1 over a
-  million steps stay accurate. Memory O(chunk · D) per chunk, processed in blocks.
+  million steps stay accurate. Memory O(chunk² · D) per chunk, processed in blocks.
 
 Streaming: :func:`linear_rnn_init_state` / :func:`linear_rnn_step` carry ``h``
 ``(..., D)``, constant size (the protocol of :mod:`refattn.streaming`, with the token

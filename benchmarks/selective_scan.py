@@ -12,8 +12,14 @@ shared by the channels), ``D``, ``delta_bias`` ``(dim,)``, softplus on. Work is
   recurrence cannot beat that on one core; with ``C`` cores the ideal is floor / C.
 * **Memory**: ``tracemalloc`` (NumPy reports its buffers to it) gives the peak traced
   during one call minus what was allocated before it, i.e. the output plus the working
-  memory; the inputs are allocated before and not counted. The process's RSS high-water
-  mark (``ru_maxrss``) is printed too (inputs included).
+  memory; the inputs are allocated before and not counted. The Numba recurrence's
+  per-thread scratch (3 tiles of 512 float64, 12 KiB a thread) comes from Numba's own
+  allocator and is not traced. The process's RSS high-water mark (``ru_maxrss``) is
+  printed too (inputs included).
+
+Measured on the 2-core development machine (other jobs running, load ~1), float64:
+``recurrent`` best 4.7 s (4.4 ns per state update, 5.2x the one-core NumPy exp floor),
+traced peak 512 MiB = the output; ``--method chunked`` 17 s, 79 MiB working memory.
 
 Run by hand from the repository root, not by the test suite::
 

@@ -32,6 +32,8 @@ from . import streaming
 from .retnet import retention
 from .gla import gated_linear_attention
 from .chunked import chunked_attention
+from .linear_rnn import linear_rnn, associative_scan
+from .ssm import s4d, s4d_kernel, selective_scan
 from . import kvcache   # registers the KV-cache streaming forms of attention and sinks
 from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
                      spatial_reduction_attention, patch_merging)
@@ -53,5 +55,6 @@ __all__ = [
     "strided_kv_attention", "landmark_attention", "kmeans_kv_attention",
     "window_attention", "shifted_window_attention", "neighborhood_attention",
     "spatial_reduction_attention", "patch_merging", "kvcache", "retention",
-    "gated_linear_attention", "chunked_attention",
+    "gated_linear_attention", "chunked_attention", "linear_rnn", "associative_scan", "s4d",
+    "s4d_kernel", "selective_scan",
 ]

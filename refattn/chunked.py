@@ -26,7 +26,7 @@ from . import masks as _masks
 from ._inputs import check_int, prepare_qkv, resolve_scale
 from .exact import attention, attention_probs
 from .registry import register
-from .streaming import State, attend_token, check_sizes, check_tokens
+from .streaming import State, Window, attend_token, check_sizes, check_tokens
 
 __all__ = ["chunked_attention", "chunked_init_state", "chunked_step", "ChunkState"]
 
@@ -91,16 +91,21 @@ def chunked_attention(q, k, v, *, chunk_size, overlap=0, causal=False, scale=Non
 
 @dataclasses.dataclass(frozen=True)
 class ChunkState(State):
-    """The last ``chunk_size + overlap`` keys/values in a ring (token ``j`` in slot
-    ``j % (chunk_size + overlap)``): ``keys (*b, Hkv, C + O, D)``,
-    ``values (*b, Hkv, C + O, Dv)``; fixed size."""
+    """The tokens the next query may see, from its chunk's start minus ``overlap`` on, in
+    ``recent`` (a :class:`refattn.streaming.Window`: steps append in amortized O(1)).
+    ``nbytes`` counts the ``chunk_size + overlap`` slots the state holds at most."""
 
-    keys: np.ndarray
-    values: np.ndarray
+    recent: Window
     heads_q: int
     chunk_size: int
     overlap: int
     scale: float
+
+    @property
+    def nbytes(self) -> int:
+        k, v = self.recent.keys, self.recent.values
+        slots = self.chunk_size + self.overlap
+        return (k[..., :1, :].size + v[..., :1, :].size) * slots * 8
 
 
 def chunked_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, chunk_size, overlap=0,
@@ -120,23 +125,19 @@ def chunked_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, chunk_size, 
     b, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     overlap = check_int("overlap", overlap, minimum=0)
-    slots = chunk_size + overlap
-    return ChunkState(position=0, keys=np.zeros(b + (heads_kv, slots, d)),
-                      values=np.zeros(b + (heads_kv, slots, dv)), heads_q=heads_q,
-                      chunk_size=chunk_size, overlap=overlap, scale=resolve_scale(scale, d))
+    return ChunkState(position=0, recent=Window.empty(b + (heads_kv, d), b + (heads_kv, dv)),
+                      heads_q=heads_q, chunk_size=chunk_size, overlap=overlap,
+                      scale=resolve_scale(scale, d))
 
 
 def chunked_step(state: ChunkState, q_t, k_t, v_t):
-    """Write token ``t`` into slot ``t % (C + O)``; attend ``q_t`` to the held tokens
-    ``j >= (t // C)·C - O``. Returns ``(out_t, new_state)``. Example: see
-    :func:`chunked_init_state`."""
-    *lead, hkv, slots, d = state.keys.shape
-    dv = state.values.shape[-1]
+    """Append token ``t``, keeping the tokens ``j >= (t // C)·C - O``; attend ``q_t`` to
+    them. Returns ``(out_t, new_state)``. Example: see :func:`chunked_init_state`."""
+    *lead, hkv, _, d = state.recent.keys.shape
+    dv = state.recent.values.shape[-1]
     q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, lead, state.heads_q, hkv, d, dv)
     t = state.position
-    keys, values = state.keys.copy(), state.values.copy()
-    keys[..., t % slots, :], values[..., t % slots, :] = k_t, v_t
-    held = t - (t - np.arange(slots)) % slots               # token in each slot (may be < 0)
-    keep = (held >= max(t // state.chunk_size * state.chunk_size - state.overlap, 0))
-    out = attend_token(q_t, keys, values, scale=state.scale, mask=keep)
-    return out, state.replace(position=t + 1, keys=keys, values=values)
+    first = max(t // state.chunk_size * state.chunk_size - state.overlap, 0)
+    recent = state.recent.append(k_t, v_t, keep=t - first)
+    out = attend_token(q_t, recent.keys_view, recent.values_view, scale=state.scale)
+    return out, state.replace(position=t + 1, recent=recent)

@@ -22,7 +22,7 @@ import numpy as np
 from ._inputs import check_int, to_float64
 from .exact import attention, merge_partials
 from .registry import _REGISTRY
-from .streaming import State, attend_token, check_sizes, check_token
+from .streaming import State, Window, attend_token, check_sizes, check_token
 
 __all__ = ["FullCacheState", "SinkWindowState", "full_cache_init", "full_cache_step",
            "full_cache_from",
@@ -45,29 +45,23 @@ def _attend(q_t, keys, values, scale):
 @dataclasses.dataclass(frozen=True)
 class FullCacheState(State):
     """Full KV cache: ``keys (*b, Hkv, t, D)``, ``values (*b, Hkv, t, Dv)``; grows by one
-    token per step.
-
-    The tokens live in buffers with spare capacity (doubled when full) so that a step
-    appends in amortized O(1) instead of copying the whole cache; a state still never
-    changes: it sees only its first ``t`` slots, and stepping a state whose buffer has
-    already been appended to by another step copies first. ``nbytes`` counts the ``t``
-    cached tokens (the buffers hold at most twice that).
+    token per step. The tokens live in a :class:`refattn.streaming.Window` (buffers with
+    spare capacity), so a step appends in amortized O(1) instead of copying the cache,
+    and no state ever changes. ``nbytes`` counts the ``t`` cached tokens (the buffers
+    hold at most about twice that).
     """
 
-    key_buffer: np.ndarray
-    value_buffer: np.ndarray
+    cache: Window
     sizes: tuple
     scale: float | None
-    filled: list = dataclasses.field(default_factory=lambda: [0], repr=False,
-                                     compare=False)   # slots written, shared by a buffer
 
     @property
     def keys(self) -> np.ndarray:
-        return self.key_buffer[..., :self.position, :]
+        return self.cache.keys_view
 
     @property
     def values(self) -> np.ndarray:
-        return self.value_buffer[..., :self.position, :]
+        return self.cache.values_view
 
     @property
     def nbytes(self) -> int:
@@ -93,8 +87,8 @@ def full_cache_init(*, batch_shape=(), heads_q, heads_kv, d, dv, scale=None):
     """
     sizes = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     b, _, hkv, d, dv = sizes
-    return FullCacheState(position=0, key_buffer=np.zeros(b + (hkv, 0, d)),
-                          value_buffer=np.zeros(b + (hkv, 0, dv)), sizes=sizes, scale=scale)
+    return FullCacheState(position=0, cache=Window.empty(b + (hkv, d), b + (hkv, dv)),
+                          sizes=sizes, scale=scale)
 
 
 def full_cache_from(k, v, *, heads_q, scale=None):
@@ -114,19 +108,8 @@ def full_cache_from(k, v, *, heads_q, scale=None):
                          f"(*batch, Hkv, t, Dv); got k {k.shape}, v {v.shape}")
     *b, hkv, t, d = k.shape
     sizes = check_sizes(b, heads_q, hkv, d, v.shape[-1])
-    return FullCacheState(position=t, key_buffer=k.copy(), value_buffer=v.copy(),
-                          sizes=sizes, scale=scale, filled=[t])
-
-
-def _append(buffer, t, x, capacity):
-    """``buffer`` with ``x (..., D)`` written at slot ``t``, reallocated with room for
-    ``capacity`` slots when given."""
-    if capacity is not None:
-        grown = np.empty(buffer.shape[:-2] + (capacity, buffer.shape[-1]))
-        grown[..., :t, :] = buffer[..., :t, :]
-        buffer = grown
-    buffer[..., t, :] = x
-    return buffer
+    return FullCacheState(position=t, cache=Window(k.copy(), v.copy(), 0, t, [t]),
+                          sizes=sizes, scale=scale)
 
 
 def full_cache_step(state, q_t, k_t, v_t):
@@ -134,33 +117,31 @@ def full_cache_step(state, q_t, k_t, v_t):
     all cached tokens. Returns ``(out_t (*b, Hq, Dv), new_state)``. Example: see
     :func:`full_cache_init`."""
     q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
-    t, filled = state.position, state.filled
-    capacity = None
-    if filled[0] != t or t == state.key_buffer.shape[-2]:   # shared further, or full
-        capacity, filled = max(2 * t, 16), [t]
-    keys = _append(state.key_buffer, t, k_t, capacity)
-    values = _append(state.value_buffer, t, v_t, capacity)
-    filled[0] = t + 1
-    new = state.replace(position=t + 1, key_buffer=keys, value_buffer=values, filled=filled)
+    new = state.replace(position=state.position + 1,
+                        cache=state.cache.append(k_t, v_t, keep=len(state.cache)))
     return _attend(q_t, new.keys, new.values, state.scale), new
 
 
 @dataclasses.dataclass(frozen=True)
 class SinkWindowState(State):
-    """Fixed-size cache: ``sinks`` slots for the first tokens, and a ring buffer of
-    ``window + 1`` slots for the most recent later tokens (token ``j >= sinks`` in slot
-    ``(j - sinks) % (window+1)``). ``dilation``: one int per query head, head ``h``
-    reading only keys ``j`` with ``(t - j) % dilation[h] == 0`` (None: every key)."""
+    """Fixed-size cache: ``sinks`` slots for the first tokens and the ``window + 1`` most
+    recent later tokens in ``recent`` (a :class:`refattn.streaming.Window`: steps append
+    in amortized O(1) rather than copying the window). ``dilation``: one int per query
+    head, head ``h`` reading only keys ``j`` with ``(t - j) % dilation[h] == 0`` (None:
+    every key). ``nbytes`` counts the ``sinks + window + 1`` slots the cache holds."""
 
     sink_keys: np.ndarray
     sink_values: np.ndarray
-    ring_keys: np.ndarray
-    ring_values: np.ndarray
+    recent: Window
     sizes: tuple
     window: int
     sinks: int
     scale: float | None
     dilation: tuple | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.nbytes_after(self.position)
 
     def nbytes_after(self, n: int) -> int:
         """Bytes held after ``n`` tokens: constant, ``prod(batch)·Hkv·(s+w+1)·(D+Dv)·8``."""
@@ -189,37 +170,31 @@ def sink_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, sinks=4, scal
     b, _, hkv, d, dv = sizes
     return SinkWindowState(position=0, sink_keys=np.zeros(b + (hkv, sinks, d)),
                            sink_values=np.zeros(b + (hkv, sinks, dv)),
-                           ring_keys=np.zeros(b + (hkv, window + 1, d)),
-                           ring_values=np.zeros(b + (hkv, window + 1, dv)),
-                           sizes=sizes, window=window, sinks=sinks, scale=scale)
+                           recent=Window.empty(b + (hkv, d), b + (hkv, dv)), sizes=sizes,
+                           window=window, sinks=sinks, scale=scale)
 
 
 def sink_step(state, q_t, k_t, v_t):
-    """Write token ``t`` into its sink slot (``t < sinks``) or ring slot
-    ``(t - sinks) % (window + 1)``; attend ``q_t`` to the sinks and the valid ring slots
+    """Write token ``t`` into its sink slot (``t < sinks``) or append it to the recent
+    window (which then drops its oldest token); attend ``q_t`` to the sinks and the window
     (keys ``j < sinks`` or ``t - window <= j <= t``). Returns ``(out_t, new_state)``.
     Example: see :func:`sink_init`."""
     q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
-    t, s, w = state.position, state.sinks, state.window
-    sk, sv = state.sink_keys.copy(), state.sink_values.copy()
-    rk, rv = state.ring_keys.copy(), state.ring_values.copy()
-    if t < s:
+    t, s = state.position, state.sinks
+    if t < s:                                  # the first s steps only: copying is cheap
+        sk, sv = state.sink_keys.copy(), state.sink_values.copy()
         sk[..., t, :], sv[..., t, :] = k_t, v_t
+        new = state.replace(position=t + 1, sink_keys=sk, sink_values=sv)
     else:
-        slot = (t - s) % (w + 1)
-        rk[..., slot, :], rv[..., slot, :] = k_t, v_t
-    n_sink, n_ring = min(t + 1, s), min(max(t + 1 - s, 0), w + 1)
-    keys = np.concatenate([sk[..., :n_sink, :], rk[..., :n_ring, :]], axis=-2)
-    values = np.concatenate([sv[..., :n_sink, :], rv[..., :n_ring, :]], axis=-2)
-    new = state.replace(position=t + 1, sink_keys=sk, sink_values=sv, ring_keys=rk,
-                        ring_values=rv)
+        new = state.replace(position=t + 1,
+                            recent=state.recent.append(k_t, v_t, keep=state.window))
+    n_sink, n_recent = min(t + 1, s), len(new.recent)
+    keys = (new.sink_keys[..., :n_sink, :], new.recent.keys_view)
+    values = (new.sink_values[..., :n_sink, :], new.recent.values_view)
     mask = None
     if state.dilation is not None and any(x != 1 for x in state.dilation):
-        slots = np.arange(n_ring)                          # token held by each ring slot
-        held = s + slots if t + 1 - s <= w + 1 else t - (t - s - slots) % (w + 1)
-        dist = t - np.concatenate([np.arange(n_sink), held])
-        dil = np.asarray(state.dilation)[:, None]
-        mask = dist[None, :] % dil == 0                                    # (Hq, L)
+        held = np.concatenate([np.arange(n_sink), t + 1 - n_recent + np.arange(n_recent)])
+        mask = (t - held)[None, :] % np.asarray(state.dilation)[:, None] == 0   # (Hq, L)
     return attend_token(q_t, keys, values, scale=state.scale, mask=mask), new
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ._inputs import check_int, resolve_scale, to_float64
 
-__all__ = ["State", "check_token", "check_tokens", "check_sizes", "attend_token"]
+__all__ = ["State", "Window", "check_token", "check_tokens", "check_sizes", "attend_token"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,61 @@ class State:
     def replace(self, **changes) -> "State":
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The most recent keys and values of a stream, in order:
+    ``keys[..., start:end, :]``, ``values[..., start:end, :]`` of buffers with spare
+    room, so that :meth:`append` costs amortized O(1) rows instead of a copy of the
+    window. A ``Window`` never changes: it sees only its own ``start:end``; appending to
+    a window whose buffer another append has already extended copies first.
+
+    >>> w = Window.empty((1, 2), (1, 2))
+    >>> for t in range(5):
+    ...     w = w.append(np.full((1, 2), t), np.full((1, 2), -t), keep=2)
+    >>> w.keys_view[0, :, 0].tolist(), len(w)
+    ([2.0, 3.0, 4.0], 3)
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    start: int = 0
+    end: int = 0
+    filled: list = dataclasses.field(default_factory=lambda: [0], repr=False,
+                                     compare=False)   # buffer slots written, shared
+
+    @classmethod
+    def empty(cls, key_shape, value_shape) -> "Window":
+        """No tokens; ``key_shape = (*b, Hkv, D)``, ``value_shape = (*b, Hkv, Dv)``."""
+        return cls(np.zeros(tuple(key_shape[:-1]) + (0, key_shape[-1])),
+                   np.zeros(tuple(value_shape[:-1]) + (0, value_shape[-1])))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    @property
+    def keys_view(self) -> np.ndarray:
+        return self.keys[..., self.start:self.end, :]
+
+    @property
+    def values_view(self) -> np.ndarray:
+        return self.values[..., self.start:self.end, :]
+
+    def append(self, k_t, v_t, *, keep: int) -> "Window":
+        """A window of the last ``keep`` tokens of this one (at most) followed by
+        ``k_t (*b, Hkv, D)``, ``v_t (*b, Hkv, Dv)``."""
+        start = max(self.end - keep, self.start)
+        end, filled, keys, values = self.end, self.filled, self.keys, self.values
+        if filled[0] != end or end == keys.shape[-2]:          # shared further, or full
+            capacity = max(2 * (end - start + 1), 16)
+            keys, values = (np.concatenate([x[..., start:end, :], np.empty(
+                x.shape[:-2] + (capacity - (end - start), x.shape[-1]))], axis=-2)
+                for x in (keys, values))
+            start, end, filled = 0, end - start, [0]
+        keys[..., end, :], values[..., end, :] = k_t, v_t
+        filled[0] = end + 1
+        return Window(keys, values, start, end + 1, filled)
 
 
 def check_token(x, name: str, expected: tuple, *, check_finite: bool = True) -> np.ndarray:
@@ -79,10 +134,12 @@ def attend_token(q_t, keys, values, *, scale=None, mask=None) -> np.ndarray:
     the KV-cache states.
 
     ``q_t (*b, Hq, D)``, ``keys (*b, Hkv, L, D)``, ``values (*b, Hkv, L, Dv)`` (query head
-    ``h`` reads KV head ``h // (Hq // Hkv)``), optional boolean ``mask`` broadcastable to
-    ``(*b, Hq, L)`` (True keeps a key; every query needs one). Returns ``(*b, Hq, Dv)``:
-    ``softmax(scale · q_t Kᵀ) V`` with ``scale = 1/sqrt(D)`` by default. Works on strided
-    views of larger buffers without copying them (no input checks: callers check tokens).
+    ``h`` reads KV head ``h // (Hq // Hkv)``), or tuples of such segments whose lengths
+    add up to ``L`` (attended as if concatenated, without copying them); optional boolean
+    ``mask`` broadcastable to ``(*b, Hq, L)`` (True keeps a key; every query needs one).
+    Returns ``(*b, Hq, Dv)``: ``softmax(scale · q_t Kᵀ) V`` with ``scale = 1/sqrt(D)`` by
+    default. Works on strided views of larger buffers (no input checks: callers check
+    tokens).
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 4, 5, 8))
@@ -90,14 +147,18 @@ def attend_token(q_t, keys, values, *, scale=None, mask=None) -> np.ndarray:
     >>> bool(np.allclose(out, ra.attention(q[:, 4:], k[:2], v[:2])[:, 0]))
     True
     """
+    keys = keys if isinstance(keys, tuple) else (keys,)
+    values = values if isinstance(values, tuple) else (values,)
     *lead, hq, d = q_t.shape
-    hkv = keys.shape[-3]
+    hkv = keys[0].shape[-3]
     grouped = q_t.reshape(tuple(lead) + (hkv, hq // hkv, d)) * resolve_scale(scale, d)
-    logits = grouped @ np.swapaxes(keys, -1, -2)           # (*b, Hkv, G, L)
-    if mask is not None:
-        keep = np.broadcast_to(mask, tuple(lead) + (hq, keys.shape[-2]))
+    logits = np.concatenate([grouped @ np.swapaxes(k, -1, -2) for k in keys], axis=-1)
+    if mask is not None:                                   # logits: (*b, Hkv, G, L)
+        keep = np.broadcast_to(mask, tuple(lead) + (hq, logits.shape[-1]))
         logits = np.where(keep.reshape(logits.shape), logits, -np.inf)
     logits -= logits.max(axis=-1, keepdims=True)
     weights = np.exp(logits)
-    out = (weights @ values) / weights.sum(axis=-1, keepdims=True)
-    return out.reshape(tuple(lead) + (hq, values.shape[-1]))
+    bounds = np.cumsum([0] + [k.shape[-2] for k in keys])
+    out = sum(weights[..., a:b] @ v for a, b, v in zip(bounds[:-1], bounds[1:], values))
+    out = out / weights.sum(axis=-1, keepdims=True)
+    return out.reshape(tuple(lead) + (hq, values[0].shape[-1]))

@@ -83,8 +83,8 @@ def test_step_is_functional():
     x = rng.standard_normal((3, 1, 3))
     _, s1 = sink_step(s0, *x)
     _, s2 = sink_step(s1, *x)
-    assert s0.position == 0 and not s0.sink_keys.any() and not s0.ring_keys.any()
-    assert s1.position == 1 and not s1.ring_keys.any()
+    assert s0.position == 0 and not s0.sink_keys.any() and len(s0.recent) == 0
+    assert s1.position == 1 and len(s1.recent) == 0 and len(s2.recent) == 1
     f0 = full_cache_init(heads_q=1, heads_kv=1, d=3, dv=3)
     _, f1 = full_cache_step(f0, *x)
     assert f0.keys.shape[-2] == 0 and f1.keys.shape[-2] == 1
@@ -258,7 +258,7 @@ def test_full_cache_appends_in_place_yet_states_never_change(rng):
     for t in range(30):
         s = full_cache_step(s, q[:, t], k[:, t], v[:, t])[1]
         states.append(s)
-    assert states[30].key_buffer is states[20].key_buffer      # appended, not copied
+    assert states[30].cache.keys is states[20].cache.keys      # appended, not copied
     branch_out, branch = full_cache_step(states[10], q[:, 35], k[:, 35], v[:, 35])
     again_out, _ = full_cache_step(states[10], q[:, 36], k[:, 36], v[:, 36])
     for t, st_ in enumerate(states):
@@ -276,3 +276,27 @@ def test_full_cache_appends_in_place_yet_states_never_change(rng):
                                   full_cache_step(states[30], q[:, 30], k[:, 30], v[:, 30])[0])
     with pytest.raises(ValueError, match="k and v must have shapes"):
         full_cache_from(k[:, :3], v[:, :2], heads_q=2)
+
+
+def test_window_cache_appends_in_place_yet_states_never_change(rng):
+    """The window lives in a buffer with room for about twice the window: steps append
+    in place until it is full, then move the window to a new buffer; branching from an
+    old state copies. Every state keeps seeing exactly its own keys."""
+    q, k, v = rng.standard_normal((3, 2, 60, 4))
+    s = sink_init(heads_q=2, heads_kv=2, d=4, dv=4, window=9, sinks=2)
+    states = [s]
+    for t in range(50):
+        s = sink_step(s, q[:, t], k[:, t], v[:, t])[1]
+        states.append(s)
+    assert states[12].recent.keys is states[13].recent.keys     # appended, not copied
+    for t, st_ in enumerate(states):
+        recent = list(range(max(2, t - 10), t))                  # window 9: 10 tokens back
+        np.testing.assert_array_equal(st_.recent.keys_view, k[:, recent])
+        np.testing.assert_array_equal(st_.sink_keys[:, :min(t, 2)], k[:, :min(t, 2)])
+    out_a, a = sink_step(states[30], q[:, 55], k[:, 55], v[:, 55])
+    out_b, b = sink_step(states[30], q[:, 56], k[:, 56], v[:, 56])   # branch again
+    for out, j, branch in ((out_a, 55, a), (out_b, 56, b)):
+        idx = [0, 1] + list(range(21, 30)) + [j]
+        np.testing.assert_array_equal(branch.recent.keys_view, k[:, idx[2:]])
+        np.testing.assert_allclose(out, attention(q[:, j:j + 1], k[:, idx], v[:, idx])[:, 0],
+                                   rtol=1e-13)

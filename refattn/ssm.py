@@ -67,7 +67,8 @@ from ._inputs import check_int, check_memory, to_float64
 from .linear_rnn import associative_scan
 from .streaming import State
 
-__all__ = ["s4d", "s4d_kernel", "selective_scan", "selective_scan_init_state",
+__all__ = ["s4d", "s4d_kernel", "s4d_init_state", "s4d_step", "S4DState",
+           "selective_scan", "selective_scan_init_state",
            "selective_scan_step", "SelectiveScanState", "S4D_METHODS",
            "SELECTIVE_SCAN_METHODS"]
 
@@ -277,6 +278,59 @@ def s4d(u, A, B, C, delta, D=None, *, method="recurrent", return_last_state=Fals
     if return_last_state:
         return y, state.reshape(batch_shape + (dim, nstate))
     return y
+
+
+@dataclasses.dataclass(frozen=True)
+class S4DState(State):
+    """``h``: ``(batch, dim, N)`` after ``position`` steps, with the discretized layer
+    (``abar``, ``bbar``, ``C``, ``D``, the output ``factor``). ``nbytes`` counts ``h``
+    only: the layer's weights are shared by every stream."""
+
+    h: np.ndarray
+    abar: np.ndarray
+    bbar: np.ndarray
+    C: np.ndarray
+    D: np.ndarray | None
+    factor: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.h.nbytes
+
+
+def s4d_init_state(*, batch, A, B, C, delta, D=None, check_finite=True) -> S4DState:
+    """The state of :func:`s4d` before the first step (``h = 0``, ``(batch, dim, N)``),
+    with ``A``, ``B``, ``C``, ``delta``, ``D`` as there.
+
+    >>> import numpy as np
+    >>> A, B, C = -np.ones((2, 3)), np.ones((2, 3)), np.ones((2, 3))
+    >>> u = np.random.default_rng(0).standard_normal((1, 2, 5))
+    >>> s = s4d_init_state(batch=1, A=A, B=B, C=C, delta=0.1)
+    >>> outs = []
+    >>> for t in range(5):
+    ...     y, s = s4d_step(s, u[..., t]); outs.append(y)
+    >>> bool(np.allclose(np.stack(outs, -1), s4d(u, A, B, C, 0.1))), s.nbytes
+    (True, 48)
+    """
+    batch = check_int("batch", batch, minimum=1)
+    if np.ndim(A) != 2:
+        raise ValueError(f"A must have shape (dim, N), got {np.shape(A)}")
+    _, abar, bbar, c, _, D, factor = _s4d_setup(np.zeros((np.shape(A)[0], 1)), A, B, C,
+                                                delta, D, check_finite)
+    return S4DState(position=0, h=np.zeros((batch,) + abar.shape, abar.dtype), abar=abar,
+                    bbar=bbar, C=c, D=D, factor=factor)
+
+
+def s4d_step(state: S4DState, u_t, *, check_finite=True):
+    """``h = Ā h + B̄ u_t``, ``y_t = s Re(C h) + D u_t`` for ``u_t (batch, dim)``; returns
+    ``(y_t (batch, dim), new_state)``. Example: see :func:`s4d_init_state`."""
+    u_t = to_float64(u_t, "u_t", check_finite=check_finite)
+    _check_shape(u_t, "u_t", state.h.shape[:2], "(batch, dim)")
+    h = state.abar * state.h + state.bbar * u_t[..., None]
+    y = state.factor * np.einsum("dn,bdn->bd", state.C, h).real
+    if state.D is not None:
+        y = y + state.D * u_t
+    return y, state.replace(position=state.position + 1, h=h)
 
 
 # --------------------------------------------------------------------------- selective

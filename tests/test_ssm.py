@@ -468,3 +468,28 @@ def test_empty_sequences(rng):
     for method in ("recurrent", "chunked"):
         out, last = selective_scan(u, u, A, B, C, method=method, return_last_state=True)
         assert out.shape == (1, 2, 0) and last.shape == (1, 2, 3) and not last.any()
+
+
+def test_s4d_stepping_equals_the_parallel_forms():
+    from refattn.ssm import s4d_init_state, s4d_step
+    rng = np.random.default_rng(7)
+    dim, n, length = 3, 4, 11
+    A = -rng.uniform(0.1, 2.0, (dim, n)) + 1j * rng.standard_normal((dim, n))
+    B = rng.standard_normal((dim, n)) + 1j * rng.standard_normal((dim, n))
+    C = rng.standard_normal((dim, n)) + 1j * rng.standard_normal((dim, n))
+    u = rng.standard_normal((2, dim, length))
+    delta, D = rng.uniform(0.01, 0.5, dim), rng.standard_normal(dim)
+    state = s4d_init_state(batch=2, A=A, B=B, C=C, delta=delta, D=D)
+    size, outs = state.nbytes, []
+    for t in range(length):
+        y, state = s4d_step(state, u[..., t])
+        outs.append(y)
+    for method in ("recurrent", "fft", "scan"):
+        ref, last = s4d(u, A, B, C, delta, D, method=method, return_last_state=True)
+        np.testing.assert_allclose(np.stack(outs, -1), ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(state.h, last, rtol=1e-10, atol=1e-12)
+    assert state.nbytes == size == 2 * dim * n * 16
+    with pytest.raises(ValueError, match=r"u_t"):
+        s4d_step(state, np.zeros((1, dim)))
+    with pytest.raises(ValueError, match=r"A must have shape \(dim, N\)"):
+        s4d_init_state(batch=1, A=-np.ones(3), B=B, C=C, delta=0.1)

@@ -56,10 +56,6 @@ def scaling_params(spec, n: int, budget: int) -> dict:
     return params
 
 
-def _one_call(spec, q, k, v, params):
-    return spec.fn(q, k, v, **params)
-
-
 def measure_scaling(names=None, ns=(256, 512, 1024, 2048), *, d=32, budget=32, rng,
                     repeats=2, progress=None):
     """Time and peak traced memory of each mechanism at each length; returns an
@@ -105,14 +101,14 @@ def measure_scaling(names=None, ns=(256, 512, 1024, 2048), *, d=32, budget=32, r
             try:
                 for _ in range(repeats):
                     t0 = time.perf_counter()
-                    _one_call(spec, q, k, v, params)
+                    spec.fn(q, k, v, **params)
                     best = min(best, time.perf_counter() - t0)
             except MemoryBudgetError:       # refused up front: recorded as missing (NaN)
                 continue
             times[a, b] = best
             tracemalloc.start()
             try:
-                _one_call(spec, q, k, v, params)
+                spec.fn(q, k, v, **params)
                 peaks[a, b] = tracemalloc.get_traced_memory()[1]
             finally:
                 tracemalloc.stop()

@@ -89,8 +89,7 @@ def _writable(out) -> Path:
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
+        tempfile.NamedTemporaryFile(dir=out).close()    # can a file be made there?
     except OSError as exc:
         raise ReportError(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}; "
                           f"pass --out with a writable directory") from None

@@ -78,6 +78,18 @@ class Problem:
         return (np.full((self.batch, self.heads_q, self.n, self.dv), np.nan),
                 np.full((self.batch, self.heads_q, self.n), np.nan))
 
+    def outputs_from_blocks(self, v, blocks, return_lse):
+        """Assemble ``out`` (and ``lse``) from ``blocks`` yielding ``(b, hk, heads, rows,
+        p, lse_rows)``: ``out[b, heads, rows] = p @ v[b, hk]``; returned with the caller's
+        batch dimensions, as ``(out, lse)`` when ``return_lse``. Outputs start poisoned,
+        so a row no block writes shows as NaN."""
+        out, lse = self.poisoned_outputs()
+        for b, hk, heads, rows, p, block_lse in blocks:
+            out[b, heads, rows] = p @ v[b, hk]
+            lse[b, heads, rows] = block_lse
+        out, lse = self.unflatten(out, lse)
+        return (out, lse) if return_lse else out
+
     def unflatten(self, *arrays):
         """Give flat ``(B, ...)`` arrays the caller's batch dimensions back."""
         out = tuple(a.reshape(self.batch_shape + a.shape[1:]) for a in arrays)

@@ -213,7 +213,7 @@ def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
 # ---------------------------------------------------------------- routing attention
 def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, softcap,
                     rng, check_finite, block_q):
-    """Validate, cluster, then yield ``(b, h, hk, row_slice, p, lse)`` per query head
+    """Validate, cluster, then yield ``(b, hk, h, row_slice, p, lse)`` per query head
     and block of rows, ``p`` the ``(r, M)`` routed attention probabilities."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     n_clusters, n_iters, gen = _check_clustering(
@@ -250,7 +250,7 @@ def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, 
                     chosen = pref.argmax(axis=1)
                     s[~(allowed & (key_cluster[None, :] == chosen[:, None]))] = -np.inf
                     lse = _normalize_rows(s)
-                    yield b, h, hk, rs, s, lse
+                    yield b, hk, h, rs, s, lse
     return pb, v, blocks()
 
 
@@ -317,12 +317,7 @@ def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fals
                                     mask=mask, causal=causal, scale=scale, bias=bias,
                                     softcap=softcap, rng=rng, check_finite=check_finite,
                                     block_q=block_q)
-    out, lse = pb.poisoned_outputs()
-    for b, h, hk, rs, p, block_lse in blocks:
-        out[b, h, rs] = p @ v[b, hk]
-        lse[b, h, rs] = block_lse
-    out, lse = pb.unflatten(out, lse)
-    return (out, lse) if return_lse else out
+    return pb.outputs_from_blocks(v, blocks, return_lse)
 
 
 def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=False,
@@ -349,7 +344,7 @@ def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=
                  "the attention matrix of routing_attention_matrix",
                  "refattn.clustered.routing_attention (it never forms the matrix)")
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
-    for b, h, _, rs, p, _ in blocks:
+    for b, _, h, rs, p, _ in blocks:
         probs[b, h, rs] = p
     return pb.unflatten(probs)
 
@@ -395,15 +390,6 @@ def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale
                         a = np.where(keep, mass * exact, a)
                     yield b, hk, hs, rs, a, lse
     return pb, v, blocks()
-
-
-def _clustered_output(pb, v, blocks, return_lse):
-    out, lse = pb.poisoned_outputs()
-    for b, hk, hs, rs, a, block_lse in blocks:
-        out[b, hs, rs] = a @ v[b, hk]
-        lse[b, hs, rs] = block_lse
-    out, lse = pb.unflatten(out, lse)
-    return (out, lse) if return_lse else out
 
 
 def _clustered_matrix(pb, blocks, memory_budget, name):
@@ -471,7 +457,7 @@ def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fa
                                       topk=None, mask=mask, causal=causal, scale=scale,
                                       bias=bias, softcap=softcap, rng=rng,
                                       check_finite=check_finite, block_q=block_q)
-    return _clustered_output(pb, v, blocks, return_lse)
+    return pb.outputs_from_blocks(v, blocks, return_lse)
 
 
 def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=False,
@@ -543,7 +529,7 @@ def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=
                                       topk=topk, mask=mask, causal=causal, scale=scale,
                                       bias=bias, softcap=softcap, rng=rng,
                                       check_finite=check_finite, block_q=block_q)
-    return _clustered_output(pb, v, blocks, return_lse)
+    return pb.outputs_from_blocks(v, blocks, return_lse)
 
 
 def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, mask=None,

@@ -38,10 +38,6 @@ def _tokens(state, q_t, k_t, v_t):
             check_token(v_t, "v_t", b + (hkv, dv)))
 
 
-def _attend(q_t, keys, values, scale):
-    return attend_token(q_t, keys, values, scale=scale)
-
-
 @dataclasses.dataclass(frozen=True)
 class FullCacheState(State):
     """Full KV cache: ``keys (*b, Hkv, t, D)``, ``values (*b, Hkv, t, Dv)``; grows by one
@@ -119,7 +115,7 @@ def full_cache_step(state, q_t, k_t, v_t):
     q_t, k_t, v_t = _tokens(state, q_t, k_t, v_t)
     new = state.replace(position=state.position + 1,
                         cache=state.cache.append(k_t, v_t, keep=len(state.cache)))
-    return _attend(q_t, new.keys, new.values, state.scale), new
+    return attend_token(q_t, new.keys, new.values, scale=state.scale), new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +333,7 @@ def paged_step(state, q_t, k_t, v_t):
     keys = np.concatenate(list(kp[idx]), axis=-2)[..., :t + 1, :]
     values = np.concatenate(list(vp[idx]), axis=-2)[..., :t + 1, :]
     new = state.replace(position=t + 1, key_pages=kp, value_pages=vp, page_table=table)
-    return _attend(q_t, keys, values, state.scale), new
+    return attend_token(q_t, keys, values, scale=state.scale), new
 
 
 _KINDS = ("int8", "int8-channel", "fp8")
@@ -511,7 +507,7 @@ def quantized_step(state, q_t, k_t, v_t):
         changes.update(residual_keys=fresh_k, residual_values=fresh_v)
     new = state.replace(position=state.position + 1, **changes)
     keys, values = new.dequantized()
-    return _attend(q_t, keys, values, state.scale), new
+    return attend_token(q_t, keys, values, scale=state.scale), new
 
 
 def quantization_error(q, k, v, kind="int8", *, group_size=32):

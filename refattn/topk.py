@@ -158,12 +158,7 @@ def topk_attention(q, k, v, *, topk, mask=None, causal=False, scale=None, bias=N
     pb, v, blocks = _topk_blocks(q, k, v, topk=topk, mask=mask, causal=causal, scale=scale,
                                  bias=bias, softcap=softcap, check_finite=check_finite,
                                  block_q=block_q)
-    out, lse = pb.poisoned_outputs()
-    for b, hk, hs, rs, p, block_lse in blocks:
-        out[b, hs, rs] = p @ v[b, hk]
-        lse[b, hs, rs] = block_lse
-    out, lse = pb.unflatten(out, lse)
-    return (out, lse) if return_lse else out
+    return pb.outputs_from_blocks(v, blocks, return_lse)
 
 
 def topk_attention_matrix(q, k, *, topk, mask=None, causal=False, scale=None, bias=None,

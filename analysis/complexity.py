@@ -24,7 +24,7 @@ import tracemalloc
 
 import numpy as np
 
-from refattn._inputs import MemoryBudgetError, check_int, resolve_rng
+from refattn._core.checks import MemoryBudgetError, check_int, resolve_rng
 
 __all__ = ["fit_exponent", "measure_scaling", "scaling_params"]
 
@@ -77,6 +77,7 @@ def measure_scaling(names=None, ns=(256, 512, 1024, 2048), *, d=32, budget=32, r
     (True, True)
     """
     import xarray as xr
+
     from refattn import mechanisms
 
     specs = mechanisms()

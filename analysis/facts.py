@@ -25,7 +25,8 @@ import math
 
 import numpy as np
 
-from refattn._inputs import check_int, resolve_rng, to_float64
+from refattn._core.checks import check_int, resolve_rng
+from refattn.boundary import to_float64
 from refattn.lowrank import iterative_pinv
 from refattn.lsh import lsh_buckets
 

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from refattn._inputs import check_int, resolve_rng
+from refattn._core.checks import check_int, resolve_rng
 
 __all__ = ["temperature", "clustered", "low_rank", "GENERATORS", "generate"]
 

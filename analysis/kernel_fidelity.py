@@ -48,7 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr
 
-from refattn._inputs import check_int, resolve_rng, to_float64
+from refattn._core.checks import check_int, resolve_rng
+from refattn.boundary import to_float64
 from refattn.performer import softmax_kernel_estimate
 
 __all__ = ["KINDS", "MCEstimate", "softmax_kernel_samples", "softmax_kernel_mse",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._inputs import to_float64
+from refattn.boundary import to_float64
 
 __all__ = ["relative_frobenius", "max_abs_error", "cosine_similarity", "kl_divergence",
            "total_variation", "attention_entropy"]

@@ -127,6 +127,7 @@ def _save(fig, path: Path) -> str:
 # ------------------------------------------------------------------ 1. error vs cost
 def _pareto(out, p: Preset, seed, sweep_kw, only):
     import refattn as ra
+
     from .sweep import save, sweep
     specs = ra.mechanisms()
     names = [n for n, s in specs.items() if s.budget is not None and n in only]
@@ -191,6 +192,7 @@ def _pareto(out, p: Preset, seed, sweep_kw, only):
 # ------------------------------------------------------------- 2. error vs entropy
 def _entropy(out, p: Preset, seed, sweep_kw, only):
     import refattn as ra
+
     from .sweep import save, sweep
     specs = ra.mechanisms()
     names = [n for n in ENTROPY_MECHANISMS if n in specs and n in only]
@@ -255,6 +257,7 @@ def _entropy(out, p: Preset, seed, sweep_kw, only):
 # ------------------------------------------------------------ 3. MiniLM spectrum
 def _spectrum(out, p: Preset, seed):
     import xarray as xr
+
     from .minilm import MiniLM, default_text
     from .spectrum import cumulative_energy, effective_rank, singular_values, stable_rank
     try:
@@ -304,6 +307,7 @@ def _spectrum(out, p: Preset, seed):
 # --------------------------------------------------------- 4. Performer fidelity
 def _kernel(out, p: Preset, seed):
     import xarray as xr
+
     from .kernel_fidelity import softmax_kernel_mse, softmax_kernel_mse_theory
     KINDS = ("trig", "positive", "hyperbolic")
     d = 16
@@ -355,6 +359,7 @@ def _kernel(out, p: Preset, seed):
 # ------------------------------------------------------------- 5. complexity
 def _complexity(out, p: Preset, seed, progress, only):
     from refattn.kvcache import state_size_table
+
     from .complexity import measure_scaling
     bar = None
     if progress:
@@ -408,8 +413,8 @@ def _complexity(out, p: Preset, seed, progress, only):
 
 # ----------------------------------------------------------------- 6. facts
 def _facts(seed) -> str:
-    from .facts import convergence_order, lsh_collision_rate, lsh_collision_theory, \
-        pinv_residuals
+    from .facts import (convergence_order, lsh_collision_rate, lsh_collision_theory,
+                        pinv_residuals)
     from .spectrum import effective_rank, stable_rank
     a = np.diag([3.0, 2.0, 1.0])
     rng = np.random.default_rng(seed)

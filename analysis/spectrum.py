@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from refattn._inputs import check_int, resolve_rng, to_float64
+from refattn._core.checks import check_int, resolve_rng
+from refattn.boundary import to_float64
 
 __all__ = ["MAX_EXACT", "singular_values", "randomized_svdvals", "lanczos_svdvals",
            "cumulative_energy", "stable_rank", "effective_rank", "numerical_rank"]
@@ -43,8 +44,8 @@ def _blas_for(a):
     import contextlib
     if min(a.shape[-2:]) > SERIAL_BLAS_MAX:
         return contextlib.nullcontext()
-    from refattn._threads import _blas
-    return _blas().limit(limits=1, user_api="blas")
+    from refattn._core.threads import blas_controller
+    return blas_controller().limit(limits=1, user_api="blas")
 
 
 def _matrix(a, name="a") -> np.ndarray:

@@ -152,7 +152,7 @@ def _input_kinds(input_kinds):
 
 
 def _ints(name, values, minimum):
-    from refattn._inputs import check_int
+    from refattn._core.checks import check_int
     if isinstance(values, (int, np.integer)):
         values = [values]
     vals = [check_int(name, v, minimum=minimum) for v in values]
@@ -193,10 +193,11 @@ def _cell(task):
     """Measure one mechanism (all its settings) on one input; returns a list of
     ``(param_index, {variable: value})``."""
     import refattn as ra
-    from refattn._threads import _blas
+    from refattn._core.threads import blas_controller
+
     from .metrics import (cosine_similarity, kl_divergence, max_abs_error,
                           relative_frobenius, total_variation)
-    with _blas().limit(limits=1, user_api="blas"):
+    with blas_controller().limit(limits=1, user_api="blas"):
         q, k, v = _inputs(task)
         spec = ra.mechanisms()[task["mechanism"]]
         measure = task["measure"]
@@ -249,10 +250,11 @@ def _cell(task):
 def _input_cell(task):
     """Properties of the exact attention matrix of one input."""
     import refattn as ra
-    from refattn._threads import _blas
+    from refattn._core.threads import blas_controller
+
     from .metrics import attention_entropy
     from .spectrum import effective_rank, stable_rank
-    with _blas().limit(limits=1, user_api="blas"):
+    with blas_controller().limit(limits=1, user_api="blas"):
         q, k, _ = _inputs(task)
         p = ra.attention_probs(q, k)
         return [(None, {"input_entropy": float(attention_entropy(p).mean()),
@@ -300,7 +302,7 @@ def _execute(tasks, scheduler, workers, progress, connect_timeout):
                 if owned:
                     client.close()
             return
-        from refattn._threads import available_cores
+        from refattn._core.threads import available_cores
         workers = available_cores() if workers is None else int(workers)
         if workers < 1:
             raise ValueError(f"workers must be >= 1 or None, got {workers}")
@@ -359,8 +361,9 @@ def sweep(mechanisms, params=None, ns=(256,), input_kinds=("temperature",), seed
     >>> float(ds["output_rel_fro"].max()) < 1e-14          # exact attention vs itself
     True
     """
-    import refattn as ra
     import xarray as xr
+
+    import refattn as ra
 
     known = ra.mechanisms()
     names = _mechanism_names(mechanisms, known)
@@ -376,7 +379,7 @@ def sweep(mechanisms, params=None, ns=(256,), input_kinds=("temperature",), seed
         raise ValueError(f"measure must be a non-empty subset of {MEASURES}, got {measure}")
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
-    from refattn._inputs import check_int
+    from refattn._core.checks import check_int
     d, heads, batch = (check_int(a, b, minimum=1) for a, b in
                        (("d", d), ("heads", heads), ("batch", batch)))
     repeats = check_int("repeats", repeats, minimum=1)

@@ -36,7 +36,7 @@ import tracemalloc
 
 import numpy as np
 
-from refattn._threads import available_cores
+from refattn._core.threads import available_cores
 from refattn.ssm import selective_scan
 
 MiB = 2**20

@@ -156,7 +156,7 @@ def main(argv=None) -> None:
         return
 
     import refattn
-    from refattn._threads import available_cores
+    from refattn._core.threads import available_cores
     print(f"refattn.tiled_attention: H={args.heads} N={args.n} M={args.m} D={args.d} "
           f"Dv={args.dv} causal={args.causal} float64; numpy {np.__version__}, "
           f"{available_cores()} cores, dense memory budget "

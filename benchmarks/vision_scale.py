@@ -61,9 +61,9 @@ def measure(side: int, kernel: int, d: int, method: str, repeats: int) -> dict:
     n = side * side
     path = method
     if method == "auto":   # what the engine's chooser picks (a private helper)
-        from refattn.sparse import SPARSE_BLOCK, _choose_method
+        from refattn.sparse.engine import SPARSE_BLOCK, choose_method
         from refattn.vision import neighborhood_mask
-        path = _choose_method(neighborhood_mask((side, side), kernel), n, n, SPARSE_BLOCK)
+        path = choose_method(neighborhood_mask((side, side), kernel), n, n, SPARSE_BLOCK)
     return {"side": side, "n": n, "kernel": kernel, "seconds": min(times), "path": path,
             "traced_mib": traced / MiB, "rss_mib": rss_peak / MiB, "other": load.fraction,
             "inputs_mib": 3 * q.nbytes / MiB, "pairs": n * kernel**2,

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refattn._inputs import resolve_scale, resolve_softcap
 from refattn import masks as _masks
+from refattn._core.checks import resolve_scale, resolve_softcap
 
 from . import kernels_spec as ks
 from .blockmask import BlockMask, build

@@ -149,8 +149,10 @@ def run_case(case: Case, rng) -> dict:
     """Run one case on the device; returns its record entry."""
     import cupy
     import ml_dtypes
+
     import refattn as ra
     from refattn.testing import low_precision_attention, tolerance
+
     from . import host, launch
 
     q, k, v = make_inputs(case, rng)

@@ -8,36 +8,63 @@ The references are numerical oracles: import them in a test suite to check a ker
 >>> ref = ra.attention(q, k, v, mask=ra.masks.sliding_window(4), causal=True)
 >>> ra.testing.assert_close(ref.astype(np.float32), ref, dtype="float32")
 """
-from . import masks, scores
-from ._inputs import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
-from .exact import attention, attention_probs, merge_partials
+import sys as _sys
+import types as _types
+
+from . import masks, streaming
+from ._core.checks import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
+from .masks import scores
 from .registry import Mechanism, mechanisms
-from .tiled import tiled_attention
+from .exact import attention, attention_probs, merge_partials, tiled_attention
 from .sparse import (sparse_attention, sliding_window_attention, strided_attention,
                      fixed_attention, block_sparse_attention, bigbird_attention,
-                     longformer_attention, sink_attention)
-from .topk import topk_attention
-from .clustered import routing_attention, clustered_attention, improved_clustered_attention
-from .lsh import lsh_attention, lsh_buckets
-from . import reversible
-from .linear import linear_attention
-from .performer import performer_attention, performer_features, softmax_kernel_estimate
-from .scatterbrain import scatterbrain_attention
+                     longformer_attention, sink_attention, chunked_attention, topk_attention,
+                     routing_attention, clustered_attention, improved_clustered_attention,
+                     lsh_attention, lsh_buckets, reversible)
+from .linear import (linear_attention, performer_attention, performer_features,
+                     softmax_kernel_estimate, scatterbrain_attention)
 from .lowrank import linformer_attention, nystrom_attention, luna_attention
 from .compression import (pooled_attention, strided_kv_attention, landmark_attention,
                           kmeans_kv_attention)
 from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
-from . import streaming
-from .retnet import retention
-from .gla import gated_linear_attention
-from .chunked import chunked_attention
-from .linear_rnn import linear_rnn, associative_scan
+from .recurrent import retention, gated_linear_attention, linear_rnn, associative_scan
 from .ssm import s4d, s4d_kernel, selective_scan
-from . import kvcache   # registers the KV-cache streaming forms of attention and sinks
 from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
                      spatial_reduction_attention, patch_merging)
 from . import testing  # noqa: E402  (uses the references above)
+
+#: Module paths of the flat layout before the family packages, kept importable
+#: (``from refattn.performer import draw_omega``): old path -> the module now holding it,
+#: or the modules whose public names it gathers.
+STABLE_PATHS = {
+    "refattn.kvcache": ("refattn.exact.kvcache", "refattn.exact.quantize",
+                        "refattn.exact.merge", "refattn.sparse.local", "refattn.streaming"),
+    "refattn.scores": "refattn.masks.scores", "refattn.drawing": "refattn.masks.drawing",
+    "refattn.tiled": "refattn.exact.tiled",
+    "refattn.topk": "refattn.sparse.topk", "refattn.clustered": "refattn.sparse.clustered",
+    "refattn.lsh": "refattn.sparse.lsh", "refattn.reversible": "refattn.sparse.reversible",
+    "refattn.chunked": "refattn.sparse.chunked",
+    "refattn.performer": "refattn.linear.performer",
+    "refattn.scatterbrain": "refattn.linear.scatterbrain",
+    "refattn.retnet": "refattn.recurrent.retention", "refattn.gla": "refattn.recurrent.gla",
+    "refattn.linear_rnn": "refattn.recurrent.linear_rnn",
+}
+
+def _stable_module(old: str, new):
+    if isinstance(new, str):
+        return _sys.modules[new]
+    gathered = _types.ModuleType(old, f"Public names of {', '.join(new)}.")
+    for source in new:
+        module = _sys.modules[source]
+        gathered.__dict__.update({n: getattr(module, n) for n in module.__all__})
+    gathered.__all__ = sorted(n for n in vars(gathered) if not n.startswith("_"))
+    return gathered
+
+
+for _old, _new in STABLE_PATHS.items():
+    _sys.modules[_old] = _stable_module(_old, _new)
+    globals().setdefault(_old.split(".")[1], _sys.modules[_old])
 
 __version__ = "0.1.0"
 

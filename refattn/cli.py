@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {index}")
         return 0
     if args.command == "state-sizes":
-        from .kvcache import state_size_table
+        from .exact.kvcache import state_size_table
         table = state_size_table(heads_q=args.heads_q, heads_kv=args.heads_kv, d=args.d,
                                  dv=args.d)
         ns = next(iter(table.values())).keys()
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(mechanisms())} mechanisms registered.")
         return 0
     if args.command == "mask":
-        from .drawing import draw_mask, parse_mask
+        from .masks.drawing import draw_mask, parse_mask
         try:
             mask = parse_mask(args.expression)
             draw_mask(mask, args.n, args.m, args.out, block=args.block, head=args.head)

@@ -1,9 +1,11 @@
 """The registry of attention mechanisms.
 
-Each mechanism registers itself with :func:`register` where it is defined; property
-tests, ``refattn list`` and the analysis iterate over :func:`mechanisms`, so a new
-mechanism is tested and analysed by being registered. The registered name is the
-function's name.
+Each mechanism registers itself with :func:`register` where it is defined and gives the
+forms defined after it (implied matrix, streaming pair, VJP) with :func:`attach`, by
+function. Property tests, ``refattn list`` and the analysis iterate over
+:func:`mechanisms`, so a new mechanism is tested and analysed by being registered; the
+registry is complete once ``refattn`` is imported. The registered name is the function's
+name.
 
 >>> import refattn as ra
 >>> spec = ra.mechanisms()["attention"]
@@ -12,11 +14,12 @@ function's name.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Mechanism", "register", "mechanisms"]
+__all__ = ["Mechanism", "register", "attach", "mechanisms"]
 
 #: Keyword arguments every softmax-style mechanism shares; ``params`` lists the others.
 COMMON_PARAMS = frozenset({"mask", "causal", "scale", "bias", "softcap", "return_lse",
@@ -43,6 +46,7 @@ class Mechanism:
     query at sequence length ``n`` -- the analysis sweeps ``b`` to trace error against
     cost; None: the mechanism is analysed at ``example`` only, or is not such an
     approximation (retention, memories).
+    ``vjp``: its gradient (vector-Jacobian product), where one is attached.
     """
 
     name: str
@@ -66,20 +70,21 @@ class Mechanism:
     step: Callable | None = None
     constant_state: bool = False
     budget: Callable | None = None
+    vjp: Callable | None = None
     example: dict = field(default_factory=dict)
     doc: str = ""
 
 
-_REGISTRY: dict[str, Mechanism] = {}
+_REGISTRY: dict[str, dict] = {}
 
 
-def register(*, family: str, exact: bool, time: str, state: str, implied=None,
-             example=None, streaming=None, **flags):
+def register(*, family: str, exact: bool, time: str, state: str, example=None, **flags):
     """Decorator that registers ``fn`` under ``fn.__name__``.
 
-    ``implied``: the implied-matrix function, or the name of one defined later in the
-    same module (resolved when :func:`mechanisms` is called); ``streaming``: the names
-    (or functions) ``(init_state, step)`` of its streaming form, resolved the same way.
+    ``family``: the package the mechanism lives in (``"sparse"``, ``"linear"``, ...);
+    ``time``, ``state``: its asymptotic cost; ``example``: keyword arguments of a small
+    valid call; ``flags``: the other :class:`Mechanism` fields. Forms defined after the
+    forward (its implied matrix, streaming pair, VJP) are given with :func:`attach`.
     """
     def deco(fn):
         sig = inspect.signature(fn)
@@ -88,30 +93,56 @@ def register(*, family: str, exact: bool, time: str, state: str, implied=None,
                        and p not in COMMON_PARAMS)
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"mechanism {fn.__name__!r} is registered twice")
+        unknown = set(flags) - {f.name for f in dataclasses.fields(Mechanism)}
+        if unknown:
+            raise TypeError(f"register({fn.__name__}): unknown fields {sorted(unknown)}")
         _REGISTRY[fn.__name__] = dict(
             name=fn.__name__, family=family, exact=exact, fn=fn, time=time, state=state,
-            params=params, randomized="rng" in sig.parameters, implied=implied,
+            params=params, randomized="rng" in sig.parameters,
             example=dict(example or {}), doc=(inspect.getdoc(fn) or "").split("\n")[0],
-            streaming=streaming, flags=flags)
+            **flags)
         return fn
     return deco
 
 
-def _resolve(entry) -> Mechanism:
-    module = inspect.getmodule(entry["fn"])
+def attach(mechanism, *, implied=None, init_state=None, step=None, vjp=None,
+           constant_state=None) -> None:
+    """Give a registered mechanism (its function or name) the forms defined after it:
+    ``implied(q, k, **kwargs)``, its implied matrix; ``init_state``/``step``, its
+    streaming form (:mod:`refattn.streaming`; both or neither), and whether that state
+    is ``constant_state``; ``vjp``, its gradient. Each form is attached once: a second
+    attachment raises instead of silently replacing the first.
 
-    def named(x):
-        return getattr(module, x) if isinstance(x, str) else x
-    init_state, step = (named(x) for x in entry["streaming"] or (None, None))
-    flags = dict(entry["flags"])
-    flags.setdefault("supports_streaming", init_state is not None)
-    return Mechanism(name=entry["name"], family=entry["family"], exact=entry["exact"],
-                     fn=entry["fn"], time=entry["time"], state=entry["state"],
-                     params=entry["params"], randomized=entry["randomized"],
-                     implied_matrix=named(entry["implied"]), example=dict(entry["example"]),
-                     doc=entry["doc"], init_state=init_state, step=step, **flags)
+    >>> import refattn as ra
+    >>> ra.mechanisms()["attention"].implied_matrix is ra.attention_probs
+    True
+    """
+    name = mechanism if isinstance(mechanism, str) else getattr(mechanism, "__name__", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"attach: {mechanism!r} is not a registered mechanism")
+    if (init_state is None) != (step is None):
+        raise ValueError(f"attach({name}): give both init_state and step, or neither")
+    entry = _REGISTRY[name]
+    for form, fn in (("implied", implied), ("init_state", init_state), ("step", step),
+                     ("vjp", vjp)):
+        if fn is None:
+            continue
+        if not callable(fn):
+            raise TypeError(f"attach({name}): {form} must be a function, got {fn!r}")
+        if entry.get(form) is not None:
+            raise ValueError(f"attach({name}): {form} is already attached "
+                             f"({entry[form].__name__})")
+        entry[form] = fn
+    if constant_state is not None:
+        entry["constant_state"] = bool(constant_state)
 
 
 def mechanisms() -> dict[str, Mechanism]:
     """All registered mechanisms, name -> :class:`Mechanism`, in registration order."""
-    return {name: _resolve(entry) for name, entry in _REGISTRY.items()}
+    out = {}
+    for name, entry in _REGISTRY.items():
+        fields = dict(entry)
+        fields["implied_matrix"] = fields.pop("implied", None)
+        fields.setdefault("supports_streaming", fields.get("init_state") is not None)
+        out[name] = Mechanism(**fields)
+    return out

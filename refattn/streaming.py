@@ -18,9 +18,11 @@ import dataclasses
 
 import numpy as np
 
-from ._inputs import check_int, resolve_scale, to_float64
+from ._core.checks import check_int, resolve_scale
+from .boundary.arrays import to_float64
 
-__all__ = ["State", "Window", "check_token", "check_tokens", "check_sizes", "attend_token"]
+__all__ = ["State", "Window", "check_token", "check_tokens", "check_sizes", "attend_token",
+           "state_size_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,3 +164,44 @@ def attend_token(q_t, keys, values, *, scale=None, mask=None) -> np.ndarray:
     out = sum(weights[..., a:b] @ v for a, b, v in zip(bounds[:-1], bounds[1:], values))
     out = out / weights.sum(axis=-1, keepdims=True)
     return out.reshape(tuple(lead) + (hq, values[0].shape[-1]))
+
+
+def state_size_table(ns=(1_000, 16_000, 256_000, 1_000_000), *, batch_shape=(),
+                     heads_q=32, heads_kv=8, d=128, dv=128, budget=4096, ssm_state=16):
+    """Bytes of state after each ``n`` in ``ns`` tokens for every registered streaming
+    mechanism, from ``state.nbytes_after(n)`` where the state has it (else, for constant
+    states, ``nbytes`` after one token). Parameters: ``spec.budget(max(ns), budget)``
+    where registered (a window of ``budget`` keys, ...), else ``spec.example``. Two
+    recurrences that are not attention are added for comparison, each with ``Hq·D``
+    channels (the width of the layer): ``linear_rnn`` (one number per channel) and
+    ``selective_scan`` (Mamba, ``ssm_state`` numbers per channel). Returns
+    ``{name: {n: bytes}}``.
+
+    >>> t = state_size_table((1000,), heads_q=4, heads_kv=1, d=8, dv=8)
+    >>> t["attention"][1000], t["selective_scan"][1000]
+    (128000, 4096)
+    """
+    from .recurrent.linear_rnn import linear_rnn_init_state
+    from .registry import mechanisms
+    from .ssm import selective_scan_init_state
+    table = {}
+    for name, spec in mechanisms().items():
+        if spec.init_state is None:
+            continue
+        params = dict(spec.budget(max(ns), budget) if spec.budget else spec.example,
+                      **({"rng": 0} if spec.randomized else {}))
+        state = spec.init_state(batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv,
+                                d=d, dv=dv, **params)
+        if hasattr(state, "nbytes_after"):
+            table[name] = {n: state.nbytes_after(n) for n in ns}
+        elif spec.constant_state:   # size after one token; the registry tests that it stays
+            token = np.zeros(tuple(batch_shape) + (heads_kv, d))
+            _, state = spec.step(state, np.zeros(tuple(batch_shape) + (heads_q, d)), token,
+                                 np.zeros(tuple(batch_shape) + (heads_kv, dv)))
+            table[name] = {n: state.nbytes for n in ns}
+    width, batch = heads_q * d, int(np.prod(batch_shape, dtype=np.int64))
+    rnn = linear_rnn_init_state(batch_shape=batch_shape, dim=width)
+    scan = selective_scan_init_state(batch=batch, A=-np.ones((width, ssm_state)))
+    table["linear_rnn"] = {n: rnn.nbytes for n in ns}
+    table["selective_scan"] = {n: scan.nbytes for n in ns}
+    return table

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._inputs import to_float64
+from ..boundary.arrays import dtype_name, is_torch_tensor, to_float64
 
 __all__ = ["TOLERANCES", "tolerance", "assert_close", "assert_as_accurate_as",
            "low_precision_attention", "round_to"]
@@ -52,7 +52,7 @@ def tolerance(dtype) -> tuple[float, float]:
 
 
 def _as_array(x, name):
-    if hasattr(x, "detach"):  # a torch tensor: to float64 on the host
+    if is_torch_tensor(x):  # to float64 on the host
         x = x.detach().cpu().double().numpy()
     return to_float64(x, name, check_finite=False)
 
@@ -68,8 +68,7 @@ def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None,
     its index, both values and the allowed difference.
     """
     if dtype is None:
-        dt = getattr(actual, "dtype", None)
-        dname = str(dt).replace("torch.", "") if dt is not None else "float64"
+        dname = dtype_name(actual)
         dtype = dname if dname in TOLERANCES else "float64"
     dname = _dtype_name(dtype)
     table_rtol, table_atol = TOLERANCES[dname]
@@ -150,7 +149,7 @@ def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
     ``dtype``'s grid. A same-precision baseline for :func:`assert_as_accurate_as`.
     Takes :func:`refattn.attention`'s keyword arguments.
     """
-    from ..exact import attention_probs
+    from ..exact.dense import attention_probs
     q, k, v = (round_to(x, dtype) for x in (q, k, v))
     probs = round_to(attention_probs(q, k, **kwargs), dtype)
     group = q.shape[-3] // k.shape[-3]

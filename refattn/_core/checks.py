@@ -1,0 +1,132 @@
+"""Checking the parameters of a reference: one function per kind of value, each raising
+``TypeError`` (wrong kind) or ``ValueError`` (out of range) that names the argument and
+the value seen, and the memory budget every large allocation is checked against.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "MemoryBudgetError", "check_memory", "is_int", "check_int",
+           "check_count",
+           "check_block", "check_bool", "check_choice", "resolve_scale",
+           "resolve_softcap", "resolve_rng"]
+
+#: Default limit, in bytes, on the working memory a dense (N x M materializing) reference
+#: may allocate. Pass ``memory_budget=`` to a function to change it for one call.
+DEFAULT_MEMORY_BUDGET = 8 * 2**30
+
+
+class MemoryBudgetError(MemoryError):
+    """A dense request would allocate more than its memory budget; raised before any
+    large allocation, with the name of the memory-bounded alternative."""
+
+
+def check_memory(nbytes: float, budget, what: str, alternative: str) -> None:
+    """Raise :class:`MemoryBudgetError` before allocating ``nbytes`` beyond ``budget``."""
+    budget = DEFAULT_MEMORY_BUDGET if budget is None else budget
+    if nbytes > budget:
+        raise MemoryBudgetError(
+            f"{what} needs about {nbytes / 2**30:.1f} GiB of working memory, over the "
+            f"memory budget of {budget / 2**30:.1f} GiB; use {alternative}, which runs in "
+            f"memory independent of the sequence length, or raise memory_budget= if the "
+            f"machine has room")
+
+
+def is_int(value) -> bool:
+    """A Python or NumPy integer that is not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value, *, minimum: int, context: str = "") -> int:
+    """An integer ``>= minimum`` (bools rejected): ``TypeError`` for a non-integer,
+    ``ValueError`` below the minimum, both naming ``name`` (and ``context``)."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an integer{context}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{context}, got {value!r}")
+    return int(value)
+
+
+def check_count(name: str, value, *, minimum: int = 0, allow_none: bool = False):
+    """An integer ``>= minimum`` (or ``None`` when ``allow_none``): the sizes of masks
+    and patterns. Anything else is a ``ValueError`` naming ``name``."""
+    if value is None and allow_none:
+        return None
+    if not is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def check_block(name: str, value):
+    """``None`` (a default chosen by the caller), or a positive integer: block sizes and
+    worker counts. A ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    """``True`` or ``False`` (NumPy bools too); a ``TypeError`` naming ``name`` for
+    anything else, so that ``causal="yes"`` or ``causal=1`` never passes silently."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_choice(name: str, value, choices, *, aliases=None) -> str:
+    """One of the strings ``choices`` (``aliases`` maps other accepted spellings to
+    one of them); a ``ValueError`` listing the choices otherwise."""
+    aliases = aliases or {}
+    if isinstance(value, str) and value in aliases:
+        return aliases[value]
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def resolve_scale(scale, d: int) -> float:
+    """``scale=None`` means ``1/sqrt(D)``; otherwise a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}") from None
+    if not math.isfinite(s):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    return s
+
+
+def resolve_softcap(softcap):
+    """``softcap=None`` disables capping; otherwise a positive finite number."""
+    if softcap is None:
+        return None
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError):
+        raise TypeError(f"softcap must be a positive number or None, got {softcap!r}") from None
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+    return c
+
+
+def resolve_rng(rng, where: str) -> np.random.Generator:
+    """The generator of a randomized reference: ``rng`` is an int seed (a fresh
+    generator) or a ``numpy.random.Generator`` (used, and so advanced). There is no
+    default: an oracle's randomness is always chosen by the caller."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if is_int(rng):
+        if rng < 0:
+            raise ValueError(f"{where}: rng seed must be a non-negative integer, got {rng!r}")
+        return np.random.default_rng(int(rng))
+    if rng is None:
+        raise TypeError(f"{where} is randomized and needs rng= (an int seed or a "
+                        f"numpy.random.Generator); the same rng gives the same result")
+    raise TypeError(f"{where}: rng must be an int seed or a numpy.random.Generator, "
+                    f"got {rng!r}")

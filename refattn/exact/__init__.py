@@ -1,0 +1,11 @@
+"""Exact softmax attention: dense, tiled (FlashAttention's online softmax), merging of
+partial results, quantized keys and values, and KV-cache states for decoding.
+"""
+from .dense import attention, attention_probs
+from .tiled import tiled_attention
+from .merge import merge_partials, split_kv_decode
+from .quantize import dequantize, quantization_error, quantize
+from . import kvcache
+
+__all__ = ["attention", "attention_probs", "tiled_attention", "merge_partials",
+           "split_kv_decode", "quantize", "dequantize", "quantization_error", "kvcache"]

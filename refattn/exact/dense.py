@@ -1,0 +1,133 @@
+r"""Exact softmax attention, dense: the oracle every other mechanism is measured against.
+
+.. math::
+
+    O = \operatorname{softmax}(S) V, \qquad
+    S_{ij} = \text{mask}\big(\text{score\_mod}(\text{softcap}(\tfrac{1}{\sqrt{D}}
+    q_i \cdot k_j))\big), \qquad
+    \text{lse}_i = \log \textstyle\sum_j e^{S_{ij}}
+
+(Vaswani et al. 2017). Computed in float64 with the max-subtracted softmax, one
+``(G, N, M)`` block per batch element and KV head, so the working memory is that of one
+head group's score matrix; beyond the memory budget use
+:func:`refattn.tiled_attention`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._core.checks import check_memory
+from .._core.logits import make_logits
+from .._core.problem import prepare_qkv
+from .._core.softmax import finish_rows, softmax_rows
+from ..registry import attach, register
+
+__all__ = ["attention", "attention_probs"]
+
+
+def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
+                  memory_budget, what):
+    """Validate, then yield ``(b, head_slice, p, v_block, row_max, row_sum)`` per
+    (batch, KV head), where ``p = exp(s - rowmax)`` has shape ``(G, N, M)``."""
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    check_memory(pb.group * pb.n * pb.m * 17.0, memory_budget, what,
+                 "refattn.tiled_attention(q, k, v, ...)")
+    q_scaled = q * logits.scale
+    rows, cols = np.arange(pb.n), np.arange(pb.m)
+
+    def blocks():
+        for b in range(pb.batch):
+            for hk in range(pb.heads_kv):
+                hs = slice(hk * pb.group, (hk + 1) * pb.group)
+                heads = np.arange(hs.start, hs.stop)
+                s = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols)
+                row_max, row_sum = softmax_rows(s)
+                yield b, hs, s, (None if v is None else v[b, hk]), row_max, row_sum
+                del s   # one (G, N, M) block alive at a time
+    return pb, blocks()
+
+
+@register(family="exact", exact=True, time="O(N·M·D)", state="O(M·D) KV cache",
+          supports_causal=True, supports_mask=True, supports_gqa=True)
+def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softcap=None,
+              return_lse=False, check_finite=True, memory_budget=None):
+    """Exact softmax attention (dense reference).
+
+    Parameters
+    ----------
+    q : array ``(..., Hq, N, D)``
+    k : array ``(..., Hkv, M, D)``; ``Hq`` a multiple of ``Hkv`` (GQA/MQA: query head
+        ``h`` uses KV head ``h // (Hq // Hkv)``)
+    v : array ``(..., Hkv, M, Dv)``
+    mask : :mod:`refattn.masks` mask, ``mask_mod(b, h, q_idx, kv_idx)`` function, or
+        boolean array broadcastable to ``(..., Hq, N, M)``; ``True`` keeps a key.
+    causal : bool, ``causal() & mask``; bottom-right aligned when ``N != M``.
+    scale : float, default ``1/sqrt(D)``.
+    bias : additive array broadcastable to ``(..., Hq, N, M)`` or a score modifier
+        ``score_mod(score, b, h, q_idx, kv_idx)`` (:mod:`refattn.scores`).
+    softcap : float, logits become ``softcap * tanh(s / softcap)`` before ``bias``.
+    return_lse : also return the log-sum-exp ``(..., Hq, N)`` of the logits.
+    check_finite : raise on non-finite ``q``, ``k``, ``v`` (default).
+    memory_budget : bytes of working memory allowed (default
+        ``refattn.DEFAULT_MEMORY_BUDGET``); larger requests raise
+        :class:`refattn.MemoryBudgetError` before allocating.
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)``, and ``(..., Hq, N)`` lse if ``return_lse``. Rows whose
+    keys are all masked give output 0 and lse ``-inf``.
+
+    Example
+    -------
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 5, 8))   # 2 heads, 5 tokens, D = 8
+    >>> out, lse = ra.attention(q, k, v, causal=True, return_lse=True)
+    >>> out.shape, lse.shape
+    ((2, 5, 8), (2, 5))
+    >>> bool(np.allclose(out[:, 0], v[:, 0]))    # the first query sees only key 0
+    True
+    """
+    pb, blocks = _dense_blocks(q, k, v, mask=mask, causal=causal, scale=scale, bias=bias,
+                               softcap=softcap, check_finite=check_finite,
+                               memory_budget=memory_budget, what="dense attention")
+    out, lse = pb.poisoned_outputs()
+    for b, hs, p, vb, row_max, row_sum in blocks:
+        finish_rows(p @ vb, row_max, row_sum, out[b, hs], lse[b, hs])
+        del p
+    out, lse = pb.unflatten(out, lse)
+    return (out, lse) if return_lse else out
+
+
+def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, softcap=None,
+                    check_finite=True, memory_budget=None):
+    """The attention matrix ``P = softmax(S)`` of :func:`attention`, float64
+    ``(..., Hq, N, M)``; rows that keep no key are 0. Same arguments as
+    :func:`attention`.
+
+    >>> import numpy as np, refattn as ra
+    >>> q = k = np.eye(3)[None]            # one head, orthogonal queries and keys
+    >>> ra.attention_probs(q, k, scale=100.0, causal=True).round(3)
+    array([[[1., 0., 0.],
+            [0., 1., 0.],
+            [0., 0., 1.]]])
+    """
+    pb, blocks = _dense_blocks(q, k, None, mask=mask, causal=causal, scale=scale, bias=bias,
+                               softcap=softcap, check_finite=check_finite,
+                               memory_budget=memory_budget, what="attention_probs")
+    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
+                 "the attention matrix of attention_probs",
+                 "refattn.tiled_attention (it never forms the matrix)")
+    probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
+    for b, hs, p, _, _, row_sum in blocks:
+        empty = row_sum == 0
+        p[empty] = 0.0
+        np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
+        probs[b, hs] = p
+        del p
+    return pb.unflatten(probs)
+
+
+attach(attention, implied=attention_probs)

@@ -1,0 +1,95 @@
+r"""Exact attention in tiles with the online softmax (FlashAttention, Dao et al. 2022).
+
+For each block of queries the key blocks are visited in order, keeping per row a
+running maximum :math:`m`, normaliser :math:`\ell` and unnormalised output :math:`a`:
+
+.. math::
+
+    m' = \max(m, \max_j S_{ij}), \quad
+    \ell' = e^{m - m'} \ell + \sum_j e^{S_{ij} - m'}, \quad
+    a' = e^{m - m'} a + \sum_j e^{S_{ij} - m'} v_j,
+
+and finally :math:`o = a / \ell`, :math:`\text{lse} = m + \log \ell`. The result equals
+dense attention up to float64 rounding, while the working memory is a few
+``(block_q, block_k)`` tiles per worker thread, independent of ``N`` and ``M``. Tiles
+that the mask classifies as empty are skipped; full tiles skip mask evaluation.
+"""
+from __future__ import annotations
+
+from .._core.checks import check_block
+from .._core.logits import make_logits
+from .._core.online import online_softmax_tiles
+from .._core.problem import prepare_qkv
+from ..registry import attach, register
+
+__all__ = ["tiled_attention"]
+
+#: Default number of logits in one tile (``G * block_q * block_k``): 4 MiB of float64,
+#: large enough for efficient matrix products and small enough to stay in cache.
+TILE_ELEMENTS = 2**19
+DEFAULT_BLOCK_K = 1024
+
+
+@register(family="exact", exact=True, time="O(N·M·D)", state="O(M·D) KV cache",
+          supports_causal=True, supports_mask=True, supports_gqa=True, example={"block_q": 3, "block_k": 5})
+def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=False,
+                    scale=None, bias=None, softcap=None, return_lse=False,
+                    check_finite=True, workers=None):
+    """Exact softmax attention with O(block) working memory (FlashAttention's algorithm).
+
+    Same arguments and result as :func:`refattn.attention`, plus:
+
+    block_q, block_k : tile sizes in queries and keys (neither needs to divide ``N`` or
+        ``M``); by default :func:`default_blocks` (``block_k = 1024`` and ``block_q`` such
+        that a tile of all ``G = Hq / Hkv`` heads sharing a KV head holds about
+        ``TILE_ELEMENTS`` logits; smaller square tiles under a mask at short lengths).
+    workers : threads working on different query blocks (default: the cores available
+        to this process; 1 for small problems). While they run, the BLAS library is
+        limited to one thread each.
+
+    Working memory beyond inputs and outputs: about ``3 * G * block_q * block_k`` float64
+    per worker (a logit tile, its mask and a scaled query block): O(block) in N and M.
+
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 4, 100, 16))            # 4 heads
+    >>> out = ra.tiled_attention(q, k[:1], v[:1], block_q=32, block_k=48, causal=True)
+    >>> bool(np.allclose(out, ra.attention(q, k[:1], v[:1], causal=True), rtol=1e-12))
+    True
+    """
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    block_q, block_k = default_blocks(pb, logits.mask is not None, block_q, block_k)
+    out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k,
+                                    check_block("workers", workers))
+    out, lse = pb.unflatten(out, lse)
+    return (out, lse) if return_lse else out
+
+
+def default_blocks(pb, masked: bool, block_q=None, block_k=None) -> tuple[int, int]:
+    """Tile sizes: ``block_k = 1024`` and ``block_q`` filling ``TILE_ELEMENTS`` logits
+    with all ``G`` heads of a KV head; with a mask, square tiles of at most a quarter of
+    ``M`` (at least 128), so that tiles the mask empties can be skipped at short lengths."""
+    block_k = check_block("block_k", block_k)
+    block_q = check_block("block_q", block_q)
+    if block_k is None:
+        block_k = DEFAULT_BLOCK_K
+        if masked:
+            block_k = max(128, min(block_k, 1 << max(0, (pb.m // 4).bit_length() - 1)))
+        block_k = max(1, min(pb.m, block_k))
+    if block_q is None:
+        block_q = TILE_ELEMENTS // (pb.group * block_k)
+        if masked:
+            block_q = min(block_q, block_k)
+        block_q = max(1, min(pb.n, block_q))
+    return block_q, block_k
+
+
+def _implied_probs(q, k, *, block_q=None, block_k=None, workers=None, **kwargs):
+    """Tiled attention computes exactly the dense attention matrix."""
+    from .dense import attention_probs
+    return attention_probs(q, k, **kwargs)
+
+
+attach(tiled_attention, implied=_implied_probs)

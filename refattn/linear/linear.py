@@ -1,0 +1,489 @@
+r"""Linear attention (Katharopoulos, Vyas, Pappas & Fleuret, ICML 2020, "Transformers are
+RNNs: Fast Autoregressive Transformers with Linear Attention"), float64 reference.
+
+**Definition.** With a feature map :math:`\phi: \mathbb{R}^D \to \mathbb{R}^F` applied to
+every query and key row, softmax's :math:`e^{q \cdot k}` is replaced by the kernel
+:math:`\phi(q)\cdot\phi(k)`:
+
+.. math::
+
+    o_i = \frac{\sum_{j \in V_i} \big(\phi(q_i)\cdot\phi(k_j)\big)\, v_j}
+               {\sum_{j \in V_i} \phi(q_i)\cdot\phi(k_j)}
+        = \frac{\phi(q_i)^\top S_i}{\phi(q_i)^\top z_i}, \qquad
+    S_i = \sum_{j \in V_i} \phi(k_j)\, v_j^\top, \quad
+    z_i = \sum_{j \in V_i} \phi(k_j),
+
+where :math:`V_i` is every key (non-causal) or, causal, the keys
+:math:`j \le i + (M - N)` (bottom-right alignment when ``N != M``, refattn's convention).
+Non-causal this is :math:`\phi(Q)(\phi(K)^\top V) / \phi(Q)(\phi(K)^\top 1)`: two
+products of cost O((N + M)·F·Dv), never an ``N x M`` matrix. The scale of ``q · k`` does
+not enter (the paper applies ``φ`` to the raw projections).
+
+**Feature maps** (``feature_map=``): ``"elu"`` (default; :math:`\mathrm{elu}(x) + 1`,
+positive), ``"relu"`` (:math:`\max(x, 0)`, nonnegative; a row can be all zero),
+``"identity"`` (:math:`x`, signed) or a callable ``φ(x)`` mapping a float64 array
+``(..., H, L, D)`` to ``(..., H, L, F)`` row by row (the same map for every row; the
+causal forms and the streaming step apply it to pieces of the sequence). A callable's
+output is checked: it must have the input's leading shape, ``F >= 1`` features, be finite
+(unless ``check_finite=False``) and be **nonnegative**, because the normalizer
+:math:`\phi(q_i)\cdot z_i` is a meaningful (positive) total weight only then; signed
+features raise ``ValueError`` unless ``allow_negative=True``. ``"identity"`` is signed by
+choice and needs no opt-out.
+
+**Zero denominators.** Where :math:`\phi(q_i)\cdot z_i = 0` exactly — no visible key
+(causal with ``N > M``), or nonnegative features whose products all vanish (``relu``
+rows that are all zero, ``elu`` features underflowing for inputs below about ``-745``) —
+the output row is **0**, never NaN. Nonzero denominators are used as they are: with
+signed features (``identity``, ``allow_negative=True``) a denominator can be negative or
+tiny, and the output is then what the formula gives (large, or of flipped sign).
+
+**Implied matrix.** :func:`linear_attention_matrix` returns
+:math:`A_{ij} = \phi(q_i)\cdot\phi(k_j) / \sum_{j' \in V_i} \phi(q_i)\cdot\phi(k_{j'})`
+on :math:`V_i` (0 elsewhere, and 0 rows where the denominator is 0), so that
+``linear_attention(q, k, v) == A @ v``. With nonnegative features (``elu``, ``relu``,
+nonnegative callables) ``A`` is row-stochastic on rows with a nonzero denominator; the
+registry's ``row_stochastic=True`` refers to the registered example (``elu``). With
+signed features ``A`` is returned as it is: rows still sum to 1 where the denominator is
+nonzero, but entries can be negative, so the output is not a convex combination of the
+values.
+
+**Causal forms** (``method=``), all computing the same function:
+
+* ``"quadratic"``: the masked ``N x M`` matrix :math:`(\phi(Q)\phi(K)^\top \odot
+  \text{mask})\,V`, normalized by its row sums;
+* ``"recurrent"``: the RNN of the paper, a Numba scan over the keys with
+  :math:`S \leftarrow S + \phi(k_j) v_j^\top`, :math:`z \leftarrow z + \phi(k_j)` and
+  query :math:`i` read out after key :math:`i + M - N`;
+* ``"chunked"`` (causal default): keys cut into chunks of ``chunk_size``; a query
+  combines the state of all earlier chunks with a masked quadratic product inside its own
+  chunk, O((N + M)·chunk_size·F + (N + M)/chunk_size·F·Dv) work and O(F·Dv) state.
+
+Non-causal, ``method=None`` uses the two products above; the three named forms are valid
+too (every query then sees every key) and serve as independent checks. GQA: the state
+:math:`(S, z)` belongs to a KV head and is shared by the ``Hq // Hkv`` query heads of its
+group.
+
+**Streaming.** :func:`linear_attention_init_state` / :func:`linear_attention_step`
+(:mod:`refattn.streaming`) carry :math:`S` ``(*batch, Hkv, F, Dv)`` and :math:`z`
+``(*batch, Hkv, F)``: constant memory however many tokens are consumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+from numba import njit
+
+from .._core.checks import check_bool, check_int, check_memory
+from .._core.problem import prepare_qkv
+from ..boundary.arrays import to_float64
+from ..registry import attach, register
+from ..streaming import State, check_sizes, check_tokens
+
+__all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
+           "linear_attention_step", "LinearAttentionState", "FEATURE_MAPS", "METHODS"]
+
+#: Names of the built-in feature maps.
+FEATURE_MAPS = ("elu", "relu", "identity")
+#: Names of the forms ``method=`` selects.
+METHODS = ("quadratic", "recurrent", "chunked")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_method(method, causal: bool) -> str:
+    """The form to compute: a name from :data:`METHODS`, or ``"linear"`` (non-causal
+    two-product form) for ``method=None`` without causality."""
+    if method is None:
+        return "chunked" if causal else "linear"
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be None or one of {METHODS}, got {method!r}")
+    return method
+
+
+def _check_feature_map(feature_map):
+    if isinstance(feature_map, str):
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS} or a callable "
+                             f"phi(x (..., L, D)) -> (..., L, F), got {feature_map!r}")
+        return feature_map
+    if not callable(feature_map):
+        raise TypeError(f"feature_map must be one of {FEATURE_MAPS} or a callable "
+                        f"phi(x (..., L, D)) -> (..., L, F), got {feature_map!r}")
+    return feature_map
+
+
+def _elu_plus_one(x: np.ndarray) -> np.ndarray:
+    """``elu(x) + 1``: ``x + 1`` for ``x > 0``, ``exp(x)`` otherwise (exactly >= 0)."""
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def _features(feature_map, x: np.ndarray, name: str, *, allow_negative: bool,
+              check_finite: bool) -> np.ndarray:
+    """``φ(x)`` for float64 ``x (..., L, D)``, validated; float64 ``(..., L, F)``."""
+    if feature_map == "elu":
+        return _elu_plus_one(x)
+    if feature_map == "relu":
+        return np.maximum(x, 0.0)
+    if feature_map == "identity":
+        return x.copy()
+    label = f"feature_map({name})"
+    out = to_float64(feature_map(x), label, check_finite=check_finite)
+    if out.ndim != x.ndim or out.shape[:-1] != x.shape[:-1] or out.shape[-1] < 1:
+        raise ValueError(f"{label} must map {name} of shape {x.shape} to shape "
+                         f"{x.shape[:-1] + ('F',)} with F >= 1 features, got {out.shape}")
+    if not allow_negative and (out < 0).any():
+        bad = tuple(int(i) for i in np.argwhere(out < 0)[0])
+        raise ValueError(
+            f"{label} returned negative features (first at index {bad}: {out[bad]!r}); "
+            f"linear attention normalizes by phi(q)·sum_j phi(k_j), a total weight only "
+            f"for nonnegative features. Pass allow_negative=True to use signed features "
+            f"(weights may then be negative and denominators zero or negative)")
+    return np.ascontiguousarray(out)
+
+
+def _feature_pair(feature_map, q, k, pb, *, allow_negative, check_finite):
+    """``φ(q) (B, Hq, N, F)`` and ``φ(k) (B, Hkv, M, F)``; a callable sees the caller's
+    batch dimensions ``(*batch, H, L, D)``."""
+    def apply(x, name):
+        if isinstance(feature_map, str):
+            return _features(feature_map, x, name, allow_negative=allow_negative,
+                             check_finite=check_finite)
+        f = _features(feature_map, x.reshape(pb.batch_shape + x.shape[1:]), name,
+                      allow_negative=allow_negative, check_finite=check_finite)
+        return f.reshape(x.shape[:-1] + f.shape[-1:])
+    fq, fk = apply(q, "q"), apply(k, "k")
+    if fq.shape[-1] != fk.shape[-1]:
+        raise ValueError(f"feature_map must give queries and keys the same number of "
+                         f"features F; got phi(q) {fq.shape}, phi(k) {fk.shape}")
+    return fq, fk
+
+
+def _last_visible(n: int, m: int, causal: bool) -> np.ndarray:
+    """Index of the last key query ``i`` sees (``-1``: none): ``i + M - N`` causal
+    (bottom-right), ``M - 1`` otherwise. Non-decreasing in ``i``."""
+    if causal:
+        return np.arange(n, dtype=np.int64) + (m - n)
+    return np.full(n, m - 1, dtype=np.int64)
+
+
+def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den[..., None]``, 0 where ``den == 0`` (NaN propagates)."""
+    out = np.zeros(num.shape)
+    np.divide(num, den[..., None], out=out, where=(den != 0)[..., None])
+    return out
+
+
+@njit(cache=True)
+def _recurrent_scan(fq, fk, v, last, group):   # pragma: no cover - compiled
+    """Numba scan: ``S += φ(k_j) v_j^T``, ``z += φ(k_j)``; read out query ``i`` after key
+    ``last[i]`` (queries with ``last < 0`` stay 0). fq ``(B, Hq, N, F)``."""
+    nb, hq, n, nf = fq.shape
+    hkv, m = fk.shape[1], fk.shape[2]
+    dv = v.shape[3]
+    out = np.zeros((nb, hq, n, dv))
+    s = np.zeros((nf, dv))
+    z = np.zeros(nf)
+    num = np.zeros(dv)
+    for b in range(nb):
+        for hk in range(hkv):
+            s[:, :] = 0.0
+            z[:] = 0.0
+            i = 0
+            while i < n and last[i] < 0:
+                i += 1
+            for j in range(m):
+                for f in range(nf):
+                    a = fk[b, hk, j, f]
+                    z[f] += a
+                    for e in range(dv):
+                        s[f, e] += a * v[b, hk, j, e]
+                while i < n and last[i] == j:
+                    for g in range(group):
+                        h = hk * group + g
+                        den = 0.0
+                        num[:] = 0.0
+                        for f in range(nf):
+                            a = fq[b, h, i, f]
+                            den += a * z[f]
+                            for e in range(dv):
+                                num[e] += a * s[f, e]
+                        if den != 0.0:
+                            for e in range(dv):
+                                out[b, h, i, e] = num[e] / den
+                    i += 1
+    return out
+
+
+def _grouped(fq: np.ndarray, hkv: int) -> np.ndarray:
+    """``(B, Hq, N, F) -> (B, Hkv, G, N, F)``."""
+    nb, hq = fq.shape[:2]
+    return fq.reshape((nb, hkv, hq // hkv) + fq.shape[2:])
+
+
+def _core_quadratic(fq, fk, v, last):
+    nb, hkv, m = fk.shape[:3]
+    a = _grouped(fq, hkv) @ fk[:, :, None].swapaxes(-1, -2)     # (B, Hkv, G, N, M)
+    a = np.where(np.arange(m)[None, :] <= last[:, None], a, 0.0)   # (NaN-safe mask)
+    out = _safe_divide(a @ v[:, :, None], a.sum(-1))
+    return out.reshape(fq.shape[:3] + (v.shape[-1],))
+
+
+def _core_chunked(fq, fk, v, last, chunk):
+    nb, hkv, m, nf = fk.shape
+    dv = v.shape[-1]
+    fqg = _grouped(fq, hkv)                                    # (B, Hkv, G, N, F)
+    out = np.zeros(fqg.shape[:4] + (dv,))
+    s = np.zeros((nb, hkv, 1, nf, dv))
+    z = np.zeros((nb, hkv, 1, nf, 1))
+    for c0 in range(0, m, chunk):
+        c1 = min(c0 + chunk, m)
+        r0, r1 = np.searchsorted(last, [c0, c1])               # queries ending in chunk
+        kc, vc = fk[:, :, None, c0:c1], v[:, :, None, c0:c1]
+        if r1 > r0:
+            qc = fqg[:, :, :, r0:r1]                           # (B, Hkv, G, r, F)
+            a = qc @ kc.swapaxes(-1, -2)                       # (B, Hkv, G, r, c)
+            a = np.where(np.arange(c0, c1)[None, :] <= last[r0:r1, None], a, 0.0)
+            num = qc @ s + a @ vc
+            den = (qc @ z)[..., 0] + a.sum(-1)
+            out[:, :, :, r0:r1] = _safe_divide(num, den)
+        s += kc.swapaxes(-1, -2) @ vc
+        z += kc.sum(-2)[..., None]
+    return out.reshape(fq.shape[:3] + (dv,))
+
+
+def _core(fq, fk, v, pb, *, causal, method, chunk_size, memory_budget, what):
+    """Normalized linear attention of features ``fq (B, Hq, N, F)``, ``fk (B, Hkv, M, F)``
+    and values ``v (B, Hkv, M, Dv)`` in the form ``method`` (already checked)."""
+    last = _last_visible(pb.n, pb.m, causal)
+    if method == "linear":
+        kv = fk.swapaxes(-1, -2) @ v                           # (B, Hkv, F, Dv)
+        ksum = fk.sum(-2)                                      # (B, Hkv, F)
+        fqg = _grouped(fq, pb.heads_kv)
+        out = _safe_divide(fqg @ kv[:, :, None], (fqg @ ksum[:, :, None, :, None])[..., 0])
+        return out.reshape(fq.shape[:3] + (v.shape[-1],))
+    if method == "quadratic":
+        check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
+                     f"{what}(method='quadratic')", f"{what}(method='chunked')")
+        return _core_quadratic(fq, fk, v, last)
+    if method == "recurrent":
+        return _recurrent_scan(fq, fk, v, last, pb.group)
+    return _core_chunked(fq, fk, v, last, chunk_size)
+
+
+def _implied(fq, fk, pb, causal):
+    """``A = φ(Q)φ(K)^T`` masked and row-normalized, ``(B, Hq, N, M)``; 0 rows for a
+    zero denominator."""
+    last = _last_visible(pb.n, pb.m, causal)
+    a = _grouped(fq, pb.heads_kv) @ fk[:, :, None].swapaxes(-1, -2)
+    a = np.where(np.arange(pb.m)[None, :] <= last[:, None], a, 0.0)
+    den = a.sum(-1)
+    out = np.zeros(a.shape)
+    np.divide(a, den[..., None], out=out, where=(den != 0)[..., None])
+    return out.reshape((pb.batch, pb.heads_q, pb.n, pb.m))
+
+
+# --------------------------------------------------------------------------- public
+@register(family="linear", exact=False,
+          time="O((N+M)·F·Dv) (+ O((N+M)·chunk·F) causal)",
+          state="O(F·Dv) per KV head", supports_causal=True, supports_mask=False,
+          supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True, example={"feature_map": "elu"})
+def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
+                     chunk_size=64, allow_negative=False, check_finite=True,
+                     memory_budget=None):
+    r"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+    .. math:: o_i = \frac{\phi(q_i)^\top \sum_{j \in V_i} \phi(k_j) v_j^\top}
+                         {\phi(q_i)^\top \sum_{j \in V_i} \phi(k_j)}
+
+    with :math:`V_i` all keys, or ``j <= i + M - N`` when causal (bottom-right aligned).
+    Rows with a zero denominator (no visible key, all-zero features) give 0.
+
+    Parameters
+    ----------
+    q : array ``(..., Hq, N, D)``
+    k : array ``(..., Hkv, M, D)``; ``Hq`` a multiple of ``Hkv`` (GQA: query head ``h``
+        uses KV head ``h // (Hq // Hkv)``, whose state it shares).
+    v : array ``(..., Hkv, M, Dv)``
+    feature_map : ``"elu"`` (``elu(x) + 1``, default), ``"relu"``, ``"identity"``, or a
+        callable ``φ(x (..., H, L, D)) -> (..., H, L, F)`` acting row by row; a callable
+        must return nonnegative features unless ``allow_negative=True``.
+    causal : bool.
+    method : ``None`` (causal: ``"chunked"``; non-causal: ``φ(Q)(φ(K)^T V)``),
+        ``"quadratic"``, ``"recurrent"`` or ``"chunked"``; all give the same result up to
+        rounding.
+    chunk_size : int >= 1, keys per chunk of the ``"chunked"`` form.
+    allow_negative : accept signed features from a callable (see the module docs).
+    check_finite : raise on non-finite ``q``, ``k``, ``v`` (and callable features).
+    memory_budget : bytes allowed for the ``N x M`` matrix of ``method="quadratic"``.
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)``.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from refattn.linear import linear_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 6, 4))          # 2 heads, 6 tokens
+    >>> out = linear_attention(q, k, v, causal=True)
+    >>> out.shape
+    (2, 6, 4)
+    >>> bool(np.allclose(out[:, 0], v[:, 0]))                 # query 0 sees key 0 only
+    True
+    >>> forms = [linear_attention(q, k, v, causal=True, method=m, chunk_size=4)
+    ...          for m in ("quadratic", "recurrent", "chunked")]
+    >>> all(np.allclose(f, out, rtol=1e-13) for f in forms)
+    True
+    """
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    feature_map = _check_feature_map(feature_map)
+    causal = check_bool("causal", causal)
+    allow_negative = check_bool("allow_negative", allow_negative)
+    method = _check_method(method, causal)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
+                           check_finite=check_finite)
+    out = _core(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
+                memory_budget=memory_budget, what="linear_attention")
+    return pb.unflatten(out)
+
+
+def linear_attention_matrix(q, k, *, feature_map="elu", causal=False, method=None,
+                            chunk_size=64, allow_negative=False, check_finite=True,
+                            memory_budget=None):
+    r"""The implied attention matrix of :func:`linear_attention`, float64
+    ``(..., Hq, N, M)``:
+
+    .. math:: A_{ij} = \frac{\phi(q_i)\cdot\phi(k_j)}
+                            {\sum_{j' \in V_i} \phi(q_i)\cdot\phi(k_{j'})}
+              \quad (j \in V_i), \qquad A_{ij} = 0 \text{ otherwise},
+
+    and a zero row where the denominator is 0, so that ``linear_attention(q, k, v) ==
+    A @ v`` (``v`` repeated over the query heads of a GQA group). Nonnegative for
+    nonnegative features; with signed ones (``"identity"``, ``allow_negative=True``)
+    entries can be negative (rows still sum to 1 where the denominator is nonzero).
+    Same arguments as :func:`linear_attention` (``method``, ``chunk_size`` are checked
+    but do not change the matrix); ``memory_budget`` bounds the matrix.
+
+    >>> import numpy as np
+    >>> from refattn.linear import linear_attention_matrix
+    >>> q = k = np.zeros((1, 3, 2))               # elu(0) + 1 = 1: uniform weights
+    >>> linear_attention_matrix(q, k, causal=True)
+    array([[[1.        , 0.        , 0.        ],
+            [0.5       , 0.5       , 0.        ],
+            [0.33333333, 0.33333333, 0.33333333]]])
+    """
+    q, k, _, pb = prepare_qkv(q, k, None, check_finite=check_finite, need_v=False)
+    feature_map = _check_feature_map(feature_map)
+    causal = check_bool("causal", causal)
+    allow_negative = check_bool("allow_negative", allow_negative)
+    _check_method(method, causal)
+    check_int("chunk_size", chunk_size, minimum=1)
+    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
+                 "the attention matrix of linear_attention_matrix",
+                 "refattn.linear.linear_attention (it never forms the matrix)")
+    fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
+                           check_finite=check_finite)
+    return pb.unflatten(_implied(fq, fk, pb, causal))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionState(State):
+    """Streaming state of :func:`linear_attention`: ``s = Σ_j φ(k_j) v_j^T``
+    ``(*batch, Hkv, F, Dv)`` and ``z = Σ_j φ(k_j)`` ``(*batch, Hkv, F)`` over the keys
+    consumed, one per KV head; the other fields are settings."""
+
+    s: np.ndarray
+    z: np.ndarray
+    feature_map: str | Callable
+    allow_negative: bool
+    check_finite: bool
+    batch_shape: tuple
+    heads_q: int
+    heads_kv: int
+    d: int
+    dv: int
+
+
+def linear_attention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv,
+                                feature_map="elu", allow_negative=False,
+                                check_finite=True) -> LinearAttentionState:
+    """Empty streaming state for :func:`linear_attention_step` (:mod:`refattn.streaming`).
+
+    ``S = 0`` ``(*batch_shape, heads_kv, F, dv)`` and ``z = 0``
+    ``(*batch_shape, heads_kv, F)``, with ``F = d`` for the built-in feature maps and,
+    for a callable, the ``F`` it returns on a probe ``zeros((1, 1, d))``. The state's
+    ``nbytes`` never changes as tokens are consumed.
+
+    >>> from refattn.linear import linear_attention_init_state
+    >>> st = linear_attention_init_state(batch_shape=(2,), heads_q=4, heads_kv=2, d=8, dv=3)
+    >>> st.s.shape, st.z.shape, st.nbytes
+    ((2, 2, 8, 3), (2, 2, 8), 1024)
+    """
+    feature_map = _check_feature_map(feature_map)
+    batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    allow_negative = check_bool("allow_negative", allow_negative)
+    if isinstance(feature_map, str):
+        nf = d
+    else:
+        probe = _features(feature_map, np.zeros((1, 1, d)), "a probe zeros((1, 1, d))",
+                          allow_negative=True, check_finite=False)
+        nf = probe.shape[-1]
+    return LinearAttentionState(
+        position=0, s=np.zeros(batch_shape + (heads_kv, nf, dv)),
+        z=np.zeros(batch_shape + (heads_kv, nf)), feature_map=feature_map,
+        allow_negative=allow_negative, check_finite=bool(check_finite),
+        batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv, d=d, dv=dv)
+
+
+def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
+    r"""One token of causal linear attention:
+
+    .. math:: S \leftarrow S + \phi(k_t) v_t^\top, \quad z \leftarrow z + \phi(k_t),
+              \quad o_t = \frac{\phi(q_t)^\top S}{\phi(q_t)^\top z}\ (0 \text{ if the
+              denominator is } 0).
+
+    ``q_t (*batch, Hq, D)``, ``k_t (*batch, Hkv, D)``, ``v_t (*batch, Hkv, Dv)``;
+    returns ``(o_t (*batch, Hq, Dv), new_state)``; the old state is unchanged. Running
+    it over a sequence equals ``linear_attention(q, k, v, causal=True)``.
+
+    >>> import numpy as np
+    >>> from refattn.linear import (linear_attention, linear_attention_init_state,
+    ...                             linear_attention_step)
+    >>> q, k, v = np.random.default_rng(1).standard_normal((3, 2, 5, 4))
+    >>> st = linear_attention_init_state(heads_q=2, heads_kv=2, d=4, dv=4)
+    >>> outs = []
+    >>> for t in range(5):
+    ...     o, st = linear_attention_step(st, q[:, t], k[:, t], v[:, t])
+    ...     outs.append(o)
+    >>> bool(np.allclose(np.stack(outs, -2), linear_attention(q, k, v, causal=True)))
+    True
+    """
+    if not isinstance(state, LinearAttentionState):
+        raise TypeError(f"state must be a LinearAttentionState from "
+                        f"linear_attention_init_state, got {type(state).__name__}")
+    bs, cf = state.batch_shape, state.check_finite
+    q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
+                                 state.dv, check_finite=cf)
+    kw = dict(allow_negative=state.allow_negative, check_finite=cf)
+    fq = _features(state.feature_map, q_t[..., None, :], "q_t", **kw)[..., 0, :]
+    fk = _features(state.feature_map, k_t[..., None, :], "k_t", **kw)[..., 0, :]
+    nf = state.z.shape[-1]
+    if fq.shape[-1] != nf or fk.shape[-1] != nf:
+        raise ValueError(f"feature_map gave {fq.shape[-1]} query and {fk.shape[-1]} key "
+                         f"features; the state holds F={nf}")
+    s = state.s + fk[..., :, None] * v_t[..., None, :]
+    z = state.z + fk
+    g = state.heads_q // state.heads_kv
+    fqg = fq.reshape(bs + (state.heads_kv, g, nf))
+    num = np.einsum("...hgf,...hfe->...hge", fqg, s)
+    den = np.einsum("...hgf,...hf->...hg", fqg, z)
+    out = _safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
+    return out, state.replace(position=state.position + 1, s=s, z=z)
+
+
+attach(linear_attention, implied=linear_attention_matrix, init_state=linear_attention_init_state, step=linear_attention_step)

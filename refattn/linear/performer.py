@@ -1,0 +1,538 @@
+r"""Performer / FAVOR+ (Choromanski et al., ICLR 2021, "Rethinking Attention with
+Performers"), float64 reference: softmax attention with the kernel
+:math:`\mathrm{SM}(x, y) = e^{x \cdot y}` replaced by an unbiased random-feature estimate.
+
+**Scaling.** Softmax attention weights are :math:`e^{s\, q \cdot k}` with ``s = scale``
+(default :math:`1/\sqrt{D}`). Queries and keys are mapped to :math:`x = \sqrt{|s|}\, q`
+and :math:`y = \operatorname{sign}(s)\sqrt{|s|}\, k` (``D^{-1/4}`` each by default), so
+:math:`x \cdot y = s\, q \cdot k` and the estimated kernel is :math:`e^{s\,q\cdot k}`.
+
+**Random features.** With :math:`\omega_1, \dots, \omega_m \in \mathbb{R}^D`
+(:func:`draw_omega`; marginally :math:`\mathcal N(0, I_D)`) and ``m = num_features``:
+
+* ``"positive"`` (FAVOR+, Lemma 1): :math:`\phi(x) = \frac{1}{\sqrt m}
+  \big(e^{\omega_f \cdot x - \|x\|^2/2}\big)_{f=1}^m`, ``F = m`` features, all positive;
+* ``"hyperbolic"``: :math:`\phi(x) = \frac{1}{\sqrt{2m}} \big(e^{\omega_f \cdot x -
+  \|x\|^2/2}, e^{-\omega_f \cdot x - \|x\|^2/2}\big)_f`, ``F = 2m``, all positive;
+* ``"trigonometric"``: :math:`\phi(x) = \frac{e^{\|x\|^2/2}}{\sqrt m}
+  \big(\sin \omega_f \cdot x, \cos \omega_f \cdot x\big)_f`, ``F = 2m``, **signed**.
+
+Each gives :math:`\mathbb{E}[\phi(x)\cdot\phi(y)] = e^{x\cdot y}` exactly
+(:func:`softmax_kernel_estimate`), with the mean squared errors of Lemma 2 for i.i.d.
+:math:`\omega` (``MSE_trig = e^{\|x+y\|^2} SM^{-2} (1 - e^{-\|x-y\|^2})^2 / (2m)``,
+``MSE_pos = e^{\|x+y\|^2} SM^2 (1 - e^{-\|x+y\|^2}) / m``,
+``MSE_hyp = (1 - e^{-\|x+y\|^2}) MSE_pos / 2``).
+
+**Orthogonal features** (``orthogonal=True``): :math:`\omega` is built from
+``ceil(m / D)`` independent blocks, each the ``D x D`` orthogonal factor of the QR
+decomposition of a Gaussian matrix, with the signs of ``diag(R)`` moved into ``Q`` so
+that ``Q`` is Haar-distributed (the paper's code omits this step); the first ``m`` rows
+are kept and row ``f`` rescaled to the norm of an independent ``N(0, I_D)`` vector
+(chi(D)-distributed). Each row is then marginally ``N(0, I_D)`` — the estimate stays
+unbiased — while rows within a block are exactly orthogonal, which lowers the MSE
+(by at least ``2(m-1)/(m(D+2)) (SM - e^{-(|x|^2+|y|^2)/2})^2`` for positive features,
+``m <= D``).
+
+**Attention.** Output row :math:`i` is linear attention (:mod:`refattn.linear`) with
+these features:
+
+.. math:: o_i = \frac{\phi(x_i)^\top \sum_{j \in V_i} \phi(y_j) v_j^\top}
+                     {\phi(x_i)^\top \sum_{j \in V_i} \phi(y_j)},
+
+non-causal by the two matrix products :math:`\phi(X)(\phi(Y)^\top V)` and
+:math:`\phi(X)(\phi(Y)^\top 1)`; causal (:math:`V_i = \{j \le i + M - N\}`, bottom-right)
+by prefix sums over the keys (``method="recurrent"``, default; ``"chunked"`` and the
+masked ``"quadratic"`` form compute the same). One :math:`\omega` is drawn per call and
+shared by all batch elements and heads, as in the paper's implementation. A zero
+denominator gives output 0 (see :mod:`refattn.linear`).
+
+**Stabilizer** (``stabilize=True``, default). The features are computed as
+:math:`\exp(h - c)` with :math:`h` the log-magnitudes above (``ω·x - ‖x‖²/2``;
+``‖x‖²/2`` for the trigonometric factor), subtracting a max ``c``: per row for queries
+(the max over that query's features) and, for keys, one global max per batch element
+and KV head over all keys and features (NaN ignored). This is the paper's code with two
+differences: ``c`` includes the ``-‖x‖²/2`` term (a per-row constant for queries, so the
+same features; for keys it avoids the underflow of large-norm keys), and no epsilon is
+added to the features (the reference code adds ``1e-4`` to every feature, which biases
+the estimate). The shift cancels exactly in the normalized output: a query's constant
+multiplies its numerator and denominator alike, the keys' constant is shared by every
+key of the sum, so the output is the same function; only overflow and underflow change.
+Without it ``exp`` overflows or underflows for ``‖x‖²`` beyond about 1400 (e.g. logits
+of a few thousand).
+
+**Registry.** ``performer_attention`` is registered with ``kernel="positive"``:
+``row_stochastic=True`` holds for the positive and hyperbolic kernels (nonnegative
+weights); the trigonometric kernel gives signed weights, so its implied matrix can have
+negative entries and denominators near zero (outputs beyond ``max |v|``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .._core.checks import check_bool, check_int, check_memory, resolve_rng, resolve_scale
+from .._core.problem import prepare_qkv
+from ..boundary.arrays import to_float64
+from ..registry import attach, register
+from ..streaming import State, check_sizes, check_tokens
+from .linear import _check_method, _core, _implied, _safe_divide
+
+__all__ = ["performer_attention", "performer_attention_matrix", "performer_features",
+           "draw_omega", "softmax_kernel_estimate", "performer_init_state",
+           "performer_step", "PerformerState", "KERNELS"]
+
+#: Names of the random-feature kernels.
+KERNELS = ("positive", "trigonometric", "hyperbolic")
+
+
+# --------------------------------------------------------------------------- features
+def _check_kernel(kernel) -> str:
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def draw_omega(num_features, d, *, orthogonal=True, rng) -> np.ndarray:
+    r"""Random projection ``ω`` ``(num_features, d)`` float64 for the Performer features;
+    every row is marginally :math:`\mathcal N(0, I_d)`.
+
+    ``orthogonal=False``: i.i.d. standard normal entries. ``orthogonal=True``:
+    ``ceil(num_features / d)`` independent blocks; each block is the Haar-distributed
+    orthogonal factor ``Q diag(sign(diag R))`` of the QR decomposition of a ``d x d``
+    standard normal matrix; the first ``num_features`` rows are kept and row ``f``
+    scaled by the norm of an independent ``N(0, I_d)`` vector (a chi(d) variable).
+    Rows within one block are orthogonal (Choromanski et al. 2021, Sec. 2.4).
+
+    >>> import numpy as np
+    >>> from refattn.performer import draw_omega
+    >>> w = draw_omega(4, 4, orthogonal=True, rng=0)
+    >>> g = w @ w.T
+    >>> bool(np.allclose(g - np.diag(np.diag(g)), 0))       # one block: orthogonal rows
+    True
+    >>> draw_omega(10, 4, orthogonal=False, rng=0).shape
+    (10, 4)
+    """
+    m = check_int("num_features", num_features, minimum=1)
+    d = check_int("d", d, minimum=1)
+    orthogonal = check_bool("orthogonal", orthogonal)
+    return _draw_omegas(1, m, d, orthogonal, resolve_rng(rng, "draw_omega"))[0]
+
+
+def _draw_omegas(r: int, m: int, d: int, orthogonal: bool, gen) -> np.ndarray:
+    """``r`` independent projections ``(r, m, d)`` drawn at once (:func:`draw_omega`)."""
+    if not orthogonal:
+        return gen.standard_normal((r, m, d))
+    nb = -(-m // d)
+    qf, rf = np.linalg.qr(gen.standard_normal((r, nb, d, d)))
+    signs = np.sign(np.diagonal(rf, axis1=-2, axis2=-1))         # (r, nb, d)
+    signs[signs == 0] = 1.0
+    rows = (qf * signs[..., None, :]).reshape(r, nb * d, d)[:, :m]
+    norms = np.linalg.norm(gen.standard_normal((r, m, d)), axis=-1)
+    return rows * norms[..., None]
+
+
+def _log_features(x: np.ndarray, omega: np.ndarray, kernel: str):
+    """``(h, g, norm)`` with features ``exp(h) * g * norm``: ``h`` ``(..., L, F)`` (or
+    ``(..., L, 1)`` for the trigonometric factor), ``g`` the sin/cos part or None."""
+    proj = x @ np.swapaxes(omega, -1, -2)                     # (..., L, m)
+    half_sq = 0.5 * np.einsum("...d,...d->...", x, x)[..., None]
+    m = omega.shape[-2]
+    if kernel == "positive":
+        proj -= half_sq                  # in place: at long L these are the big arrays
+        return proj, None, 1.0 / math.sqrt(m)
+    if kernel == "hyperbolic":
+        return np.concatenate([proj - half_sq, -proj - half_sq], -1), None, \
+            1.0 / math.sqrt(2 * m)
+    return half_sq, np.concatenate([np.sin(proj), np.cos(proj)], -1), 1.0 / math.sqrt(m)
+
+
+def performer_features(x, omega, kernel="positive", *, stabilize=None, return_shift=False,
+                       check_finite=True):
+    r"""Random features :math:`\phi(x)` of the Performer kernels (no scaling of ``x``).
+
+    ``x (..., L, D)``, ``omega (m, D)`` (:func:`draw_omega`); returns float64
+    ``(..., L, F)``, ``F = m`` (``"positive"``) or ``2m`` (``"hyperbolic"``,
+    ``"trigonometric"``):
+
+    .. math::
+
+        \phi_+(x) = \tfrac{1}{\sqrt m} e^{\omega x - \|x\|^2/2}, \quad
+        \phi_{\cosh}(x) = \tfrac{1}{\sqrt{2m}} \big[e^{\omega x - \|x\|^2/2},
+        e^{-\omega x - \|x\|^2/2}\big], \quad
+        \phi_{\rm trig}(x) = \tfrac{e^{\|x\|^2/2}}{\sqrt m} [\sin \omega x, \cos \omega x],
+
+    so that :math:`\mathbb E_\omega[\phi(x)\cdot\phi(y)] = e^{x\cdot y}` (Choromanski et
+    al. 2021, Lemma 1 and Eq. 7). ``stabilize``: ``None`` (plain), ``"row"`` (divide
+    each row by ``e^c`` with ``c`` the max of its exponents) or ``"global"`` (one ``c``:
+    the max over the last two axes, i.e. per leading index). With ``return_shift`` also
+    returns ``c`` (shape ``(..., L, 1)`` or ``(..., 1, 1)``; zeros without stabilizing):
+    ``features * exp(c)`` are the plain features. ``check_finite``: raise on non-finite
+    ``x`` or ``omega``.
+
+    >>> import numpy as np
+    >>> from refattn.performer import draw_omega, performer_features
+    >>> omega = draw_omega(3, 2, orthogonal=False, rng=0)
+    >>> x = np.array([[0.3, -0.2], [1.0, 0.5]])
+    >>> performer_features(x, omega).shape, performer_features(x, omega, "hyperbolic").shape
+    ((2, 3), (2, 6))
+    >>> f, c = performer_features(x, omega, stabilize="row", return_shift=True)
+    >>> bool(np.allclose(f * np.exp(c), performer_features(x, omega)))
+    True
+    """
+    kernel = _check_kernel(kernel)
+    x = to_float64(x, "x", check_finite=check_finite)
+    omega = to_float64(omega, "omega", check_finite=check_finite)
+    if x.ndim < 2 or omega.ndim != 2 or omega.shape[1] != x.shape[-1] or omega.shape[0] < 1:
+        raise ValueError(f"performer_features needs x (..., L, D) and omega (m, D) with "
+                         f"m >= 1; got x {x.shape}, omega {omega.shape}")
+    if stabilize not in (None, "row", "global"):
+        raise ValueError(f"stabilize must be None, 'row' or 'global', got {stabilize!r}")
+    return _stabilized_features(x, omega, kernel, stabilize, return_shift)
+
+
+def _stabilized_features(x, omega, kernel, stabilize, return_shift=False):
+    """:func:`performer_features` without validation (x, omega float64, checked)."""
+    h, g, norm = _log_features(x, omega, kernel)
+    if stabilize == "row":
+        shift = h.max(axis=-1, keepdims=True)
+    elif stabilize == "global":
+        shift = np.fmax.reduce(h, axis=(-2, -1), keepdims=True) if h.size else np.zeros(
+            h.shape[:-2] + (1, 1))
+    else:
+        shift = np.zeros(h.shape[:-2] + (1, 1))
+    feats = h - shift
+    np.exp(feats, out=feats)             # in place, the same operations in the same order
+    feats *= norm
+    if g is not None:                    # trigonometric: exp(|x|^2/2) is (..., L, 1)
+        feats = feats * g
+    return (feats, shift) if return_shift else feats
+
+
+def _resolve_omega(omega, num_features, d, orthogonal, rng, where):
+    """The ``(m, d)`` projection: ``omega`` checked against ``num_features`` and ``d``,
+    or drawn from ``rng``."""
+    m = check_int("num_features", num_features, minimum=1)
+    orthogonal = check_bool("orthogonal", orthogonal)
+    if omega is None:
+        return draw_omega(m, d, orthogonal=orthogonal, rng=resolve_rng(rng, where))
+    omega = to_float64(omega, "omega")
+    if omega.shape != (m, d):
+        raise ValueError(f"omega must have shape (num_features, D) = {(m, d)}, got "
+                         f"{omega.shape}")
+    return omega
+
+
+def softmax_kernel_estimate(x, y, *, num_features, kernel="positive", orthogonal=True,
+                            rng, omega=None, draws=None):
+    r"""The random-feature estimate :math:`\phi(x)\cdot\phi(y)` of
+    :math:`\mathrm{SM}(x, y) = e^{x\cdot y}` from ``m = num_features`` projections
+    (:func:`draw_omega`); unbiased: :math:`\mathbb E_\omega = e^{x\cdot y}`
+    (Choromanski et al. 2021, Lemma 1; Lemma 2 gives its mean squared error).
+
+    ``x (..., D)`` and ``y (..., D)`` broadcast against each other; one ``ω`` serves
+    every pair. Returns float64 of the broadcast shape, or ``(draws, ...)`` for
+    ``draws = R`` independent draws of ``ω`` (made at once from ``rng``; ``draws=1``
+    uses the ``ω`` of :func:`draw_omega` with the same ``rng``), for Monte Carlo
+    studies. ``omega`` replaces the draw: ``(m, D)``, or ``(R, m, D)`` for
+    ``R`` given projections (result ``(R, ...)``); ``rng`` is then unused. No scaling is
+    applied to ``x``, ``y``. Computed from row-stabilized features with the shifts added
+    back in the exponent, so the features themselves never overflow.
+
+    >>> import numpy as np
+    >>> from refattn.performer import softmax_kernel_estimate
+    >>> x, y = np.array([0.3, -0.1]), np.array([0.2, 0.4])
+    >>> est = softmax_kernel_estimate(x, y, num_features=8, rng=0, draws=20000)
+    >>> est.shape, bool(abs(est.mean() - np.exp(x @ y)) < 4 * est.std() / np.sqrt(20000))
+    ((20000,), True)
+    """
+    kernel = _check_kernel(kernel)
+    x = to_float64(x, "x")
+    y = to_float64(y, "y")
+    if x.ndim < 1 or y.ndim < 1 or x.shape[-1] != y.shape[-1] or x.shape[-1] < 1:
+        raise ValueError(f"x and y must be vectors (..., D) with the same D >= 1; got x "
+                         f"{x.shape}, y {y.shape}")
+    try:
+        shape = np.broadcast_shapes(x.shape[:-1], y.shape[:-1])
+    except ValueError:
+        raise ValueError(f"x {x.shape} and y {y.shape} do not broadcast") from None
+    d = x.shape[-1]
+    m = check_int("num_features", num_features, minimum=1)
+    where = "softmax_kernel_estimate"
+    if draws is not None:
+        r = check_int("draws", draws, minimum=1)
+        if omega is not None:
+            raise ValueError("pass either draws= (to draw omega) or omega=, not both")
+        omegas = _draw_omegas(r, m, d, check_bool("orthogonal", orthogonal),
+                              resolve_rng(rng, where))
+    elif omega is not None and np.ndim(omega) == 3:
+        omegas = to_float64(omega, "omega")
+        if omegas.shape[1:] != (m, d):
+            raise ValueError(f"omega must have shape (num_features, D) = {(m, d)} or "
+                             f"(R, num_features, D), got {omegas.shape}")
+    else:
+        omegas = _resolve_omega(omega, m, d, orthogonal, rng, where)[None]
+    xb = np.broadcast_to(x, shape + (d,)).reshape(1, -1, d)      # (1, P, D)
+    yb = np.broadcast_to(y, shape + (d,)).reshape(1, -1, d)
+    hx, gx, norm = _log_features(xb, omegas, kernel)               # (R, P, F) / (1, P, 1)
+    hy, gy, _ = _log_features(yb, omegas, kernel)
+    cx, cy = hx.max(-1, keepdims=True), hy.max(-1, keepdims=True)
+    prod = np.exp(hx - cx) * np.exp(hy - cy) * norm ** 2
+    if gx is not None:
+        prod = prod * gx * gy
+    with np.errstate(over="ignore"):
+        est = prod.sum(-1) * np.exp(cx[..., 0] + cy[..., 0])       # (R, P)
+    est = est.reshape((est.shape[0],) + shape)
+    stacked = draws is not None or (omega is not None and np.ndim(omega) == 3)
+    return est if stacked else est[0]
+
+
+def _scaled(q, k, scale):
+    """``x = sqrt|s| q``, ``y = sign(s) sqrt|s| k`` so that ``x·y = s q·k``."""
+    r = math.sqrt(abs(scale))
+    return q * r, k * (math.copysign(r, scale) if scale != 0 else 0.0)
+
+
+def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omega,
+                        stabilize, scale, check_finite, where):
+    kernel = _check_kernel(kernel)
+    stabilize = check_bool("stabilize", stabilize)
+    s = resolve_scale(scale, pb.d)
+    omega = _resolve_omega(omega, num_features, pb.d, orthogonal, rng, where)
+    x, y = _scaled(q, k, s)
+    with np.errstate(over="ignore", invalid="ignore"):
+        fq = _stabilized_features(x, omega, kernel, "row" if stabilize else None)
+        fk = _stabilized_features(y, omega, kernel, "global" if stabilize else None)
+    if check_finite:
+        for name, f in (("q", fq), ("k", fk)):
+            if not np.isfinite(f).all():
+                raise ValueError(f"the {kernel} random features of {name} overflowed "
+                                 f"(exp of |x|^2/2 or ω·x beyond float64); use "
+                                 f"stabilize=True or smaller inputs, or pass "
+                                 f"check_finite=False to get the non-finite result")
+    return fq, fk
+
+
+# --------------------------------------------------------------------------- public
+@register(family="linear", exact=False, time="O((N+M)·m·(D+Dv))",
+          state="O(m·Dv) per KV head", supports_causal=True, supports_mask=False,
+          supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True, example={"num_features": 16},
+          budget=lambda n, b: {"num_features": b})
+def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=True,
+                        causal=False, rng=None, stabilize=True, scale=None, omega=None,
+                        method=None, chunk_size=64, check_finite=True, memory_budget=None):
+    r"""Performer / FAVOR+ attention (Choromanski et al. 2021): softmax attention with
+    :math:`e^{s\,q\cdot k}` estimated by random features.
+
+    .. math:: o_i = \frac{\phi(x_i)^\top \sum_{j \in V_i} \phi(y_j) v_j^\top}
+                         {\phi(x_i)^\top \sum_{j \in V_i} \phi(y_j)}, \qquad
+              x = \sqrt{|s|}\,q,\ y = \operatorname{sign}(s)\sqrt{|s|}\,k
+
+    (features and stabilizer in :mod:`refattn.performer`; :math:`V_i` all keys, or
+    ``j <= i + M - N`` when causal).
+
+    Parameters
+    ----------
+    q : array ``(..., Hq, N, D)``
+    k : array ``(..., Hkv, M, D)``; ``Hq`` a multiple of ``Hkv`` (GQA).
+    v : array ``(..., Hkv, M, Dv)``
+    num_features : int >= 1, the number ``m`` of random projections (``F = m`` features
+        for ``"positive"``, ``2m`` for ``"hyperbolic"`` and ``"trigonometric"``).
+    kernel : ``"positive"`` (FAVOR+, default), ``"hyperbolic"`` or ``"trigonometric"``
+        (signed weights: not row-stochastic).
+    orthogonal : block-orthogonal projections (default) or i.i.d. Gaussian.
+    causal : bool (bottom-right aligned when ``N != M``).
+    rng : int seed or ``numpy.random.Generator``; required unless ``omega`` is given.
+        One ``ω`` is shared by every batch element and head.
+    stabilize : subtract the per-row (queries) and global (keys) max exponent; cancels
+        exactly in the output.
+    scale : float, default ``1/sqrt(D)``; the estimated kernel is ``exp(scale q·k)``.
+    omega : optional ``(num_features, D)`` projection replacing the draw.
+    method : causal form, ``None`` (``"recurrent"``: the prefix-sum scan),
+        ``"chunked"``, ``"quadratic"``; non-causal ``None`` uses the two products.
+    chunk_size : keys per chunk of ``method="chunked"``.
+    check_finite : raise on non-finite inputs or overflowing features.
+    memory_budget : bytes allowed for ``method="quadratic"``'s ``N x M`` matrix.
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)``; rows with a zero denominator give 0.
+
+    Example
+    -------
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.performer import performer_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 6, 8)) * 0.5
+    >>> out = performer_attention(q, k, v, num_features=4096, rng=1)
+    >>> bool(np.abs(out - ra.attention(q, k, v)).max() < 0.05)   # many features: close
+    True
+    >>> performer_attention(q, k, v, num_features=16, rng=1, causal=True).shape
+    (2, 6, 8)
+    """
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    causal = check_bool("causal", causal)
+    method = "recurrent" if method is None and causal else _check_method(method, causal)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    fq, fk = _performer_features(q, k, pb, num_features=num_features, kernel=kernel,
+                                 orthogonal=orthogonal, rng=rng, omega=omega,
+                                 stabilize=stabilize, scale=scale,
+                                 check_finite=check_finite, where="performer_attention")
+    out = _core(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
+                memory_budget=memory_budget, what="performer_attention")
+    return pb.unflatten(out)
+
+
+def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogonal=True,
+                               causal=False, rng=None, stabilize=True, scale=None,
+                               omega=None, method=None, chunk_size=64, check_finite=True,
+                               memory_budget=None):
+    r"""The implied attention matrix of :func:`performer_attention`, float64
+    ``(..., Hq, N, M)``, for the same arguments (same ``rng``, hence the same ``ω``):
+
+    .. math:: A_{ij} = \frac{\phi(x_i)\cdot\phi(y_j)}
+                            {\sum_{j' \in V_i} \phi(x_i)\cdot\phi(y_{j'})}
+              \quad (j \in V_i),\qquad 0 \text{ otherwise},
+
+    a zero row where the denominator is 0; ``performer_attention(q, k, v) == A @ v``
+    (``v`` repeated over a GQA group). Nonnegative for the positive and hyperbolic
+    kernels; the trigonometric kernel gives signed entries. ``method``/``chunk_size``
+    are checked but do not change the matrix; ``memory_budget`` bounds it.
+
+    >>> import numpy as np
+    >>> from refattn.performer import performer_attention_matrix
+    >>> q, k = np.random.default_rng(0).standard_normal((2, 1, 4, 8))
+    >>> a = performer_attention_matrix(q, k, num_features=32, rng=0, causal=True)
+    >>> bool((a >= 0).all()), a.sum(-1).round(12)
+    (True, array([[1., 1., 1., 1.]]))
+    """
+    q, k, _, pb = prepare_qkv(q, k, None, check_finite=check_finite, need_v=False)
+    causal = check_bool("causal", causal)
+    _check_method(method, causal)
+    check_int("chunk_size", chunk_size, minimum=1)
+    fq, fk = _performer_features(q, k, pb, num_features=num_features, kernel=kernel,
+                                 orthogonal=orthogonal, rng=rng, omega=omega,
+                                 stabilize=stabilize, scale=scale,
+                                 check_finite=check_finite,
+                                 where="performer_attention_matrix")
+    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
+                 "the attention matrix of performer_attention_matrix",
+                 "refattn.performer.performer_attention (it never forms the matrix)")
+    return pb.unflatten(_implied(fq, fk, pb, causal))
+
+
+# --------------------------------------------------------------------------- streaming
+@dataclasses.dataclass(frozen=True)
+class PerformerState(State):
+    """Streaming state of :func:`performer_attention`: ``s = Σ_j φ̃(y_j) v_j^T``
+    ``(*batch, Hkv, F, Dv)``, ``z = Σ_j φ̃(y_j)`` ``(*batch, Hkv, F)`` with the key
+    features ``φ̃ = φ e^{-shift}`` scaled by the running max exponent ``shift``
+    ``(*batch, Hkv)`` (``-inf`` before the first key), and the projection ``omega``
+    ``(m, D)``; the other fields are settings."""
+
+    s: np.ndarray
+    z: np.ndarray
+    shift: np.ndarray
+    omega: np.ndarray
+    kernel: str
+    stabilize: bool
+    scale: float
+    check_finite: bool
+    batch_shape: tuple
+    heads_q: int
+    heads_kv: int
+    d: int
+    dv: int
+
+
+def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_features,
+                         kernel="positive", orthogonal=True, rng=None, stabilize=True,
+                         scale=None, omega=None, check_finite=True) -> PerformerState:
+    """Empty streaming state for :func:`performer_step`; ``ω`` is drawn from ``rng``
+    exactly as :func:`performer_attention` draws it (same ``rng`` and ``d``: same ``ω``),
+    or given as ``omega``. Constant size: ``S (*batch, Hkv, F, dv)``, ``z``, the
+    running key shift ``(*batch, Hkv)`` and ``ω (m, d)``.
+
+    >>> from refattn.performer import performer_init_state
+    >>> st = performer_init_state(heads_q=2, heads_kv=1, d=4, dv=3, num_features=8, rng=0)
+    >>> st.s.shape, st.z.shape, st.omega.shape
+    ((1, 8, 3), (1, 8), (8, 4))
+    """
+    batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    kernel = _check_kernel(kernel)
+    stabilize = check_bool("stabilize", stabilize)
+    omega = _resolve_omega(omega, num_features, d, orthogonal, rng, "performer_init_state")
+    nf = omega.shape[0] * (1 if kernel == "positive" else 2)
+    lead = batch_shape + (heads_kv,)
+    return PerformerState(
+        position=0, s=np.zeros(lead + (nf, dv)), z=np.zeros(lead + (nf,)),
+        shift=np.full(lead, -np.inf if stabilize else 0.0), omega=omega, kernel=kernel,
+        stabilize=stabilize, scale=resolve_scale(scale, d), check_finite=bool(check_finite),
+        batch_shape=batch_shape, heads_q=heads_q, heads_kv=heads_kv, d=d, dv=dv)
+
+
+def performer_step(state: PerformerState, q_t, k_t, v_t):
+    r"""One token of causal Performer attention with a constant-size state:
+
+    .. math:: c' = \max(c, \max_f h_f(y_t)), \quad
+              S \leftarrow e^{c - c'} S + \phi(y_t) e^{-c'} v_t^\top, \quad
+              z \leftarrow e^{c - c'} z + \phi(y_t) e^{-c'}, \quad
+              o_t = \frac{\phi(x_t)^\top S}{\phi(x_t)^\top z}
+
+    (``h`` the key's feature exponents; the running max ``c`` is the streaming form of
+    the global key stabilizer and cancels like it; ``c = 0`` throughout with
+    ``stabilize=False``). ``q_t (*batch, Hq, D)``, ``k_t (*batch, Hkv, D)``,
+    ``v_t (*batch, Hkv, Dv)``; returns ``(o_t (*batch, Hq, Dv), new_state)``. Running it
+    over a sequence equals ``performer_attention(..., causal=True)`` with the same ``ω``
+    (up to rounding; the running shift is never above the parallel form's global one, so
+    where key exponents differ by more than about 700 the stream can keep a feature
+    that the parallel form lets underflow to 0, never the reverse).
+
+    >>> import numpy as np
+    >>> from refattn.performer import (performer_attention, performer_init_state,
+    ...                                performer_step)
+    >>> q, k, v = np.random.default_rng(1).standard_normal((3, 2, 5, 4))
+    >>> st = performer_init_state(heads_q=2, heads_kv=2, d=4, dv=4, num_features=8, rng=3)
+    >>> outs = []
+    >>> for t in range(5):
+    ...     o, st = performer_step(st, q[:, t], k[:, t], v[:, t])
+    ...     outs.append(o)
+    >>> ref = performer_attention(q, k, v, num_features=8, rng=3, causal=True)
+    >>> bool(np.allclose(np.stack(outs, -2), ref, rtol=1e-12))
+    True
+    """
+    if not isinstance(state, PerformerState):
+        raise TypeError(f"state must be a PerformerState from performer_init_state, got "
+                        f"{type(state).__name__}")
+    bs, cf = state.batch_shape, state.check_finite
+    q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
+                                 state.dv, check_finite=cf)
+    x, y = _scaled(q_t, k_t, state.scale)
+    with np.errstate(over="ignore", invalid="ignore"):
+        fq = _stabilized_features(x[..., None, :], state.omega, state.kernel,
+                                  "row" if state.stabilize else None)[..., 0, :]
+        h, g, norm = _log_features(y[..., None, :], state.omega, state.kernel)
+        h, g = h[..., 0, :], (None if g is None else g[..., 0, :])
+        if state.stabilize:
+            shift = np.maximum(state.shift, h.max(axis=-1))          # (*batch, Hkv)
+            decay = np.exp(state.shift - shift)                      # 0 before any key
+        else:
+            shift, decay = state.shift, np.ones(state.shift.shape)
+        fk = np.exp(h - shift[..., None]) * norm
+        if g is not None:
+            fk = fk * g
+    if cf and not (np.isfinite(fq).all() and np.isfinite(fk).all()):
+        raise ValueError(f"the {state.kernel} random features of q_t or k_t overflowed; "
+                         f"use stabilize=True or smaller inputs")
+    s = decay[..., None, None] * state.s + fk[..., :, None] * v_t[..., None, :]
+    z = decay[..., None] * state.z + fk
+    nf = z.shape[-1]
+    fqg = fq.reshape(bs + (state.heads_kv, state.heads_q // state.heads_kv, nf))
+    num = np.einsum("...hgf,...hfe->...hge", fqg, s)
+    den = np.einsum("...hgf,...hf->...hg", fqg, z)
+    out = _safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
+    return out, state.replace(position=state.position + 1, s=s, z=z, shift=shift)
+
+
+attach(performer_attention, implied=performer_attention_matrix, init_state=performer_init_state, step=performer_step)

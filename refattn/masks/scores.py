@@ -1,0 +1,198 @@
+"""Score modifiers: additive biases and elementwise transforms of attention logits.
+
+A score modifier has the FlexAttention signature
+``score_mod(score, b, h, q_idx, kv_idx) -> score`` on broadcast NumPy arrays and is passed
+as ``bias=`` to the attention references; ``bias=`` also takes an additive array
+broadcastable to ``(..., Hq, N, M)``. Like masks, the modifiers built here use query
+*positions* ``i' = i + (M - N)`` (bottom-right alignment) and learn ``N, M`` from the
+attention call; plain functions receive raw indices.
+
+The references compute logits in this order::
+
+    s = scale * q @ k.T           # (N, M)
+    s = softcap * tanh(s / softcap)   if softcap is given (Gemma 2)
+    s = s + bias  or  s = score_mod(s, b, h, i, j)
+    s = -inf where the mask drops a key
+
+>>> import numpy as np, refattn as ra
+>>> ra.scores.alibi_slopes(4).tolist()
+[0.25, 0.0625, 0.015625, 0.00390625]
+>>> ra.scores.alibi(4).materialize(3, 3, heads=4)[1]  # head 1: -slope * |i - j|
+array([[ 0.    , -0.0625, -0.125 ],
+       [-0.0625,  0.    , -0.0625],
+       [-0.125 , -0.0625,  0.    ]])
+"""
+from __future__ import annotations
+
+import abc
+import math
+
+import numpy as np
+
+from .._core.checks import resolve_softcap
+from .._core.problem import flatten_leading, gather_broadcast
+from ..boundary.arrays import to_float64
+
+__all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_bias", "softcap",
+           "from_function", "from_array", "as_score_mod"]
+
+
+class ScoreMod(abc.ABC):
+    """An elementwise transform of attention logits, aware of ``(b, h, q_idx, kv_idx)``."""
+
+    name = "score_mod"
+    _n: int | None = None
+    _m: int | None = None
+
+    @abc.abstractmethod
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m) -> np.ndarray:
+        """New logits, the broadcast of ``score`` and the index arrays."""
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        """FlexAttention signature; lengths from :meth:`bind` (unbound: ``N == M``)."""
+        return self._apply(np.asarray(score, dtype=np.float64), np.asarray(b), np.asarray(h),
+                           np.asarray(q_idx), np.asarray(kv_idx), self._n, self._m)
+
+    def bind(self, n: int, m: int) -> "ScoreMod":
+        """A copy that knows the query and key lengths."""
+        bound = object.__new__(type(self))
+        bound.__dict__.update(self.__dict__)
+        bound._n, bound._m = int(n), int(m)
+        return bound
+
+    def materialize(self, n: int, m: int, heads: int = 1, *, b: int = 0) -> np.ndarray:
+        """The additive bias it applies to zero logits, shape ``(heads, N, M)``."""
+        out = self._apply(np.zeros((1, 1, 1)), np.asarray(b), np.arange(heads)[:, None, None],
+                          np.arange(n)[None, :, None], np.arange(m)[None, None, :], n, m)
+        return np.broadcast_to(out, (heads, n, m)).copy()
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _distance(q_idx, kv_idx, n, m):
+    """``i' - j`` with bottom-right aligned query positions."""
+    return q_idx + (0 if n is None or m is None else m - n) - kv_idx
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi head slopes (Press et al. 2022): the geometric sequence
+    ``2^(-8 k / n)``, ``k = 1..n``, for ``n`` a power of two; otherwise the slopes of the
+    nearest lower power of two followed by every other slope of twice that, as in the
+    paper's reference code."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) \
+            or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+
+    def power_of_two(n):
+        return 2.0 ** (-8.0 * np.arange(1, n + 1) / n)
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    if p == num_heads:
+        return power_of_two(p)
+    return np.concatenate([power_of_two(p), power_of_two(2 * p)[0::2][: num_heads - p]])
+
+
+class _ALiBi(ScoreMod):
+    def __init__(self, slopes, name):
+        self.slopes, self.name = slopes, name
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+        slope = self.slopes[np.asarray(h) % len(self.slopes)]
+        return score - slope * np.abs(_distance(q_idx, kv_idx, n, m))
+
+
+def alibi(num_heads: int) -> ScoreMod:
+    """ALiBi: ``s[h, i, j] - slope_h * |i' - j|`` with :func:`alibi_slopes`.
+
+    With a causal mask this is the paper's ``-slope * (i - j)``; without one the
+    distance is symmetric, the usual bidirectional form.
+    """
+    return _ALiBi(alibi_slopes(num_heads), f"alibi({num_heads})")
+
+
+class _RelativeBias(ScoreMod):
+    def __init__(self, table, name):
+        self.table, self.name = table, name
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+        reach = (self.table.shape[1] - 1) // 2
+        rel = np.clip(_distance(q_idx, kv_idx, n, m), -reach, reach) + reach
+        heads = np.asarray(h) if self.table.shape[0] > 1 else np.zeros_like(np.asarray(h))
+        return score + self.table[heads, rel]
+
+
+def relative_bias(table) -> ScoreMod:
+    """Learned relative-position bias: ``s + table[h, clip(i' - j, -R, R) + R]``.
+
+    ``table`` has shape ``(H or 1, 2R + 1)``: column ``R + d`` holds the bias for
+    distance ``i' - j = d``; farther distances share the end columns (Shaw et al. 2018,
+    T5 without its log buckets).
+    """
+    t = to_float64(table, "table")
+    if t.ndim != 2 or t.shape[1] % 2 != 1:
+        raise ValueError(f"relative_bias table must have shape (H, 2R+1) with an odd number "
+                         f"of columns, got {t.shape}")
+    return _RelativeBias(t, f"relative_bias(H={t.shape[0]}, R={(t.shape[1] - 1) // 2})")
+
+
+class _Softcap(ScoreMod):
+    def __init__(self, cap):
+        self.cap, self.name = cap, f"softcap({cap:g})"
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+        return self.cap * np.tanh(score / self.cap)
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2, Grok); the references also
+    take it directly as ``softcap=`` (applied before ``bias``)."""
+    return _Softcap(resolve_softcap(cap))
+
+
+class _Function(ScoreMod):
+    def __init__(self, fn, name):
+        self.fn, self.name = fn, name
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+        out = np.asarray(self.fn(score, b, h, q_idx, kv_idx))
+        if out.dtype.kind not in "fiu":
+            raise TypeError(f"score_mod {self.name} returned dtype {out.dtype}; expected "
+                            f"real numbers")
+        return out
+
+
+def from_function(fn, name: str | None = None) -> ScoreMod:
+    """Wrap a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``."""
+    if not callable(fn):
+        raise TypeError(f"score_mod must be callable, got {type(fn).__name__}")
+    return _Function(fn, name or getattr(fn, "__name__", "score_mod"))
+
+
+class _Additive(ScoreMod):
+    def __init__(self, arr, name):
+        self.arr, self.name = arr, name
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+        return score + gather_broadcast(self.arr, b, h, q_idx, kv_idx, n, m, "bias array")
+
+
+def from_array(bias, batch_shape: tuple = (), *, check_finite: bool = True) -> ScoreMod:
+    """An additive bias array broadcastable to ``(*batch_shape, H, N, M)``.
+
+    ``-inf`` entries are allowed (they drop keys, like a mask); ``nan`` and ``+inf``
+    raise unless ``check_finite=False``.
+    """
+    a = to_float64(bias, "bias", check_finite=False)
+    if check_finite and (np.isnan(a).any() or np.isposinf(a).any()):
+        raise ValueError(f"bias {a.shape} contains nan or +inf; pass check_finite=False to "
+                         f"allow them")
+    return _Additive(flatten_leading(a, tuple(batch_shape), "bias"), f"bias{a.shape}")
+
+
+def as_score_mod(bias, batch_shape: tuple = (), *, check_finite: bool = True):
+    """Coerce ``bias=`` input (``None``, a :class:`ScoreMod`, a function or an array)."""
+    if bias is None or isinstance(bias, ScoreMod):
+        return bias
+    if callable(bias):
+        return from_function(bias)
+    return from_array(bias, batch_shape, check_finite=check_finite)

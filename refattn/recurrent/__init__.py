@@ -1,0 +1,13 @@
+"""Recurrent forms of attention: retention (RetNet), gated linear attention (GLA)
+and the diagonal linear RNN, each with parallel, recurrent and chunkwise forms.
+"""
+from .retention import (RetentionState, retention, retention_init_state, retention_matrix,
+                        retention_step)
+from .gla import (GLAState, gated_linear_attention, gla_init_state, gla_matrix, gla_step)
+from .linear_rnn import (LinearRNNState, associative_scan, linear_rnn,
+                         linear_rnn_init_state, linear_rnn_step)
+
+__all__ = ["RetentionState", "retention", "retention_init_state", "retention_matrix",
+           "retention_step", "GLAState", "gated_linear_attention", "gla_init_state",
+           "gla_matrix", "gla_step", "LinearRNNState", "associative_scan", "linear_rnn",
+           "linear_rnn_init_state", "linear_rnn_step"]

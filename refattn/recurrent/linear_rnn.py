@@ -1,0 +1,312 @@
+r"""Elementwise (diagonal) linear RNN, float64 reference: the recurrence under HGRN, LRU,
+RG-LRU (Griffin), minGRU and the gated state-space layers.
+
+.. math:: h_t = a_t \odot h_{t-1} + b_t \odot x_t, \qquad t = 0, \dots, L-1,
+
+per channel, with :math:`h_{-1} = h_0` (zero by default). Shapes: ``a``, ``b``, ``x``
+broadcast together to ``(..., L, D)`` (time on axis -2, channels last, like ``q``'s
+``(..., N, D)``); ``h0`` broadcasts to ``(..., D)``. The output is every state,
+``(..., L, D)`` float64. The gate is restricted to :math:`a_t \in (0, 1]` (what every
+such layer produces: a sigmoid, ``exp`` of a non-positive number, ``1 - z``): the
+recurrence is then a contraction, and the chunked form can work with ``log a``. Gates
+outside ``(0, 1]`` raise ``ValueError``.
+
+Three equal forms (``method=``):
+
+* ``"recurrent"`` (default): the loop above, compiled with Numba.
+* ``"scan"``: a parallel associative scan (Blelloch 1990, "Prefix sums and their
+  applications") over the pairs :math:`(a_t, b_t x_t)` with the operator
+  :math:`(a_1, c_1) \circ (a_2, c_2) = (a_1 a_2,\; a_2 c_1 + c_2)`, vectorized NumPy in
+  :math:`\lceil\log_2 L\rceil` odd–even levels and O(L) work. It only multiplies and
+  adds (never divides), so products of many gates near 0 underflow to the true tiny
+  value, never into a wrong answer. O(L·D) memory (checks ``memory_budget``).
+* ``"chunked"``: the sequence cut into chunks of ``chunk`` steps; inside a chunk
+  :math:`h_t = e^{\Lambda_{t,c}} h_{c} + \sum_{c < s \le t} e^{\Lambda_{t,s}} b_s x_s`
+  with the log-space segment sums :math:`\Lambda_{t,s} = \sum_{s < r \le t} \log a_r
+  \le 0` (each formed by its own cumulative sum, no differences of large cumulative
+  sums), and the state carried from chunk to chunk. Every factor is ``exp`` of a
+  non-positive number: nothing overflows, nothing is divided, and gates near 1 over a
+  million steps stay accurate. Memory O(chunk² · D) per chunk, processed in blocks.
+
+Streaming: :func:`linear_rnn_init_state` / :func:`linear_rnn_step` carry ``h``
+``(..., D)``, constant size (the protocol of :mod:`refattn.streaming`, with the token
+``(a_t, b_t, x_t)`` in place of ``(q_t, k_t, v_t)``). This is not a q/k/v attention
+mechanism and is not in the attention registry.
+
+>>> import numpy as np
+>>> from refattn.linear_rnn import linear_rnn
+>>> rng = np.random.default_rng(0)
+>>> a, x = rng.uniform(0.5, 1.0, (2, 7, 3)), rng.standard_normal((2, 7, 3))
+>>> h = linear_rnn(a, 1.0, x)
+>>> bool(np.allclose(h[:, 1], a[:, 1] * x[:, 0] + x[:, 1]))
+True
+>>> bool(np.allclose(linear_rnn(a, 1.0, x, method="scan"), h))
+True
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from numba import njit
+
+from .._core.checks import check_int, check_memory
+from ..boundary.arrays import to_float64
+from ..streaming import State
+
+__all__ = ["linear_rnn", "linear_rnn_init_state", "linear_rnn_step", "LinearRNNState",
+           "associative_scan", "METHODS"]
+
+#: Names of the forms ``method=`` selects.
+METHODS = ("recurrent", "scan", "chunked")
+
+#: Elements (chunk·chunk·D per chunk) one vectorized block of the chunked form may hold.
+_BLOCK_ELEMENTS = 2**21
+
+
+# --------------------------------------------------------------------------- the scan
+def _scan_axis0(a: np.ndarray, c: np.ndarray):
+    """Inclusive scan along axis 0 of the pairs ``(a_t, c_t)`` under
+    ``(a1, c1) o (a2, c2) = (a1 a2, a2 c1 + c2)``: returns ``(P, H)`` with
+    ``P_t = a_0 ... a_t`` and ``H_t`` the state after step ``t`` from ``h = 0``.
+
+    Odd–even recursion: combine neighbouring pairs, scan the half-length sequence
+    (giving the prefixes at odd positions), then fill in the even positions."""
+    n = a.shape[0]
+    if n == 1:
+        return a.copy(), c.copy()
+    m = n // 2
+    a_even, c_even = a[0:2 * m:2], c[0:2 * m:2]
+    a_odd, c_odd = a[1:2 * m:2], c[1:2 * m:2]
+    pa, pc = _scan_axis0(a_even * a_odd, a_odd * c_even + c_odd)   # prefixes at 1, 3, ..
+    out_a, out_c = np.empty_like(a), np.empty_like(c)
+    out_a[1:2 * m:2], out_c[1:2 * m:2] = pa, pc
+    out_a[0], out_c[0] = a[0], c[0]
+    r = (n - 1) // 2                                               # positions 2, 4, ..
+    if r:
+        a_rest = a[2::2]
+        out_a[2::2] = pa[:r] * a_rest
+        out_c[2::2] = a_rest * pc[:r] + c[2::2]
+    return out_a, out_c
+
+
+def associative_scan(a, c, axis: int = -1):
+    r"""Parallel inclusive scan of the linear recurrence :math:`h_t = a_t h_{t-1} + c_t`
+    (from :math:`h_{-1} = 0`) along ``axis``: the pairs :math:`(a_t, c_t)` combined by the
+    associative operator :math:`(a_1, c_1) \circ (a_2, c_2) = (a_1 a_2, a_2 c_1 + c_2)` in
+    :math:`\lceil \log_2 L \rceil` vectorized odd–even levels (Blelloch 1990), O(L) work.
+
+    ``a`` and ``c`` (real or complex NumPy arrays of one shape) are used as given
+    (no conversion, no checks: the validated entry points convert first). Returns
+    ``(P, H)``: the cumulative products :math:`P_t = \prod_{s \le t} a_s` and the states
+    :math:`H_t`, both of the input's shape.
+
+    >>> import numpy as np
+    >>> P, H = associative_scan(np.array([0.5, 0.5, 2.0]), np.array([1.0, 1.0, 1.0]))
+    >>> P.tolist(), H.tolist()
+    ([0.5, 0.25, 0.5], [1.0, 1.5, 4.0])
+    """
+    a, c = np.moveaxis(np.asarray(a), axis, 0), np.moveaxis(np.asarray(c), axis, 0)
+    if a.shape[0] == 0:
+        return np.moveaxis(a.copy(), 0, axis), np.moveaxis(c.copy(), 0, axis)
+    p, h = _scan_axis0(a, c)
+    return np.moveaxis(p, 0, axis), np.moveaxis(h, 0, axis)
+
+
+# --------------------------------------------------------------------------- checks
+def _check_method(method) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _check_gate(a: np.ndarray, name: str = "a") -> None:
+    bad = ~((a > 0) & (a <= 1))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} (the gate, shape {a.shape}) must lie in (0, 1]; got "
+                         f"{a[idx]!r} at index {idx}")
+
+
+def _prepare(a, b, x, h0, check_finite):
+    a = to_float64(a, "a", check_finite=check_finite)
+    b = to_float64(b, "b", check_finite=check_finite)
+    x = to_float64(x, "x", check_finite=check_finite)
+    try:
+        shape = np.broadcast_shapes(a.shape, b.shape, x.shape)
+    except ValueError:
+        raise ValueError(f"a, b, x must broadcast to one shape (..., L, D); got a "
+                         f"{a.shape}, b {b.shape}, x {x.shape}") from None
+    if len(shape) < 2:
+        raise ValueError(f"a, b, x must broadcast to (..., L, D) with at least 2 "
+                         f"dimensions; got a {a.shape}, b {b.shape}, x {x.shape}")
+    _check_gate(a)
+    batch_shape, (length, dim) = shape[:-2], shape[-2:]
+    if h0 is None:
+        h0 = np.zeros(batch_shape + (dim,))
+    else:
+        h0 = to_float64(h0, "h0", check_finite=check_finite)
+        try:
+            h0 = np.broadcast_to(h0, batch_shape + (dim,))
+        except ValueError:
+            raise ValueError(f"h0 must broadcast to (..., D) = {batch_shape + (dim,)}; "
+                             f"got h0 {h0.shape} for a, b, x of shape {shape}") from None
+    nb = math.prod(batch_shape)
+
+    def flat(arr):
+        return np.ascontiguousarray(np.broadcast_to(arr, shape)).reshape(nb, length, dim)
+
+    return (flat(a), flat(b), flat(x), np.ascontiguousarray(h0).reshape(nb, dim),
+            batch_shape, length, dim)
+
+
+# --------------------------------------------------------------------------- forms
+@njit(cache=True)
+def _recurrence(a, b, x, h0):   # pragma: no cover - compiled
+    """``h_t = a_t h_{t-1} + b_t x_t`` over ``(B, L, D)``; returns every state."""
+    nb, length, dim = a.shape
+    out = np.full((nb, length, dim), np.nan)
+    for i in range(nb):
+        for d in range(dim):
+            h = h0[i, d]
+            for t in range(length):
+                h = a[i, t, d] * h + b[i, t, d] * x[i, t, d]
+                out[i, t, d] = h
+    return out
+
+
+def _scan_form(a, c, h0):
+    c = c.copy()
+    c[:, 0] += a[:, 0] * h0               # fold the initial state into the first step
+    return associative_scan(a, c, axis=1)[1]
+
+
+def _chunked_form(a, c, h0, chunk):
+    nb, length, dim = a.shape
+    la = np.log(a)                        # <= 0
+    out = np.full((nb, length, dim), np.nan)
+    carry = h0.copy()
+    span = chunk * max(1, _BLOCK_ELEMENTS // max(1, nb * chunk * chunk * dim))
+    tri_strict = np.tril(np.ones((chunk, chunk), dtype=bool), -1)   # t > s
+    tri = np.tril(np.ones((chunk, chunk), dtype=bool))              # t >= s
+    for p0 in range(0, length, span):
+        p1 = min(p0 + span, length)
+        k = -(-(p1 - p0) // chunk)
+        pad = k * chunk - (p1 - p0)
+        lab = np.pad(la[:, p0:p1], ((0, 0), (0, pad), (0, 0))).reshape(nb, k, chunk, dim)
+        cb = np.pad(c[:, p0:p1], ((0, 0), (0, pad), (0, 0))).reshape(nb, k, chunk, dim)
+        # Λ[t, s] = Σ_{s < r <= t} log a_r: a cumulative sum over t of log a_t masked to
+        # t > s, for every s (no subtraction of two cumulative sums).
+        seg = np.cumsum(np.where(tri_strict[:, :, None], lab[:, :, :, None, :], 0.0),
+                        axis=2)                                    # (B, K, t, s, D)
+        w = np.where(tri[:, :, None], np.exp(seg), 0.0)
+        local = np.einsum("bktsd,bksd->bktd", w, cb)
+        decay = np.exp(np.cumsum(lab, axis=2))                     # Π_{c <= r <= t} a_r
+        block = np.empty((nb, k, chunk, dim))
+        for j in range(k):
+            block[:, j] = local[:, j] + decay[:, j] * carry[:, None, :]
+            carry = block[:, j, -1]
+        out[:, p0:p1] = block.reshape(nb, k * chunk, dim)[:, :p1 - p0]
+    return out
+
+
+def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
+               return_last_state=False, check_finite=True, memory_budget=None):
+    r"""All states of :math:`h_t = a_t \odot h_{t-1} + b_t \odot x_t` (module docstring).
+
+    Parameters
+    ----------
+    a : gates in ``(0, 1]``, broadcastable to ``(..., L, D)``.
+    b, x : input scale and input, broadcastable with ``a`` to ``(..., L, D)`` (``b=1.0``
+        for the plain form :math:`h_t = a_t h_{t-1} + x_t`).
+    h0 : initial state ``(..., D)`` (broadcast), default 0.
+    method : ``"recurrent"`` (Numba loop, default), ``"scan"`` (parallel associative
+        scan) or ``"chunked"`` (log-space chunks of ``chunk`` steps). ``"scan"`` holds
+        O(L·D) and ``"chunked"`` O(chunk²·D) per chunk; both check ``memory_budget``
+        (bytes; default :data:`refattn._inputs.DEFAULT_MEMORY_BUDGET`).
+    return_last_state : also return ``h_{L-1}`` ``(..., D)`` (``h0`` when ``L = 0``).
+
+    Returns float64 ``(..., L, D)`` (and the last state).
+
+    >>> import numpy as np
+    >>> a = np.full((5, 1), 0.5)
+    >>> linear_rnn(a, 1.0, np.ones((5, 1)), method="chunked", chunk=2)[:, 0].tolist()
+    [1.0, 1.5, 1.75, 1.875, 1.9375]
+    """
+    method = _check_method(method)
+    a, b, x, h0, batch_shape, length, dim = _prepare(a, b, x, h0, check_finite)
+    nb = a.shape[0]
+    if length == 0 or dim == 0:
+        out = np.zeros((nb, length, dim))
+    elif method == "recurrent":
+        out = _recurrence(a, b, x, h0)
+    elif method == "scan":
+        check_memory(nb * length * dim * 8.0 * 6, memory_budget, "the associative scan",
+                     "method='chunked' or method='recurrent'")
+        out = _scan_form(a, b * x, h0)
+    else:
+        chunk = min(check_int("chunk", chunk, minimum=1), length)
+        check_memory(nb * chunk * chunk * dim * 8.0 * 4, memory_budget,
+                     f"one chunk of the chunked linear RNN (chunk² · D, chunk = {chunk})",
+                     "a smaller chunk or method='recurrent'")
+        out = _chunked_form(a, b * x, h0, chunk)
+    last = out[:, -1] if length else h0.copy()
+    out = out.reshape(batch_shape + (length, dim))
+    if return_last_state:
+        return out, last.reshape(batch_shape + (dim,))
+    return out
+
+
+# --------------------------------------------------------------------------- streaming
+@dataclasses.dataclass(frozen=True)
+class LinearRNNState(State):
+    """``h``: ``(*batch_shape, D)``, the state after ``position`` steps; fixed size."""
+
+    h: np.ndarray
+
+
+def linear_rnn_init_state(*, batch_shape=(), dim, h0=None) -> LinearRNNState:
+    """The state before the first step: ``h0`` (default 0) of shape
+    ``(*batch_shape, dim)``.
+
+    >>> import numpy as np
+    >>> s = linear_rnn_init_state(batch_shape=(2,), dim=3)
+    >>> h, s = linear_rnn_step(s, 0.5, 1.0, np.ones((2, 3)))
+    >>> h, s = linear_rnn_step(s, 0.5, 1.0, np.ones((2, 3)))
+    >>> h.tolist(), s.position, s.nbytes
+    ([[1.5, 1.5, 1.5], [1.5, 1.5, 1.5]], 2, 48)
+    """
+    batch_shape = tuple(check_int("batch_shape entries", n, minimum=1) for n in batch_shape)
+    dim = check_int("dim", dim, minimum=1)
+    shape = batch_shape + (dim,)
+    if h0 is None:
+        h = np.zeros(shape)
+    else:
+        h0 = to_float64(h0, "h0")
+        try:
+            h = np.array(np.broadcast_to(h0, shape))
+        except ValueError:
+            raise ValueError(f"h0 must broadcast to (*batch_shape, dim) = {shape}, got "
+                             f"{h0.shape}") from None
+    return LinearRNNState(position=0, h=h)
+
+
+def linear_rnn_step(state: LinearRNNState, a_t, b_t, x_t, *, check_finite=True):
+    """One step ``h = a_t ⊙ h + b_t ⊙ x_t``; ``a_t``, ``b_t``, ``x_t`` broadcast to
+    ``(*batch_shape, D)``. Returns ``(h_t, new_state)``; the old state is unchanged."""
+    shape = state.h.shape
+    args = []
+    for name, arr in (("a_t", a_t), ("b_t", b_t), ("x_t", x_t)):
+        arr = to_float64(arr, name, check_finite=check_finite)
+        try:
+            fits = np.broadcast_shapes(arr.shape, shape) == shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} must broadcast to the state's shape {shape} "
+                             f"(*batch_shape, D), got {arr.shape}")
+        args.append(arr)
+    _check_gate(args[0], "a_t")
+    h = args[0] * state.h + args[1] * args[2]
+    return h, state.replace(position=state.position + 1, h=h)

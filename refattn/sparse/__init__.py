@@ -1,0 +1,28 @@
+"""Sparse attention: mask-defined patterns (sliding window, strided, fixed,
+block-sparse, BigBird, Longformer, sinks, chunks) on one engine, and the content-based
+selections (top-k, routing / clustered, LSH).
+"""
+from .engine import GATHER_BLOCK_Q, GATHER_COST_RATIO, SPARSE_BLOCK, sparse_attention
+from .local import sink_attention, sliding_window_attention
+from .patterns import (bigbird_attention, block_sparse_attention, fixed_attention,
+                       longformer_attention, strided_attention)
+from .topk import (topk_attention, topk_attention_matrix)
+from .clustered import (clustered_attention, clustered_attention_matrix,
+                        improved_clustered_attention, improved_clustered_attention_matrix,
+                        query_clusters, routing_attention, routing_attention_matrix,
+                        routing_clusters)
+from .lsh import (DEFAULT_CHUNK_SIZE, SELF_LOGIT, lsh_attention, lsh_attention_matrix,
+                  lsh_buckets)
+from .chunked import (ChunkState, chunked_attention, chunked_init_state, chunked_step)
+from . import reversible
+
+__all__ = ["GATHER_BLOCK_Q", "GATHER_COST_RATIO", "SPARSE_BLOCK", "bigbird_attention",
+           "block_sparse_attention", "fixed_attention", "longformer_attention",
+           "sink_attention", "sliding_window_attention", "sparse_attention",
+           "strided_attention", "topk_attention", "topk_attention_matrix",
+           "clustered_attention", "clustered_attention_matrix",
+           "improved_clustered_attention", "improved_clustered_attention_matrix",
+           "query_clusters", "routing_attention", "routing_attention_matrix",
+           "routing_clusters", "DEFAULT_CHUNK_SIZE", "SELF_LOGIT", "lsh_attention",
+           "lsh_attention_matrix", "lsh_buckets", "ChunkState", "chunked_attention",
+           "chunked_init_state", "chunked_step", "reversible"]

@@ -1,0 +1,496 @@
+r"""Clustered attention: k-means decides which keys (or which query vector) a query uses.
+
+* :func:`routing_attention`: Routing Transformer (Roy et al. 2021, "Efficient
+  Content-Based Sparse Attention with Routing Transformers"). Queries and keys,
+  normalized to unit length, are clustered together by spherical k-means; a query
+  attends, with exact logits, only to the keys of its own cluster.
+* :func:`clustered_attention`: clustered attention of fast-transformers (Vyas et al.
+  2020, "Fast Transformers with Clustered Attention"). Queries are clustered; each
+  cluster's centroid (the mean of its queries) attends to all keys and every query of
+  the cluster receives the centroid's attention weights.
+* :func:`improved_clustered_attention`: the paper's "i-clustered" variant: exact logits
+  of each query on the ``topk`` keys its centroid weights most, the centroid's weights on
+  the rest.
+
+**k-means.** Lloyd's algorithm with k-means++ initialisation (Arthur & Vassilvitskii
+2007), run per batch element and query head, at most ``n_iters`` iterations (stopping
+early at a fixed point). Routing uses spherical k-means (unit points, assignment by the
+largest cosine similarity, centroids renormalized means); clustered attention uses plain
+Euclidean k-means on the raw queries (the paper clusters Hamming codes of LSH hashes
+instead; Euclidean k-means on the queries is the quantity those hashes approximate).
+Ties in an assignment go to the lower cluster index.
+
+**Order independence.** k-means++ draws points by index, which would make the result
+depend on the order of the points. Here the points are first put in a canonical order
+(lexicographic order of their coordinates) and k-means runs on that, so the clustering is
+a function of the *set* of points: permuting keys (with their values) leaves every
+output unchanged, and permuting queries permutes the outputs. Hence ``position_free``.
+
+**Randomness.** ``rng`` is required: an int seed or a ``numpy.random.Generator`` (whose
+state is advanced).
+Each clustering draws ``min(n_clusters, #points)`` uniforms from one generator, in the
+order of the (broadcast, flattened) batch elements and query heads; the same ``rng``
+gives bit-identical results.
+
+**Cluster counts.** ``n_clusters`` may exceed the number of points clustered (``N + M``
+for routing, ``N`` for clustered attention): at most that many clusters can be
+non-empty, and the result equals the one for ``n_clusters = #points`` (the same way
+``topk > M`` keeps all keys).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._core.checks import check_int, check_memory, resolve_rng
+from .._core.kmeans import kmeans
+from .._core.logits import make_logits
+from .._core.problem import prepare_qkv
+from .._core.select import block_rows, topk_keep
+from .._core.softmax import normalize_rows
+from ..registry import attach, register
+
+__all__ = ["routing_attention", "routing_attention_matrix", "routing_clusters",
+           "clustered_attention", "clustered_attention_matrix",
+           "improved_clustered_attention", "improved_clustered_attention_matrix",
+           "query_clusters"]
+
+
+# ------------------------------------------------------------------------ k-means
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` scaled to unit length; zero rows stay zero."""
+    norm = np.sqrt(np.einsum("...d,...d->...", x, x))[..., None]
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def _seen(pb, *names) -> str:
+    """The shapes of ``q``/``k`` as the caller passed them (batch dims broadcast)."""
+    shapes = {"q": (pb.heads_q, pb.n, pb.d), "k": (pb.heads_kv, pb.m, pb.d)}
+    return ", ".join(f"{x} {pb.batch_shape + shapes[x]}" for x in names)
+
+
+def _check_clustering(n_clusters, n_iters, rng, where: str):
+    return (check_int("n_clusters", n_clusters, minimum=1, context=where),
+            check_int("n_iters", n_iters, minimum=0), resolve_rng(rng, "k-means clustering"))
+
+
+def _routing_kmeans(q, k, pb, n_clusters, n_iters, gen):
+    """Spherical k-means of each query head's unit queries together with the unit keys
+    of its KV head. Returns ``q_assign (B, Hq, N)``, ``k_assign (B, Hq, M)``,
+    ``centroids (B, Hq, C, D)`` and the unit queries."""
+    qu, ku = _unit(q), _unit(k)
+    c = min(n_clusters, pb.n + pb.m)
+    qa = np.zeros((pb.batch, pb.heads_q, pb.n), np.int64)
+    ka = np.zeros((pb.batch, pb.heads_q, pb.m), np.int64)
+    cent = np.zeros((pb.batch, pb.heads_q, c, pb.d))
+    for b in range(pb.batch):
+        for h in range(pb.heads_q):
+            points = np.concatenate([qu[b, h], ku[b, h // pb.group]])
+            cent[b, h], assign = kmeans(points, n_clusters, n_iters, gen, spherical=True)
+            qa[b, h], ka[b, h] = assign[:pb.n], assign[pb.n:]
+    return qa, ka, cent, qu
+
+
+def _query_kmeans(q, pb, n_clusters, n_iters, gen):
+    """Euclidean k-means of each query head's queries: ``assign (B, Hq, N)`` and the
+    cluster means ``(B, Hq, C, D)``."""
+    c = min(n_clusters, pb.n)
+    qa = np.zeros((pb.batch, pb.heads_q, pb.n), np.int64)
+    cent = np.zeros((pb.batch, pb.heads_q, c, pb.d))
+    for b in range(pb.batch):
+        for h in range(pb.heads_q):
+            cent[b, h], qa[b, h] = kmeans(q[b, h], n_clusters, n_iters, gen,
+                                           spherical=False)
+    return qa, cent
+
+
+def routing_clusters(q, k, *, n_clusters, n_iters=10, rng, check_finite=True):
+    """The clusters :func:`routing_attention` routes with (same arguments, same ``rng``).
+
+    Returns ``(q_clusters, k_clusters, centroids)``: int64 ``(..., Hq, N)`` and
+    ``(..., Hq, M)`` cluster indices, and the unit centroids ``(..., Hq, C, D)`` with
+    ``C = min(n_clusters, N + M)``. With GQA each query head clusters its own queries
+    with the keys of its KV head, so ``k_clusters`` has one row per *query* head. Equal
+    to what :func:`routing_attention` uses when ``q`` and ``k`` already have the full
+    batch shape (clusterings are drawn per element of the broadcast batch).
+
+    >>> import numpy as np
+    >>> from refattn.clustered import routing_clusters
+    >>> q = k = np.array([[[1.0, 0.1], [0.9, -0.1], [-1.0, 0.2], [-1.1, 0.0]]])
+    >>> qc, kc, cent = routing_clusters(q, k, n_clusters=2, rng=0)
+    >>> bool((qc == kc).all()), bool(qc[0, 0] == qc[0, 1] != qc[0, 2] == qc[0, 3])
+    (True, True)
+    """
+    q, k, _, pb = prepare_qkv(q, k, None, check_finite=check_finite, need_v=False)
+    n_clusters, n_iters, gen = _check_clustering(
+        n_clusters, n_iters, rng, f" (clusters of queries and keys; {_seen(pb, 'q', 'k')})")
+    qa, ka, cent, _ = _routing_kmeans(q, k, pb, n_clusters, n_iters, gen)
+    return pb.unflatten(qa, ka, cent)
+
+
+def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
+    """The query clusters of :func:`clustered_attention` (same arguments and ``rng``).
+
+    Returns ``(clusters, centroids)``: int64 ``(..., Hq, N)`` cluster indices and the
+    centroids ``(..., Hq, C, D)``, ``C = min(n_clusters, N)``, each the mean of its
+    cluster's queries (Euclidean k-means, k-means++ init). Equal to what the clustered
+    attentions use when ``q`` has the full broadcast batch shape of ``q, k, v``.
+
+    >>> import numpy as np
+    >>> from refattn.clustered import query_clusters
+    >>> q = np.array([[[0.0, 0.0], [0.0, 1.0], [10.0, 10.0], [10.0, 11.0]]])
+    >>> clusters, centroids = query_clusters(q, n_clusters=2, rng=0)
+    >>> sorted(map(tuple, centroids[0].tolist()))
+    [(0.0, 0.5), (10.0, 10.5)]
+    """
+    qf, _, _, pb = prepare_qkv(q, q, None, check_finite=check_finite, need_v=False)
+    n_clusters, n_iters, gen = _check_clustering(
+        n_clusters, n_iters, rng, f" (clusters of queries; {_seen(pb, 'q')})")
+    qa, cent = _query_kmeans(qf, pb, n_clusters, n_iters, gen)
+    return pb.unflatten(qa, cent)
+
+
+# ---------------------------------------------------------------- routing attention
+def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, softcap,
+                    rng, check_finite, block_q):
+    """Validate, cluster, then yield ``(b, hk, h, row_slice, p, lse)`` per query head
+    and block of rows, ``p`` the ``(r, M)`` routed attention probabilities."""
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
+    n_clusters, n_iters, gen = _check_clustering(
+        n_clusters, n_iters, rng, f" (clusters of queries and keys; {_seen(pb, 'q', 'k')})")
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    rows_per_block = block_rows(block_q, 1, pb.n, pb.m)
+    q_scaled = q * logits.scale
+    cols = np.arange(pb.m)
+
+    def blocks():             # clusters on the first step, after all validation
+        qa, ka, cent, qu = _routing_kmeans(q, k, pb, n_clusters, n_iters, gen)
+        for b in range(pb.batch):
+            for h in range(pb.heads_q):
+                hk = h // pb.group
+                key_cluster = ka[b, h]
+                by_cluster = np.argsort(key_cluster, kind="stable")
+                present, starts = np.unique(key_cluster[by_cluster], return_index=True)
+                for r0 in range(0, pb.n, rows_per_block):
+                    rs = slice(r0, min(r0 + rows_per_block, pb.n))
+                    rows = np.arange(rs.start, rs.stop)
+                    s = logits.block(q_scaled[b, h:h + 1, rs], k[b, hk], b, np.array([h]),
+                                     rows, cols)[0]
+                    allowed = ~np.isneginf(s)
+                    # Clusters holding at least one key this query may attend to.
+                    avail = np.zeros((len(rows), cent.shape[2]), bool)
+                    if pb.m:
+                        avail[:, present] = np.logical_or.reduceat(
+                            allowed[:, by_cluster], starts, axis=1)
+                    # Own cluster first, then the others by similarity to their centroid.
+                    pref = qu[b, h, rs] @ cent[b, h].T
+                    pref[np.arange(len(rows)), qa[b, h, rs]] = np.inf
+                    pref[~avail] = -np.inf
+                    chosen = pref.argmax(axis=1)
+                    s[~(allowed & (key_cluster[None, :] == chosen[:, None]))] = -np.inf
+                    lse = normalize_rows(s)
+                    yield b, hk, h, rs, s, lse
+    return pb, v, blocks()
+
+
+@register(family="sparse", exact=False, time="O((N+M)·C·D·I + N·M·D/C)",
+          state="O(M·D) KV cache", supports_causal=True, supports_mask=True,
+          supports_gqa=True, position_free=True, self_attention_only=False, example={"n_clusters": 2},
+          budget=lambda n, b: {"n_clusters": max(1, n // b)})
+def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
+                      scale=None, bias=None, softcap=None, rng, return_lse=False,
+                      check_finite=True, block_q=None):
+    r"""Routing attention: each query attends to the keys of its own k-means cluster.
+
+    Queries and keys are normalized to unit length and clustered together by spherical
+    k-means with ``n_clusters`` centroids ``mu_c`` (Roy et al. 2021, "Efficient
+    Content-Based Sparse Attention with Routing Transformers"); with ``c(x)`` the
+    cluster of ``x``,
+
+    .. math:: o_i = \sum_{j \in R_i} \operatorname{softmax}_{R_i}(s_i)_j \, v_j, \qquad
+              R_i = \{ j : c(k_j) = c(q_i),\ s_{ij} > -\infty \},
+
+    with ``s`` the logits of :func:`refattn.attention` (scale, softcap, bias, mask,
+    causality: the cluster restriction is combined with them). If ``R_i`` is empty
+    although query ``i`` may attend to some key (its cluster holds no key, or, under
+    causality or a mask, no key it may see), the query is routed to the next cluster in
+    order of ``q̂_i · mu_c`` that holds one; only queries with no allowed key at all give
+    output 0 and lse ``-inf``. So every row is a softmax, and ``n_clusters=1`` is exact
+    attention.
+
+    The paper's balanced variant (each cluster takes its ``w`` nearest queries and keys)
+    is not implemented: it leaves some queries unrouted and others routed twice.
+    The paper's k-means is an online (EMA) mini-batch estimate across training steps;
+    here it is Lloyd's algorithm on this call's queries and keys (see the module notes on
+    initialisation, order independence and ``rng``).
+
+    Parameters
+    ----------
+    q, k, v : ``(..., Hq, N, D)``, ``(..., Hkv, M, D)``, ``(..., Hkv, M, Dv)``; with GQA
+        each query head is clustered with the keys of its KV head.
+    n_clusters : int >= 1 (more than ``N + M`` acts like ``N + M``).
+    n_iters : int >= 0, most Lloyd iterations after the k-means++ initialisation.
+    mask, causal, scale, bias, softcap, check_finite : as :func:`refattn.attention`.
+    rng : int seed, ``numpy.random.Generator`` or None (= 0).
+    return_lse : also return ``log sum_{j in R_i} exp(s_ij)`` ``(..., Hq, N)``.
+    block_q : query rows per block (working memory O(block_q · M)).
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)`` (and the lse).
+
+    Example
+    -------
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.clustered import routing_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 16, 8))
+    >>> routing_attention(q, k, v, n_clusters=4, causal=True, rng=1).shape
+    (2, 16, 8)
+    >>> one = routing_attention(q, k, v, n_clusters=1, causal=True, rng=0)  # one cluster: exact
+    >>> bool(np.allclose(one, ra.attention(q, k, v, causal=True)))
+    True
+    """
+    pb, v, blocks = _routing_blocks(q, k, v, n_clusters=n_clusters, n_iters=n_iters,
+                                    mask=mask, causal=causal, scale=scale, bias=bias,
+                                    softcap=softcap, rng=rng, check_finite=check_finite,
+                                    block_q=block_q)
+    return pb.outputs_from_blocks(v, blocks, return_lse)
+
+
+def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=False,
+                             scale=None, bias=None, softcap=None, rng,
+                             check_finite=True, block_q=None, memory_budget=None):
+    """The implied attention matrix ``A`` ``(..., Hq, N, M)`` of
+    :func:`routing_attention` (same arguments and ``rng``):
+    ``routing_attention(q, k, v) == A @ v``. ``A_ij`` is nonzero only for keys in the
+    cluster query ``i`` is routed to.
+
+    >>> import numpy as np
+    >>> from refattn.clustered import routing_attention_matrix
+    >>> q = k = np.array([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])   # three directions
+    >>> routing_attention_matrix(q, k, n_clusters=3, scale=0.0, rng=0)  # own clusters
+    array([[[1., 0., 0.],
+            [0., 1., 0.],
+            [0., 0., 1.]]])
+    """
+    pb, _, blocks = _routing_blocks(q, k, None, n_clusters=n_clusters, n_iters=n_iters,
+                                    mask=mask, causal=causal, scale=scale, bias=bias,
+                                    softcap=softcap, rng=rng, check_finite=check_finite,
+                                    block_q=block_q)
+    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
+                 "the attention matrix of routing_attention_matrix",
+                 "refattn.clustered.routing_attention (it never forms the matrix)")
+    probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
+    for b, _, h, rs, p, _ in blocks:
+        probs[b, h, rs] = p
+    return pb.unflatten(probs)
+
+
+# -------------------------------------------------------------- clustered attention
+def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale, bias,
+                      softcap, rng, check_finite, block_q):
+    """Validate, cluster the queries, then yield ``(b, hk, head_slice, row_slice, a,
+    lse)`` per KV head and block of rows, ``a`` the ``(G, r, M)`` attention weights
+    (clustered, or i-clustered when ``topk`` is given) and ``lse`` the centroid's."""
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
+    n_clusters, n_iters, gen = _check_clustering(
+        n_clusters, n_iters, rng, f" (clusters of queries; {_seen(pb, 'q')})")
+    if topk is not None:
+        topk = check_int("topk", topk, minimum=1,
+                          context=f" (keys recomputed per query; k has M={pb.m} keys)")
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    rows_per_block = block_rows(block_q, pb.group, pb.n, pb.m)
+    q_scaled = q * logits.scale
+    cols = np.arange(pb.m)
+
+    def blocks():             # clusters on the first step, after all validation
+        qa, cent = _query_kmeans(q, pb, n_clusters, n_iters, gen)
+        # Each query replaced by its centroid (the mean of its cluster).
+        q_cent = np.take_along_axis(cent, qa[..., None], axis=2) * logits.scale
+        for b in range(pb.batch):
+            for hk in range(pb.heads_kv):
+                hs = slice(hk * pb.group, (hk + 1) * pb.group)
+                heads = np.arange(hs.start, hs.stop)
+                for r0 in range(0, pb.n, rows_per_block):
+                    rs = slice(r0, min(r0 + rows_per_block, pb.n))
+                    rows = np.arange(rs.start, rs.stop)
+                    a = logits.block(q_cent[b, hs, rs], k[b, hk], b, heads, rows, cols)
+                    keep = None if topk is None else topk_keep(a, topk)
+                    lse = normalize_rows(a)
+                    if keep is not None:
+                        mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
+                        exact = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
+                                             rows, cols)
+                        exact[~keep] = -np.inf
+                        normalize_rows(exact)
+                        a = np.where(keep, mass * exact, a)
+                    yield b, hk, hs, rs, a, lse
+    return pb, v, blocks()
+
+
+def _clustered_matrix(pb, blocks, memory_budget, name):
+    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
+                 f"the attention matrix of {name}_matrix",
+                 f"refattn.clustered.{name} (it never forms the matrix)")
+    probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
+    for b, _, hs, rs, a, _ in blocks:
+        probs[b, hs, rs] = a
+    return pb.unflatten(probs)
+
+
+@register(family="sparse", exact=False, time="O(N·C·D·I + C·M·(D+Dv))",
+          state="O(M·D) KV cache", supports_causal=True, supports_mask=True,
+          supports_gqa=True, position_free=True, self_attention_only=False, example={"n_clusters": 2},
+          budget=lambda n, b: {"n_clusters": b})
+def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
+                        scale=None, bias=None, softcap=None, rng, return_lse=False,
+                        check_finite=True, block_q=None):
+    r"""Clustered attention: every query gets the attention weights of its cluster's
+    centroid.
+
+    The queries of each head are clustered by k-means into ``n_clusters`` groups with
+    centroids ``q^c`` (the mean of their queries); query ``i`` in cluster ``c(i)`` gets
+
+    .. math:: o_i = \sum_j \operatorname{softmax}_j\big(s(q^{c(i)}, k_j)\big) \, v_j ,
+
+    where ``s(q^c, k_j)`` are the logits of :func:`refattn.attention` with the centroid
+    in place of the query (Vyas et al. 2020, "Fast Transformers with Clustered
+    Attention"). Without a mask or position-dependent bias all queries of a cluster share
+    one row of weights, ``C x M`` logits in all. A mask, causality or bias is applied
+    with the *query's* own position, so each query keeps exactly its allowed keys (the
+    paper has no causal form). With ``n_clusters = N`` and distinct queries every query
+    is its own centroid and the result is exact attention.
+
+    Parameters
+    ----------
+    q, k, v : ``(..., Hq, N, D)``, ``(..., Hkv, M, D)``, ``(..., Hkv, M, Dv)``.
+    n_clusters : int >= 1 (more than ``N`` acts like ``N``).
+    n_iters : int >= 0, most Lloyd iterations after the k-means++ initialisation.
+    mask, causal, scale, bias, softcap, check_finite : as :func:`refattn.attention`.
+    rng : int seed, ``numpy.random.Generator`` or None (= 0).
+    return_lse : also return the log-sum-exp of the centroid's logits ``(..., Hq, N)``.
+    block_q : query rows per block (working memory O(G · block_q · M)).
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)`` (and the lse); rows with no allowed key give 0, ``-inf``.
+
+    Example
+    -------
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.clustered import clustered_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 12, 8))
+    >>> out = clustered_attention(q, k, v, n_clusters=3, rng=0)
+    >>> len(np.unique(out[0].round(12), axis=0))          # 3 distinct rows per head
+    3
+    >>> exact = clustered_attention(q, k, v, n_clusters=12, causal=True, rng=0)
+    >>> bool(np.allclose(exact, ra.attention(q, k, v, causal=True)))
+    True
+    """
+    pb, v, blocks = _clustered_blocks(q, k, v, n_clusters=n_clusters, n_iters=n_iters,
+                                      topk=None, mask=mask, causal=causal, scale=scale,
+                                      bias=bias, softcap=softcap, rng=rng,
+                                      check_finite=check_finite, block_q=block_q)
+    return pb.outputs_from_blocks(v, blocks, return_lse)
+
+
+def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=False,
+                               scale=None, bias=None, softcap=None, rng,
+                               check_finite=True, block_q=None, memory_budget=None):
+    """The implied attention matrix ``A`` ``(..., Hq, N, M)`` of
+    :func:`clustered_attention` (same arguments and ``rng``):
+    ``A_i = softmax(s(q^{c(i)}, k))``, so ``clustered_attention(q, k, v) == A @ v``.
+
+    >>> import numpy as np
+    >>> from refattn.clustered import clustered_attention_matrix
+    >>> q = np.array([[[1.0, 0.0], [3.0, 0.0]]])          # one cluster, centroid (2, 0)
+    >>> k = np.array([[[0.0, 0.0], [1.0, 0.0]]])
+    >>> a = clustered_attention_matrix(q, k, n_clusters=1, scale=np.log(2) / 2, rng=0)
+    >>> a.round(6)                                       # logits 0 and log 2
+    array([[[0.333333, 0.666667],
+            [0.333333, 0.666667]]])
+    """
+    pb, _, blocks = _clustered_blocks(q, k, None, n_clusters=n_clusters, n_iters=n_iters,
+                                      topk=None, mask=mask, causal=causal, scale=scale,
+                                      bias=bias, softcap=softcap, rng=rng,
+                                      check_finite=check_finite, block_q=block_q)
+    return _clustered_matrix(pb, blocks, memory_budget, "clustered_attention")
+
+
+@register(family="sparse", exact=False,
+          time="O(N·C·D·I + C·M·(D+Dv) + N·k·(D+Dv))", state="O(M·D) KV cache",
+          supports_causal=True, supports_mask=True, supports_gqa=True, position_free=True,
+          self_attention_only=False,
+          example={"n_clusters": 2, "topk": 3},
+          budget=lambda n, b: {"n_clusters": max(1, b // 2), "topk": max(1, b // 2)})
+def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=None,
+                                 causal=False, scale=None, bias=None, softcap=None,
+                                 rng, return_lse=False, check_finite=True,
+                                 block_q=None):
+    r"""Improved clustered attention ("i-clustered", Vyas et al. 2020): exact weights on
+    the keys the centroid weights most, the centroid's weights on the rest.
+
+    With ``A^c_i = softmax(s(q^{c(i)}, k))`` the clustered weights of query ``i``
+    (:func:`clustered_attention`), ``T_i`` the ``topk`` keys with the largest centroid
+    logits (among the keys query ``i`` may attend to; ties to the lower key index) and
+    ``\hat m_i = \sum_{j \in T_i} A^c_{ij}`` the centroid's mass on them,
+
+    .. math:: A^t_{ij} = \begin{cases} \hat m_i \,
+              \operatorname{softmax}_{T_i}(s(q_i, k))_j & j \in T_i \\
+              A^c_{ij} & j \notin T_i \end{cases}, \qquad o_i = \sum_j A^t_{ij} v_j .
+
+    Rows stay stochastic, and ``sum_j |A^t_ij - A_ij| <= sum_j |A^c_ij - A_ij|`` for the
+    exact weights ``A`` (the triangle inequality on ``T_i``). ``topk >= M`` or
+    ``n_clusters = N`` (distinct queries) give exact attention.
+
+    Arguments as :func:`clustered_attention`, plus ``topk`` (int >= 1). ``return_lse``
+    gives the lse of the centroid's logits, which is also the log-normalizer of
+    ``A^t`` (``A^t_ij = exp(s'_ij - lse)`` for logits ``s'`` that agree with the
+    centroid's outside ``T_i``).
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.clustered import improved_clustered_attention, clustered_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 1, 20, 8))
+    >>> exact = ra.attention(q, k, v)
+    >>> err_c = np.abs(clustered_attention(q, k, v, n_clusters=2, rng=0) - exact).max()
+    >>> err_i = np.abs(improved_clustered_attention(q, k, v, n_clusters=2, topk=5, rng=0)
+    ...          - exact).max()
+    >>> bool(err_i < err_c)
+    True
+    """
+    pb, v, blocks = _clustered_blocks(q, k, v, n_clusters=n_clusters, n_iters=n_iters,
+                                      topk=topk, mask=mask, causal=causal, scale=scale,
+                                      bias=bias, softcap=softcap, rng=rng,
+                                      check_finite=check_finite, block_q=block_q)
+    return pb.outputs_from_blocks(v, blocks, return_lse)
+
+
+def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, mask=None,
+                                        causal=False, scale=None, bias=None, softcap=None,
+                                        rng, check_finite=True, block_q=None,
+                                        memory_budget=None):
+    """The implied attention matrix ``A^t`` ``(..., Hq, N, M)`` of
+    :func:`improved_clustered_attention` (same arguments and ``rng``).
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.clustered import improved_clustered_attention_matrix
+    >>> rng = np.random.default_rng(0)
+    >>> q, k = rng.standard_normal((2, 1, 6, 4))
+    >>> a = improved_clustered_attention_matrix(q, k, n_clusters=1, topk=6, rng=0)  # topk = M
+    >>> bool(np.allclose(a, ra.attention_probs(q, k)))
+    True
+    """
+    pb, _, blocks = _clustered_blocks(q, k, None, n_clusters=n_clusters, n_iters=n_iters,
+                                      topk=topk, mask=mask, causal=causal, scale=scale,
+                                      bias=bias, softcap=softcap, rng=rng,
+                                      check_finite=check_finite, block_q=block_q)
+    return _clustered_matrix(pb, blocks, memory_budget, "improved_clustered_attention")
+
+
+attach(routing_attention, implied=routing_attention_matrix)
+attach(clustered_attention, implied=clustered_attention_matrix)
+attach(improved_clustered_attention, implied=improved_clustered_attention_matrix)

@@ -1,0 +1,224 @@
+r"""Mask-defined sparse attention: the one engine the named patterns run on.
+
+Every pattern here is exact softmax attention restricted to the keys a mask keeps,
+
+.. math:: o_i = \sum_{j \in S(i)} \frac{e^{s_{ij}}}{\sum_{l \in S(i)} e^{s_{il}}} v_j,
+          \qquad S(i) = \{ j : \text{mask}(i, j) \},
+
+so each equals ``refattn.attention(q, k, v, mask=<its mask>)``; what the engine adds is
+cost proportional to the kept pairs instead of ``N x M``. :func:`sparse_attention` has
+two paths:
+
+* ``"tiles"``: the online softmax over the ``(block_q, block_k)`` tiles the mask's
+  classification leaves non-empty (FlashAttention's block-sparse form; dense matrix
+  products inside a tile). Time ``O(visited tiles x block_q x block_k x D)``.
+* ``"gather"``: the kept pairs of each query block are listed (the mask is evaluated in
+  the non-empty tiles only), their logits formed by gathered dot products and reduced
+  per row (a CSR segment softmax). Time ``O(nnz x D)`` plus the listing; better when the
+  kept pairs are scattered (strided, dilated, random) so that tiles are mostly empty
+  inside.
+
+Working memory is bounded by the block sizes, never by ``N x M``.
+
+>>> import numpy as np, refattn as ra
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = rng.standard_normal((3, 2, 300, 16))
+>>> mask = ra.masks.sliding_window(32) | ra.masks.sinks(4)
+>>> out = ra.sparse_attention(q, k, v, mask, causal=True)
+>>> bool(np.allclose(out, ra.attention(q, k, v, mask=mask, causal=True), rtol=1e-12))
+True
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .._core.checks import check_block
+from .._core.logits import make_logits
+from .._core.online import online_softmax_tiles
+from .._core.problem import prepare_qkv
+from .._core.softmax import finish_rows
+from .._core.threads import run_items
+from ..masks.masks import FULL, PARTIAL
+
+__all__ = ["sparse_attention", "SPARSE_BLOCK", "GATHER_BLOCK_Q", "GATHER_COST_RATIO"]
+
+#: Default tile for the ``"tiles"`` path: small enough that a narrow band wastes little.
+SPARSE_BLOCK = 128
+#: Default query rows per step of the ``"gather"`` path.
+GATHER_BLOCK_Q = 64
+_METHODS = ("auto", "tiles", "gather")
+
+
+def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, softcap=None,
+                     return_lse=False, check_finite=True, method="auto", block_q=None,
+                     block_k=None, workers=None):
+    """Exact attention over the keys ``mask`` keeps, in time proportional to them.
+
+    Arguments and result as :func:`refattn.attention` (``mask`` is required), plus:
+
+    method : ``"tiles"``, ``"gather"`` or ``"auto"`` (gather when the kept pairs, estimated
+        from a few tiles, fill less than ``1 / GATHER_COST_RATIO`` of the tiles the tile
+        path would visit).
+    block_q, block_k : tile sizes (default ``SPARSE_BLOCK``; the gather path lists
+        ``GATHER_BLOCK_Q`` query rows at a time).
+    workers : threads (default: the available cores).
+    """
+    if mask is None:
+        raise ValueError("sparse_attention needs a mask; for dense attention use "
+                         "refattn.attention or refattn.tiled_attention")
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    block_k = check_block("block_k", block_k) or SPARSE_BLOCK
+    workers = check_block("workers", workers)
+    if method == "auto":
+        method = choose_method(logits.mask, pb.n, pb.m, block_k)
+    if method == "tiles":
+        block_q = check_block("block_q", block_q) or SPARSE_BLOCK
+        out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k, workers)
+    else:
+        block_q = check_block("block_q", block_q) or GATHER_BLOCK_Q
+        out, lse = _gather_attention(q, k, v, pb, logits, block_q, block_k, workers)
+    out, lse = pb.unflatten(out, lse)
+    return (out, lse) if return_lse else out
+
+
+#: The gather path costs about this many times more per kept pair than the tile path
+#: per visited logit (measured on 2 cores, D = 64: ~100 ns against ~4 ns).
+GATHER_COST_RATIO = 25
+
+
+def choose_method(mask, n, m, block, samples: int = 16) -> str:
+    """``"gather"`` when the kept pairs fill less than ``1 / GATHER_COST_RATIO`` of the
+    tiles the tile path would visit, estimated from a few partial tiles (all tiles are
+    partial for masks without an analytic classification)."""
+    if mask.analytic:
+        indptr, key_tiles, labels = mask.tile_lists(n, m, block, block)
+        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    else:
+        grid = np.indices((-(-n // block), -(-m // block))).reshape(2, -1)
+        rows, key_tiles = grid
+        labels = np.full(len(rows), PARTIAL, np.int8)
+    if labels.size == 0:
+        return "tiles"
+    partial = np.flatnonzero(labels == PARTIAL)
+    if partial.size == 0:
+        return "tiles"
+    pick = partial[np.linspace(0, partial.size - 1, min(samples, partial.size)).astype(int)]
+    kept = []
+    for t in pick:
+        qi = np.arange(rows[t] * block, min((rows[t] + 1) * block, n))
+        ki = np.arange(key_tiles[t] * block, min((key_tiles[t] + 1) * block, m))
+        kept.append(np.mean(mask._eval(np.asarray(0), np.asarray(0), qi[:, None], ki[None, :],
+                                       n, m)))
+    density = (np.mean(kept) * partial.size + (labels == FULL).sum()) / labels.size
+    return "gather" if density * GATHER_COST_RATIO < 1 else "tiles"
+
+
+def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
+    """The CSR path: per query block, list the kept pairs, then a segment softmax."""
+    g, n, m = pb.group, pb.n, pb.m
+    mask = logits.mask
+    n_q_tiles = -(-n // block_q)
+    if mask.analytic:
+        indptr, key_tiles, labels = mask.tile_lists(n, m, block_q, block_k)
+    else:
+        n_k = -(-m // block_k)
+        indptr = np.arange(n_q_tiles + 1) * n_k
+        key_tiles = np.tile(np.arange(n_k), n_q_tiles)
+        labels = np.full(len(key_tiles), PARTIAL, np.int8)
+    out, lse = pb.poisoned_outputs()
+
+    def run(item):
+        b, h, qb = item
+        rows = np.arange(qb * block_q, min((qb + 1) * block_q, n))
+        span = slice(indptr[qb], indptr[qb + 1])
+        r, c = _kept_pairs(mask, b, h, rows, n, m, block_k, (key_tiles[span], labels[span]))
+        starts = np.searchsorted(r, rows[0] + np.arange(len(rows) + 1))  # CSR row pointers
+        qh, kh, vh = q[b, h, rows[0]:rows[-1] + 1] * logits.scale, k[b, h // g], v[b, h // g]
+        s = _pair_logits(qh, kh, r - rows[0], c)
+        if logits.softcap is not None:
+            s = logits.softcap * np.tanh(s / logits.softcap)
+        if logits.score_mod is not None:
+            s = np.array(np.broadcast_to(logits.score_mod._apply(
+                s, np.asarray(b), np.asarray(h), r, c, n, m), s.shape), dtype=np.float64)
+        acc = np.zeros((len(rows), pb.dv))
+        row_max, row_sum = _segment_softmax_values(s, starts, c, vh, acc)
+        finish_rows(acc, row_max, row_sum, out[b, h, rows[0]:rows[-1] + 1],
+                lse[b, h, rows[0]:rows[-1] + 1])
+
+    items = [(b, h, qb) for b in range(pb.batch) for h in range(pb.heads_q)
+             for qb in range(n_q_tiles)]
+    visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
+    run_items(run, items, workers, visited)
+    return out, lse
+
+
+def _kept_pairs(mask, b, h, rows, n, m, block_k, tiles):
+    """Row-major ``(row, col)`` index arrays of the pairs ``mask`` keeps among the
+    consecutive query ``rows`` of batch ``b``, query head ``h``; ``tiles`` is
+    ``(key tile indices, labels)`` of the key tiles to look at."""
+    found_r, found_c = [], []
+    for kb, label in zip(*tiles):
+        cols = np.arange(kb * block_k, min((kb + 1) * block_k, m))
+        if label == FULL:
+            rr, cc = np.meshgrid(rows, cols, indexing="ij")
+        else:
+            keep = np.broadcast_to(mask._eval(np.asarray(b), np.asarray(h), rows[:, None],
+                                              cols[None, :], n, m), (len(rows), len(cols)))
+            i, j = np.nonzero(keep)
+            rr, cc = rows[i], cols[j]
+        found_r.append(rr.ravel())
+        found_c.append(cc.ravel())
+    if not found_r:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    r, c = np.concatenate(found_r), np.concatenate(found_c)
+    order = np.lexsort((c, r))
+    return r[order], c[order]
+
+
+
+
+@njit(cache=True, nogil=True)
+def _pair_logits(q, k, rows, cols):  # pragma: no cover - compiled
+    """``s[p] = q[rows[p]] . k[cols[p]]`` for each listed pair."""
+    s = np.empty(len(rows))
+    for p in range(len(rows)):
+        total = 0.0
+        for d in range(q.shape[1]):
+            total += q[rows[p], d] * k[cols[p], d]
+        s[p] = total
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _segment_softmax_values(s, starts, cols, v, acc):  # pragma: no cover - compiled
+    """Per row ``i`` (pairs ``starts[i]:starts[i+1]``): ``acc[i] = sum_p e^(s_p - max)
+    v[cols[p]]``; returns the row maxima (0 for rows with nothing kept) and sums."""
+    rows = len(starts) - 1
+    row_max = np.zeros(rows)
+    row_sum = np.zeros(rows)
+    for i in range(rows):
+        top = -np.inf
+        for p in range(starts[i], starts[i + 1]):
+            if np.isnan(s[p]):       # NaN input (check_finite=False) propagates
+                top = np.nan
+                break
+            top = max(top, s[p])
+        if np.isnan(top):
+            row_max[i] = row_sum[i] = np.nan
+            continue
+        if top == -np.inf:
+            continue
+        total = 0.0
+        for p in range(starts[i], starts[i + 1]):
+            w = np.exp(s[p] - top)
+            total += w
+            for d in range(v.shape[1]):
+                acc[i, d] += w * v[cols[p], d]
+        row_max[i] = top
+        row_sum[i] = total
+    return row_max, row_sum

@@ -1,0 +1,535 @@
+r"""Reformer LSH attention (Kitaev, Kaiser & Levskaya, "Reformer: The Efficient
+Transformer", ICLR 2020), float64 reference.
+
+**Hash.** Angular locality-sensitive hashing by a random rotation: for a vector
+:math:`x \in \mathbb{R}^D` and :math:`R \in \mathbb{R}^{D \times b/2}` with i.i.d.
+:math:`\mathcal N(0, 1)` entries,
+
+.. math:: h(x) = \arg\max\,[\,xR\,;\,-xR\,] \in \{0, \dots, b - 1\}
+
+(``b = n_buckets``, even). With two buckets, two vectors at angle :math:`\theta` collide
+with probability :math:`1 - \theta/\pi`; with ``n_hashes`` independent rotations the
+probability of colliding in at least one round is :math:`1 - (\theta/\pi)^{r}`.
+
+**Attention in one round** :math:`r`. Queries (and keys) are sorted by
+``(bucket, position)``; the sorted sequence is cut into chunks of ``chunk_size``
+(the last one may be shorter) and the queries of chunk :math:`c` see the keys of the
+key chunks :math:`c-1` and :math:`c` (chunk 0 has no previous chunk; there is no
+wrap-around). The set attended by query :math:`i` is
+
+.. math:: P_i^{(r)} = \{\, j : h_r(q_i) = h_r(k_j),\
+          \lfloor s_r(j)/m\rfloor \in \{\lfloor s_r(i)/m\rfloor - 1,
+          \lfloor s_r(i)/m\rfloor\},\ (j \le i \text{ if causal}) \,\}
+
+(:math:`s_r` the sorted rank, :math:`m` the chunk size) — the paper's Eqs. (3)-(5):
+within the chunk window, keys of another bucket are masked.
+
+**Several rounds** are combined by log-sum-exp with the paper's duplicate correction
+(Eq. 7): with :math:`N_{ij} = |\{r' : j \in P_i^{(r')}\}|`,
+
+.. math::
+
+    \ell_{ij} = \text{scale}\; q_i \cdot k_j - \log N_{ij}, \qquad
+    \text{lse}_i^{(r)} = \log \sum_{j \in P_i^{(r)}} e^{\ell_{ij}}, \qquad
+    o_i = \sum_r e^{\text{lse}_i^{(r)} - \text{lse}_i}\, o_i^{(r)},
+    \quad \text{lse}_i = \log \sum_r e^{\text{lse}_i^{(r)}},
+
+which equals softmax attention restricted to the union :math:`\bigcup_r P_i^{(r)}`
+with every key counted once. :math:`N_{ij}` counts the rounds in which the pair is
+*actually attended* (same bucket **and** inside the chunk window **and** causal), so
+the equality is exact, not only when buckets fit in chunks.
+
+**Shared-QK** (``shared_qk=True``, the paper's setting): the keys are the queries
+normalized to unit length, :math:`k_j = q_j / \lVert q_j\rVert` (0 for a zero query), so a
+token always hashes into its own bucket; the values of ``k`` are not used (``k`` may be
+``None``; if given, only its shape is checked). A token attends to itself only when
+nothing else is available: its own logit is *replaced* by :data:`SELF_LOGIT` ``= -1e5``
+(as in the reference implementations) rather than ``-inf``, so its weight underflows to
+exactly 0 as soon as any other key of logit above about ``-1e5 + 745`` is attended.
+The duplicate correction applies to this pair too (it is attended in every round), so
+a token alone in all rounds gets weight 1 and lse exactly ``SELF_LOGIT``.
+With GQA each query head's keys are its own normalized queries; values come from KV head
+``h // (Hq // Hkv)``.
+
+**Separate Q and K** (``shared_qk=False``, default): ``q`` and ``k`` are hashed with the
+same rotations and sorted separately; query chunk :math:`c` sees key chunks
+:math:`c-1, c`. A query's bucket may then hold no key at all (the imbalance the paper
+gives as the reason for sharing QK), so here the key at the query's own position is
+always attended as well (an extra part :math:`\{i\}` in the union, with its true logit,
+included in :math:`N_{ii}`). Every row is therefore a convex combination, also when
+causal. This rule is refattn's, not the paper's.
+
+Buckets can be passed in (``buckets=``) instead of drawn, which lets a kernel under test
+and this oracle use identical hashes. Rotations are drawn as
+``rng.standard_normal((n_hashes, D, n_buckets // 2))`` and shared by all batch elements
+and heads, so the drawn buckets are those of :func:`lsh_buckets` with the same ``rng``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._core.checks import check_int, check_memory, resolve_rng, resolve_scale
+from .._core.problem import prepare_qkv
+from ..boundary.arrays import to_float64
+from ..registry import attach, register
+
+__all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_buckets", "SELF_LOGIT",
+           "DEFAULT_CHUNK_SIZE"]
+
+#: The logit a shared-QK token gets for attending to itself (Reformer, Sec. 2).
+SELF_LOGIT = -1e5
+#: Default number of sorted queries per chunk.
+DEFAULT_CHUNK_SIZE = 64
+#: Working memory, in bytes, that one group of heads may use inside the reference.
+_BLOCK_BYTES = 2**28
+
+
+# --------------------------------------------------------------------------- checks
+def _check_n_buckets(n_buckets):
+    n_buckets = check_int("n_buckets", n_buckets, minimum=2)
+    if n_buckets % 2:
+        raise ValueError(f"n_buckets must be even (angular LSH takes argmax([xR; -xR]) "
+                         f"with R of shape (D, n_buckets/2)), got n_buckets={n_buckets}")
+    return n_buckets
+
+
+def _rotations(rng, n_hashes: int, d: int, n_buckets: int) -> np.ndarray:
+    """``(n_hashes, D, n_buckets // 2)`` standard normal rotations."""
+    return resolve_rng(rng, "LSH hashing").standard_normal((n_hashes, d, n_buckets // 2))
+
+
+def _hash(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
+    """Buckets ``argmax([xR; -xR])`` of ``x (..., L, D)`` for each of the rotations
+    ``rot (R, D, b/2)``: int64 ``(R, ..., L)``."""
+    r, d, half = rot.shape
+    proj = np.matmul(x[None], rot.reshape((r,) + (1,) * (x.ndim - 2) + (d, half)))
+    return np.argmax(np.concatenate([proj, -proj], axis=-1), axis=-1)
+
+
+# --------------------------------------------------------------------------- hash
+def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
+    r"""Angular LSH buckets :math:`h(x) = \arg\max\,[xR; -xR]` (Reformer, Sec. 2).
+
+    Parameters
+    ----------
+    x : array ``(..., L, D)``; every vector ``x[..., l, :]`` is hashed (with the same
+        rotation for all of them).
+    n_buckets : even integer ``b >= 2``; ``R`` has shape ``(D, b/2)``, entries i.i.d.
+        standard normal.
+    rng : int seed or ``numpy.random.Generator`` (advanced by the draw). The rotations are ``rng.standard_normal((n_hashes or 1, D, b // 2))``.
+    n_hashes : ``None`` for one hash, or the number of independent rotations.
+
+    Returns
+    -------
+    int64 ``(..., L)`` in ``[0, b)``, or ``(n_hashes, ..., L)`` when ``n_hashes`` is given.
+    Hashing depends only on the direction of ``x``; a zero vector goes to bucket 0.
+
+    With ``b = 2``, vectors at angle :math:`\theta` collide with probability
+    :math:`1 - \theta/\pi` over the draw of ``R``.
+
+    >>> import numpy as np
+    >>> from refattn.lsh import lsh_buckets
+    >>> x = np.array([[1.0, 0.0], [0.999, 0.01], [-1.0, 0.0]])
+    >>> h = lsh_buckets(x, 2, rng=0, n_hashes=1000)     # 1000 independent hashes
+    >>> h.shape
+    (1000, 3)
+    >>> bool((h[:, 0] != h[:, 2]).all())       # antipodal vectors never collide
+    True
+    >>> float((h[:, 0] == h[:, 1]).mean()) > 0.99
+    True
+    """
+    n_buckets = _check_n_buckets(n_buckets)
+    x = to_float64(x, "x")
+    if x.ndim < 2 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., L, D) with D >= 1, got shape {x.shape}")
+    rounds = 1 if n_hashes is None else check_int("n_hashes", n_hashes, minimum=1)
+    out = _hash(x, _rotations(rng, rounds, x.shape[-1], n_buckets))
+    return out[0] if n_hashes is None else out
+
+
+# --------------------------------------------------------------------------- core
+def _given_buckets(buckets, name, n_hashes, n_buckets, batch_shape, heads, n):
+    arr = np.asarray(buckets)
+    target = (n_hashes,) + tuple(batch_shape) + (heads, n)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array of shape (n_hashes, ..., H, N) "
+                        f"= {target}, got dtype {arr.dtype} with shape {arr.shape}")
+    if arr.ndim < 3 or arr.ndim > len(target) or arr.shape[0] != n_hashes:
+        raise ValueError(f"{name} must have shape (n_hashes, ..., H, N) broadcastable to "
+                         f"{target}, got shape {arr.shape}")
+    arr = arr.reshape((n_hashes,) + (1,) * (len(target) - arr.ndim) + arr.shape[1:])
+    try:
+        arr = np.broadcast_to(arr, target)
+    except ValueError:
+        raise ValueError(f"{name} must have shape (n_hashes, ..., H, N) broadcastable to "
+                         f"{target}, got shape {np.shape(buckets)}") from None
+    if arr.size and (arr.min() < 0 or arr.max() >= n_buckets):
+        raise ValueError(f"{name} values must lie in [0, n_buckets={n_buckets}), got "
+                         f"values from {arr.min()} to {arr.max()}")
+    return arr.reshape((n_hashes, math.prod(batch_shape), heads, n)).astype(np.int64)
+
+
+def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale, rng,
+           buckets, check_finite, what):
+    """Validate; return flat per-query-head inputs and buckets.
+
+    ``qf, kf (P, N, D)``, ``vf (P, N, Dv)`` or None, ``bq, bk (R, P, N)`` with
+    ``P = B * Hq`` (KV heads repeated to query heads), and the problem sizes.
+    """
+    n_buckets = _check_n_buckets(n_buckets)
+    n_hashes = check_int("n_hashes", n_hashes, minimum=1)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    if not isinstance(shared_qk, (bool, np.bool_)):
+        raise TypeError(f"shared_qk must be a bool, got {shared_qk!r}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if k is None:
+        if not shared_qk:
+            raise TypeError("k is None: keys are needed unless shared_qk=True")
+        ref = q if v is None else v
+        k = np.zeros(np.shape(ref)[:-1] + np.shape(q)[-1:])   # shape only, never used
+    qshape, kshape = np.shape(q), np.shape(k)
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
+    if pb.n != pb.m:
+        raise ValueError(f"{what} is self-attention: queries and keys are hashed and "
+                         f"sorted into the same chunks, so q and k must have the same "
+                         f"length (N == M); got q {qshape}, k {kshape}")
+    scale = resolve_scale(scale, pb.d)
+    p_total = pb.batch * pb.heads_q
+    kv_of = (np.arange(pb.batch)[:, None] * pb.heads_kv
+             + np.arange(pb.heads_q)[None, :] // pb.group).reshape(-1)   # (P,)
+    qf = q.reshape(p_total, pb.n, pb.d)
+    if shared_qk:
+        norm = np.sqrt(np.einsum("pnd,pnd->pn", qf, qf))[..., None]
+        kf = np.divide(qf, norm, out=np.zeros_like(qf), where=norm > 0)
+    else:
+        kf = k.reshape(pb.batch * pb.heads_kv, pb.n, pb.d)[kv_of]
+    vf = None if v is None else v.reshape(pb.batch * pb.heads_kv, pb.n, pb.dv)[kv_of]
+
+    if buckets is None:
+        rot = _rotations(rng, n_hashes, pb.d, n_buckets)
+        bq = _hash(q, rot).reshape(n_hashes, p_total, pb.n)
+        if shared_qk:
+            bk = bq
+        else:
+            bk = _hash(k, rot).reshape(n_hashes, pb.batch * pb.heads_kv, pb.n)[:, kv_of]
+    elif shared_qk:
+        if isinstance(buckets, (tuple, list)):
+            raise TypeError("with shared_qk=True, buckets must be one integer array "
+                            "(n_hashes, ..., Hq, N): queries and keys share their buckets")
+        bq = _given_buckets(buckets, "buckets", n_hashes, n_buckets, pb.batch_shape,
+                            pb.heads_q, pb.n).reshape(n_hashes, p_total, pb.n)
+        bk = bq
+    else:
+        if not (isinstance(buckets, (tuple, list)) and len(buckets) == 2):
+            raise TypeError("with shared_qk=False, buckets must be a pair (query_buckets "
+                            "(n_hashes, ..., Hq, N), key_buckets (n_hashes, ..., Hkv, N))")
+        bq = _given_buckets(buckets[0], "buckets[0] (query buckets)", n_hashes, n_buckets,
+                            pb.batch_shape, pb.heads_q, pb.n).reshape(n_hashes, p_total,
+                                                                      pb.n)
+        bk = _given_buckets(buckets[1], "buckets[1] (key buckets)", n_hashes, n_buckets,
+                            pb.batch_shape, pb.heads_kv, pb.n)
+        bk = bk.reshape(n_hashes, pb.batch * pb.heads_kv, pb.n)[:, kv_of]
+    return qf, kf, vf, bq, bk, scale, max(1, min(chunk_size, pb.n)), pb
+
+
+def _rounds(qf, kf, bq, bk, *, chunk, shared_qk, causal, scale):
+    """The per-round attention logits of a group of heads, in sorted-chunk layout.
+
+    Returns ``(qi, kw, s, self_logit)``: ``qi (R, P, nc, C)`` query positions of each
+    sorted chunk (-1 for padding), ``kw (R, P, nc, 2C)`` key positions of its window
+    (previous chunk, then its own; -1 for padding), ``s (R, P, nc, C, 2C)`` logits with
+    the duplicate correction applied and ``-inf`` for pairs not attended in that round;
+    ``self_logit (P, N)`` the corrected logit of the own-position part (separate-QK
+    mode) or None.
+    """
+    r_count, p_count, n = bq.shape
+    c = chunk
+    nc = -(-n // c)
+    positions = np.arange(n)
+
+    def sort(b):
+        order = np.argsort(b, axis=-1, kind="stable")        # by (bucket, position)
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, positions[None, None, :], axis=-1)
+        return order, rank // c
+
+    order_q, chunk_q = sort(bq)
+    order_k, chunk_k = (order_q, chunk_q) if shared_qk else sort(bk)
+
+    sq = np.full((r_count, p_count, nc * c), -1)
+    sq[..., :n] = order_q
+    qi = sq.reshape(r_count, p_count, nc, c)
+    sk = np.full((r_count, p_count, (nc + 1) * c), -1)
+    sk[..., c:c + n] = order_k
+    kc = sk.reshape(r_count, p_count, nc + 1, c)
+    kw = np.concatenate([kc[:, :, :-1], kc[:, :, 1:]], axis=-1)
+
+    i_idx, j_idx = qi[..., :, None], kw[..., None, :]        # (R,P,nc,C,1), (R,P,nc,1,2C)
+    base = (i_idx >= 0) & (j_idx >= 0)
+    if causal:
+        base &= j_idx <= i_idx
+    ic, jc = np.maximum(i_idx, 0), np.maximum(j_idx, 0)
+    pidx = np.arange(p_count)[None, :, None, None, None]
+
+    # N_ij: in how many rounds the pair is attended (same bucket, inside the window).
+    count = np.zeros(base.shape, dtype=np.int64)
+    for r in range(r_count):
+        same = bq[r][pidx, ic] == bk[r][pidx, jc]
+        gap = chunk_k[r][pidx, jc] - chunk_q[r][pidx, ic]
+        count += same & ((gap == 0) | (gap == -1)) & base
+    round_ids = np.arange(r_count)[:, None, None, None, None]
+    attended = base & (bq[round_ids, pidx, ic] == bk[round_ids, pidx, jc])
+    if not shared_qk:
+        count += i_idx == j_idx          # the own-position part holds key i
+
+    qg = qf[pidx[..., 0], np.maximum(qi, 0)]                 # (R, P, nc, C, D)
+    kg = kf[pidx[..., 0], np.maximum(kw, 0)]                 # (R, P, nc, 2C, D)
+    s = np.matmul(qg, np.swapaxes(kg, -1, -2))
+    s *= scale
+    if shared_qk:
+        np.copyto(s, SELF_LOGIT, where=i_idx == j_idx)
+    s -= np.log(np.maximum(count, 1))
+    np.copyto(s, -np.inf, where=~attended)
+
+    self_logit = None
+    if not shared_qk:
+        n_self = np.ones((p_count, n), dtype=np.int64)
+        for r in range(r_count):
+            gap = chunk_k[r] - chunk_q[r]
+            n_self += (bq[r] == bk[r]) & ((gap == 0) | (gap == -1))
+        self_logit = scale * np.einsum("pnd,pnd->pn", qf, kf) - np.log(n_self)
+    return qi, kw, s, self_logit
+
+
+def _round_softmax(s):
+    """``p = exp(s - max)`` in place, per-round row sums and lse (``-inf`` if empty)."""
+    top = s.max(axis=-1)
+    safe = np.where(np.isneginf(top), 0.0, top)
+    s -= safe[..., None]
+    np.exp(s, out=s)
+    total = s.sum(axis=-1)
+    with np.errstate(divide="ignore"):
+        lse = np.where(total > 0, safe + np.log(total), -np.inf)
+    return total, lse
+
+
+def _unsort(x_sorted, qi, n):
+    """Sorted-chunk layout ``(R, P, nc, C, ...)`` -> positions ``(R, P, N, ...)``."""
+    r_count, p_count = qi.shape[:2]
+    flat = x_sorted.reshape((r_count, p_count, -1) + x_sorted.shape[4:])[:, :, :n]
+    order = qi.reshape(r_count, p_count, -1)[:, :, :n]
+    out = np.empty_like(flat)
+    rr = np.arange(r_count)[:, None, None]
+    pp = np.arange(p_count)[None, :, None]
+    out[rr, pp, order] = flat
+    return out
+
+
+def _head_groups(p_total, n_hashes, n, chunk, d, dv):
+    per_head = n_hashes * (-(-n // chunk)) * chunk * (2 * chunk * 5 * 8 + 3 * (d + dv) * 8)
+    size = max(1, int(_BLOCK_BYTES // max(per_head, 1)))
+    return [slice(a, min(a + size, p_total)) for a in range(0, p_total, size)]
+
+
+def _combine_weights(lse_parts):
+    """``lse = log sum_r exp(lse_r)`` and the weights ``exp(lse_r - lse)``."""
+    top = lse_parts.max(axis=0)
+    safe = np.where(np.isneginf(top), 0.0, top)
+    w = np.exp(lse_parts - safe)
+    total = w.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(total > 0, safe + np.log(total), -np.inf)
+        w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    return lse, w
+
+
+_COMMON_DOC = """
+    q : array ``(..., Hq, N, D)``
+    k : array ``(..., Hkv, N, D)``, ``Hq`` a multiple of ``Hkv`` (GQA: query head ``h``
+        uses KV head ``h // (Hq // Hkv)``). Must have the same length as ``q`` (LSH is
+        self-attention; ``N != M`` raises ``ValueError``). With ``shared_qk=True`` its
+        values are not used and it may be ``None``.
+    n_buckets : even integer >= 2, buckets per hash round.
+    n_hashes : hash rounds (default 1).
+    chunk_size : sorted queries per chunk (default 64); ``N`` need not be a multiple
+        (the last chunk is shorter).
+    shared_qk : keys are the unit-normalized queries, self-attention is replaced by
+        ``SELF_LOGIT`` (default False: hash ``q`` and ``k`` separately, and always attend
+        the own-position key as well; see the module docstring).
+    causal : query ``i`` attends only keys ``j <= i``.
+    scale : float, default ``1/sqrt(D)``.
+    rng : int seed or ``numpy.random.Generator`` for the rotations; required unless
+        ``buckets`` is given. The same ``rng`` gives bit-identical results.
+    buckets : optional precomputed buckets replacing the drawn ones: shared-QK, one int
+        array ``(n_hashes, ..., Hq, N)``; separate QK, a pair ``(query_buckets
+        (n_hashes, ..., Hq, N), key_buckets (n_hashes, ..., Hkv, N))``; values in
+        ``[0, n_buckets)``.
+    check_finite : raise on non-finite inputs (default)."""
+
+
+@register(family="sparse", exact=False,
+          time="O(n_hashes·N·(chunk_size·(D + n_hashes) + log N))",
+          state="O(n_hashes·N·chunk_size) working memory per head", supports_causal=True,
+          supports_mask=False, supports_gqa=True, position_free=False,
+          self_attention_only=True,
+          example={"n_buckets": 4, "n_hashes": 2, "chunk_size": 4},
+          budget=lambda n, b: {"n_buckets": max(2, n // b // 2 * 2), "n_hashes": 2,
+                               "chunk_size": max(1, b // 2)})
+def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SIZE,
+                  shared_qk=False, causal=False, scale=None, rng=None, buckets=None,
+                  return_lse=False, check_finite=True):
+    r"""Reformer LSH attention (Kitaev et al. 2020), hashed and chunked softmax attention.
+
+    Softmax attention restricted to the keys that hash into the query's bucket and lie
+    in its sorted chunk or the previous one, over ``n_hashes`` rounds combined by
+    log-sum-exp with the duplicate correction:
+
+    .. math::
+
+        o_i = \sum_r e^{\text{lse}^{(r)}_i - \text{lse}_i} \sum_{j \in P^{(r)}_i}
+        \frac{e^{\ell_{ij}}}{e^{\text{lse}^{(r)}_i}} v_j,\qquad
+        \ell_{ij} = \text{scale}\, q_i\cdot k_j - \log N_{ij}
+
+    (definitions of :math:`P^{(r)}_i`, :math:`N_{ij}` in :mod:`refattn.lsh`); this is
+    softmax attention over :math:`\bigcup_r P_i^{(r)}`, each key counted once.
+
+    Parameters
+    ----------%s
+    v : array ``(..., Hkv, N, Dv)``.
+    return_lse : also return the log-sum-exp of the corrected logits ``(..., Hq, N)``.
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)`` (and ``(..., Hq, N)`` lse). Every row attends at least
+    one key, so the output is a convex combination of value rows.
+
+    Example
+    -------
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.lsh import lsh_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 10, 8))        # 2 heads, N = 10, D = 8
+    >>> out = lsh_attention(q, k, v, n_buckets=4, n_hashes=2, chunk_size=4, rng=1)
+    >>> out.shape
+    (2, 10, 8)
+    >>> # one bucket for everything and one chunk: exact attention
+    >>> same = np.zeros((3, 2, 10), dtype=int)               # (n_hashes, Hq, N)
+    >>> exact = lsh_attention(q, k, v, n_buckets=2, n_hashes=3, chunk_size=10,
+    ...                       buckets=(same, same))
+    >>> bool(np.allclose(exact, ra.attention(q, k, v), rtol=1e-13))
+    True
+    """
+    qf, kf, vf, bq, bk, scale, chunk, pb = _setup(
+        q, k, v, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
+        shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
+        check_finite=check_finite, what="lsh_attention")
+    p_total = pb.batch * pb.heads_q
+    out = np.full((p_total, pb.n, pb.dv), np.nan)
+    lse = np.full((p_total, pb.n), np.nan)
+    for hs in _head_groups(p_total, bq.shape[0], pb.n, chunk, pb.d, pb.dv):
+        qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,
+                                        shared_qk=shared_qk, causal=causal, scale=scale)
+        total, lse_r = _round_softmax(s)                     # s now holds exp(s - max)
+        pidx = np.arange(s.shape[1])[None, :, None, None]
+        vg = vf[hs][pidx, np.maximum(kw, 0)]                 # (R, P, nc, 2C, Dv)
+        o_r = np.matmul(s, vg)
+        np.divide(o_r, total[..., None], out=o_r, where=total[..., None] > 0)
+        o_r[total == 0] = 0.0
+        o_r = _unsort(o_r, qi, pb.n)                         # (R, P, N, Dv)
+        lse_r = _unsort(lse_r, qi, pb.n)                     # (R, P, N)
+        if self_logit is not None:                           # own-position part
+            o_r = np.concatenate([o_r, vf[hs][None]], axis=0)
+            lse_r = np.concatenate([lse_r, self_logit[None]], axis=0)
+        lse[hs], w = _combine_weights(lse_r)
+        out[hs] = np.einsum("rpn,rpnd->pnd", w, o_r)
+    out = out.reshape(pb.batch_shape + (pb.heads_q, pb.n, pb.dv))
+    lse = lse.reshape(pb.batch_shape + (pb.heads_q, pb.n))
+    return (out, lse) if return_lse else out
+
+
+if lsh_attention.__doc__:      # None under python -OO
+    lsh_attention.__doc__ = lsh_attention.__doc__ % _COMMON_DOC
+
+
+def lsh_attention_matrix(q, k, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SIZE,
+                         shared_qk=False, causal=False, scale=None, rng=None, buckets=None,
+                         check_finite=True, memory_budget=None):
+    r"""The implied attention matrix of :func:`lsh_attention`: float64
+    ``(..., Hq, N, N)`` ``A`` with ``lsh_attention(q, k, v, **kw) == A @ v`` (``v``'s
+    KV heads repeated for GQA), for the same keyword arguments (same ``rng``).
+
+    .. math:: A_{ij} = \sum_r e^{\text{lse}^{(r)}_i - \text{lse}_i}\,
+              \mathbf 1[j \in P^{(r)}_i]\, e^{\ell_{ij} - \text{lse}^{(r)}_i}
+              = \mathbf 1\big[j \in \textstyle\bigcup_r P^{(r)}_i\big]\,
+              e^{\text{scale}\, q_i\cdot k_j - \text{lse}^{\text{union}}_i}
+
+    Rows are non-negative and sum to 1.
+
+    Parameters
+    ----------%s
+    memory_budget : bytes allowed for the ``(..., Hq, N, N)`` result (default
+        ``refattn.DEFAULT_MEMORY_BUDGET``); beyond it raises
+        :class:`refattn.MemoryBudgetError` before allocating.
+
+    Example
+    -------
+    >>> import numpy as np
+    >>> from refattn.lsh import lsh_attention, lsh_attention_matrix
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 1, 9, 4))
+    >>> a = lsh_attention_matrix(q, None, n_buckets=2, chunk_size=3, shared_qk=True,
+    ...                          causal=True, rng=3)
+    >>> bool(np.allclose(a.sum(-1), 1.0)), bool(np.allclose(np.triu(a[0], 1), 0.0))
+    (True, True)
+    >>> float(a[0, 0, 0])            # the first token has only itself to attend to
+    1.0
+    >>> bool(np.allclose(a @ v, lsh_attention(q, None, v, n_buckets=2, chunk_size=3,
+    ...                  shared_qk=True, causal=True, rng=3), rtol=1e-13))
+    True
+    """
+    qf, kf, _, bq, bk, scale, chunk, pb = _setup(
+        q, k, None, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
+        shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
+        check_finite=check_finite, what="lsh_attention_matrix")
+    p_total = pb.batch * pb.heads_q
+    check_memory(p_total * pb.n * pb.n * 8.0, memory_budget,
+                 "the implied matrix of lsh_attention_matrix",
+                 "refattn.lsh.lsh_attention (it never forms the matrix)")
+    a = np.zeros((p_total, pb.n, pb.n))
+    for hs in _head_groups(p_total, bq.shape[0], pb.n, chunk, pb.d, 0):
+        qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,
+                                        shared_qk=shared_qk, causal=causal, scale=scale)
+        total, lse_sorted = _round_softmax(s)
+        lse_r = _unsort(lse_sorted, qi, pb.n)
+        if self_logit is not None:
+            lse_r = np.concatenate([lse_r, self_logit[None]], axis=0)
+        _, w = _combine_weights(lse_r)                        # (parts, P, N)
+        block = a[hs]                                         # a view
+        n_rounds, p_count = s.shape[:2]
+        # weight of pair (i, j) in round r: w_r[i] * exp(s - max) / total
+        rr = np.arange(n_rounds)[:, None, None, None]
+        pp = np.arange(p_count)[None, :, None, None]
+        w_sorted = w[rr, pp, np.maximum(qi, 0)]               # (R, P, nc, C)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scale_rows = np.where(total > 0, w_sorted / np.where(total > 0, total, 1), 0)
+        contrib = s * scale_rows[..., None]                   # (R, P, nc, C, 2C)
+        i_idx = np.broadcast_to(qi[..., :, None], s.shape)
+        j_idx = np.broadcast_to(kw[..., None, :], s.shape)
+        p_idx = np.broadcast_to(np.arange(p_count)[None, :, None, None, None], s.shape)
+        for r in range(n_rounds):           # a pair occurs at most once per round
+            keep = (i_idx[r] >= 0) & (j_idx[r] >= 0) & (contrib[r] > 0)
+            block[p_idx[r][keep], i_idx[r][keep], j_idx[r][keep]] += contrib[r][keep]
+        if self_logit is not None:
+            diag = np.arange(pb.n)
+            block[:, diag, diag] += w[-1]
+    return a.reshape(pb.batch_shape + (pb.heads_q, pb.n, pb.n))
+
+
+if lsh_attention_matrix.__doc__:
+    lsh_attention_matrix.__doc__ = lsh_attention_matrix.__doc__ % _COMMON_DOC
+
+
+attach(lsh_attention, implied=lsh_attention_matrix)

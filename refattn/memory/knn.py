@@ -1,0 +1,174 @@
+"""kNN-retrieval memory (Wu et al. 2022, "Memorizing Transformers"): each query
+retrieves its ``topk`` best keys from an external store and attends to them and,
+separately, to its causal local context; a per-head gate mixes the two. Holds the
+forward and its matrix over ``[store; sequence]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import masks as _masks
+from .._core.checks import check_bool, check_int, check_memory
+from .._core.problem import prepare_qkv
+from .._core.select import topk_keep
+from .._core.softmax import normalize_rows
+from ..boundary.arrays import to_float64
+from ..registry import register
+from ._common import _memory_slots, _slot_logits, _softcap
+
+__all__ = ["knn_memory_attention", "knn_memory_attention_matrix"]
+
+
+def _check_gate(gate, heads_q):
+    g = to_float64(gate, "gate")
+    if g.ndim > 1 or (g.ndim == 1 and g.shape[0] not in (1, heads_q)):
+        raise ValueError(f"gate must be a scalar or one value per query head "
+                         f"(Hq={heads_q},); got shape {g.shape}")
+    if ((g < 0) | (g > 1)).any():
+        raise ValueError(f"gate values must lie in [0, 1] (pass sigmoid(b_g) for the "
+                         f"paper's learned gate bias b_g); got {gate!r}")
+    return np.broadcast_to(g, (heads_q,))
+
+
+def _knn_parts(q, k, v, *, mem_k, mem_v, num_slots, rng, topk, gate, local_window, mask,
+               scale, bias, softcap, check_finite, memory_budget, what):
+    """Yield ``(b, hs, p_mem, p_loc, vm, vl, gate)`` per (batch, KV head) with the
+    normalized ``(G, N, S)`` retrieval and ``(G, N, M)`` local probabilities."""
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
+    topk = check_int("topk", topk, minimum=1, context=" (store keys retrieved per query)")
+    g = _check_gate(gate, pb.heads_q)
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None)
+    local = None
+    if local_window is not None:
+        local = _masks.sliding_window(check_int("local_window", local_window, minimum=0))
+    if mask is not None:
+        user = _masks.as_mask(mask, pb.batch_shape)
+        local = user if local is None else local & user
+    size = mk.shape[-2]
+    logits, q_scaled, rows, cols = _slot_logits(
+        q, pb, size, mask=local, causal=True, scale=scale, bias=bias, softcap=softcap,
+        check_finite=check_finite, memory_budget=memory_budget, what=what)
+
+    def parts():
+        for b, hk, hs in pb.kv_groups():
+            dot = q[b, hs] @ mk[b, hk].T                        # retrieval scores
+            s_mem = _softcap(dot * logits.scale, logits.softcap)
+            s_mem[~topk_keep(dot, topk)] = -np.inf
+            s_loc = logits.block(q_scaled[b, hs], k[b, hk], b,
+                                 np.arange(hs.start, hs.stop), rows, cols)
+            normalize_rows(s_mem)
+            normalize_rows(s_loc)
+            yield (b, hs, s_mem, s_loc, None if v is None else mv[b, hk],
+                   None if v is None else v[b, hk], g[hs])
+    return pb, size, parts()
+
+
+@register(family="memory", exact=False, time="O(N·(S + M)·D)",
+          state="O((S + M)·D) store and KV cache", supports_causal=True,
+          supports_mask=True,
+          supports_gqa=True, position_free=False, row_stochastic=False,
+          self_attention_only=False,
+          example={"num_slots": 5, "topk": 2, "gate": 0.5})
+def knn_memory_attention(q, k, v, *, mem_k=None, mem_v=None, num_slots=None, rng=None,
+                         topk, gate, local_window=None, mask=None, causal=False, scale=None,
+                         bias=None, softcap=None, check_finite=True, memory_budget=None):
+    r"""kNN-augmented attention (Wu et al. 2022, "Memorizing Transformers").
+
+    Each query retrieves the ``topk`` keys of an external store with the largest dot
+    product ``q_i · m^k_s`` and attends to them; separately it attends to its local
+    context, causally (optionally in a window); a per-head gate mixes the two:
+
+    .. math:: o_i = g_h \, o^{mem}_i + (1 - g_h) \, o^{loc}_i, \qquad
+              o^{mem}_i = \sum_{s \in T_i} \operatorname{softmax}_{T_i}(\hat s_i)_s
+              \, m^v_s, \qquad
+              o^{loc}_i = \sum_{j \in L(i)} \operatorname{softmax}_{L(i)}(s_i)_j \, v_j,
+
+    ``T_i`` the top-``k`` store entries of query ``i``, ``\hat s = \text{softcap}(q \cdot
+    m^k / \sqrt D)``, ``L(i) = \{j \le i'\}`` (and ``i' - j <= local_window``), ``s`` the
+    logits of :func:`refattn.attention`.
+
+    **Retrieval** is exact (the paper uses approximate kNN) by the unscaled dot product,
+    per query head (a GQA group shares its KV head's store). **Ties**: among store
+    entries whose dot product equals the k-th largest, the lowest store index wins, so
+    exactly ``min(topk, S)`` entries are retrieved (the rule of
+    :func:`refattn.topk.topk_attention`). ``topk >= S`` retrieves the whole store.
+
+    Parameters
+    ----------
+    q, k, v : as :func:`refattn.attention`.
+    mem_k : ``(..., Hkv, S, D)``, mem_v : ``(..., Hkv, S, Dv)``: the store (in the paper,
+        keys/values of earlier segments of the same document), leading dims broadcasting
+        to the batch. ``S = 0`` gives ``o^{mem} = 0``.
+    num_slots, rng : instead of the store, draw ``S = num_slots`` standard normal
+        entries with :func:`random_memory` (the registry's parameterization).
+    topk : int >= 1, entries retrieved per query.
+    gate : the gate value ``g`` in ``[0, 1]``: a scalar or ``(Hq,)``, one per query head.
+        The paper learns a scalar bias ``b_g`` per head and uses ``g = sigmoid(b_g)``:
+        pass ``scipy.special.expit(b_g)``.
+    local_window : None (the whole causal context) or int ``w >= 0``: keys with
+        ``0 <= i' - j <= w`` (:func:`refattn.masks.sliding_window`).
+    mask, bias : act on the local attention only.
+    causal : accepted for uniformity; the local attention is causal already.
+    scale, softcap, check_finite, memory_budget : as :func:`refattn.attention` (the
+        softcap applies to retrieved logits too).
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)``. A part with nothing to attend to (a query at a
+    negative position when ``N > M``, an empty store) contributes 0.
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.memory import knn_memory_attention
+    >>> rng = np.random.default_rng(6)
+    >>> q, k, v = rng.standard_normal((3, 1, 5, 4))
+    >>> mk, mv = rng.standard_normal((2, 1, 20, 4))          # a store of 20 entries
+    >>> out = knn_memory_attention(q, k, v, mem_k=mk, mem_v=mv, topk=20, gate=0.25)
+    >>> ref = 0.25 * ra.attention(q, mk, mv) + 0.75 * ra.attention(q, k, v, causal=True)
+    >>> bool(np.allclose(out, ref))
+    True
+    """
+    pb, _, parts = _knn_parts(
+        q, k, v, mem_k=mem_k, mem_v=mem_v, num_slots=num_slots, rng=rng, topk=topk,
+        gate=gate, local_window=local_window, mask=mask, scale=scale, bias=bias,
+        softcap=softcap, check_finite=check_finite, memory_budget=memory_budget,
+        what="knn_memory_attention")
+    check_bool("causal", causal)
+    out, _ = pb.poisoned_outputs()
+    for b, hs, p_mem, p_loc, vm, vl, g in parts:
+        g = g[:, None, None]
+        out[b, hs] = g * (p_mem @ vm) + (1.0 - g) * (p_loc @ vl)
+    return pb.unflatten(out)
+
+
+def knn_memory_attention_matrix(q, k, *, mem_k=None, num_slots=None, rng=None, topk, gate,
+                                local_window=None, mask=None, causal=False, scale=None,
+                                bias=None, softcap=None, check_finite=True,
+                                memory_budget=None):
+    """The matrix of :func:`knn_memory_attention` over ``[store; sequence]``: float64
+    ``(..., Hq, N, S + M)`` = ``[g · P_mem, (1 - g) · P_local]``, with
+    ``out == A @ concat([mem_v, v], axis=-2)``. Nonnegative; a row sums to
+    ``g·[retrieved anything] + (1 - g)·[some local key]``. Same arguments (``mem_v`` not
+    needed).
+
+    >>> import numpy as np
+    >>> from refattn.memory import knn_memory_attention_matrix
+    >>> q = k = np.zeros((1, 2, 2))                 # all scores tie: store entries 0, 1
+    >>> knn_memory_attention_matrix(q, k, mem_k=np.zeros((1, 3, 2)), topk=2, gate=0.5)
+    array([[[0.25, 0.25, 0.  , 0.5 , 0.  ],
+            [0.25, 0.25, 0.  , 0.25, 0.25]]])
+    """
+    pb, size, parts = _knn_parts(
+        q, k, None, mem_k=mem_k, mem_v=None, num_slots=num_slots, rng=rng, topk=topk,
+        gate=gate, local_window=local_window, mask=mask, scale=scale, bias=bias,
+        softcap=softcap, check_finite=check_finite, memory_budget=memory_budget,
+        what="knn_memory_attention_matrix")
+    check_bool("causal", causal)
+    check_memory(pb.batch * pb.heads_q * pb.n * (pb.m + size) * 8.0, memory_budget,
+                 "the matrix of knn_memory_attention_matrix",
+                 "refattn.memory.knn_memory_attention (it never forms the matrix)")
+    probs = np.full((pb.batch, pb.heads_q, pb.n, size + pb.m), np.nan)
+    for b, hs, p_mem, p_loc, _, _, g in parts:
+        g = g[:, None, None]
+        probs[b, hs, :, :size] = g * p_mem
+        probs[b, hs, :, size:] = (1.0 - g) * p_loc
+    return pb.unflatten(probs)

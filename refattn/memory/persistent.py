@@ -1,0 +1,136 @@
+"""Persistent memory (Sukhbaatar et al. 2019, "Augmenting Self-attention with Persistent
+Memory"): ``P`` fixed key/value slots concatenated to every query's keys and values,
+visible under any mask. Holds the forward and its matrix over ``[slots; sequence]``
+(there is no implied ``(N, M)`` matrix over ``v`` alone).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._core.checks import check_memory
+from .._core.problem import prepare_qkv
+from .._core.softmax import finish_rows, normalize_rows, softmax_rows
+from ..registry import register
+from ._common import _memory_slots, _slot_logits, _softcap
+
+__all__ = ["persistent_memory_attention", "persistent_memory_attention_matrix"]
+
+
+def _persistent_blocks(q, k, v, *, mem_k, mem_v, num_slots, rng, mask, causal, scale,
+                       bias, softcap, check_finite, memory_budget, what):
+    """``(pb, P, blocks)``: ``blocks`` yields ``(b, hs, s, vals)`` per (batch, KV head),
+    ``s`` the ``(G, N, P + M)`` logits over ``[slots; sequence]`` and ``vals`` the
+    matching ``[mem_v; v]`` (``None`` without ``v``)."""
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None)
+    p = mk.shape[-2]
+    logits, q_scaled, rows, cols = _slot_logits(
+        q, pb, p, mask=mask, causal=causal, scale=scale, bias=bias, softcap=softcap,
+        check_finite=check_finite, memory_budget=memory_budget, what=what)
+
+    def blocks():
+        for b, hk, hs in pb.kv_groups():
+            heads = np.arange(hs.start, hs.stop)
+            seq = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols)
+            slot = _softcap(q_scaled[b, hs] @ mk[b, hk].T, logits.softcap)
+            s = np.concatenate([slot, seq], axis=-1)       # [slots; sequence]
+            vals = None if v is None else np.concatenate([mv[b, hk], v[b, hk]])
+            yield b, hs, s, vals
+    return pb, p, blocks()
+
+
+@register(family="memory", exact=False, time="O(N·(M + P)·D)",
+          state="O((M + P)·D) KV cache and slots", supports_causal=True,
+          supports_mask=True,
+          supports_gqa=True, position_free=True, row_stochastic=False,
+          self_attention_only=False, example={"num_slots": 3})
+def persistent_memory_attention(q, k, v, *, mem_k=None, mem_v=None, num_slots=None,
+                                rng=None, mask=None, causal=False, scale=None, bias=None,
+                                softcap=None, return_lse=False, check_finite=True,
+                                memory_budget=None):
+    r"""Attention with persistent memory slots (Sukhbaatar et al. 2019, "Augmenting
+    Self-attention with Persistent Memory").
+
+    ``P`` learned key/value vectors are concatenated to every query's keys and values
+    and are always visible (under ``causal``, ``mask``, and for rows that see no
+    sequence key):
+
+    .. math:: o_i = \frac{\sum_{p<P} e^{\hat s_{ip}} m^v_p
+              + \sum_{j \in S(i)} e^{s_{ij}} v_j}
+              {\sum_{p<P} e^{\hat s_{ip}} + \sum_{j \in S(i)} e^{s_{ij}}}, \qquad
+              \hat s_{ip} = \text{softcap}(\tfrac{1}{\sqrt D} q_i \cdot m^k_p),
+
+    with ``s``, ``S(i)`` the logits and kept keys of :func:`refattn.attention` under
+    ``mask``/``causal``/``bias``. The all-attention layer of the paper also drops the
+    feed-forward sublayer; that is outside attention.
+
+    Parameters
+    ----------
+    q, k, v : as :func:`refattn.attention`.
+    mem_k : ``(..., Hkv, P, D)``, mem_v : ``(..., Hkv, P, Dv)``: the slots, per KV head
+        (query heads of a group share them), leading dims broadcasting to the batch.
+    num_slots, rng : instead of ``mem_k``/``mem_v``, draw ``P = num_slots`` standard
+        normal slots with :func:`random_memory` (the registry's parameterization, valid
+        for any shapes). ``rng`` is required then and ignored otherwise.
+    mask, causal, bias : act on the sequence keys only (``bias`` ``(..., Hq, N, M)``).
+    scale, softcap, return_lse, check_finite, memory_budget : as
+        :func:`refattn.attention`; the lse is over slots and keys.
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)`` (and the lse). The result is a convex combination of
+    ``[mem_v; v]``, not of ``v`` alone, so no ``(N, M)`` implied matrix exists; see
+    :func:`persistent_memory_attention_matrix`.
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.memory import persistent_memory_attention
+    >>> rng = np.random.default_rng(5)
+    >>> q, k, v = rng.standard_normal((3, 2, 6, 4))
+    >>> mk, mv = rng.standard_normal((2, 2, 3, 4))        # 3 slots per head
+    >>> out = persistent_memory_attention(q, k, v, mem_k=mk, mem_v=mv, causal=True)
+    >>> keep = np.hstack([np.ones((6, 3), bool), np.tril(np.ones((6, 6), bool))])
+    >>> ref = ra.attention(q, np.concatenate([mk, k], 1), np.concatenate([mv, v], 1),
+    ...                    mask=keep)
+    >>> bool(np.allclose(out, ref))
+    True
+    """
+    pb, _, blocks = _persistent_blocks(
+        q, k, v, mem_k=mem_k, mem_v=mem_v, num_slots=num_slots, rng=rng, mask=mask,
+        causal=causal, scale=scale, bias=bias, softcap=softcap, check_finite=check_finite,
+        memory_budget=memory_budget, what="persistent_memory_attention")
+    out, lse = pb.poisoned_outputs()
+    for b, hs, s, vals in blocks:
+        row_max, row_sum = softmax_rows(s)
+        finish_rows(s @ vals, row_max, row_sum, out[b, hs], lse[b, hs])
+    out, lse = pb.unflatten(out, lse)
+    return (out, lse) if return_lse else out
+
+
+def persistent_memory_attention_matrix(q, k, *, mem_k=None, num_slots=None, rng=None,
+                                       mask=None, causal=False, scale=None, bias=None,
+                                       softcap=None, check_finite=True, memory_budget=None):
+    """The attention matrix of :func:`persistent_memory_attention` over
+    ``[slots; sequence]``: float64 ``(..., Hq, N, P + M)``, row-stochastic, with
+    ``out == A @ concat([mem_v, v], axis=-2)`` (``v`` repeated over a group's query
+    heads). Same arguments (``mem_v`` is not needed; with ``num_slots`` the same keys
+    are drawn from ``rng``).
+
+    >>> import numpy as np
+    >>> from refattn.memory import persistent_memory_attention_matrix
+    >>> q = k = np.zeros((1, 2, 2))
+    >>> persistent_memory_attention_matrix(q, k, mem_k=np.zeros((1, 2, 2)), causal=True)
+    array([[[0.33333333, 0.33333333, 0.33333333, 0.        ],
+            [0.25      , 0.25      , 0.25      , 0.25      ]]])
+    """
+    pb, p, blocks = _persistent_blocks(
+        q, k, None, mem_k=mem_k, mem_v=None, num_slots=num_slots, rng=rng, mask=mask,
+        causal=causal, scale=scale, bias=bias, softcap=softcap, check_finite=check_finite,
+        memory_budget=memory_budget, what="persistent_memory_attention_matrix")
+    check_memory(pb.batch * pb.heads_q * pb.n * (pb.m + p) * 8.0, memory_budget,
+                 "the matrix of persistent_memory_attention_matrix",
+                 "refattn.memory.persistent_memory_attention (it never forms the matrix)")
+    probs = np.full((pb.batch, pb.heads_q, pb.n, p + pb.m), np.nan)
+    for b, hs, s, _ in blocks:
+        normalize_rows(s)
+        probs[b, hs] = s
+    return pb.unflatten(probs)

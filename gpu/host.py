@@ -25,13 +25,14 @@ mask) is classified together with that band into the kernel's tiles
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from refattn import masks as _masks
 from refattn._core.checks import resolve_scale, resolve_softcap
+from refattn._core.problem import Problem, problem_from_shapes
+from refattn.boundary import dtype_name as array_dtype_name, is_cupy_array
 
 from . import kernels_spec as ks
 from .blockmask import BlockMask, build
@@ -55,11 +56,10 @@ def dtype_name(x) -> str:
     >>> dtype_name(np.zeros(2, ml_dtypes.bfloat16)), dtype_name(np.zeros(2, np.float16))
     ('bfloat16', 'float16')
     """
-    dt = getattr(x, "dtype", None)
-    if dt is None:
+    if getattr(x, "dtype", None) is None:
         raise TypeError(f"expected an array (NumPy, CuPy or __dlpack__), got {type(x).__name__}")
-    name = str(dt).replace("torch.", "")
-    if name == "uint16" and type(x).__module__.startswith("cupy"):
+    name = array_dtype_name(x)
+    if name == "uint16" and is_cupy_array(x):
         name = "bfloat16"
     if name not in ks.DTYPES:
         raise TypeError(f"dtype {name} has no GPU kernel; use float16, bfloat16 or float32 "
@@ -67,36 +67,22 @@ def dtype_name(x) -> str:
     return name
 
 
-def check_shapes(q_shape, k_shape, v_shape):
-    """Validate ``q (..., Hq, N, D)``, ``k (..., Hkv, M, D)``, ``v (..., Hkv, M, D)``;
-    returns ``(batch_shape, Hq, Hkv, N, M, D)``. Leading dims broadcast; ``Hq`` must be
-    a multiple of ``Hkv``; ``D`` must have a kernel and ``v``'s last dim must equal it."""
+def check_shapes(q_shape, k_shape, v_shape) -> Problem:
+    """The :class:`refattn` problem of ``q (..., Hq, N, D)``, ``k (..., Hkv, M, D)``,
+    ``v (..., Hkv, M, D)``: the references' shape rules (leading dims broadcast, ``Hq`` a
+    multiple of ``Hkv``), plus the kernels' own: ``D`` must have a kernel, ``v``'s last
+    dim must equal it and ``N``, ``M`` must be below 2^31."""
+    pb = problem_from_shapes(q_shape, k_shape, v_shape)
     shapes = f"q {tuple(q_shape)}, k {tuple(k_shape)}, v {tuple(v_shape)}"
-    for name, s in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-        if len(s) < 3:
-            raise ValueError(f"{name} must have shape (..., heads, length, dim); got {shapes}")
-    hq, n, d = q_shape[-3:]
-    hkv, m, dk = k_shape[-3:]
-    if d != dk:
-        raise ValueError(f"q and k must share the head dimension D; got {shapes}")
-    if tuple(v_shape[-3:-1]) != (hkv, m):
-        raise ValueError(f"k and v must have the same heads and length; got {shapes}")
-    if v_shape[-1] != d:
-        raise ValueError(f"the GPU kernels need v's head dimension equal to D={d}; got {shapes}")
-    if hkv == 0 or hq == 0 or hq % hkv:
-        raise ValueError(f"query heads Hq={hq} must be a positive multiple of KV heads "
-                         f"Hkv={hkv}; got {shapes}")
-    if d not in ks.HEAD_DIMS:
-        raise ValueError(f"head dimension D={d} has no GPU kernel (supported: "
+    if pb.dv != pb.d:
+        raise ValueError(f"the GPU kernels need v's head dimension equal to D={pb.d}; "
+                         f"got {shapes}")
+    if pb.d not in ks.HEAD_DIMS:
+        raise ValueError(f"head dimension D={pb.d} has no GPU kernel (supported: "
                          f"{ks.HEAD_DIMS}); got {shapes}")
-    try:
-        batch = tuple(np.broadcast_shapes(tuple(q_shape[:-3]), tuple(k_shape[:-3]),
-                                          tuple(v_shape[:-3])))
-    except ValueError:
-        raise ValueError(f"leading batch dimensions do not broadcast; got {shapes}") from None
-    if n >= 2**31 or m >= 2**31:
+    if pb.n >= 2**31 or pb.m >= 2**31:
         raise ValueError(f"N and M must be below 2^31; got {shapes}")
-    return batch, int(hq), int(hkv), int(n), int(m), int(d)
+    return pb
 
 
 def _side(value, name):
@@ -148,16 +134,12 @@ def reference_mask(causal: bool, window, block_mask=None, n: int = 0, m: int = 0
 
 @dataclass(frozen=True)
 class Plan:
-    """A checked call: shapes, kernel, launch configuration and scalar arguments."""
+    """A checked call: its problem (shapes), kernel, launch configuration and scalar
+    arguments. The problem's sizes read as the plan's own (``p.n``, ``p.heads_q`` ...)."""
 
     variant: str
     dtype: str
-    batch_shape: tuple
-    heads_q: int
-    heads_kv: int
-    n: int
-    m: int
-    d: int
+    problem: Problem
     scale: float
     softcap: float          # 0.0: no soft-capping
     left: int
@@ -171,13 +153,10 @@ class Plan:
     block_k: int
     tiles: BlockMask | None  # the CSR tile list, or None (band computed in the kernel)
 
-    @property
-    def batch(self) -> int:
-        return math.prod(self.batch_shape)
-
-    @property
-    def group(self) -> int:
-        return self.heads_q // self.heads_kv
+    def __getattr__(self, name):   # batch_shape, heads_q, heads_kv, n, m, d, batch, group
+        if name.startswith("__") or name == "problem":
+            raise AttributeError(name)
+        return getattr(self.problem, name)
 
     @property
     def empty(self) -> bool:
@@ -198,14 +177,15 @@ def plan(q_shape, k_shape, v_shape, dtype: str, *, causal=False, window=None, sc
         raise ValueError(f"variant must be one of {ks.VARIANTS}, got {variant!r}")
     if dtype not in ks.DTYPES:
         raise TypeError(f"dtype {dtype!r} has no GPU kernel; supported: {sorted(ks.DTYPES)}")
-    batch, hq, hkv, n, m, d = check_shapes(q_shape, k_shape, v_shape)
+    pb = check_shapes(q_shape, k_shape, v_shape)
+    batch, hq, n, m, d = pb.batch_shape, pb.heads_q, pb.n, pb.m, pb.d
     scale = resolve_scale(scale, d)
     cap = resolve_softcap(softcap)
     left, right = normalize_window(window, causal)
     kernel = ks.kernel_name(variant, dtype, d)
     source = "fast" if kernel.startswith("flash_fwd_fast") else "simple"
     bm, bn, warps = ks.tiles(d)
-    b = math.prod(batch)
+    b = pb.batch
     if hq > _MAX_GRID_YZ or b > _MAX_GRID_YZ:
         raise ValueError(f"at most {_MAX_GRID_YZ} query heads and {_MAX_GRID_YZ} batch "
                          f"entries per call; got Hq={hq}, batch {batch}")
@@ -224,7 +204,7 @@ def plan(q_shape, k_shape, v_shape, dtype: str, *, causal=False, window=None, sc
         else:
             full = reference_mask(causal, window, block_mask, n, m)
             tiles = build(full, n, m, bm, bn, batch=b, heads=hq)
-    return Plan(variant, dtype, batch, hq, hkv, n, m, d, float(scale),
+    return Plan(variant, dtype, pb, float(scale),
                 0.0 if cap is None else float(cap), left, right, kernel, source, grid, block,
                 ks.shared_memory_bytes(variant, dtype, d), bm, bn, tiles)
 

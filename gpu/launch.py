@@ -13,6 +13,8 @@ import threading
 
 import numpy as np
 
+from refattn.boundary import is_cupy_array, is_torch_tensor
+
 from . import kernels_spec as ks
 from .host import Plan
 
@@ -46,7 +48,7 @@ def get_kernel(p: Plan):
 
 
 def _kind(x) -> str:
-    if type(x).__module__.startswith("cupy"):
+    if is_cupy_array(x):
         return "cupy"
     if isinstance(x, np.ndarray):
         return "numpy"
@@ -68,7 +70,7 @@ def to_device(x, dtype: str, name: str):
     elif kind == "cupy":
         dev = x
     else:
-        if dtype == "bfloat16" and type(x).__module__.startswith("torch"):
+        if dtype == "bfloat16" and is_torch_tensor(x):
             import torch
             x = x.view(torch.int16)
         dev = cupy.from_dlpack(x)

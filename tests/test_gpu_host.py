@@ -37,7 +37,7 @@ def test_mixed_dtypes_are_refused_before_the_device():
 
 # ----------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("shapes, match", [
-    (((2, 8, 64), (2, 8, 32), (2, 8, 32)), "share the head dimension"),
+    (((2, 8, 64), (2, 8, 32), (2, 8, 32)), "share the last dimension D"),
     (((2, 8, 64), (2, 8, 64), (2, 9, 64)), "same heads and length"),
     (((2, 8, 64), (2, 8, 64), (2, 8, 128)), "v's head dimension equal to D=64"),
     (((3, 8, 64), (2, 8, 64), (2, 8, 64)), "multiple of KV heads"),
@@ -53,8 +53,8 @@ def test_bad_shapes_name_the_problem(shapes, match):
 
 
 def test_shapes_broadcast_and_gqa():
-    batch, hq, hkv, n, m, d = host.check_shapes((3, 1, 8, 10, 64), (1, 4, 2, 20, 64),
-                                                (1, 4, 2, 20, 64))
+    pb = host.check_shapes((3, 1, 8, 10, 64), (1, 4, 2, 20, 64), (1, 4, 2, 20, 64))
+    batch, hq, hkv, n, m, d = pb.batch_shape, pb.heads_q, pb.heads_kv, pb.n, pb.m, pb.d
     assert (batch, hq, hkv, n, m, d) == ((3, 4), 8, 2, 10, 20, 64)
 
 

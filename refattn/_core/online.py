@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from ..masks.masks import FULL, PARTIAL
+from ..masks import FULL, PARTIAL
 from .softmax import finish_rows
 from .threads import run_items
 

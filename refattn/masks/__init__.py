@@ -1,10 +1,14 @@
 """Masks: predicates ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's
-signature) that compose with ``&``, ``|``, ``~`` and classify tiles; score modifiers
-(:mod:`refattn.masks.scores`); drawing (:mod:`refattn.masks.drawing`).
+signature) that compose with ``&``, ``|``, ``~`` and classify tiles
+(:mod:`refattn.masks.base`); the named masks: position bands
+(:mod:`refattn.masks.bands`), token sets (:mod:`refattn.masks.tokens`) and block layouts
+(:mod:`refattn.masks.layouts`); score modifiers (:mod:`refattn.masks.scores`); drawing
+(:mod:`refattn.masks.drawing`).
 """
-from .masks import (EMPTY, FULL, Mask, PARTIAL, Tiles, as_mask, block_layout, block_window,
-                    causal, chunks, document, fixed, from_array, from_function,
-                    global_tokens, prefix_lm, random_blocks, sinks, sliding_window, strided)
+from .base import EMPTY, FULL, Mask, PARTIAL, Tiles, as_mask, from_array, from_function
+from .bands import block_window, causal, chunks, sliding_window, strided
+from .tokens import document, fixed, global_tokens, prefix_lm, sinks
+from .layouts import block_layout, random_blocks
 from . import scores
 from . import drawing
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import masks as _masks
-from .masks import EMPTY, FULL, PARTIAL
+from .base import EMPTY, FULL, PARTIAL
 
 __all__ = ["draw_mask", "parse_mask"]
 

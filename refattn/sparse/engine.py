@@ -39,7 +39,7 @@ from .._core.online import online_softmax_tiles
 from .._core.problem import prepare_qkv
 from .._core.softmax import finish_rows
 from .._core.threads import run_items
-from ..masks.masks import FULL, PARTIAL
+from ..masks import FULL, PARTIAL
 
 __all__ = ["sparse_attention", "SPARSE_BLOCK", "GATHER_BLOCK_Q", "GATHER_COST_RATIO"]
 

@@ -184,7 +184,7 @@ def test_bad_shapes_dtypes_and_options():
 
 
 def test_memory_budget_is_checked_before_allocating():
-    from refattn._inputs import MemoryBudgetError
+    from refattn import MemoryBudgetError
     a, x = np.full((3000, 2), 0.5), np.ones((3000, 2))
     with pytest.raises(MemoryBudgetError, match="chunk = 3000.*method='recurrent'"):
         linear_rnn(a, 1.0, x, method="chunked", chunk=10**6, memory_budget=2**20)

@@ -78,15 +78,23 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
-def check_choice(name: str, value, choices, *, aliases=None) -> str:
-    """One of the strings ``choices`` (``aliases`` maps other accepted spellings to
-    one of them); a ``ValueError`` listing the choices otherwise."""
-    aliases = aliases or {}
-    if isinstance(value, str) and value in aliases:
-        return aliases[value]
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
+#: Older spellings of method names, still accepted: the chunked algorithmic form of a
+#: recurrence is "chunkwise" everywhere (``chunked_attention`` is a mechanism).
+SPELLINGS = {"chunked": "chunkwise"}
+
+
+def check_choice(name: str, value, choices, *, none=None) -> str:
+    """One of the strings ``choices`` (or an older spelling from :data:`SPELLINGS`);
+    ``None`` means ``none`` where that is given. A ``ValueError`` listing the choices
+    otherwise."""
+    if value is None and none is not None:
+        return none
+    if isinstance(value, str):
+        value = SPELLINGS.get(value, value)
+        if value in choices:
+            return value
+    raise ValueError(f"{name} must be one of {tuple(choices)}"
+                     f"{' or None' if none is not None else ''}, got {value!r}")
 
 
 def resolve_scale(scale, d: int) -> float:

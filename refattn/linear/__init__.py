@@ -1,13 +1,14 @@
-"""Linear and kernelized attention: feature-map linear attention, Performer's random
-features (FAVOR+), and Scatterbrain's sparse + low-rank sum.
+"""Linear and kernelized attention: feature-map linear attention, Performer (FAVOR+)
+on the random features of :mod:`.features`, and Scatterbrain's sparse + low-rank sum;
+the feature-attention engine they share is in ``_common``.
 """
-from .linear import (FEATURE_MAPS, LinearAttentionState, METHODS, linear_attention,
+from .linear import (FEATURE_MAPS, METHODS, LinearAttentionState, linear_attention,
                      linear_attention_init_state, linear_attention_matrix,
                      linear_attention_step)
-from .performer import (KERNELS, PerformerState, draw_omega, performer_attention,
-                        performer_attention_matrix, performer_features,
-                        performer_init_state, performer_step, softmax_kernel_estimate)
-from .scatterbrain import (scatterbrain_attention, scatterbrain_attention_matrix)
+from .features import KERNELS, draw_omega, performer_features, softmax_kernel_estimate
+from .performer import (PerformerState, performer_attention, performer_attention_matrix,
+                        performer_init_state, performer_step)
+from .scatterbrain import scatterbrain_attention, scatterbrain_attention_matrix
 
 __all__ = ["FEATURE_MAPS", "LinearAttentionState", "METHODS", "linear_attention",
            "linear_attention_init_state", "linear_attention_matrix",

@@ -54,7 +54,7 @@ values.
 * ``"recurrent"``: the RNN of the paper, a Numba scan over the keys with
   :math:`S \leftarrow S + \phi(k_j) v_j^\top`, :math:`z \leftarrow z + \phi(k_j)` and
   query :math:`i` read out after key :math:`i + M - N`;
-* ``"chunked"`` (causal default): keys cut into chunks of ``chunk_size``; a query
+* ``"chunkwise"`` (causal default): keys cut into chunks of ``chunk_size``; a query
   combines the state of all earlier chunks with a masked quadratic product inside its own
   chunk, O((N + M)·chunk_size·F + (N + M)/chunk_size·F·Dv) work and O(F·Dv) state.
 
@@ -73,34 +73,23 @@ import dataclasses
 from typing import Callable
 
 import numpy as np
-from numba import njit
 
 from .._core.checks import check_bool, check_int, check_memory
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_tokens
+from ._common import (METHODS, check_method, feature_attention, feature_attention_matrix,
+                      safe_divide)
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
            "linear_attention_step", "LinearAttentionState", "FEATURE_MAPS", "METHODS"]
 
 #: Names of the built-in feature maps.
 FEATURE_MAPS = ("elu", "relu", "identity")
-#: Names of the forms ``method=`` selects.
-METHODS = ("quadratic", "recurrent", "chunked")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_method(method, causal: bool) -> str:
-    """The form to compute: a name from :data:`METHODS`, or ``"linear"`` (non-causal
-    two-product form) for ``method=None`` without causality."""
-    if method is None:
-        return "chunked" if causal else "linear"
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be None or one of {METHODS}, got {method!r}")
-    return method
 
 
 def _check_feature_map(feature_map):
@@ -161,130 +150,6 @@ def _feature_pair(feature_map, q, k, pb, *, allow_negative, check_finite):
     return fq, fk
 
 
-def _last_visible(n: int, m: int, causal: bool) -> np.ndarray:
-    """Index of the last key query ``i`` sees (``-1``: none): ``i + M - N`` causal
-    (bottom-right), ``M - 1`` otherwise. Non-decreasing in ``i``."""
-    if causal:
-        return np.arange(n, dtype=np.int64) + (m - n)
-    return np.full(n, m - 1, dtype=np.int64)
-
-
-def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """``num / den[..., None]``, 0 where ``den == 0`` (NaN propagates)."""
-    out = np.zeros(num.shape)
-    np.divide(num, den[..., None], out=out, where=(den != 0)[..., None])
-    return out
-
-
-@njit(cache=True)
-def _recurrent_scan(fq, fk, v, last, group):   # pragma: no cover - compiled
-    """Numba scan: ``S += φ(k_j) v_j^T``, ``z += φ(k_j)``; read out query ``i`` after key
-    ``last[i]`` (queries with ``last < 0`` stay 0). fq ``(B, Hq, N, F)``."""
-    nb, hq, n, nf = fq.shape
-    hkv, m = fk.shape[1], fk.shape[2]
-    dv = v.shape[3]
-    out = np.zeros((nb, hq, n, dv))
-    s = np.zeros((nf, dv))
-    z = np.zeros(nf)
-    num = np.zeros(dv)
-    for b in range(nb):
-        for hk in range(hkv):
-            s[:, :] = 0.0
-            z[:] = 0.0
-            i = 0
-            while i < n and last[i] < 0:
-                i += 1
-            for j in range(m):
-                for f in range(nf):
-                    a = fk[b, hk, j, f]
-                    z[f] += a
-                    for e in range(dv):
-                        s[f, e] += a * v[b, hk, j, e]
-                while i < n and last[i] == j:
-                    for g in range(group):
-                        h = hk * group + g
-                        den = 0.0
-                        num[:] = 0.0
-                        for f in range(nf):
-                            a = fq[b, h, i, f]
-                            den += a * z[f]
-                            for e in range(dv):
-                                num[e] += a * s[f, e]
-                        if den != 0.0:
-                            for e in range(dv):
-                                out[b, h, i, e] = num[e] / den
-                    i += 1
-    return out
-
-
-def _grouped(fq: np.ndarray, hkv: int) -> np.ndarray:
-    """``(B, Hq, N, F) -> (B, Hkv, G, N, F)``."""
-    nb, hq = fq.shape[:2]
-    return fq.reshape((nb, hkv, hq // hkv) + fq.shape[2:])
-
-
-def _core_quadratic(fq, fk, v, last):
-    nb, hkv, m = fk.shape[:3]
-    a = _grouped(fq, hkv) @ fk[:, :, None].swapaxes(-1, -2)     # (B, Hkv, G, N, M)
-    a = np.where(np.arange(m)[None, :] <= last[:, None], a, 0.0)   # (NaN-safe mask)
-    out = _safe_divide(a @ v[:, :, None], a.sum(-1))
-    return out.reshape(fq.shape[:3] + (v.shape[-1],))
-
-
-def _core_chunked(fq, fk, v, last, chunk):
-    nb, hkv, m, nf = fk.shape
-    dv = v.shape[-1]
-    fqg = _grouped(fq, hkv)                                    # (B, Hkv, G, N, F)
-    out = np.zeros(fqg.shape[:4] + (dv,))
-    s = np.zeros((nb, hkv, 1, nf, dv))
-    z = np.zeros((nb, hkv, 1, nf, 1))
-    for c0 in range(0, m, chunk):
-        c1 = min(c0 + chunk, m)
-        r0, r1 = np.searchsorted(last, [c0, c1])               # queries ending in chunk
-        kc, vc = fk[:, :, None, c0:c1], v[:, :, None, c0:c1]
-        if r1 > r0:
-            qc = fqg[:, :, :, r0:r1]                           # (B, Hkv, G, r, F)
-            a = qc @ kc.swapaxes(-1, -2)                       # (B, Hkv, G, r, c)
-            a = np.where(np.arange(c0, c1)[None, :] <= last[r0:r1, None], a, 0.0)
-            num = qc @ s + a @ vc
-            den = (qc @ z)[..., 0] + a.sum(-1)
-            out[:, :, :, r0:r1] = _safe_divide(num, den)
-        s += kc.swapaxes(-1, -2) @ vc
-        z += kc.sum(-2)[..., None]
-    return out.reshape(fq.shape[:3] + (dv,))
-
-
-def _core(fq, fk, v, pb, *, causal, method, chunk_size, memory_budget, what):
-    """Normalized linear attention of features ``fq (B, Hq, N, F)``, ``fk (B, Hkv, M, F)``
-    and values ``v (B, Hkv, M, Dv)`` in the form ``method`` (already checked)."""
-    last = _last_visible(pb.n, pb.m, causal)
-    if method == "linear":
-        kv = fk.swapaxes(-1, -2) @ v                           # (B, Hkv, F, Dv)
-        ksum = fk.sum(-2)                                      # (B, Hkv, F)
-        fqg = _grouped(fq, pb.heads_kv)
-        out = _safe_divide(fqg @ kv[:, :, None], (fqg @ ksum[:, :, None, :, None])[..., 0])
-        return out.reshape(fq.shape[:3] + (v.shape[-1],))
-    if method == "quadratic":
-        check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
-                     f"{what}(method='quadratic')", f"{what}(method='chunked')")
-        return _core_quadratic(fq, fk, v, last)
-    if method == "recurrent":
-        return _recurrent_scan(fq, fk, v, last, pb.group)
-    return _core_chunked(fq, fk, v, last, chunk_size)
-
-
-def _implied(fq, fk, pb, causal):
-    """``A = φ(Q)φ(K)^T`` masked and row-normalized, ``(B, Hq, N, M)``; 0 rows for a
-    zero denominator."""
-    last = _last_visible(pb.n, pb.m, causal)
-    a = _grouped(fq, pb.heads_kv) @ fk[:, :, None].swapaxes(-1, -2)
-    a = np.where(np.arange(pb.m)[None, :] <= last[:, None], a, 0.0)
-    den = a.sum(-1)
-    out = np.zeros(a.shape)
-    np.divide(a, den[..., None], out=out, where=(den != 0)[..., None])
-    return out.reshape((pb.batch, pb.heads_q, pb.n, pb.m))
-
-
 # --------------------------------------------------------------------------- public
 @register(family="linear", exact=False,
           time="O((N+M)·F·Dv) (+ O((N+M)·chunk·F) causal)",
@@ -311,10 +176,10 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
         callable ``φ(x (..., H, L, D)) -> (..., H, L, F)`` acting row by row; a callable
         must return nonnegative features unless ``allow_negative=True``.
     causal : bool.
-    method : ``None`` (causal: ``"chunked"``; non-causal: ``φ(Q)(φ(K)^T V)``),
-        ``"quadratic"``, ``"recurrent"`` or ``"chunked"``; all give the same result up to
+    method : ``None`` (causal: ``"chunkwise"``; non-causal: ``φ(Q)(φ(K)^T V)``),
+        ``"quadratic"``, ``"recurrent"`` or ``"chunkwise"``; all give the same result up to
         rounding.
-    chunk_size : int >= 1, keys per chunk of the ``"chunked"`` form.
+    chunk_size : int >= 1, keys per chunk of the ``"chunkwise"`` form.
     allow_negative : accept signed features from a callable (see the module docs).
     check_finite : raise on non-finite ``q``, ``k``, ``v`` (and callable features).
     memory_budget : bytes allowed for the ``N x M`` matrix of ``method="quadratic"``.
@@ -335,7 +200,7 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
     >>> bool(np.allclose(out[:, 0], v[:, 0]))                 # query 0 sees key 0 only
     True
     >>> forms = [linear_attention(q, k, v, causal=True, method=m, chunk_size=4)
-    ...          for m in ("quadratic", "recurrent", "chunked")]
+    ...          for m in ("quadratic", "recurrent", "chunkwise")]
     >>> all(np.allclose(f, out, rtol=1e-13) for f in forms)
     True
     """
@@ -343,11 +208,11 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
     feature_map = _check_feature_map(feature_map)
     causal = check_bool("causal", causal)
     allow_negative = check_bool("allow_negative", allow_negative)
-    method = _check_method(method, causal)
+    method = check_method(method, causal)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
                            check_finite=check_finite)
-    out = _core(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
+    out = feature_attention(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
                 memory_budget=memory_budget, what="linear_attention")
     return pb.unflatten(out)
 
@@ -381,14 +246,14 @@ def linear_attention_matrix(q, k, *, feature_map="elu", causal=False, method=Non
     feature_map = _check_feature_map(feature_map)
     causal = check_bool("causal", causal)
     allow_negative = check_bool("allow_negative", allow_negative)
-    _check_method(method, causal)
+    check_method(method, causal)
     check_int("chunk_size", chunk_size, minimum=1)
     check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
                  "the attention matrix of linear_attention_matrix",
                  "refattn.linear.linear_attention (it never forms the matrix)")
     fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
                            check_finite=check_finite)
-    return pb.unflatten(_implied(fq, fk, pb, causal))
+    return pb.unflatten(feature_attention_matrix(fq, fk, pb, causal))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,7 +347,7 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
     fqg = fq.reshape(bs + (state.heads_kv, g, nf))
     num = np.einsum("...hgf,...hfe->...hge", fqg, s)
     den = np.einsum("...hgf,...hf->...hg", fqg, z)
-    out = _safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
+    out = safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
     return out, state.replace(position=state.position + 1, s=s, z=z)
 
 

@@ -41,7 +41,7 @@ these features:
 
 non-causal by the two matrix products :math:`\phi(X)(\phi(Y)^\top V)` and
 :math:`\phi(X)(\phi(Y)^\top 1)`; causal (:math:`V_i = \{j \le i + M - N\}`, bottom-right)
-by prefix sums over the keys (``method="recurrent"``, default; ``"chunked"`` and the
+by prefix sums over the keys (``method="recurrent"``, default; ``"chunkwise"`` and the
 masked ``"quadratic"`` form compute the same). One :math:`\omega` is drawn per call and
 shared by all batch elements and heads, as in the paper's implementation. A zero
 denominator gives output 0 (see :mod:`refattn.linear`).
@@ -68,242 +68,36 @@ negative entries and denominators near zero (outputs beyond ``max |v|``).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, check_memory, resolve_rng, resolve_scale
+from .._core.checks import check_bool, check_int, check_memory, resolve_scale
 from .._core.problem import prepare_qkv
-from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_tokens
-from .linear import _check_method, _core, _implied, _safe_divide
+from ._common import check_method, feature_attention, feature_attention_matrix, safe_divide
+from .features import (KERNELS, check_kernel, draw_omega, log_features, performer_features,
+                       resolve_omega, scaled_pair, softmax_kernel_estimate,
+                       stabilized_features)
 
 __all__ = ["performer_attention", "performer_attention_matrix", "performer_features",
            "draw_omega", "softmax_kernel_estimate", "performer_init_state",
            "performer_step", "PerformerState", "KERNELS"]
 
-#: Names of the random-feature kernels.
-KERNELS = ("positive", "trigonometric", "hyperbolic")
-
 
 # --------------------------------------------------------------------------- features
-def _check_kernel(kernel) -> str:
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel
-
-
-def draw_omega(num_features, d, *, orthogonal=True, rng) -> np.ndarray:
-    r"""Random projection ``ω`` ``(num_features, d)`` float64 for the Performer features;
-    every row is marginally :math:`\mathcal N(0, I_d)`.
-
-    ``orthogonal=False``: i.i.d. standard normal entries. ``orthogonal=True``:
-    ``ceil(num_features / d)`` independent blocks; each block is the Haar-distributed
-    orthogonal factor ``Q diag(sign(diag R))`` of the QR decomposition of a ``d x d``
-    standard normal matrix; the first ``num_features`` rows are kept and row ``f``
-    scaled by the norm of an independent ``N(0, I_d)`` vector (a chi(d) variable).
-    Rows within one block are orthogonal (Choromanski et al. 2021, Sec. 2.4).
-
-    >>> import numpy as np
-    >>> from refattn.performer import draw_omega
-    >>> w = draw_omega(4, 4, orthogonal=True, rng=0)
-    >>> g = w @ w.T
-    >>> bool(np.allclose(g - np.diag(np.diag(g)), 0))       # one block: orthogonal rows
-    True
-    >>> draw_omega(10, 4, orthogonal=False, rng=0).shape
-    (10, 4)
-    """
-    m = check_int("num_features", num_features, minimum=1)
-    d = check_int("d", d, minimum=1)
-    orthogonal = check_bool("orthogonal", orthogonal)
-    return _draw_omegas(1, m, d, orthogonal, resolve_rng(rng, "draw_omega"))[0]
-
-
-def _draw_omegas(r: int, m: int, d: int, orthogonal: bool, gen) -> np.ndarray:
-    """``r`` independent projections ``(r, m, d)`` drawn at once (:func:`draw_omega`)."""
-    if not orthogonal:
-        return gen.standard_normal((r, m, d))
-    nb = -(-m // d)
-    qf, rf = np.linalg.qr(gen.standard_normal((r, nb, d, d)))
-    signs = np.sign(np.diagonal(rf, axis1=-2, axis2=-1))         # (r, nb, d)
-    signs[signs == 0] = 1.0
-    rows = (qf * signs[..., None, :]).reshape(r, nb * d, d)[:, :m]
-    norms = np.linalg.norm(gen.standard_normal((r, m, d)), axis=-1)
-    return rows * norms[..., None]
-
-
-def _log_features(x: np.ndarray, omega: np.ndarray, kernel: str):
-    """``(h, g, norm)`` with features ``exp(h) * g * norm``: ``h`` ``(..., L, F)`` (or
-    ``(..., L, 1)`` for the trigonometric factor), ``g`` the sin/cos part or None."""
-    proj = x @ np.swapaxes(omega, -1, -2)                     # (..., L, m)
-    half_sq = 0.5 * np.einsum("...d,...d->...", x, x)[..., None]
-    m = omega.shape[-2]
-    if kernel == "positive":
-        proj -= half_sq                  # in place: at long L these are the big arrays
-        return proj, None, 1.0 / math.sqrt(m)
-    if kernel == "hyperbolic":
-        return np.concatenate([proj - half_sq, -proj - half_sq], -1), None, \
-            1.0 / math.sqrt(2 * m)
-    return half_sq, np.concatenate([np.sin(proj), np.cos(proj)], -1), 1.0 / math.sqrt(m)
-
-
-def performer_features(x, omega, kernel="positive", *, stabilize=None, return_shift=False,
-                       check_finite=True):
-    r"""Random features :math:`\phi(x)` of the Performer kernels (no scaling of ``x``).
-
-    ``x (..., L, D)``, ``omega (m, D)`` (:func:`draw_omega`); returns float64
-    ``(..., L, F)``, ``F = m`` (``"positive"``) or ``2m`` (``"hyperbolic"``,
-    ``"trigonometric"``):
-
-    .. math::
-
-        \phi_+(x) = \tfrac{1}{\sqrt m} e^{\omega x - \|x\|^2/2}, \quad
-        \phi_{\cosh}(x) = \tfrac{1}{\sqrt{2m}} \big[e^{\omega x - \|x\|^2/2},
-        e^{-\omega x - \|x\|^2/2}\big], \quad
-        \phi_{\rm trig}(x) = \tfrac{e^{\|x\|^2/2}}{\sqrt m} [\sin \omega x, \cos \omega x],
-
-    so that :math:`\mathbb E_\omega[\phi(x)\cdot\phi(y)] = e^{x\cdot y}` (Choromanski et
-    al. 2021, Lemma 1 and Eq. 7). ``stabilize``: ``None`` (plain), ``"row"`` (divide
-    each row by ``e^c`` with ``c`` the max of its exponents) or ``"global"`` (one ``c``:
-    the max over the last two axes, i.e. per leading index). With ``return_shift`` also
-    returns ``c`` (shape ``(..., L, 1)`` or ``(..., 1, 1)``; zeros without stabilizing):
-    ``features * exp(c)`` are the plain features. ``check_finite``: raise on non-finite
-    ``x`` or ``omega``.
-
-    >>> import numpy as np
-    >>> from refattn.performer import draw_omega, performer_features
-    >>> omega = draw_omega(3, 2, orthogonal=False, rng=0)
-    >>> x = np.array([[0.3, -0.2], [1.0, 0.5]])
-    >>> performer_features(x, omega).shape, performer_features(x, omega, "hyperbolic").shape
-    ((2, 3), (2, 6))
-    >>> f, c = performer_features(x, omega, stabilize="row", return_shift=True)
-    >>> bool(np.allclose(f * np.exp(c), performer_features(x, omega)))
-    True
-    """
-    kernel = _check_kernel(kernel)
-    x = to_float64(x, "x", check_finite=check_finite)
-    omega = to_float64(omega, "omega", check_finite=check_finite)
-    if x.ndim < 2 or omega.ndim != 2 or omega.shape[1] != x.shape[-1] or omega.shape[0] < 1:
-        raise ValueError(f"performer_features needs x (..., L, D) and omega (m, D) with "
-                         f"m >= 1; got x {x.shape}, omega {omega.shape}")
-    if stabilize not in (None, "row", "global"):
-        raise ValueError(f"stabilize must be None, 'row' or 'global', got {stabilize!r}")
-    return _stabilized_features(x, omega, kernel, stabilize, return_shift)
-
-
-def _stabilized_features(x, omega, kernel, stabilize, return_shift=False):
-    """:func:`performer_features` without validation (x, omega float64, checked)."""
-    h, g, norm = _log_features(x, omega, kernel)
-    if stabilize == "row":
-        shift = h.max(axis=-1, keepdims=True)
-    elif stabilize == "global":
-        shift = np.fmax.reduce(h, axis=(-2, -1), keepdims=True) if h.size else np.zeros(
-            h.shape[:-2] + (1, 1))
-    else:
-        shift = np.zeros(h.shape[:-2] + (1, 1))
-    feats = h - shift
-    np.exp(feats, out=feats)             # in place, the same operations in the same order
-    feats *= norm
-    if g is not None:                    # trigonometric: exp(|x|^2/2) is (..., L, 1)
-        feats = feats * g
-    return (feats, shift) if return_shift else feats
-
-
-def _resolve_omega(omega, num_features, d, orthogonal, rng, where):
-    """The ``(m, d)`` projection: ``omega`` checked against ``num_features`` and ``d``,
-    or drawn from ``rng``."""
-    m = check_int("num_features", num_features, minimum=1)
-    orthogonal = check_bool("orthogonal", orthogonal)
-    if omega is None:
-        return draw_omega(m, d, orthogonal=orthogonal, rng=resolve_rng(rng, where))
-    omega = to_float64(omega, "omega")
-    if omega.shape != (m, d):
-        raise ValueError(f"omega must have shape (num_features, D) = {(m, d)}, got "
-                         f"{omega.shape}")
-    return omega
-
-
-def softmax_kernel_estimate(x, y, *, num_features, kernel="positive", orthogonal=True,
-                            rng, omega=None, draws=None):
-    r"""The random-feature estimate :math:`\phi(x)\cdot\phi(y)` of
-    :math:`\mathrm{SM}(x, y) = e^{x\cdot y}` from ``m = num_features`` projections
-    (:func:`draw_omega`); unbiased: :math:`\mathbb E_\omega = e^{x\cdot y}`
-    (Choromanski et al. 2021, Lemma 1; Lemma 2 gives its mean squared error).
-
-    ``x (..., D)`` and ``y (..., D)`` broadcast against each other; one ``ω`` serves
-    every pair. Returns float64 of the broadcast shape, or ``(draws, ...)`` for
-    ``draws = R`` independent draws of ``ω`` (made at once from ``rng``; ``draws=1``
-    uses the ``ω`` of :func:`draw_omega` with the same ``rng``), for Monte Carlo
-    studies. ``omega`` replaces the draw: ``(m, D)``, or ``(R, m, D)`` for
-    ``R`` given projections (result ``(R, ...)``); ``rng`` is then unused. No scaling is
-    applied to ``x``, ``y``. Computed from row-stabilized features with the shifts added
-    back in the exponent, so the features themselves never overflow.
-
-    >>> import numpy as np
-    >>> from refattn.performer import softmax_kernel_estimate
-    >>> x, y = np.array([0.3, -0.1]), np.array([0.2, 0.4])
-    >>> est = softmax_kernel_estimate(x, y, num_features=8, rng=0, draws=20000)
-    >>> est.shape, bool(abs(est.mean() - np.exp(x @ y)) < 4 * est.std() / np.sqrt(20000))
-    ((20000,), True)
-    """
-    kernel = _check_kernel(kernel)
-    x = to_float64(x, "x")
-    y = to_float64(y, "y")
-    if x.ndim < 1 or y.ndim < 1 or x.shape[-1] != y.shape[-1] or x.shape[-1] < 1:
-        raise ValueError(f"x and y must be vectors (..., D) with the same D >= 1; got x "
-                         f"{x.shape}, y {y.shape}")
-    try:
-        shape = np.broadcast_shapes(x.shape[:-1], y.shape[:-1])
-    except ValueError:
-        raise ValueError(f"x {x.shape} and y {y.shape} do not broadcast") from None
-    d = x.shape[-1]
-    m = check_int("num_features", num_features, minimum=1)
-    where = "softmax_kernel_estimate"
-    if draws is not None:
-        r = check_int("draws", draws, minimum=1)
-        if omega is not None:
-            raise ValueError("pass either draws= (to draw omega) or omega=, not both")
-        omegas = _draw_omegas(r, m, d, check_bool("orthogonal", orthogonal),
-                              resolve_rng(rng, where))
-    elif omega is not None and np.ndim(omega) == 3:
-        omegas = to_float64(omega, "omega")
-        if omegas.shape[1:] != (m, d):
-            raise ValueError(f"omega must have shape (num_features, D) = {(m, d)} or "
-                             f"(R, num_features, D), got {omegas.shape}")
-    else:
-        omegas = _resolve_omega(omega, m, d, orthogonal, rng, where)[None]
-    xb = np.broadcast_to(x, shape + (d,)).reshape(1, -1, d)      # (1, P, D)
-    yb = np.broadcast_to(y, shape + (d,)).reshape(1, -1, d)
-    hx, gx, norm = _log_features(xb, omegas, kernel)               # (R, P, F) / (1, P, 1)
-    hy, gy, _ = _log_features(yb, omegas, kernel)
-    cx, cy = hx.max(-1, keepdims=True), hy.max(-1, keepdims=True)
-    prod = np.exp(hx - cx) * np.exp(hy - cy) * norm ** 2
-    if gx is not None:
-        prod = prod * gx * gy
-    with np.errstate(over="ignore"):
-        est = prod.sum(-1) * np.exp(cx[..., 0] + cy[..., 0])       # (R, P)
-    est = est.reshape((est.shape[0],) + shape)
-    stacked = draws is not None or (omega is not None and np.ndim(omega) == 3)
-    return est if stacked else est[0]
-
-
-def _scaled(q, k, scale):
-    """``x = sqrt|s| q``, ``y = sign(s) sqrt|s| k`` so that ``x·y = s q·k``."""
-    r = math.sqrt(abs(scale))
-    return q * r, k * (math.copysign(r, scale) if scale != 0 else 0.0)
 
 
 def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omega,
                         stabilize, scale, check_finite, where):
-    kernel = _check_kernel(kernel)
+    kernel = check_kernel(kernel)
     stabilize = check_bool("stabilize", stabilize)
     s = resolve_scale(scale, pb.d)
-    omega = _resolve_omega(omega, num_features, pb.d, orthogonal, rng, where)
-    x, y = _scaled(q, k, s)
+    omega = resolve_omega(omega, num_features, pb.d, orthogonal, rng, where)
+    x, y = scaled_pair(q, k, s)
     with np.errstate(over="ignore", invalid="ignore"):
-        fq = _stabilized_features(x, omega, kernel, "row" if stabilize else None)
-        fk = _stabilized_features(y, omega, kernel, "global" if stabilize else None)
+        fq = stabilized_features(x, omega, kernel, "row" if stabilize else None)
+        fk = stabilized_features(y, omega, kernel, "global" if stabilize else None)
     if check_finite:
         for name, f in (("q", fq), ("k", fk)):
             if not np.isfinite(f).all():
@@ -350,8 +144,8 @@ def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=
     scale : float, default ``1/sqrt(D)``; the estimated kernel is ``exp(scale q·k)``.
     omega : optional ``(num_features, D)`` projection replacing the draw.
     method : causal form, ``None`` (``"recurrent"``: the prefix-sum scan),
-        ``"chunked"``, ``"quadratic"``; non-causal ``None`` uses the two products.
-    chunk_size : keys per chunk of ``method="chunked"``.
+        ``"chunkwise"``, ``"quadratic"``; non-causal ``None`` uses the two products.
+    chunk_size : keys per chunk of ``method="chunkwise"``.
     check_finite : raise on non-finite inputs or overflowing features.
     memory_budget : bytes allowed for ``method="quadratic"``'s ``N x M`` matrix.
 
@@ -373,13 +167,13 @@ def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=
     """
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     causal = check_bool("causal", causal)
-    method = "recurrent" if method is None and causal else _check_method(method, causal)
+    method = "recurrent" if method is None and causal else check_method(method, causal)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     fq, fk = _performer_features(q, k, pb, num_features=num_features, kernel=kernel,
                                  orthogonal=orthogonal, rng=rng, omega=omega,
                                  stabilize=stabilize, scale=scale,
                                  check_finite=check_finite, where="performer_attention")
-    out = _core(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
+    out = feature_attention(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
                 memory_budget=memory_budget, what="performer_attention")
     return pb.unflatten(out)
 
@@ -409,7 +203,7 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
     """
     q, k, _, pb = prepare_qkv(q, k, None, check_finite=check_finite, need_v=False)
     causal = check_bool("causal", causal)
-    _check_method(method, causal)
+    check_method(method, causal)
     check_int("chunk_size", chunk_size, minimum=1)
     fq, fk = _performer_features(q, k, pb, num_features=num_features, kernel=kernel,
                                  orthogonal=orthogonal, rng=rng, omega=omega,
@@ -419,7 +213,7 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
     check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
                  "the attention matrix of performer_attention_matrix",
                  "refattn.performer.performer_attention (it never forms the matrix)")
-    return pb.unflatten(_implied(fq, fk, pb, causal))
+    return pb.unflatten(feature_attention_matrix(fq, fk, pb, causal))
 
 
 # --------------------------------------------------------------------------- streaming
@@ -460,9 +254,9 @@ def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_featur
     ((1, 8, 3), (1, 8), (8, 4))
     """
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
-    kernel = _check_kernel(kernel)
+    kernel = check_kernel(kernel)
     stabilize = check_bool("stabilize", stabilize)
-    omega = _resolve_omega(omega, num_features, d, orthogonal, rng, "performer_init_state")
+    omega = resolve_omega(omega, num_features, d, orthogonal, rng, "performer_init_state")
     nf = omega.shape[0] * (1 if kernel == "positive" else 2)
     lead = batch_shape + (heads_kv,)
     return PerformerState(
@@ -508,11 +302,11 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
     bs, cf = state.batch_shape, state.check_finite
     q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
                                  state.dv, check_finite=cf)
-    x, y = _scaled(q_t, k_t, state.scale)
+    x, y = scaled_pair(q_t, k_t, state.scale)
     with np.errstate(over="ignore", invalid="ignore"):
-        fq = _stabilized_features(x[..., None, :], state.omega, state.kernel,
+        fq = stabilized_features(x[..., None, :], state.omega, state.kernel,
                                   "row" if state.stabilize else None)[..., 0, :]
-        h, g, norm = _log_features(y[..., None, :], state.omega, state.kernel)
+        h, g, norm = log_features(y[..., None, :], state.omega, state.kernel)
         h, g = h[..., 0, :], (None if g is None else g[..., 0, :])
         if state.stabilize:
             shift = np.maximum(state.shift, h.max(axis=-1))          # (*batch, Hkv)
@@ -531,7 +325,7 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
     fqg = fq.reshape(bs + (state.heads_kv, state.heads_q // state.heads_kv, nf))
     num = np.einsum("...hgf,...hfe->...hge", fqg, s)
     den = np.einsum("...hgf,...hf->...hg", fqg, z)
-    out = _safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
+    out = safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
     return out, state.replace(position=state.position + 1, s=s, z=z, shift=shift)
 
 

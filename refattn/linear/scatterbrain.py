@@ -23,7 +23,7 @@ from .._core.problem import prepare_qkv
 from .._core.select import topk_keep
 from ..registry import attach, register
 from ..sparse.lsh import lsh_buckets
-from .performer import _resolve_omega, _scaled, _stabilized_features
+from .features import resolve_omega, scaled_pair, stabilized_features
 
 __all__ = ["scatterbrain_attention", "scatterbrain_attention_matrix"]
 
@@ -46,12 +46,12 @@ def _setup(q, k, v, *, num_features, support, topk, n_buckets, n_hashes, kernel,
         n_buckets = check_int("n_buckets", n_buckets, minimum=2)
         n_hashes = check_int("n_hashes", n_hashes, minimum=1)
     gen = resolve_rng(rng, where)           # features first, then LSH rotations
-    omega = _resolve_omega(None, num_features, pb.d, orthogonal, gen, where)
+    omega = resolve_omega(None, num_features, pb.d, orthogonal, gen, where)
     s = resolve_scale(scale, pb.d)
-    x, y = _scaled(q, k, s)
+    x, y = scaled_pair(q, k, s)
     with np.errstate(over="ignore"):
-        fq, cq = _stabilized_features(x, omega, kernel, "row", True)       # (B,Hq,N,F)
-        fk, ck = _stabilized_features(y, omega, kernel, "global", True)    # (B,Hkv,M,F)
+        fq, cq = stabilized_features(x, omega, kernel, "row", True)       # (B,Hq,N,F)
+        fk, ck = stabilized_features(y, omega, kernel, "global", True)    # (B,Hkv,M,F)
     buckets = None
     if support == "lsh":   # shared rotations: (rounds, B, H, L) bucket ids
         rounds = lsh_buckets(np.concatenate([_unit(q), np.repeat(_unit(k), pb.group, 1)], 2),

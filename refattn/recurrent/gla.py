@@ -25,7 +25,7 @@ import dataclasses
 import numpy as np
 from numba import njit
 
-from .._core.checks import check_int, check_memory, resolve_scale
+from .._core.checks import check_choice, check_int, check_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
@@ -34,7 +34,8 @@ from ..streaming import State, check_sizes, check_tokens
 __all__ = ["gated_linear_attention", "gla_matrix", "gla_init_state", "gla_step",
            "GLAState"]
 
-_METHODS = ("parallel", "recurrent", "chunkwise")
+#: Names of the forms ``method=`` selects.
+METHODS = ("parallel", "recurrent", "chunkwise")
 
 
 def _log_gates(log_gates, shape, name="log_gates", check_finite=True) -> np.ndarray:
@@ -155,9 +156,7 @@ def gated_linear_attention(q, k, v, *, log_gates, scale=None, method=None, chunk
     True
     """
     q, k, v, g, pb = _setup(q, k, v, log_gates, scale, check_finite)
-    method = "chunkwise" if method is None else method
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS} or None, got {method!r}")
+    method = check_choice("method", method, METHODS, none="chunkwise")
     if method == "parallel":
         check_memory(pb.batch * pb.heads_kv * pb.n * pb.m * pb.d * 24.0, memory_budget,
                      "parallel gated linear attention", "method='chunkwise'")

@@ -8,7 +8,7 @@ broadcast together to ``(..., L, D)`` (time on axis -2, channels last, like ``q`
 ``(..., N, D)``); ``h0`` broadcasts to ``(..., D)``. The output is every state,
 ``(..., L, D)`` float64. The gate is restricted to :math:`a_t \in (0, 1]` (what every
 such layer produces: a sigmoid, ``exp`` of a non-positive number, ``1 - z``): the
-recurrence is then a contraction, and the chunked form can work with ``log a``. Gates
+recurrence is then a contraction, and the chunkwise form can work with ``log a``. Gates
 outside ``(0, 1]`` raise ``ValueError``.
 
 Three equal forms (``method=``):
@@ -20,7 +20,7 @@ Three equal forms (``method=``):
   :math:`\lceil\log_2 L\rceil` odd–even levels and O(L) work. It only multiplies and
   adds (never divides), so products of many gates near 0 underflow to the true tiny
   value, never into a wrong answer. O(L·D) memory (checks ``memory_budget``).
-* ``"chunked"``: the sequence cut into chunks of ``chunk`` steps; inside a chunk
+* ``"chunkwise"``: the sequence cut into chunks of ``chunk`` steps; inside a chunk
   :math:`h_t = e^{\Lambda_{t,c}} h_{c} + \sum_{c < s \le t} e^{\Lambda_{t,s}} b_s x_s`
   with the log-space segment sums :math:`\Lambda_{t,s} = \sum_{s < r \le t} \log a_r
   \le 0` (each formed by its own cumulative sum, no differences of large cumulative
@@ -51,7 +51,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .._core.checks import check_int, check_memory
+from .._core.checks import check_choice, check_int, check_memory
 from ..boundary.arrays import to_float64
 from ..streaming import State
 
@@ -59,9 +59,9 @@ __all__ = ["linear_rnn", "linear_rnn_init_state", "linear_rnn_step", "LinearRNNS
            "associative_scan", "METHODS"]
 
 #: Names of the forms ``method=`` selects.
-METHODS = ("recurrent", "scan", "chunked")
+METHODS = ("recurrent", "scan", "chunkwise")
 
-#: Elements (chunk·chunk·D per chunk) one vectorized block of the chunked form may hold.
+#: Elements (chunk·chunk·D per chunk) one vectorized block of the chunkwise form may hold.
 _BLOCK_ELEMENTS = 2**21
 
 
@@ -115,12 +115,6 @@ def associative_scan(a, c, axis: int = -1):
 
 
 # --------------------------------------------------------------------------- checks
-def _check_method(method) -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return method
-
-
 def _check_gate(a: np.ndarray, name: str = "a") -> None:
     bad = ~((a > 0) & (a <= 1))
     if bad.any():
@@ -182,7 +176,7 @@ def _scan_form(a, c, h0):
     return associative_scan(a, c, axis=1)[1]
 
 
-def _chunked_form(a, c, h0, chunk):
+def _chunkwise_form(a, c, h0, chunk):
     nb, length, dim = a.shape
     la = np.log(a)                        # <= 0
     out = np.full((nb, length, dim), np.nan)
@@ -222,8 +216,8 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
         for the plain form :math:`h_t = a_t h_{t-1} + x_t`).
     h0 : initial state ``(..., D)`` (broadcast), default 0.
     method : ``"recurrent"`` (Numba loop, default), ``"scan"`` (parallel associative
-        scan) or ``"chunked"`` (log-space chunks of ``chunk`` steps). ``"scan"`` holds
-        O(L·D) and ``"chunked"`` O(chunk²·D) per chunk; both check ``memory_budget``
+        scan) or ``"chunkwise"`` (log-space chunks of ``chunk`` steps). ``"scan"`` holds
+        O(L·D) and ``"chunkwise"`` O(chunk²·D) per chunk; both check ``memory_budget``
         (bytes; default :data:`refattn._inputs.DEFAULT_MEMORY_BUDGET`).
     return_last_state : also return ``h_{L-1}`` ``(..., D)`` (``h0`` when ``L = 0``).
 
@@ -231,10 +225,10 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
 
     >>> import numpy as np
     >>> a = np.full((5, 1), 0.5)
-    >>> linear_rnn(a, 1.0, np.ones((5, 1)), method="chunked", chunk=2)[:, 0].tolist()
+    >>> linear_rnn(a, 1.0, np.ones((5, 1)), method="chunkwise", chunk=2)[:, 0].tolist()
     [1.0, 1.5, 1.75, 1.875, 1.9375]
     """
-    method = _check_method(method)
+    method = check_choice("method", method, METHODS)
     a, b, x, h0, batch_shape, length, dim = _prepare(a, b, x, h0, check_finite)
     nb = a.shape[0]
     if length == 0 or dim == 0:
@@ -243,14 +237,14 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
         out = _recurrence(a, b, x, h0)
     elif method == "scan":
         check_memory(nb * length * dim * 8.0 * 6, memory_budget, "the associative scan",
-                     "method='chunked' or method='recurrent'")
+                     "method='chunkwise' or method='recurrent'")
         out = _scan_form(a, b * x, h0)
     else:
         chunk = min(check_int("chunk", chunk, minimum=1), length)
         check_memory(nb * chunk * chunk * dim * 8.0 * 4, memory_budget,
-                     f"one chunk of the chunked linear RNN (chunk² · D, chunk = {chunk})",
+                     f"one chunk of the chunkwise linear RNN (chunk² · D, chunk = {chunk})",
                      "a smaller chunk or method='recurrent'")
-        out = _chunked_form(a, b * x, h0, chunk)
+        out = _chunkwise_form(a, b * x, h0, chunk)
     last = out[:, -1] if length else h0.copy()
     out = out.reshape(batch_shape + (length, dim))
     if return_last_state:

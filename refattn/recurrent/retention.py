@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from .._core.checks import check_int, check_memory, resolve_scale
+from .._core.checks import check_choice, check_int, check_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
@@ -27,7 +27,8 @@ from ..streaming import State, check_sizes, check_token
 __all__ = ["retention", "retention_matrix", "retention_init_state", "retention_step",
            "RetentionState"]
 
-_METHODS = ("parallel", "recurrent", "chunkwise")
+#: Names of the forms ``method=`` selects.
+METHODS = ("parallel", "recurrent", "chunkwise")
 
 
 def _log_gamma(gamma, heads_q: int) -> np.ndarray:
@@ -119,9 +120,7 @@ def retention(q, k, v, *, gamma, scale=None, method=None, chunk_size=64, causal=
     True
     """
     q, k, v, pb, lg = _setup(q, k, v, gamma, scale, check_finite)
-    method = "chunkwise" if method is None else method
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS} or None, got {method!r}")
+    method = check_choice("method", method, METHODS, none="chunkwise")
     if method == "parallel":
         check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
                      "parallel retention", "method='chunkwise'")

@@ -48,8 +48,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
     def run(item):
         if not hasattr(local, "tile"):
             local.tile = np.empty(g * min(block_q, n) * min(block_k, m))
-        b, hk, qb = item
-        hs = slice(hk * g, (hk + 1) * g)
+        b, hk, hs, qb = item
         heads = np.arange(hs.start, hs.stop)
         r0 = qb * block_q
         rows = np.arange(r0, min(r0 + block_q, n))
@@ -76,8 +75,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
         finish_rows(acc, np.where(np.isneginf(run_max), 0.0, run_max), run_sum,
                 out[b, hs, r0:r0 + len(rows)], lse[b, hs, r0:r0 + len(rows)])
 
-    items = [(b, hk, qb) for b in range(pb.batch) for hk in range(pb.heads_kv)
-             for qb in range(n_q_tiles)]
+    items = [(b, hk, hs, qb) for b, hk, hs in pb.kv_groups() for qb in range(n_q_tiles)]
     visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
     run_items(run, items, workers, visited)
     return out, lse

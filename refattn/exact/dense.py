@@ -38,14 +38,12 @@ def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
     rows, cols = np.arange(pb.n), np.arange(pb.m)
 
     def blocks():
-        for b in range(pb.batch):
-            for hk in range(pb.heads_kv):
-                hs = slice(hk * pb.group, (hk + 1) * pb.group)
-                heads = np.arange(hs.start, hs.stop)
-                s = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols)
-                row_max, row_sum = softmax_rows(s)
-                yield b, hs, s, (None if v is None else v[b, hk]), row_max, row_sum
-                del s   # one (G, N, M) block alive at a time
+        for b, hk, hs in pb.kv_groups():
+            heads = np.arange(hs.start, hs.stop)
+            s = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols)
+            row_max, row_sum = softmax_rows(s)
+            yield b, hs, s, (None if v is None else v[b, hk]), row_max, row_sum
+            del s   # one (G, N, M) block alive at a time
     return pb, blocks()
 
 

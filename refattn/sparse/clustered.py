@@ -309,24 +309,22 @@ def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale
         qa, cent = _query_kmeans(q, pb, n_clusters, n_iters, gen)
         # Each query replaced by its centroid (the mean of its cluster).
         q_cent = np.take_along_axis(cent, qa[..., None], axis=2) * logits.scale
-        for b in range(pb.batch):
-            for hk in range(pb.heads_kv):
-                hs = slice(hk * pb.group, (hk + 1) * pb.group)
-                heads = np.arange(hs.start, hs.stop)
-                for r0 in range(0, pb.n, rows_per_block):
-                    rs = slice(r0, min(r0 + rows_per_block, pb.n))
-                    rows = np.arange(rs.start, rs.stop)
-                    a = logits.block(q_cent[b, hs, rs], k[b, hk], b, heads, rows, cols)
-                    keep = None if topk is None else topk_keep(a, topk)
-                    lse = normalize_rows(a)
-                    if keep is not None:
-                        mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
-                        exact = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
-                                             rows, cols)
-                        exact[~keep] = -np.inf
-                        normalize_rows(exact)
-                        a = np.where(keep, mass * exact, a)
-                    yield b, hk, hs, rs, a, lse
+        for b, hk, hs in pb.kv_groups():
+            heads = np.arange(hs.start, hs.stop)
+            for r0 in range(0, pb.n, rows_per_block):
+                rs = slice(r0, min(r0 + rows_per_block, pb.n))
+                rows = np.arange(rs.start, rs.stop)
+                a = logits.block(q_cent[b, hs, rs], k[b, hk], b, heads, rows, cols)
+                keep = None if topk is None else topk_keep(a, topk)
+                lse = normalize_rows(a)
+                if keep is not None:
+                    mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
+                    exact = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
+                                         rows, cols)
+                    exact[~keep] = -np.inf
+                    normalize_rows(exact)
+                    a = np.where(keep, mass * exact, a)
+                yield b, hk, hs, rs, a, lse
     return pb, v, blocks()
 
 

@@ -53,17 +53,15 @@ def _topk_blocks(q, k, v, *, topk, mask, causal, scale, bias, softcap, check_fin
     cols = np.arange(pb.m)
 
     def blocks():
-        for b in range(pb.batch):
-            for hk in range(pb.heads_kv):
-                hs = slice(hk * pb.group, (hk + 1) * pb.group)
-                heads = np.arange(hs.start, hs.stop)
-                for r0 in range(0, pb.n, rows_per_block):
-                    rs = slice(r0, min(r0 + rows_per_block, pb.n))
-                    s = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
-                                     np.arange(rs.start, rs.stop), cols)
-                    s[~topk_keep(s, topk)] = -np.inf
-                    lse = normalize_rows(s)
-                    yield b, hk, hs, rs, s, lse
+        for b, hk, hs in pb.kv_groups():
+            heads = np.arange(hs.start, hs.stop)
+            for r0 in range(0, pb.n, rows_per_block):
+                rs = slice(r0, min(r0 + rows_per_block, pb.n))
+                s = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
+                                 np.arange(rs.start, rs.stop), cols)
+                s[~topk_keep(s, topk)] = -np.inf
+                lse = normalize_rows(s)
+                yield b, hk, hs, rs, s, lse
     return pb, v, blocks()
 
 

@@ -19,12 +19,12 @@ shared by the channels), ``D``, ``delta_bias`` ``(dim,)``, softplus on. Work is
 
 Measured on the 2-core development machine (other jobs running, load ~1), float64:
 ``recurrent`` best 4.7 s (4.4 ns per state update, 5.2x the one-core NumPy exp floor),
-traced peak 512 MiB = the output; ``--method chunked`` 17 s, 79 MiB working memory.
+traced peak 512 MiB = the output; ``--method chunkwise`` 17 s, 79 MiB working memory.
 
 Run by hand from the repository root, not by the test suite::
 
     python benchmarks/selective_scan.py                      # L = 2**20, dim 64, N 16
-    python benchmarks/selective_scan.py --method chunked --length 65536
+    python benchmarks/selective_scan.py --method chunkwise --length 65536
 """
 from __future__ import annotations
 
@@ -72,14 +72,14 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--state", type=int, default=16, help="N, the state size")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--method", default="recurrent", choices=["recurrent", "chunked"])
+    parser.add_argument("--method", default="recurrent", choices=["recurrent", "chunkwise"])
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     print("command: python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])))
     b, d, n, L = args.batch, args.dim, args.state, args.length
     print(f"selective_scan method={args.method!r}"
-          + (f" chunk={args.chunk}" if args.method == "chunked" else "")
+          + (f" chunk={args.chunk}" if args.method == "chunkwise" else "")
           + f": batch {b}, dim {d}, L {L:,}, N {n}; {available_cores()} cores")
 
     small = make_inputs(b, d, 1000, n)

@@ -1,6 +1,6 @@
 """What S4D and the selective scan share: the conversion of parameters that may be complex
-(kept complex128, else float64), the checks of ``method`` and of a shape (naming the
-expected layout), and the tile of time steps their compiled kernels work on.
+(kept complex128, else float64), the check of a shape (naming the expected layout), and
+the tile of time steps their compiled kernels work on.
 """
 from __future__ import annotations
 
@@ -24,13 +24,6 @@ def number_array(x, name, *, check_finite=True, allow_complex=True) -> np.ndarra
                              f"check_finite=False to allow them")
         return arr
     return to_float64(x, name, check_finite=check_finite)
-
-
-def check_method(method, allowed):
-    """``method`` if it is one of the strings ``allowed``, else a ``ValueError``."""
-    if not isinstance(method, str) or method not in allowed:
-        raise ValueError(f"method must be one of {allowed}, got {method!r}")
-    return method
 
 
 def check_shape(arr, name, expected, what):

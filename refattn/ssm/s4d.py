@@ -45,11 +45,11 @@ import numpy as np
 import scipy.fft
 from numba import njit, prange
 
-from .._core.checks import check_int, check_memory
+from .._core.checks import check_choice, check_int, check_memory
 from ..boundary.arrays import to_float64
 from ..recurrent.linear_rnn import associative_scan
 from ..streaming import State
-from ._common import TILE, check_method, check_shape, number_array
+from ._common import TILE, check_shape, number_array
 
 __all__ = ["s4d", "s4d_kernel", "s4d_init_state", "s4d_step", "S4DState", "S4D_METHODS"]
 
@@ -167,7 +167,7 @@ def s4d(u, A, B, C, delta, D=None, *, method="recurrent", return_last_state=Fals
     >>> s4d(u, A, B, C, 0.5, method="scan").round(4)
     array([[0.3935, 0.2387, 0.1447]])
     """
-    method = check_method(method, S4D_METHODS)
+    method = check_choice("method", method, S4D_METHODS)
     u, abar, bbar, c, dA, D, factor = _s4d_setup(u, A, B, C, delta, D, check_finite)
     batch_shape, (dim, length) = u.shape[:-2], u.shape[-2:]
     nb, nstate = math.prod(batch_shape), abar.shape[1]

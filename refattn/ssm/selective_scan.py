@@ -16,7 +16,7 @@ reference). :math:`A` is discretized by the zero-order hold, :math:`B` by Euler'
 (threshold 20: :math:`x` for :math:`x > 20`, else :math:`\log(1 + e^x)`), as in the
 reference and the kernel.
 
-Forms: ``method="recurrent"`` (Numba) and ``"chunked"`` (a two-level parallel scan:
+Forms: ``method="recurrent"`` (Numba) and ``"chunkwise"`` (a two-level parallel scan:
 inside chunks, then across chunk ends, the state carried between blocks). Neither
 divides by a product of decays, so decays near 0 underflow to true zeros and decays
 near 1 over a million steps stay accurate.
@@ -33,19 +33,19 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .._core.checks import check_bool, check_int
+from .._core.checks import check_bool, check_choice, check_int
 from ..boundary.arrays import to_float64
 from ..recurrent.linear_rnn import associative_scan
 from ..streaming import State
-from ._common import TILE, check_method, check_shape, number_array
+from ._common import TILE, check_shape, number_array
 
 __all__ = ["selective_scan", "selective_scan_init_state", "selective_scan_step",
            "SelectiveScanState", "SELECTIVE_SCAN_METHODS"]
 
 #: Forms of :func:`selective_scan`.
-SELECTIVE_SCAN_METHODS = ("recurrent", "chunked")
+SELECTIVE_SCAN_METHODS = ("recurrent", "chunkwise")
 
-#: Elements (batch·dim·positions·N) one block of the chunked selective scan holds.
+#: Elements (batch·dim·positions·N) one block of the chunkwise selective scan holds.
 _BLOCK_ELEMENTS = 2**20
 
 
@@ -207,7 +207,7 @@ def _grouped_time_major(X, p0, p1, k, chunk, pad):
     return X[None, None, :, :, None, :, 0]                  # (1, 1, 1, G, 1, N)
 
 
-def _chunked_selective(u, delta, dbias, softplus, A, B, C, D, z, reset, factor, state,
+def _chunkwise_selective(u, delta, dbias, softplus, A, B, C, D, z, reset, factor, state,
                        chunk):
     """Two-level parallel scan per block of positions: associative scan inside each chunk,
     associative scan across the chunk ends (from the carried state), then every state is
@@ -297,7 +297,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return_last_state : also return the state after the last step ``(batch, dim, N)``
         (float64, or complex128 for complex ``A``).
     method : ``"recurrent"`` (Numba, default; O(N) memory per channel) or
-        ``"chunked"`` (two-level parallel scan over chunks of ``chunk`` steps, NumPy,
+        ``"chunkwise"`` (two-level parallel scan over chunks of ``chunk`` steps, NumPy,
         processed in bounded blocks).
     cu_seqlens : optional cumulative lengths ``[0, l_1, l_1 + l_2, ..., L]`` of
         sequences packed along ``L`` (the reference's ``cu_seqlens``): the state
@@ -312,10 +312,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     >>> B, C = rng.standard_normal((2, 1, 3, 10))            # (batch, N, L): shared
     >>> out = selective_scan(u, delta, A, B, C, D=np.ones(4))
     >>> bool(np.allclose(out, selective_scan(u, delta, A, B, C, D=np.ones(4),
-    ...                                      method="chunked", chunk=3)))
+    ...                                      method="chunkwise", chunk=3)))
     True
     """
-    method = check_method(method, SELECTIVE_SCAN_METHODS)
+    method = check_choice("method", method, SELECTIVE_SCAN_METHODS)
     u, delta, A, B, C, D, z, delta_bias, softplus, factor = _selective_setup(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, check_finite)
     return_last_state = check_bool("return_last_state", return_last_state)
@@ -330,7 +330,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           np.zeros(1, bool) if reset is None else reset,
                           reset is not None, factor, state, out)
     else:
-        out, state = _chunked_selective(u, delta, delta_bias, softplus, A, B, C, D, z,
+        out, state = _chunkwise_selective(u, delta, delta_bias, softplus, A, B, C, D, z,
                                         reset, factor, state,
                                         check_int("chunk", chunk, minimum=1))
     return (out, state) if return_last_state else out

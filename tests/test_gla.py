@@ -7,11 +7,7 @@ from hypothesis import given, strategies as st
 
 import refattn as ra
 from refattn.gla import gla_init_state, gla_matrix, gla_step
-from refattn.testing import strategies as rst
-
-
-def _rel(a, b):
-    return np.abs(a - b).max(initial=0) / max(np.abs(b).max(initial=0), 1e-300)
+from refattn.testing import max_rel_error, strategies as rst
 
 
 @given(rst.attention_inputs(dtype="float64"), st.integers(1, 9), st.floats(0.0, 3.0),
@@ -20,10 +16,10 @@ def test_three_forms_agree(inputs, chunk, depth, seed):
     q, k, v = inputs
     g = -depth * np.random.default_rng(seed).random(k.shape)
     par = ra.gated_linear_attention(q, k, v, log_gates=g, method="parallel")
-    assert _rel(ra.gated_linear_attention(q, k, v, log_gates=g, method="recurrent"),
-                par) <= 1e-10
-    assert _rel(ra.gated_linear_attention(q, k, v, log_gates=g, chunk_size=chunk),
-                par) <= 1e-10
+    assert max_rel_error(ra.gated_linear_attention(q, k, v, log_gates=g, method="recurrent"),
+                par, normwise=True) <= 1e-10
+    assert max_rel_error(ra.gated_linear_attention(q, k, v, log_gates=g, chunk_size=chunk),
+                par, normwise=True) <= 1e-10
 
 
 def test_definition_by_loops(rng):
@@ -95,7 +91,7 @@ def test_gates_near_one_and_near_zero_stay_finite_and_exact(rng, depth):
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         chunked = ra.gated_linear_attention(q, k, v, log_gates=g, chunk_size=64)
     assert np.isfinite(chunked).all()
-    assert _rel(chunked, rec) <= 1e-10
+    assert max_rel_error(chunked, rec, normwise=True) <= 1e-10
     if depth >= 1e4:    # no memory at all: o_i = s (q_i . k_i) v_i
         own = (q * k).sum(-1, keepdims=True) / np.sqrt(3) * v
         np.testing.assert_allclose(chunked, own, rtol=1e-12)
@@ -109,7 +105,7 @@ def test_a_million_tokens_chunkwise_equals_the_recurrence(rng):
     rec = ra.gated_linear_attention(q, k, v, log_gates=g, method="recurrent")
     chunked = ra.gated_linear_attention(q, k, v, log_gates=g, chunk_size=256)
     assert np.isfinite(chunked).all()
-    assert _rel(chunked, rec) <= 1e-10
+    assert max_rel_error(chunked, rec, normwise=True) <= 1e-10
 
 
 def test_bad_gates_and_tokens():
@@ -149,8 +145,8 @@ def test_gla_matches_flash_linear_attention_naive_recurrent(rng):
     theirs = theirs.double().numpy().transpose(0, 2, 1, 3)
     ours = ra.gated_linear_attention(q, k, v, log_gates=g)
     # their loop runs in float32: agreement at float32 accuracy, not better
-    assert _rel(theirs, ours) <= 1e-5
-    assert _rel(theirs, ra.gated_linear_attention(q, k, v, log_gates=g / 2)) > 1e-2
+    assert max_rel_error(theirs, ours, normwise=True) <= 1e-5
+    assert max_rel_error(theirs, ra.gated_linear_attention(q, k, v, log_gates=g / 2), normwise=True) > 1e-2
 
 
 def test_retention_matches_flash_linear_attention_naive(rng):
@@ -159,4 +155,4 @@ def test_retention_matches_flash_linear_attention_naive(rng):
     q, k, v = rng.standard_normal((3, 2, 4, 60, 16))            # (B, H, T, D)
     theirs = naive.naive_retention(*(torch.from_numpy(x) for x in (q, k, v))).double().numpy()
     gamma = 1 - 2.0 ** (-5.0 - np.arange(4))                   # their per-head decays
-    assert _rel(theirs, ra.retention(q, k, v, gamma=gamma)) <= 1e-5
+    assert max_rel_error(theirs, ra.retention(q, k, v, gamma=gamma), normwise=True) <= 1e-5

@@ -6,10 +6,7 @@ from hypothesis import given, strategies as st
 
 from refattn.linear_rnn import (METHODS, associative_scan, linear_rnn,
                                 linear_rnn_init_state, linear_rnn_step)
-
-
-def _rel(a, b):
-    return np.abs(a - b).max(initial=0) / max(np.abs(b).max(initial=0), 1e-300)
+from refattn.testing import max_rel_error
 
 
 def _loop(a, b, x, h0):
@@ -38,8 +35,8 @@ def test_three_forms_agree(length, dim, batch, chunk, low, seed):
         out, out_last = linear_rnn(a, b, x, h0=h0, method=method, chunk=chunk,
                                    return_last_state=True)
         assert not np.isnan(out).any()
-        assert _rel(out, ref) <= 1e-10, method
-        assert _rel(out_last, last) <= 1e-10, method
+        assert max_rel_error(out, ref, normwise=True) <= 1e-10, method
+        assert max_rel_error(out_last, last, normwise=True) <= 1e-10, method
     np.testing.assert_array_equal(last, ref[..., -1, :] if length else h0)
 
 
@@ -110,7 +107,7 @@ def test_gates_near_one_and_near_zero_stay_finite_and_exact(rng, gates):
     for method, chunk in (("scan", 1), ("chunked", 64), ("chunked", 1000)):
         out = linear_rnn(a, 1.0, x, method=method, chunk=chunk)
         assert np.isfinite(out).all()
-        assert _rel(out, ref) <= 1e-10, (method, chunk)
+        assert max_rel_error(out, ref, normwise=True) <= 1e-10, (method, chunk)
     if gates == "near_zero":   # h_t = x_t + a_t x_{t-1} + ...: x_t to 1e-200 relative
         np.testing.assert_allclose(ref, x, rtol=1e-150)
 
@@ -122,7 +119,7 @@ def test_constant_gate_matches_the_closed_form(rng):
     closed = np.expm1((t + 1) * np.log(a)) / np.expm1(np.log(a))
     for method in METHODS:
         out = linear_rnn(np.full((n, 1), a), 1.0, np.ones((n, 1)), method=method)[:, 0]
-        assert _rel(out, closed) <= 1e-10, method
+        assert max_rel_error(out, closed, normwise=True) <= 1e-10, method
 
 
 @pytest.mark.slow
@@ -137,12 +134,12 @@ def test_a_million_steps_all_forms_agree(rng):
     for method in ("scan", "chunked"):
         out = linear_rnn(a, 1.0, x, method=method, chunk=128)
         assert np.isfinite(out).all()
-        assert _rel(out, ref) <= 1e-10, method
+        assert max_rel_error(out, ref, normwise=True) <= 1e-10, method
     g = 1 - 1e-7
     closed = np.expm1(np.arange(1, n + 1) * np.log(g)) / np.expm1(np.log(g))
     for method in METHODS:
         out = linear_rnn(np.full((n, 1), g), 1.0, np.ones((n, 1)), method=method)[:, 0]
-        assert _rel(out, closed) <= 1e-10, method
+        assert max_rel_error(out, closed, normwise=True) <= 1e-10, method
 
 
 @pytest.mark.parametrize("gate", [0.0, 1.5, -0.2])

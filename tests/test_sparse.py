@@ -6,16 +6,9 @@ import pytest
 from hypothesis import given, strategies as st
 
 import refattn as ra
-from refattn.testing import strategies as rst
+from refattn.testing import max_rel_error, strategies as rst
 
 MASK_DEFINED = [s for s in ra.mechanisms().values() if s.mask is not None]
-
-
-def _rel(actual, expected):
-    assert np.array_equal(np.isfinite(actual), np.isfinite(expected))
-    fin = np.isfinite(expected)
-    return float((np.abs(actual[fin] - expected[fin])
-                  / np.maximum(np.abs(expected[fin]), 1.0)).max(initial=0.0))
 
 
 def test_the_named_patterns_are_registered():
@@ -36,7 +29,7 @@ def test_mechanism_equals_dense_attention_under_its_mask(spec, inputs, causal, m
     out, lse = spec.fn(q, k, v, **params, causal=causal, return_lse=True, **engine)
     ref, ref_lse = ra.attention(q, k, v, mask=spec.mask(**params), causal=causal,
                                 return_lse=True)
-    assert _rel(out, ref) <= 1e-12 and _rel(lse, ref_lse) <= 1e-12
+    assert max_rel_error(out, ref) <= 1e-12 and max_rel_error(lse, ref_lse) <= 1e-12
 
 
 @given(inputs=rst.attention_inputs(dtype="float64"), mask=rst.masks(),
@@ -47,7 +40,7 @@ def test_engine_equals_dense_for_any_mask(inputs, mask, method, bq, bk, softcap)
     bias = ra.scores.alibi(q.shape[-3])
     out = ra.sparse_attention(q, k, v, mask, method=method, block_q=bq, block_k=bk,
                               softcap=softcap, bias=bias)
-    assert _rel(out, ra.attention(q, k, v, mask=mask, softcap=softcap, bias=bias)) <= 1e-12
+    assert max_rel_error(out, ra.attention(q, k, v, mask=mask, softcap=softcap, bias=bias)) <= 1e-12
 
 
 def test_engine_with_head_dependent_function_mask(rng):
@@ -59,7 +52,7 @@ def test_engine_with_head_dependent_function_mask(rng):
 
     for method in ("tiles", "gather"):
         out = ra.sparse_attention(q, k, v, mask, method=method, block_q=5, block_k=7)
-        assert _rel(out, ra.attention(q, k, v, mask=mask)) <= 1e-12
+        assert max_rel_error(out, ra.attention(q, k, v, mask=mask)) <= 1e-12
 
 
 def test_per_head_dilation_matches_explicit_masks(rng):
@@ -67,7 +60,7 @@ def test_per_head_dilation_matches_explicit_masks(rng):
     out = ra.longformer_attention(q, k, v, window=6, dilation=[1, 2, 3], global_tokens=[0, 9])
     keep = np.stack([ra.masks.sliding_window(6, right=6, dilation=d).materialize(40, 40)
                      for d in (1, 2, 3)]) | ra.masks.global_tokens([0, 9]).materialize(40, 40)
-    assert _rel(out, ra.attention(q, k, v, mask=keep)) <= 1e-12
+    assert max_rel_error(out, ra.attention(q, k, v, mask=keep)) <= 1e-12
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -82,7 +75,7 @@ def test_windows_covering_everything_are_full_attention(rng, causal):
                                      causal=causal),
                 ra.block_sparse_attention(q, k, v, layout=np.ones((6, 6), bool),
                                           block_size=8, causal=causal)):
-        assert _rel(out, full) <= 1e-12
+        assert max_rel_error(out, full) <= 1e-12
 
 
 def test_random_blocks_are_seeded(rng):
@@ -97,7 +90,7 @@ def test_gather_and_tiles_agree_at_moderate_size(rng):
     mask = ra.masks.strided(7) | ra.masks.sliding_window(20)
     tiles = ra.sparse_attention(q, k, v, mask, causal=True, method="tiles")
     gather = ra.sparse_attention(q, k, v, mask, causal=True, method="gather", workers=2)
-    assert _rel(tiles, gather) <= 1e-12
+    assert max_rel_error(tiles, gather) <= 1e-12
 
 
 @pytest.mark.parametrize("call, error, message", [

@@ -8,10 +8,7 @@ from hypothesis import given, strategies as st
 
 from refattn.ssm import (S4D_METHODS, s4d, s4d_kernel, selective_scan,
                          selective_scan_init_state, selective_scan_step)
-
-
-def _rel(a, b):
-    return np.abs(a - b).max(initial=0) / max(np.abs(b).max(initial=0), 1e-300)
+from refattn.testing import max_rel_error
 
 
 def _s4d_params(rng, dim, nstate, kind):
@@ -50,7 +47,7 @@ def test_s4d_matches_the_matrix_exponential_definition(rng, kind):
     delta, D = rng.uniform(0.01, 1.0, 3), rng.standard_normal(3)
     ref = _s4d_by_definition(u, A, B, C, delta, D)
     for method in S4D_METHODS:
-        assert _rel(s4d(u, A, B, C, delta, D, method=method), ref) <= 1e-12, method
+        assert max_rel_error(s4d(u, A, B, C, delta, D, method=method), ref, normwise=True) <= 1e-12, method
 
 
 @given(st.integers(1, 90), st.integers(1, 3), st.integers(1, 5),
@@ -68,8 +65,8 @@ def test_s4d_three_forms_agree(length, dim, nstate, batch, kind, with_d, seed):
     assert last.dtype == (np.complex128 if kind == "complex" else np.float64)
     for method in ("fft", "scan"):
         out, out_last = s4d(u, A, B, C, delta, D, method=method, return_last_state=True)
-        assert _rel(out, ref) <= 1e-10, method
-        assert _rel(out_last, last) <= 1e-10, method
+        assert max_rel_error(out, ref, normwise=True) <= 1e-10, method
+        assert max_rel_error(out_last, last, normwise=True) <= 1e-10, method
 
 
 def test_s4d_kernel_is_the_impulse_response_and_convolves(rng):
@@ -81,7 +78,7 @@ def test_s4d_kernel_is_the_impulse_response_and_convolves(rng):
     np.testing.assert_allclose(s4d(impulse, A, B, C, delta), kern, rtol=1e-12, atol=1e-15)
     u = rng.standard_normal((2, 30))
     conv = np.stack([np.convolve(u[d], kern[d])[:30] for d in range(2)])
-    assert _rel(s4d(u, A, B, C, delta), conv) <= 1e-12
+    assert max_rel_error(s4d(u, A, B, C, delta), conv, normwise=True) <= 1e-12
 
 
 def test_s4d_conjugate_pair_convention_doubles_the_real_output(rng):
@@ -102,11 +99,11 @@ def test_s4d_small_and_large_steps_stay_exact(rng, scale):
     delta = np.array([1.0, 3.0]) * scale
     ref = _s4d_by_definition(u[:, :40], A, B, C, delta, np.zeros(2))
     out = {m: s4d(u, A, B, C, delta, method=m) for m in S4D_METHODS}
-    assert _rel(out["recurrent"][:, :40], ref) <= 1e-10
+    assert max_rel_error(out["recurrent"][:, :40], ref, normwise=True) <= 1e-10
     for method in ("fft", "scan"):
         assert np.isfinite(out[method]).all()
         # the FFT's rounding is relative to the whole output, not to each element
-        assert _rel(out[method], out["recurrent"]) <= 1e-10, method
+        assert max_rel_error(out[method], out["recurrent"], normwise=True) <= 1e-10, method
 
 
 def test_s4d_a_million_steps_with_a_decay_near_one(rng):
@@ -120,7 +117,7 @@ def test_s4d_a_million_steps_with_a_decay_near_one(rng):
     out = {m: s4d(u, A, B, C, 1.0, method=m) for m in S4D_METHODS}
     for method in ("fft", "scan"):
         assert np.isfinite(out[method]).all()
-        assert _rel(out[method], out["recurrent"]) <= 1e-10, method
+        assert max_rel_error(out[method], out["recurrent"], normwise=True) <= 1e-10, method
     dA = A[0].astype(np.clongdouble)
     bbar = np.expm1(dA) / dA * B[0]
     lags = np.arange(n, dtype=np.longdouble)[::-1]
@@ -223,8 +220,8 @@ def test_selective_scan_matches_the_transcribed_reference(rng, layout, groups, c
                                    method=method, chunk=max(chunk, 1))
         assert out.dtype == np.float64 and last.shape == (2, 4, 3)
         assert last.dtype == (np.complex128 if complex_a else np.float64)
-        assert _rel(out, ref) <= 1e-12, (method, chunk)
-        assert _rel(last, ref_last) <= 1e-12, (method, chunk)
+        assert max_rel_error(out, ref, normwise=True) <= 1e-12, (method, chunk)
+        assert max_rel_error(last, ref_last, normwise=True) <= 1e-12, (method, chunk)
     assert not np.array_equal(selective_scan(u, delta, A, B, C), selective_scan(
         u, delta, A, B, C, D=np.ones(4)))
 
@@ -245,9 +242,9 @@ def test_packed_sequences_restart_the_state(rng, complex_a):
     for method in ("recurrent", "chunked"):
         out = selective_scan(u, delta, A, B, C, **kw, cu_seqlens=cu, method=method,
                              chunk=5)
-        assert _rel(out, ref) <= 1e-12, method
-        assert _rel(out, np.concatenate(pieces, -1)) <= 1e-12, method
-    assert _rel(selective_scan(u, delta, A, B, C, **kw), ref) > 1e-3   # it matters
+        assert max_rel_error(out, ref, normwise=True) <= 1e-12, method
+        assert max_rel_error(out, np.concatenate(pieces, -1), normwise=True) <= 1e-12, method
+    assert max_rel_error(selective_scan(u, delta, A, B, C, **kw), ref, normwise=True) > 1e-3   # it matters
 
 
 @given(st.integers(1, 80), st.integers(1, 12), st.sampled_from([(1, 1), (4, 1), (4, 2),
@@ -271,8 +268,8 @@ def test_selective_scan_forms_agree(length, chunk, dim_groups, nstate, batch, la
     assert not np.isnan(ref).any()
     out, out_last = selective_scan(u, delta, A, B, C, **kw, method="chunked", chunk=chunk)
     assert not np.isnan(out).any()
-    assert _rel(out, ref) <= 1e-10
-    assert _rel(out_last, last) <= 1e-10
+    assert max_rel_error(out, ref, normwise=True) <= 1e-10
+    assert max_rel_error(out_last, last, normwise=True) <= 1e-10
 
 
 @pytest.mark.parametrize("kind", ["real", "complex"])
@@ -291,8 +288,8 @@ def test_s4d_is_a_selective_scan_with_constant_step_and_zoh_input_matrix(rng, ki
         out, last = selective_scan(u, delta, A, b_prime, C, D=D, method=method, chunk=7,
                                    return_last_state=True)
         ref, ref_last = s4d(u, A, B, C, step, D, return_last_state=True)
-        assert _rel(out, ref) <= 1e-10, method
-        assert _rel(last, ref_last) <= 1e-10, method
+        assert max_rel_error(out, ref, normwise=True) <= 1e-10, method
+        assert max_rel_error(last, ref_last, normwise=True) <= 1e-10, method
 
 
 @pytest.mark.parametrize("complex_a", [False, True])
@@ -317,8 +314,8 @@ def test_stepping_equals_the_selective_scan(rng, complex_a):
         assert state.nbytes == size
         outs.append(y)
     assert state.position == length
-    assert _rel(np.stack(outs, -1), ref) <= 1e-12
-    assert _rel(state.h, last) <= 1e-12
+    assert max_rel_error(np.stack(outs, -1), ref, normwise=True) <= 1e-12
+    assert max_rel_error(state.h, last, normwise=True) <= 1e-12
     # a constant (dim, N) B is groups = dim
     Bc = rng.standard_normal((dim, nstate))
     s0 = selective_scan_init_state(batch=2, A=A)
@@ -341,7 +338,7 @@ def test_decays_near_one_and_near_zero_stay_finite_and_exact(rng, regime):
     ref = selective_scan(u, delta, A, B, C)
     out = selective_scan(u, delta, A, B, C, method="chunked", chunk=256)
     assert np.isfinite(ref).all() and np.isfinite(out).all()
-    assert _rel(out, ref) <= 1e-10
+    assert max_rel_error(out, ref, normwise=True) <= 1e-10
     if regime == "near_zero":    # the state is δ B u of the current step alone
         np.testing.assert_allclose(ref, np.einsum("bdl,bnl,bnl->bdl", delta * u, B, C),
                                    rtol=1e-12)
@@ -358,7 +355,7 @@ def test_a_million_steps_chunked_equals_the_recurrence_and_the_closed_form(rng):
     out, out_last = selective_scan(u, delta, A, B, C, method="chunked", chunk=128,
                                    return_last_state=True)
     assert np.isfinite(out).all()
-    assert _rel(out, ref) <= 1e-10 and _rel(out_last, last) <= 1e-10
+    assert max_rel_error(out, ref, normwise=True) <= 1e-10 and max_rel_error(out_last, last, normwise=True) <= 1e-10
     step, a_cont = 1e-7, -0.5
     t = np.arange(n)
     closed = np.expm1((t + 1) * step * a_cont) / np.expm1(step * a_cont) * step
@@ -366,7 +363,7 @@ def test_a_million_steps_chunked_equals_the_recurrence_and_the_closed_form(rng):
     for method in ("recurrent", "chunked"):
         y = selective_scan(ones, ones * step, np.array([[a_cont]]), np.ones((1, 1)),
                            np.ones((1, 1)), method=method)[0, 0]
-        assert _rel(y, closed) <= 1e-10, method
+        assert max_rel_error(y, closed, normwise=True) <= 1e-10, method
 
 
 # --------------------------------------------------------------------------- errors

@@ -7,16 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import refattn as ra
-from refattn.testing import strategies as rst
-
-
-def _relative_error(actual, expected):
-    """Largest ``|actual - expected| / max(|expected|, 1)``; infinities must match."""
-    finite = np.isfinite(expected)
-    assert np.array_equal(np.isfinite(actual), finite)
-    assert np.array_equal(actual[~finite], expected[~finite])
-    diff = np.abs(actual[finite] - expected[finite])
-    return float((diff / np.maximum(np.abs(expected[finite]), 1.0)).max(initial=0.0))
+from refattn.testing import max_rel_error, strategies as rst
 
 
 @given(rst.attention_inputs(dtype="float64"), rst.masks(), st.booleans(),
@@ -27,8 +18,8 @@ def test_tiled_equals_dense(inputs, mask, causal, block_q, block_k, workers):
     out, lse = ra.tiled_attention(q, k, v, block_q=block_q, block_k=block_k,
                                   workers=workers, **kwargs)
     ref, ref_lse = ra.attention(q, k, v, **kwargs)
-    assert _relative_error(out, ref) <= 1e-12
-    assert _relative_error(lse, ref_lse) <= 1e-12
+    assert max_rel_error(out, ref) <= 1e-12
+    assert max_rel_error(lse, ref_lse) <= 1e-12
 
 
 @given(st.data(), st.integers(1, 30), st.integers(1, 30), st.integers(1, 9),
@@ -42,7 +33,7 @@ def test_tiled_equals_dense_documents_and_functions(data, n, m, block_q, block_k
         st.just(lambda b, h, i, j: (i * 7 + j * 3 + h) % 4 != 0),   # head-dependent
         st.just(ra.masks.causal() & (lambda b, h, i, j: (i + b) % 3 != 1))))
     out = ra.tiled_attention(q, k, v, mask=mask, block_q=block_q, block_k=block_k)
-    assert _relative_error(out, ra.attention(q, k, v, mask=mask)) <= 1e-12
+    assert max_rel_error(out, ra.attention(q, k, v, mask=mask)) <= 1e-12
 
 
 @given(rst.attention_inputs(dtype="float64"), st.floats(0.5, 30),
@@ -55,7 +46,7 @@ def test_tiled_equals_dense_with_scores(inputs, cap, block_q, block_k):
         out = ra.tiled_attention(q, k, v, bias=bias, softcap=cap, causal=True,
                                  block_q=block_q, block_k=block_k)
         ref = ra.attention(q, k, v, bias=bias, softcap=cap, causal=True)
-        assert _relative_error(out, ref) <= 1e-12
+        assert max_rel_error(out, ref) <= 1e-12
 
 
 def test_default_blocks_and_threads_on_a_larger_problem(rng):
@@ -63,7 +54,7 @@ def test_default_blocks_and_threads_on_a_larger_problem(rng):
     k, v = rng.standard_normal((2, 2, 1300, 32))
     mask = ra.masks.sliding_window(300) | ra.masks.sinks(4)
     out = ra.tiled_attention(q, k, v, mask=mask, causal=True, workers=2)
-    assert _relative_error(out, ra.attention(q, k, v, mask=mask, causal=True)) <= 1e-12
+    assert max_rel_error(out, ra.attention(q, k, v, mask=mask, causal=True)) <= 1e-12
 
 
 def test_every_output_element_is_written(rng):

@@ -9,20 +9,13 @@ import pytest
 from hypothesis import given, strategies as st
 
 import refattn as ra
+from refattn.testing import max_rel_error
 import refattn.vision as vision
 from refattn.masks import EMPTY, FULL, Mask
 from refattn.vision import (draw_query_pixel, neighborhood_attention, neighborhood_mask,
                             patch_merging, shifted_window_attention, shifted_window_mask,
                             spatial_reduction_attention, window_attention, window_mask,
                             with_global)
-
-
-def _rel(actual, expected):
-    assert actual.shape == expected.shape
-    assert np.array_equal(np.isfinite(actual), np.isfinite(expected))
-    fin = np.isfinite(expected)
-    return float((np.abs(actual[fin] - expected[fin])
-                  / np.maximum(np.abs(expected[fin]), 1.0)).max(initial=0.0))
 
 
 def _flat(x, nd):
@@ -166,8 +159,8 @@ def test_neighborhood_attention_equals_dense_under_its_mask(problem, data, metho
     ref, ref_lse = ra.attention(_flat(q, nd), _flat(k, nd), _flat(v, nd), return_lse=True,
                                 mask=neighborhood_mask(shape, kernel, dil, causal))
     assert out.shape == q.shape[:-1] + (v.shape[-1],) and lse.shape == q.shape[:-1]
-    assert _rel(_flat(out, nd), ref) <= 1e-12
-    assert _rel(lse.reshape(ref_lse.shape), ref_lse) <= 1e-12
+    assert max_rel_error(_flat(out, nd), ref) <= 1e-12
+    assert max_rel_error(lse.reshape(ref_lse.shape), ref_lse) <= 1e-12
 
 
 @given(problem=grid_problems())
@@ -176,7 +169,7 @@ def test_kernel_equal_to_the_image_is_full_attention(problem):
     nd = len(shape)
     out = neighborhood_attention(q, k, v, shape)
     ref = ra.attention(_flat(q, nd), _flat(k, nd), _flat(v, nd))
-    assert _rel(_flat(out, nd), ref) <= 1e-12
+    assert max_rel_error(_flat(out, nd), ref) <= 1e-12
 
 
 def test_kernel_times_dilation_equal_to_the_image_is_attention_within_dilation_groups(rng):
@@ -186,7 +179,7 @@ def test_kernel_times_dilation_equal_to_the_image_is_attention_within_dilation_g
         for gy in range(3):
             sub = [x[:, gx::2, gy::3].reshape(2, -1, 4) for x in (q, k, v)]
             ref = ra.attention(*sub)
-            assert _rel(out[:, gx::2, gy::3].reshape(2, -1, 4), ref) <= 1e-12
+            assert max_rel_error(out[:, gx::2, gy::3].reshape(2, -1, 4), ref) <= 1e-12
 
 
 def test_natten_corner_query_by_hand(rng):
@@ -258,19 +251,19 @@ def test_window_attention_equals_dense_under_its_mask_and_swins_literal_form(
                                 block_k=block + 1, return_lse=True)
     ref, ref_lse = ra.attention(_flat(q, nd), _flat(k, nd), _flat(v, nd), return_lse=True,
                                 mask=window_mask(shape, window, shift))
-    assert _rel(_flat(out, nd), ref) <= 1e-12
-    assert _rel(lse.reshape(ref_lse.shape), ref_lse) <= 1e-12
+    assert max_rel_error(_flat(out, nd), ref) <= 1e-12
+    assert max_rel_error(lse.reshape(ref_lse.shape), ref_lse) <= 1e-12
     literal, literal_lse = shifted_window_attention(q, k, v, window, shift=shift,
                                                     return_lse=True)
-    assert _rel(literal, out) <= 1e-12 and _rel(literal_lse, lse) <= 1e-12
+    assert max_rel_error(literal, out) <= 1e-12 and max_rel_error(literal_lse, lse) <= 1e-12
 
 
 def test_shifted_window_attention_defaults_to_half_a_window(rng):
     q, k, v = rng.standard_normal((3, 2, 11, 13, 4))
     a = shifted_window_attention(q, k, v, (4, 6))
     b = window_attention(q, k, v, (4, 6), shift=(2, 3))
-    assert _rel(a, b) <= 1e-12
-    assert _rel(a, window_attention(q, k, v, (4, 6))) > 1e-3     # the shift matters
+    assert max_rel_error(a, b) <= 1e-12
+    assert max_rel_error(a, window_attention(q, k, v, (4, 6))) > 1e-3     # the shift matters
     assert repr(shifted_window_mask((11, 13), (4, 6))) == \
         "window_mask((11, 13), window=(4, 6), shift=(2, 3))"
 
@@ -282,7 +275,7 @@ def test_window_attention_is_attention_per_window(rng):
         for j in range(4):
             box = (slice(None), slice(4 * i, 4 * i + 4), slice(3 * j, 3 * j + 3))
             ref = ra.attention(*(x[box].reshape(3, 12, 4) for x in (q, k, v)))
-            assert _rel(out[box].reshape(3, 12, 4), ref) <= 1e-12
+            assert max_rel_error(out[box].reshape(3, 12, 4), ref) <= 1e-12
 
 
 def test_swin_shifted_windows_in_torch_match(rng):
@@ -319,7 +312,7 @@ def test_swin_shifted_windows_in_torch_match(rng):
     out = torch.roll(out, shifts=(s, s), dims=(1, 2)).numpy()
     mine = window_attention(q.numpy()[:, None], k.numpy()[:, None], v.numpy()[:, None], w,
                             shift=s)[:, 0]
-    assert _rel(mine, out) <= 1e-12
+    assert max_rel_error(mine, out) <= 1e-12
 
 
 # -------------------------------------------------------------- spatial reduction
@@ -345,19 +338,19 @@ def test_spatial_reduction_equals_attention_to_pooled_keys(problem, data):
     out = spatial_reduction_attention(q, k, v, ratio)
     ref = ra.attention(_flat(q, 2), _flat(pool_by_loops(k, ratio), 2),
                        _flat(pool_by_loops(v, ratio), 2))
-    assert _rel(_flat(out, 2), ref) <= 1e-12
+    assert max_rel_error(_flat(out, 2), ref) <= 1e-12
     spec = ra.mechanisms()["spatial_reduction_attention"]
     implied = spec.implied_matrix(q, k, ratio=ratio)
     assert implied.shape[-2:] == (math.prod(shape), math.prod(kshape))
     np.testing.assert_allclose(implied.sum(-1), 1.0, rtol=1e-12)
     group = q.shape[-4] // k.shape[-4]
-    assert _rel(implied @ np.repeat(_flat(v, 2), group, axis=-3), _flat(out, 2)) <= 1e-12
+    assert max_rel_error(implied @ np.repeat(_flat(v, 2), group, axis=-3), _flat(out, 2)) <= 1e-12
 
 
 def test_spatial_reduction_limits(rng):
     q, k, v = rng.standard_normal((3, 2, 7, 5, 4))
     full = spatial_reduction_attention(q, k, v, 1)
-    assert _rel(_flat(full, 2), ra.attention(*(_flat(x, 2) for x in (q, k, v)))) <= 1e-12
+    assert max_rel_error(_flat(full, 2), ra.attention(*(_flat(x, 2) for x in (q, k, v)))) <= 1e-12
     one = spatial_reduction_attention(q, k, v, (7, 9))     # one pooled key: its value
     np.testing.assert_allclose(one, np.broadcast_to(v.mean((1, 2))[:, None, None],
                                                     one.shape), rtol=1e-13)
@@ -403,16 +396,16 @@ def test_cls_tokens_attend_everywhere_and_are_attended_by_all(problem, data, met
     ]
     for (out, lse, out_cls, lse_cls), mask in cases:
         ref, ref_lse = ra.attention(qs, ks, vs, mask=mask, return_lse=True)
-        assert _rel(out_cls, ref[..., :g, :]) <= 1e-12
-        assert _rel(_flat(out, 2), ref[..., g:, :]) <= 1e-12
-        assert _rel(lse_cls, ref_lse[..., :g]) <= 1e-12
-        assert _rel(lse.reshape(ref_lse[..., g:].shape), ref_lse[..., g:]) <= 1e-12
+        assert max_rel_error(out_cls, ref[..., :g, :]) <= 1e-12
+        assert max_rel_error(_flat(out, 2), ref[..., g:, :]) <= 1e-12
+        assert max_rel_error(lse_cls, ref_lse[..., :g]) <= 1e-12
+        assert max_rel_error(lse.reshape(ref_lse[..., g:].shape), ref_lse[..., g:]) <= 1e-12
     ratio = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
     out, out_cls = spatial_reduction_attention(q, k, v, ratio, cls_tokens=cls)
     kp = _with_cls(pool_by_loops(k, ratio), cls[1])
     vp = _with_cls(pool_by_loops(v, ratio), cls[2])
     ref = ra.attention(qs, kp, vp)
-    assert _rel(out_cls, ref[..., :g, :]) <= 1e-12 and _rel(_flat(out, 2), ref[..., g:, :]) <= 1e-12
+    assert max_rel_error(out_cls, ref[..., :g, :]) <= 1e-12 and max_rel_error(_flat(out, 2), ref[..., g:, :]) <= 1e-12
 
 
 # ------------------------------------------------------------------ tile classification

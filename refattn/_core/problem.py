@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..boundary.arrays import to_float64
+from .checks import check_memory
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,24 @@ class Problem:
         for b in range(self.batch):
             for hk in range(self.heads_kv):
                 yield b, hk, slice(hk * self.group, (hk + 1) * self.group)
+
+    def check_matrix_memory(self, memory_budget, what: str, mechanism: str, *,
+                            copies: float = 1.0, m: int | None = None) -> None:
+        """Raise :class:`MemoryBudgetError` before forming ``copies`` float64
+        ``(B, Hq, N, m)`` matrices (``m`` defaults to ``M``) for ``what`` beyond
+        ``memory_budget``, naming ``mechanism``, which never forms the matrix."""
+        check_memory(self.batch * self.heads_q * self.n * (self.m if m is None else m) * 8.0
+                     * copies, memory_budget, what, f"{mechanism} (it never forms the matrix)")
+
+    def matrix_from_blocks(self, blocks, memory_budget, what: str, mechanism: str):
+        """The implied matrix ``(..., Hq, N, M)`` assembled from ``blocks`` yielding
+        ``(b, hk, heads, rows, p, lse_rows)`` (as for :meth:`outputs_from_blocks`), after
+        :meth:`check_matrix_memory`; it starts poisoned, so a row no block writes is NaN."""
+        self.check_matrix_memory(memory_budget, what, mechanism)
+        probs = np.full((self.batch, self.heads_q, self.n, self.m), np.nan)
+        for b, _, heads, rows, p, _ in blocks:
+            probs[b, heads, rows] = p
+        return self.unflatten(probs)
 
     def poisoned_outputs(self):
         """NaN-filled flat ``out (B, Hq, N, Dv)`` and ``lse (B, Hq, N)`` for a reference

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_memory, resolve_scale
+from .._core.checks import resolve_scale
 from .._core.problem import prepare_qkv
 from .._core.softmax import normalize_rows
 
@@ -54,9 +54,8 @@ def run_plans(q, k, v, pb, scale, plans, *, implied: bool, memory_budget, name):
     implied matrix."""
     from . import BLOCK_ELEMENTS as block  # the package's constant, as set there
     if implied:
-        check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0 * 2, memory_budget,
-                     f"the implied matrix of {name}",
-                     f"refattn.compression.{name} (it never forms the matrix)")
+        pb.check_matrix_memory(memory_budget, f"the implied matrix of {name}",
+                               f"refattn.compression.{name}", copies=2)
         result = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
     else:
         result = np.full((pb.batch, pb.heads_q, pb.n, pb.dv), np.nan)

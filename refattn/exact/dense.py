@@ -115,9 +115,8 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
     pb, blocks = _dense_blocks(q, k, None, mask=mask, causal=causal, scale=scale, bias=bias,
                                softcap=softcap, check_finite=check_finite,
                                memory_budget=memory_budget, what="attention_probs")
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
-                 "the attention matrix of attention_probs",
-                 "refattn.tiled_attention (it never forms the matrix)")
+    pb.check_matrix_memory(memory_budget, "the attention matrix of attention_probs",
+                           "refattn.tiled_attention")
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
     for b, hs, p, _, _, row_sum in blocks:
         empty = row_sum == 0

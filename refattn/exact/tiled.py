@@ -31,7 +31,8 @@ DEFAULT_BLOCK_K = 1024
 
 
 @register(family="exact", exact=True, time="O(N·M·D)", state="O(M·D) KV cache",
-          supports_causal=True, supports_mask=True, supports_gqa=True, example={"block_q": 3, "block_k": 5})
+          supports_causal=True, supports_mask=True, supports_gqa=True,
+          example={"block_q": 3, "block_k": 5})
 def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=False,
                     scale=None, bias=None, softcap=None, return_lse=False,
                     check_finite=True, workers=None):

@@ -74,7 +74,7 @@ from typing import Callable
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, check_memory
+from .._core.checks import check_bool, check_int
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
@@ -154,7 +154,8 @@ def _feature_pair(feature_map, q, k, pb, *, allow_negative, check_finite):
 @register(family="linear", exact=False,
           time="O((N+M)·F·Dv) (+ O((N+M)·chunk·F) causal)",
           state="O(F·Dv) per KV head", supports_causal=True, supports_mask=False,
-          supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True, example={"feature_map": "elu"})
+          supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True,
+          example={"feature_map": "elu"})
 def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
                      chunk_size=64, allow_negative=False, check_finite=True,
                      memory_budget=None):
@@ -248,9 +249,8 @@ def linear_attention_matrix(q, k, *, feature_map="elu", causal=False, method=Non
     allow_negative = check_bool("allow_negative", allow_negative)
     check_method(method, causal)
     check_int("chunk_size", chunk_size, minimum=1)
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
-                 "the attention matrix of linear_attention_matrix",
-                 "refattn.linear.linear_attention (it never forms the matrix)")
+    pb.check_matrix_memory(memory_budget, "the attention matrix of linear_attention_matrix",
+                           "refattn.linear.linear_attention", copies=2)
     fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
                            check_finite=check_finite)
     return pb.unflatten(feature_attention_matrix(fq, fk, pb, causal))
@@ -351,4 +351,5 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
     return out, state.replace(position=state.position + 1, s=s, z=z)
 
 
-attach(linear_attention, implied=linear_attention_matrix, init_state=linear_attention_init_state, step=linear_attention_step)
+attach(linear_attention, implied=linear_attention_matrix,
+       init_state=linear_attention_init_state, step=linear_attention_step)

@@ -71,7 +71,7 @@ import dataclasses
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, check_memory, resolve_scale
+from .._core.checks import check_bool, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_tokens
@@ -111,7 +111,8 @@ def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omeg
 # --------------------------------------------------------------------------- public
 @register(family="linear", exact=False, time="O((N+M)·m·(D+Dv))",
           state="O(m·Dv) per KV head", supports_causal=True, supports_mask=False,
-          supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True, example={"num_features": 16},
+          supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True,
+          example={"num_features": 16},
           budget=lambda n, b: {"num_features": b})
 def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=True,
                         causal=False, rng=None, stabilize=True, scale=None, omega=None,
@@ -210,9 +211,8 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
                                  stabilize=stabilize, scale=scale,
                                  check_finite=check_finite,
                                  where="performer_attention_matrix")
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
-                 "the attention matrix of performer_attention_matrix",
-                 "refattn.performer.performer_attention (it never forms the matrix)")
+    pb.check_matrix_memory(memory_budget, "the attention matrix of performer_attention_matrix",
+                           "refattn.performer.performer_attention", copies=2)
     return pb.unflatten(feature_attention_matrix(fq, fk, pb, causal))
 
 
@@ -329,4 +329,5 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
     return out, state.replace(position=state.position + 1, s=s, z=z, shift=shift)
 
 
-attach(performer_attention, implied=performer_attention_matrix, init_state=performer_init_state, step=performer_step)
+attach(performer_attention, implied=performer_attention_matrix,
+       init_state=performer_init_state, step=performer_step)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, check_memory
+from .._core.checks import check_int
 
 __all__ = ["segment_means"]
 
@@ -34,11 +34,11 @@ def ungrouped(x: np.ndarray, pb) -> np.ndarray:
     return x.reshape(pb.batch, pb.heads_q, *x.shape[3:])
 
 
-def implied_memory(pb, memory_budget, name: str, alternative: str) -> None:
-    """Raise before forming the ``(B, Hq, N, M)`` implied matrix of ``name`` beyond
-    ``memory_budget``, naming ``alternative``."""
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0 * 3, memory_budget,
-                 f"the implied matrix of {name}", alternative)
+def implied_memory(pb, memory_budget, name: str) -> None:
+    """Raise before forming the ``(B, Hq, N, M)`` implied matrix of ``name`` (and two
+    temporaries of its size) beyond ``memory_budget``."""
+    pb.check_matrix_memory(memory_budget, f"the implied matrix of {name}",
+                           f"refattn.lowrank.{name}", copies=3)
 
 
 def broadcasts_to(shape: tuple, target: tuple) -> bool:

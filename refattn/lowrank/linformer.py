@@ -237,8 +237,7 @@ def linformer_attention_matrix(q, k, *, rank=None, proj=None, shared=False, rng=
     """
     pb, p, f, _ = _linformer(q, k, None, rank=rank, proj=proj, shared=shared, rng=rng,
                              scale=scale, check_finite=check_finite)
-    implied_memory(pb, memory_budget, "linformer_attention",
-                   "refattn.lowrank.linformer_attention (it never forms the matrix)")
+    implied_memory(pb, memory_budget, "linformer_attention")
     return pb.unflatten(ungrouped(p @ f[:, :, None], pb))
 
 

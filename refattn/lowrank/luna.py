@@ -161,8 +161,7 @@ def luna_attention_matrix(q, k, *, packed, scale=None, check_finite=True,
     """
     pb, pi, u, _, _, _ = _luna(q, k, None, packed=packed, scale=scale,
                                check_finite=check_finite)
-    implied_memory(pb, memory_budget, "luna_attention",
-                   "refattn.lowrank.luna_attention (it never forms the matrix)")
+    implied_memory(pb, memory_budget, "luna_attention")
     return pb.unflatten(ungrouped(u @ pi, pb))
 
 

@@ -176,8 +176,7 @@ def nystrom_attention_matrix(q, k, *, num_landmarks, pinv_iters=6, scale=None,
     """
     pb, f, z, b, _ = _nystrom(q, k, None, num_landmarks=num_landmarks,
                               pinv_iters=pinv_iters, scale=scale, check_finite=check_finite)
-    implied_memory(pb, memory_budget, "nystrom_attention",
-                   "refattn.lowrank.nystrom_attention (it never forms the matrix)")
+    implied_memory(pb, memory_budget, "nystrom_attention")
     return pb.unflatten(ungrouped(f @ (z @ b), pb))
 
 

@@ -156,9 +156,9 @@ def _segment_attention(q, k, v, *, segment_len, mem_len, cmem_len, rate, compres
                              f"in v with weights over the sequence: it has no implied "
                              f"(N, M) matrix (only 'mean' and a (rate,) kernel do)")
         coef = np.full(rate, 1.0 / rate) if kind == "mean" else w_k
-        check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
-                     "the implied matrix of compressive/Transformer-XL attention",
-                     "refattn.memory.compressive_attention (it never forms the matrix)")
+        pb.check_matrix_memory(
+            memory_budget, "the implied matrix of compressive/Transformer-XL attention",
+            "refattn.memory.compressive_attention")
         probs = np.zeros((pb.batch, pb.heads_q, pb.n, pb.m))
         for b, _, hs, r0, r1, s, slot_ids, lo, hi in blocks:
             _, row_sum = softmax_rows(s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import masks as _masks
-from .._core.checks import check_bool, check_int, check_memory
+from .._core.checks import check_bool, check_int
 from .._core.problem import prepare_qkv
 from .._core.select import topk_keep
 from .._core.softmax import normalize_rows
@@ -163,9 +163,8 @@ def knn_memory_attention_matrix(q, k, *, mem_k=None, num_slots=None, rng=None, t
         softcap=softcap, check_finite=check_finite, memory_budget=memory_budget,
         what="knn_memory_attention_matrix")
     check_bool("causal", causal)
-    check_memory(pb.batch * pb.heads_q * pb.n * (pb.m + size) * 8.0, memory_budget,
-                 "the matrix of knn_memory_attention_matrix",
-                 "refattn.memory.knn_memory_attention (it never forms the matrix)")
+    pb.check_matrix_memory(memory_budget, "the matrix of knn_memory_attention_matrix",
+                           "refattn.memory.knn_memory_attention", m=pb.m + size)
     probs = np.full((pb.batch, pb.heads_q, pb.n, size + pb.m), np.nan)
     for b, hs, p_mem, p_loc, _, _, g in parts:
         g = g[:, None, None]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_memory
 from .._core.problem import prepare_qkv
 from .._core.softmax import finish_rows, normalize_rows, softmax_rows
 from ..registry import register
@@ -126,9 +125,8 @@ def persistent_memory_attention_matrix(q, k, *, mem_k=None, num_slots=None, rng=
         q, k, None, mem_k=mem_k, mem_v=None, num_slots=num_slots, rng=rng, mask=mask,
         causal=causal, scale=scale, bias=bias, softcap=softcap, check_finite=check_finite,
         memory_budget=memory_budget, what="persistent_memory_attention_matrix")
-    check_memory(pb.batch * pb.heads_q * pb.n * (pb.m + p) * 8.0, memory_budget,
-                 "the matrix of persistent_memory_attention_matrix",
-                 "refattn.memory.persistent_memory_attention (it never forms the matrix)")
+    pb.check_matrix_memory(memory_budget, "the matrix of persistent_memory_attention_matrix",
+                           "refattn.memory.persistent_memory_attention", m=pb.m + p)
     probs = np.full((pb.batch, pb.heads_q, pb.n, p + pb.m), np.nan)
     for b, hs, s, _ in blocks:
         normalize_rows(s)

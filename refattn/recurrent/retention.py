@@ -182,4 +182,5 @@ def retention_step(state: RetentionState, q_t, k_t, v_t):
     return out, state.replace(position=state.position + 1, s=s)
 
 
-attach(retention, implied=retention_matrix, init_state=retention_init_state, step=retention_step)
+attach(retention, implied=retention_matrix, init_state=retention_init_state,
+       step=retention_step)

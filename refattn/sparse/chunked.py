@@ -46,7 +46,8 @@ def _implied(q, k, *, chunk_size, overlap=0, causal=False, scale=None, softcap=N
           supports_causal=True, supports_mask=False, supports_gqa=True,
           position_free=False, mask=_chunk_mask,
           example={"chunk_size": 3, "overlap": 2},
-          budget=lambda n, b: {"chunk_size": max(1, b // 2), "overlap": b // 2}, constant_state=True)
+          budget=lambda n, b: {"chunk_size": max(1, b // 2), "overlap": b // 2},
+          constant_state=True)
 def chunked_attention(q, k, v, *, chunk_size, overlap=0, causal=False, scale=None,
                       softcap=None, return_lse=False, check_finite=True):
     """Attention inside chunks of ``chunk_size`` positions plus ``overlap`` earlier keys
@@ -143,4 +144,5 @@ def chunked_step(state: ChunkState, q_t, k_t, v_t):
     return out, state.replace(position=t + 1, recent=recent)
 
 
-attach(chunked_attention, implied=_implied, init_state=chunked_init_state, step=chunked_step)
+attach(chunked_attention, implied=_implied, init_state=chunked_init_state,
+       step=chunked_step)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, check_memory, resolve_rng
+from .._core.checks import check_int, resolve_rng
 from .._core.kmeans import kmeans
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
@@ -195,7 +195,8 @@ def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, 
 
 @register(family="sparse", exact=False, time="O((N+M)·C·D·I + N·M·D/C)",
           state="O(M·D) KV cache", supports_causal=True, supports_mask=True,
-          supports_gqa=True, position_free=True, self_attention_only=False, example={"n_clusters": 2},
+          supports_gqa=True, position_free=True, self_attention_only=False,
+          example={"n_clusters": 2},
           budget=lambda n, b: {"n_clusters": max(1, n // b)})
 def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
                       scale=None, bias=None, softcap=None, rng, return_lse=False,
@@ -278,13 +279,9 @@ def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=
                                     mask=mask, causal=causal, scale=scale, bias=bias,
                                     softcap=softcap, rng=rng, check_finite=check_finite,
                                     block_q=block_q)
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
-                 "the attention matrix of routing_attention_matrix",
-                 "refattn.clustered.routing_attention (it never forms the matrix)")
-    probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
-    for b, _, h, rs, p, _ in blocks:
-        probs[b, h, rs] = p
-    return pb.unflatten(probs)
+    return pb.matrix_from_blocks(blocks, memory_budget,
+                                 "the attention matrix of routing_attention_matrix",
+                                 "refattn.clustered.routing_attention")
 
 
 # -------------------------------------------------------------- clustered attention
@@ -329,18 +326,15 @@ def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale
 
 
 def _clustered_matrix(pb, blocks, memory_budget, name):
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
-                 f"the attention matrix of {name}_matrix",
-                 f"refattn.clustered.{name} (it never forms the matrix)")
-    probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
-    for b, _, hs, rs, a, _ in blocks:
-        probs[b, hs, rs] = a
-    return pb.unflatten(probs)
+    return pb.matrix_from_blocks(blocks, memory_budget,
+                                 f"the attention matrix of {name}_matrix",
+                                 f"refattn.clustered.{name}")
 
 
 @register(family="sparse", exact=False, time="O(N·C·D·I + C·M·(D+Dv))",
           state="O(M·D) KV cache", supports_causal=True, supports_mask=True,
-          supports_gqa=True, position_free=True, self_attention_only=False, example={"n_clusters": 2},
+          supports_gqa=True, position_free=True, self_attention_only=False,
+          example={"n_clusters": 2},
           budget=lambda n, b: {"n_clusters": b})
 def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=False,
                         scale=None, bias=None, softcap=None, rng, return_lse=False,

@@ -70,7 +70,7 @@ import math
 
 import numpy as np
 
-from .._core.checks import check_int, check_memory, resolve_rng, resolve_scale
+from .._core.checks import check_int, resolve_rng, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
@@ -495,9 +495,8 @@ def lsh_attention_matrix(q, k, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUN
         shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
         check_finite=check_finite, what="lsh_attention_matrix")
     p_total = pb.batch * pb.heads_q
-    check_memory(p_total * pb.n * pb.n * 8.0, memory_budget,
-                 "the implied matrix of lsh_attention_matrix",
-                 "refattn.lsh.lsh_attention (it never forms the matrix)")
+    pb.check_matrix_memory(memory_budget, "the implied matrix of lsh_attention_matrix",
+                           "refattn.lsh.lsh_attention", m=pb.n)
     a = np.zeros((p_total, pb.n, pb.n))
     for hs in _head_groups(p_total, bq.shape[0], pb.n, chunk, pb.d, 0):
         qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,

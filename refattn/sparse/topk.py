@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, check_memory
+from .._core.checks import check_int
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
 from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
@@ -66,7 +66,8 @@ def _topk_blocks(q, k, v, *, topk, mask, causal, scale, bias, softcap, check_fin
 
 
 @register(family="sparse", exact=False, time="O(N·M·D)", state="O(M·D) KV cache",
-          supports_causal=True, supports_mask=True, supports_gqa=True, position_free=True, example={"topk": 3},
+          supports_causal=True, supports_mask=True, supports_gqa=True, position_free=True,
+          example={"topk": 3},
           budget=lambda n, b: {"topk": b})
 def topk_attention(q, k, v, *, topk, mask=None, causal=False, scale=None, bias=None,
                    softcap=None, return_lse=False, check_finite=True, block_q=None):
@@ -138,13 +139,9 @@ def topk_attention_matrix(q, k, *, topk, mask=None, causal=False, scale=None, bi
     pb, _, blocks = _topk_blocks(q, k, None, topk=topk, mask=mask, causal=causal,
                                  scale=scale, bias=bias, softcap=softcap,
                                  check_finite=check_finite, block_q=block_q)
-    check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
-                 "the attention matrix of topk_attention_matrix",
-                 "refattn.topk.topk_attention (it never forms the matrix)")
-    probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
-    for b, _, hs, rs, p, _ in blocks:
-        probs[b, hs, rs] = p
-    return pb.unflatten(probs)
+    return pb.matrix_from_blocks(blocks, memory_budget,
+                                 "the attention matrix of topk_attention_matrix",
+                                 "refattn.topk.topk_attention")
 
 
 attach(topk_attention, implied=topk_attention_matrix)

@@ -20,7 +20,7 @@ import numpy as np
 from ..boundary.arrays import dtype_name, is_torch_tensor, to_float64
 
 __all__ = ["TOLERANCES", "tolerance", "assert_close", "assert_as_accurate_as",
-           "low_precision_attention", "round_to"]
+           "max_rel_error", "low_precision_attention", "round_to"]
 
 #: ``dtype name -> (rtol, atol)`` for attention outputs of order 1, computed in that
 #: dtype (float32 accumulation for the 16-bit types) from the same inputs as the oracle.
@@ -98,6 +98,39 @@ def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None,
         f"  worst at {where}: {name}={float(a[idx])!r}, expected={float(e[idx])!r}, "
         f"|diff|={diff[idx]:.3g} > allowed {allowed[idx]:.3g}\n"
         f"  max finite |diff| {max_diff:.3g}, max relative diff {max_rel:.3g}")
+
+
+def max_rel_error(actual, expected, *, normwise: bool = False) -> float:
+    """The largest relative error of ``actual`` against ``expected``.
+
+    Elementwise (default): ``max |actual - expected| / max(|expected|, 1)``, absolute for
+    entries below 1 (attention outputs, log-sum-exps). ``normwise=True``:
+    ``max |actual - expected| / max |expected|``, for results whose scale is set by their
+    largest entries (recurrences, low-rank products); any difference from an all-zero
+    ``expected`` is infinitely large. Non-finite entries must be equal (``-inf`` lse of
+    an empty row): any other difference, and a shape mismatch, gives ``inf``, so
+    ``max_rel_error(...) <= tol`` cannot pass a wrong answer.
+
+    >>> import numpy as np, refattn as ra
+    >>> a, e = np.array([1.0, 200.0, -np.inf]), np.array([1.5, 201.0, -np.inf])
+    >>> round(ra.testing.max_rel_error(a, e), 4), round(ra.testing.max_rel_error(
+    ...     a, e, normwise=True), 4)
+    (0.3333, 0.005)
+    >>> ra.testing.max_rel_error(np.array([np.inf]), np.array([-np.inf]))
+    inf
+    """
+    a, e = _as_array(actual, "actual"), _as_array(expected, "expected")
+    if a.shape != e.shape:
+        return float("inf")
+    finite = np.isfinite(e)
+    same = (a == e) | (np.isnan(a) & np.isnan(e))
+    if not np.array_equal(np.isfinite(a), finite) or not same[~finite].all():
+        return float("inf")
+    diff = np.abs(a[finite] - e[finite])
+    if normwise:
+        worst, scale = diff.max(initial=0.0), np.abs(e[finite]).max(initial=0.0)
+        return float(worst / scale) if scale > 0 else (0.0 if worst == 0 else float("inf"))
+    return float((diff / np.maximum(np.abs(e[finite]), 1.0)).max(initial=0.0))
 
 
 def assert_as_accurate_as(actual, baseline, oracle, *, factor: float = 2.0,

@@ -31,19 +31,13 @@ import math
 
 import numpy as np
 
-from refattn._core.checks import check_int, resolve_rng
+from refattn._core.checks import check_int, check_positive, resolve_rng
 
 __all__ = ["temperature", "clustered", "low_rank", "GENERATORS", "generate"]
 
 
 def _positive(name: str, value, where: str) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: {name} must be a positive number, got {value!r}") from None
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{where}: {name} must be a positive finite number, got {value!r}")
-    return x
+    return check_positive(f"{where}: {name}", value)
 
 
 def _sizes(n, d, batch, heads, where):

@@ -358,7 +358,7 @@ def _kernel(out, p: Preset, seed):
 
 # ------------------------------------------------------------- 5. complexity
 def _complexity(out, p: Preset, seed, progress, only):
-    from refattn.kvcache import state_size_table
+    from refattn.streaming import state_size_table
 
     from .complexity import measure_scaling
     bar = None

@@ -106,11 +106,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=170,
                     help="stop starting new configurations after this many seconds")
     args = ap.parse_args(argv)
-    from refattn.gpu import device_status
+    from refattn.gpu import device_status, exit_without_device
+    if (code := exit_without_device("benchmark")) is not None:
+        return code
     status = device_status()
-    if not status.startswith("ok"):
-        print(f"benchmark needs a CUDA device: {status}", file=sys.stderr)
-        return 2
     import cupy
     import torch
     t0 = time.time()

@@ -33,11 +33,12 @@ True
 """
 from __future__ import annotations
 
+import sys
 
 from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
 from .blockmask import BlockMask, build as build_block_mask
 
-__all__ = ["device_status", "require_device", "available", "flash_attention", "plan",
+__all__ = ["device_status", "require_device", "exit_without_device", "available", "flash_attention", "plan",
            "Plan", "UNBOUNDED", "BlockMask", "build_block_mask", "dtype_name", "flops",
            "reference_mask"]
 
@@ -63,6 +64,17 @@ def available() -> tuple[bool, str]:
     """``(True, device name)`` when the kernels can run, else ``(False, why not)``."""
     status = device_status()
     return (True, status[4:]) if status.startswith("ok") else (False, status)
+
+
+def exit_without_device(program: str):
+    """For command-line programs: ``2`` after printing why to stderr when no device is
+    usable, else ``None`` (``if (code := exit_without_device("x")) is not None: return
+    code``)."""
+    status = device_status()
+    if status.startswith("ok"):
+        return None
+    print(f"{program} needs a CUDA device: {status}", file=sys.stderr)
+    return 2
 
 
 def require_device() -> None:

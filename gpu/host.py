@@ -27,10 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from refattn import masks as _masks
-from refattn._core.checks import resolve_scale, resolve_softcap
+from refattn._core.checks import check_bool, is_int, resolve_scale, resolve_softcap
 from refattn._core.problem import Problem, problem_from_shapes
 from refattn.boundary import dtype_name as array_dtype_name, is_cupy_array
 
@@ -88,7 +86,7 @@ def check_shapes(q_shape, k_shape, v_shape) -> Problem:
 def _side(value, name):
     if value is None:
         return UNBOUNDED
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"window {name} must be a non-negative integer or None, got {value!r}")
     return min(int(value), UNBOUNDED)
 
@@ -99,13 +97,12 @@ def normalize_window(window, causal: bool) -> tuple[int, int]:
     >>> normalize_window(None, True), normalize_window(16, False), normalize_window((8, 2), True)
     ((1152921504606846976, 0), (16, 0), (8, 0))
     """
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+    check_bool("causal", causal)
     if window is None:
         left, right = UNBOUNDED, UNBOUNDED
     elif isinstance(window, tuple) and len(window) == 2:
         left, right = _side(window[0], "left"), _side(window[1], "right")
-    elif isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+    elif is_int(window):
         left, right = _side(window, "left"), 0
     else:
         raise ValueError(f"window must be None, an integer left size or a (left, right) "

@@ -274,11 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default=None,
                     help="only cases whose label matches this regular expression")
     args = ap.parse_args(argv)
-    from . import device_status
-    status = device_status()
-    if not status.startswith("ok"):
-        print(f"selfcheck needs a CUDA device: {status}", file=sys.stderr)
-        return 2
+    from . import exit_without_device
+    if (code := exit_without_device("selfcheck")) is not None:
+        return code
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
     entries = []

@@ -51,10 +51,13 @@ STABLE_PATHS = {
     "refattn.linear_rnn": "refattn.recurrent.linear_rnn",
 }
 
+
 def _stable_module(old: str, new):
+    """The module now at ``new``, or one gathering the public names of the modules
+    ``new`` (the first one's docstring describes it)."""
     if isinstance(new, str):
         return _sys.modules[new]
-    gathered = _types.ModuleType(old, f"Public names of {', '.join(new)}.")
+    gathered = _types.ModuleType(old, _sys.modules[new[0]].__doc__)
     for source in new:
         module = _sys.modules[source]
         gathered.__dict__.update({n: getattr(module, n) for n in module.__all__})

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {index}")
         return 0
     if args.command == "state-sizes":
-        from .exact.kvcache import state_size_table
+        from .streaming import state_size_table
         table = state_size_table(heads_q=args.heads_q, heads_kv=args.heads_kv, d=args.d,
                                  dv=args.d)
         ns = next(iter(table.values())).keys()

@@ -1,10 +1,14 @@
 """Properties every registered mechanism must have. A mechanism is covered by these
 tests by being registered: no new test code is needed."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 import refattn as ra
+from refattn import registry
 from refattn.testing import strategies as rst
 
 SPECS = list(ra.mechanisms().values())
@@ -157,3 +161,46 @@ def test_budget_parameters_make_valid_calls(spec):
     small, large = spec.budget(48, 8), spec.budget(48, 16)
     assert any(not np.array_equal(small[key], large[key]) for key in small), \
         "the budget changes nothing"
+
+
+# ------------------------------------------------------------ attaching forms
+def test_the_registry_is_complete_after_import_alone():
+    """Streaming forms defined in other modules (KV caches, ring buffers) are attached by
+    importing refattn, with no import done for its side effect."""
+    code = ("import refattn\n"
+            "specs = refattn.mechanisms()\n"
+            "for name in ('attention', 'sink_attention', 'sliding_window_attention',\n"
+            "             'gated_linear_attention', 'chunked_attention'):\n"
+            "    assert specs[name].init_state and specs[name].step, name\n"
+            "assert specs['sink_attention'].constant_state\n"
+            "assert all(s.implied_matrix for s in specs.values()\n"
+            "           if s.family not in ('memory',)), 'an implied matrix is missing'\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_attach_takes_functions_once_and_only_for_registered_mechanisms(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in
+                                                registry._REGISTRY.items()})
+
+    @registry.register(family="test", exact=True, time="O(N·M·D)", state="O(M·D)")
+    def doubled_attention(q, k, v, *, scale=None):
+        return 2 * ra.attention(q, k, v, scale=scale)
+
+    def doubled_matrix(q, k, *, scale=None):
+        return 2 * ra.attention_probs(q, k, scale=scale)
+
+    with pytest.raises(TypeError, match="implied must be a function"):
+        registry.attach(doubled_attention, implied="doubled_matrix")
+    with pytest.raises(ValueError, match="both init_state and step"):
+        registry.attach(doubled_attention, init_state=lambda **kw: None)
+    with pytest.raises(ValueError, match="not a registered mechanism"):
+        registry.attach(lambda q, k, v: q, implied=doubled_matrix)
+    registry.attach("doubled_attention", implied=doubled_matrix)
+    assert registry.mechanisms()["doubled_attention"].implied_matrix is doubled_matrix
+    with pytest.raises(ValueError, match="implied is already attached"):
+        registry.attach(doubled_attention, implied=doubled_matrix)
+    with pytest.raises(TypeError, match="unknown fields"):
+        registry.register(family="test", exact=True, time="O(1)", state="O(1)",
+                          supports_everything=True)(lambda q, k, v: q)

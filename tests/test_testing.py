@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import refattn
-from refattn.testing import assert_as_accurate_as, assert_close
+from refattn.testing import assert_as_accurate_as, assert_close, max_rel_error
 
 
 def my_kernel(q, k, v, *, window=128, off_by_one=False):
@@ -80,3 +80,25 @@ def test_assert_close_tolerances_and_special_values():
     x32 = np.ones(3, np.float32)
     with pytest.raises(AssertionError, match="float32 tolerance"):   # dtype from actual
         assert_close(x32 * (1 + 1e-4), np.ones(3))
+
+
+def test_max_rel_error_cannot_pass_a_wrong_answer():
+    e = np.array([[0.5, -3.0, -np.inf], [200.0, 1e-3, 0.0]])
+    assert max_rel_error(e.copy(), e) == 0.0
+    a = e.copy()
+    a[1, 0] = 202.0                                        # 1% off a large entry
+    assert max_rel_error(a, e) == pytest.approx(0.01)
+    assert max_rel_error(a, e, normwise=True) == pytest.approx(2 / 200)
+    a = e.copy()
+    a[0, 0] = 0.6                                          # absolute below 1
+    assert max_rel_error(a, e) == pytest.approx(0.1)
+    for wrong in (np.inf, np.nan, -1e300):
+        a = e.copy()
+        a[0, 2] = wrong                                    # the -inf lse must match
+        assert max_rel_error(a, e) == np.inf
+    a = e.copy()
+    a[0, 1] = np.nan
+    assert max_rel_error(a, e) == np.inf and max_rel_error(a, e, normwise=True) == np.inf
+    assert max_rel_error(e[:1], e) == np.inf               # shapes must match
+    assert max_rel_error(np.ones(3), np.zeros(3), normwise=True) == np.inf
+    assert max_rel_error(np.zeros(3), np.zeros(3), normwise=True) == 0.0

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "MemoryBudgetError", "check_memory", "is_int", "check_int",
-           "check_count",
+           "check_count", "check_positive",
            "check_block", "check_bool", "check_choice", "resolve_scale",
            "resolve_softcap", "resolve_rng"]
 
@@ -110,17 +110,24 @@ def resolve_scale(scale, d: int) -> float:
     return s
 
 
-def resolve_softcap(softcap):
-    """``softcap=None`` disables capping; otherwise a positive finite number."""
-    if softcap is None:
+def check_positive(name: str, value, *, allow_none: bool = False):
+    """A positive finite real number as a float (or ``None`` when ``allow_none``):
+    ``TypeError`` for a non-number, ``ValueError`` for zero, negative, inf or NaN."""
+    if value is None and allow_none:
         return None
     try:
-        c = float(softcap)
+        x = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"softcap must be a positive number or None, got {softcap!r}") from None
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
-    return c
+        raise TypeError(f"{name} must be a positive number{' or None' if allow_none else ''}"
+                        f", got {value!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return x
+
+
+def resolve_softcap(softcap):
+    """``softcap=None`` disables capping; otherwise a positive finite number."""
+    return check_positive("softcap", softcap, allow_none=True)
 
 
 def resolve_rng(rng, where: str) -> np.random.Generator:

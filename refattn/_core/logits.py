@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import masks as _masks
 from ..masks.scores import ScoreMod, as_score_mod
-from .checks import resolve_scale, resolve_softcap
+from .checks import check_bool, resolve_scale, resolve_softcap
 from .problem import Problem
 
 
@@ -66,8 +66,7 @@ def make_logits(problem: Problem, *, mask, causal, scale, bias, softcap,
                 check_finite: bool = True) -> Logits:
     """Validate the logit options of an attention call and combine ``causal=True``
     with ``mask=`` (as ``causal() & mask``)."""
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be True or False, got {causal!r}")
+    check_bool("causal", causal)
     m = None if mask is None else _masks.as_mask(mask, problem.batch_shape)
     if causal:
         m = _masks.causal() if m is None else _masks.causal() & m

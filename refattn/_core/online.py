@@ -1,16 +1,7 @@
-r"""The tiled online-softmax engine (FlashAttention, Dao et al. 2022) shared by
-:func:`refattn.tiled_attention` and :func:`refattn.sparse_attention`.
-
-For each block of queries the key blocks are visited in order, keeping per row a
-running maximum :math:`m`, normaliser :math:`\ell` and unnormalised output :math:`a`:
-
-.. math::
-
-    m' = \max(m, \max_j S_{ij}), \quad
-    \ell' = e^{m - m'} \ell + \sum_j e^{S_{ij} - m'}, \quad
-    a' = e^{m - m'} a + \sum_j e^{S_{ij} - m'} v_j,
-
-and finally :math:`o = a / \ell`, :math:`\text{lse} = m + \log \ell`.
+"""The tiled online-softmax engine (FlashAttention, Dao et al. 2022) shared by
+:func:`refattn.tiled_attention` (whose docstring states the recurrence) and
+:func:`refattn.sparse_attention`: per query tile, a running row maximum, normaliser and
+unnormalised output over the key tiles the mask leaves non-empty.
 """
 from __future__ import annotations
 

@@ -45,6 +45,13 @@ class Problem:
             for hk in range(self.heads_kv):
                 yield b, hk, slice(hk * self.group, (hk + 1) * self.group)
 
+    def query_blocks(self, rows_per_block: int):
+        """Yield ``(b, hk, heads, rows)`` for every KV-head group (:meth:`kv_groups`) and
+        every block of ``rows_per_block`` consecutive query rows (``rows`` a slice)."""
+        for b, hk, heads in self.kv_groups():
+            for r0 in range(0, self.n, rows_per_block):
+                yield b, hk, heads, slice(r0, min(r0 + rows_per_block, self.n))
+
     def check_matrix_memory(self, memory_budget, what: str, mechanism: str, *,
                             copies: float = 1.0, m: int | None = None) -> None:
         """Raise :class:`MemoryBudgetError` before forming ``copies`` float64

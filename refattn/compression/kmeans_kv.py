@@ -96,14 +96,13 @@ def kmeans_kv_attention(q, k, v, *, n_centroids, n_iters=10, rng, log_count=True
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.compression import kmeans_kv_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 1, 5, 4))
-    >>> kmeans_kv_attention(q, k, v, n_centroids=2, rng=0).shape
+    >>> ra.kmeans_kv_attention(q, k, v, n_centroids=2, rng=0).shape
     (1, 5, 4)
     >>> kd = np.repeat(k[:, :2], 3, axis=1)                # 2 distinct keys, 3 copies each
     >>> vd = rng.standard_normal((1, 6, 4))                # values need not repeat
-    >>> bool(np.allclose(kmeans_kv_attention(q, kd, vd, n_centroids=2, rng=0),
+    >>> bool(np.allclose(ra.kmeans_kv_attention(q, kd, vd, n_centroids=2, rng=0),
     ...                  ra.attention(q, kd, vd)))
     True
     """
@@ -118,10 +117,10 @@ def kmeans_kv_attention_matrix(q, k, *, n_centroids, n_iters=10, rng, log_count=
     arguments and ``rng``): each centroid's probability spread evenly over its cluster's
     keys, so with ``log_count`` ``A_ij = softmax_j(s q_i · k̂_c(j))``. Row-stochastic.
 
-    >>> import numpy as np
-    >>> from refattn.compression import kmeans_kv_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> k = np.array([[[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]]])
-    >>> kmeans_kv_attention_matrix(np.zeros((1, 1, 2)), k, n_centroids=2, rng=0).round(3)
+    >>> ra.compression.kmeans_kv_attention_matrix(np.zeros((1, 1, 2)), k,
+    ...                                           n_centroids=2, rng=0).round(3)
     array([[[0.333, 0.333, 0.333]]])
     """
     return attend(_kmeans_plans, q, k, None, implied=True, name="kmeans_kv_attention",

@@ -81,10 +81,9 @@ def landmark_indices(k, *, num_landmarks, select="norm", check_finite=True):
     ``(..., Hkv, L)``, ``L = min(num_landmarks, M)``, the positions of the keys of largest
     Euclidean norm per KV head (ties to the lower position), in increasing order.
 
-    >>> import numpy as np
-    >>> from refattn.compression import landmark_indices
+    >>> import numpy as np, refattn as ra
     >>> k = np.array([[[0.1, 0.0], [3.0, 0.0], [0.0, -2.0], [1.0, 1.0]]])
-    >>> landmark_indices(k, num_landmarks=2)
+    >>> ra.compression.landmark_indices(k, num_landmarks=2)
     array([[1, 2]])
     """
     _, k, _, pb = prepare_qkv(k, k, None, check_finite=check_finite, need_v=False)
@@ -132,12 +131,10 @@ def landmark_attention(q, k, v, *, indices=None, num_landmarks=None, select="nor
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.compression import landmark_attention
-    >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.standard_normal((3, 2, 6, 4))
-    >>> landmark_attention(q, k, v, num_landmarks=3, causal=True).shape
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 6, 4))
+    >>> ra.landmark_attention(q, k, v, num_landmarks=3, causal=True).shape
     (2, 6, 4)
-    >>> out = landmark_attention(q, k, v, indices=[0, 4])
+    >>> out = ra.landmark_attention(q, k, v, indices=[0, 4])
     >>> bool(np.allclose(out, ra.attention(q, k[..., [0, 4], :], v[..., [0, 4], :])))
     True
     """
@@ -153,10 +150,9 @@ def landmark_attention_matrix(q, k, *, indices=None, num_landmarks=None, select=
     """The implied matrix ``(..., Hq, N, M)`` of :func:`landmark_attention` (same
     arguments): the softmax over each query's landmarks, 0 elsewhere. Row-stochastic.
 
-    >>> import numpy as np
-    >>> from refattn.compression import landmark_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> k = np.array([[[0.1, 0.0], [3.0, 0.0], [0.0, -2.0]]])
-    >>> landmark_attention_matrix(np.zeros((1, 1, 2)), k, num_landmarks=2)
+    >>> ra.compression.landmark_attention_matrix(np.zeros((1, 1, 2)), k, num_landmarks=2)
     array([[[0. , 0.5, 0.5]]])
     """
     return attend(_landmark_plans, q, k, None, implied=True, name="landmark_attention",

@@ -115,12 +115,11 @@ def pooled_attention(q, k, v, *, stride, pool="mean", causal=False, local=False,
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.compression import pooled_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 7, 4))
-    >>> pooled_attention(q, k, v, stride=3, causal=True, local=True).shape
+    >>> ra.pooled_attention(q, k, v, stride=3, causal=True, local=True).shape
     (2, 7, 4)
-    >>> bool(np.allclose(pooled_attention(q, k, v, stride=1, causal=True),
+    >>> bool(np.allclose(ra.pooled_attention(q, k, v, stride=1, causal=True),
     ...                  ra.attention(q, k, v, causal=True)))
     True
     """
@@ -137,10 +136,10 @@ def pooled_attention_matrix(q, k, *, stride, pool="mean", causal=False, local=Fa
     plus the local keys' probabilities. Row-stochastic (rows that see nothing are 0).
     ``pool="max"`` raises ``ValueError``: max pooling is not linear in ``v``.
 
-    >>> import numpy as np
-    >>> from refattn.compression import pooled_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q = k = np.zeros((1, 5, 2))                          # all logits equal
-    >>> pooled_attention_matrix(q, k, stride=2)[0, 0]        # windows {0,1} {2,3} {4}
+    >>> # windows {0,1} {2,3} {4}
+    >>> ra.compression.pooled_attention_matrix(q, k, stride=2)[0, 0]
     array([0.16666667, 0.16666667, 0.16666667, 0.16666667, 0.33333333])
     """
     return attend(_pooled_plans, q, k, None, implied=True, name="pooled_attention",

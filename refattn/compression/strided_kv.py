@@ -53,10 +53,9 @@ def strided_kv_attention(q, k, v, *, stride, offset=0, causal=False, scale=None,
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.compression import strided_kv_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 1, 6, 4))
-    >>> out = strided_kv_attention(q, k, v, stride=2, offset=1)      # keys 1, 3, 5
+    >>> out = ra.strided_kv_attention(q, k, v, stride=2, offset=1)      # keys 1, 3, 5
     >>> bool(np.allclose(out, ra.attention(q, k[..., 1::2, :], v[..., 1::2, :])))
     True
     """
@@ -70,9 +69,9 @@ def strided_kv_attention_matrix(q, k, *, stride, offset=0, causal=False, scale=N
     """The implied matrix ``(..., Hq, N, M)`` of :func:`strided_kv_attention` (same
     arguments): the softmax over the kept keys, 0 in the other columns. Row-stochastic.
 
-    >>> import numpy as np
-    >>> from refattn.compression import strided_kv_attention_matrix
-    >>> strided_kv_attention_matrix(np.zeros((1, 1, 2)), np.zeros((1, 5, 2)), stride=2)
+    >>> import numpy as np, refattn as ra
+    >>> ra.compression.strided_kv_attention_matrix(np.zeros((1, 1, 2)), np.zeros((1, 5,
+    ...                                            2)), stride=2)
     array([[[0.33333333, 0.        , 0.33333333, 0.        , 0.33333333]]])
     """
     return attend(_strided_plans, q, k, None, implied=True, name="strided_kv_attention",

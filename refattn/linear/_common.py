@@ -4,13 +4,53 @@ forms, and its implied matrix.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from numba import njit
 
 from .._core.checks import check_choice, check_memory
+from ..streaming import State, check_tokens
 
 #: Names of the forms ``method=`` selects.
 METHODS = ("quadratic", "recurrent", "chunkwise")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureState(State):
+    """What the streaming states of feature attention share: ``s = Σ_j φ(k_j) v_jᵀ``
+    ``(*batch, Hkv, F, Dv)`` and ``z = Σ_j φ(k_j)`` ``(*batch, Hkv, F)`` over the keys
+    consumed, and the sizes and input checking they were made for."""
+
+    s: np.ndarray
+    z: np.ndarray
+    check_finite: bool
+    batch_shape: tuple
+    heads_q: int
+    heads_kv: int
+    d: int
+    dv: int
+
+
+def step_tokens(state, kind, init: str, q_t, k_t, v_t):
+    """The tokens of one streaming step, checked against ``state``, which must be a
+    ``kind`` made by ``init`` (a ``TypeError`` naming it otherwise)."""
+    if not isinstance(state, kind):
+        raise TypeError(f"state must be a {kind.__name__} from {init}, got "
+                        f"{type(state).__name__}")
+    return check_tokens(q_t, k_t, v_t, state.batch_shape, state.heads_q, state.heads_kv,
+                        state.d, state.dv, check_finite=state.check_finite)
+
+
+def read_state(fq, s, z, state):
+    """The output of one streaming step, ``φ(q_t)ᵀS / φ(q_t)ᵀz`` for each query head
+    from its KV head's ``s (*b, Hkv, F, Dv)`` and ``z (*b, Hkv, F)``;
+    ``fq (*b, Hq, F)`` -> ``(*b, Hq, Dv)``."""
+    bs = state.batch_shape
+    fqg = fq.reshape(bs + (state.heads_kv, state.heads_q // state.heads_kv, fq.shape[-1]))
+    num = np.einsum("...hgf,...hfe->...hge", fqg, s)
+    den = np.einsum("...hgf,...hf->...hg", fqg, z)
+    return safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
 
 
 def check_method(method, causal: bool) -> str:

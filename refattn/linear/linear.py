@@ -78,9 +78,9 @@ from .._core.checks import check_bool, check_int
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
-from ..streaming import State, check_sizes, check_tokens
-from ._common import (METHODS, check_method, feature_attention, feature_attention_matrix,
-                      safe_divide)
+from ..streaming import check_sizes
+from ._common import (METHODS, FeatureState, check_method, feature_attention, feature_attention_matrix,
+                      read_state, step_tokens)
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
            "linear_attention_step", "LinearAttentionState", "FEATURE_MAPS", "METHODS"]
@@ -257,21 +257,13 @@ def linear_attention_matrix(q, k, *, feature_map="elu", causal=False, method=Non
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearAttentionState(State):
+class LinearAttentionState(FeatureState):
     """Streaming state of :func:`linear_attention`: ``s = Σ_j φ(k_j) v_j^T``
     ``(*batch, Hkv, F, Dv)`` and ``z = Σ_j φ(k_j)`` ``(*batch, Hkv, F)`` over the keys
     consumed, one per KV head; the other fields are settings."""
 
-    s: np.ndarray
-    z: np.ndarray
     feature_map: str | Callable
     allow_negative: bool
-    check_finite: bool
-    batch_shape: tuple
-    heads_q: int
-    heads_kv: int
-    d: int
-    dv: int
 
 
 def linear_attention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv,
@@ -328,13 +320,9 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
     >>> bool(np.allclose(np.stack(outs, -2), linear_attention(q, k, v, causal=True)))
     True
     """
-    if not isinstance(state, LinearAttentionState):
-        raise TypeError(f"state must be a LinearAttentionState from "
-                        f"linear_attention_init_state, got {type(state).__name__}")
-    bs, cf = state.batch_shape, state.check_finite
-    q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
-                                 state.dv, check_finite=cf)
-    kw = dict(allow_negative=state.allow_negative, check_finite=cf)
+    q_t, k_t, v_t = step_tokens(state, LinearAttentionState, "linear_attention_init_state",
+                                q_t, k_t, v_t)
+    kw = dict(allow_negative=state.allow_negative, check_finite=state.check_finite)
     fq = _features(state.feature_map, q_t[..., None, :], "q_t", **kw)[..., 0, :]
     fk = _features(state.feature_map, k_t[..., None, :], "k_t", **kw)[..., 0, :]
     nf = state.z.shape[-1]
@@ -343,12 +331,7 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
                          f"features; the state holds F={nf}")
     s = state.s + fk[..., :, None] * v_t[..., None, :]
     z = state.z + fk
-    g = state.heads_q // state.heads_kv
-    fqg = fq.reshape(bs + (state.heads_kv, g, nf))
-    num = np.einsum("...hgf,...hfe->...hge", fqg, s)
-    den = np.einsum("...hgf,...hf->...hg", fqg, z)
-    out = safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
-    return out, state.replace(position=state.position + 1, s=s, z=z)
+    return read_state(fq, s, z, state), state.replace(position=state.position + 1, s=s, z=z)
 
 
 attach(linear_attention, implied=linear_attention_matrix,

@@ -74,8 +74,9 @@ import numpy as np
 from .._core.checks import check_bool, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
-from ..streaming import State, check_sizes, check_tokens
-from ._common import check_method, feature_attention, feature_attention_matrix, safe_divide
+from ..streaming import check_sizes
+from ._common import (FeatureState, check_method, feature_attention, feature_attention_matrix, read_state,
+                      step_tokens)
 from .features import (KERNELS, check_kernel, draw_omega, log_features, performer_features,
                        resolve_omega, scaled_pair, softmax_kernel_estimate,
                        stabilized_features)
@@ -157,13 +158,11 @@ def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.performer import performer_attention
-    >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.standard_normal((3, 2, 6, 8)) * 0.5
-    >>> out = performer_attention(q, k, v, num_features=4096, rng=1)
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 6, 8)) * 0.5
+    >>> out = ra.performer_attention(q, k, v, num_features=4096, rng=1)
     >>> bool(np.abs(out - ra.attention(q, k, v)).max() < 0.05)   # many features: close
     True
-    >>> performer_attention(q, k, v, num_features=16, rng=1, causal=True).shape
+    >>> ra.performer_attention(q, k, v, num_features=16, rng=1, causal=True).shape
     (2, 6, 8)
     """
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
@@ -195,10 +194,9 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
     kernels; the trigonometric kernel gives signed entries. ``method``/``chunk_size``
     are checked but do not change the matrix; ``memory_budget`` bounds it.
 
-    >>> import numpy as np
-    >>> from refattn.performer import performer_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q, k = np.random.default_rng(0).standard_normal((2, 1, 4, 8))
-    >>> a = performer_attention_matrix(q, k, num_features=32, rng=0, causal=True)
+    >>> a = ra.linear.performer_attention_matrix(q, k, num_features=32, rng=0, causal=True)
     >>> bool((a >= 0).all()), a.sum(-1).round(12)
     (True, array([[1., 1., 1., 1.]]))
     """
@@ -218,26 +216,18 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
 
 # --------------------------------------------------------------------------- streaming
 @dataclasses.dataclass(frozen=True)
-class PerformerState(State):
+class PerformerState(FeatureState):
     """Streaming state of :func:`performer_attention`: ``s = Σ_j φ̃(y_j) v_j^T``
     ``(*batch, Hkv, F, Dv)``, ``z = Σ_j φ̃(y_j)`` ``(*batch, Hkv, F)`` with the key
     features ``φ̃ = φ e^{-shift}`` scaled by the running max exponent ``shift``
     ``(*batch, Hkv)`` (``-inf`` before the first key), and the projection ``omega``
     ``(m, D)``; the other fields are settings."""
 
-    s: np.ndarray
-    z: np.ndarray
     shift: np.ndarray
     omega: np.ndarray
     kernel: str
     stabilize: bool
     scale: float
-    check_finite: bool
-    batch_shape: tuple
-    heads_q: int
-    heads_kv: int
-    d: int
-    dv: int
 
 
 def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_features,
@@ -248,8 +238,9 @@ def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_featur
     or given as ``omega``. Constant size: ``S (*batch, Hkv, F, dv)``, ``z``, the
     running key shift ``(*batch, Hkv)`` and ``ω (m, d)``.
 
-    >>> from refattn.performer import performer_init_state
-    >>> st = performer_init_state(heads_q=2, heads_kv=1, d=4, dv=3, num_features=8, rng=0)
+    >>> import refattn as ra
+    >>> st = ra.linear.performer_init_state(heads_q=2, heads_kv=1, d=4, dv=3,
+    ...                                     num_features=8, rng=0)
     >>> st.s.shape, st.z.shape, st.omega.shape
     ((1, 8, 3), (1, 8), (8, 4))
     """
@@ -278,30 +269,24 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
     the global key stabilizer and cancels like it; ``c = 0`` throughout with
     ``stabilize=False``). ``q_t (*batch, Hq, D)``, ``k_t (*batch, Hkv, D)``,
     ``v_t (*batch, Hkv, Dv)``; returns ``(o_t (*batch, Hq, Dv), new_state)``. Running it
-    over a sequence equals ``performer_attention(..., causal=True)`` with the same ``ω``
+    over a sequence equals ``ra.performer_attention(..., causal=True)`` with the same ``ω``
     (up to rounding; the running shift is never above the parallel form's global one, so
     where key exponents differ by more than about 700 the stream can keep a feature
     that the parallel form lets underflow to 0, never the reverse).
 
-    >>> import numpy as np
-    >>> from refattn.performer import (performer_attention, performer_init_state,
-    ...                                performer_step)
+    >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(1).standard_normal((3, 2, 5, 4))
-    >>> st = performer_init_state(heads_q=2, heads_kv=2, d=4, dv=4, num_features=8, rng=3)
+    >>> st = ra.linear.performer_init_state(heads_q=2, heads_kv=2, d=4, dv=4,
+    ...                                     num_features=8, rng=3)
     >>> outs = []
     >>> for t in range(5):
-    ...     o, st = performer_step(st, q[:, t], k[:, t], v[:, t])
+    ...     o, st = ra.linear.performer_step(st, q[:, t], k[:, t], v[:, t])
     ...     outs.append(o)
-    >>> ref = performer_attention(q, k, v, num_features=8, rng=3, causal=True)
+    >>> ref = ra.performer_attention(q, k, v, num_features=8, rng=3, causal=True)
     >>> bool(np.allclose(np.stack(outs, -2), ref, rtol=1e-12))
     True
     """
-    if not isinstance(state, PerformerState):
-        raise TypeError(f"state must be a PerformerState from performer_init_state, got "
-                        f"{type(state).__name__}")
-    bs, cf = state.batch_shape, state.check_finite
-    q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, bs, state.heads_q, state.heads_kv, state.d,
-                                 state.dv, check_finite=cf)
+    q_t, k_t, v_t = step_tokens(state, PerformerState, "performer_init_state", q_t, k_t, v_t)
     x, y = scaled_pair(q_t, k_t, state.scale)
     with np.errstate(over="ignore", invalid="ignore"):
         fq = stabilized_features(x[..., None, :], state.omega, state.kernel,
@@ -316,17 +301,13 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
         fk = np.exp(h - shift[..., None]) * norm
         if g is not None:
             fk = fk * g
-    if cf and not (np.isfinite(fq).all() and np.isfinite(fk).all()):
+    if state.check_finite and not (np.isfinite(fq).all() and np.isfinite(fk).all()):
         raise ValueError(f"the {state.kernel} random features of q_t or k_t overflowed; "
                          f"use stabilize=True or smaller inputs")
     s = decay[..., None, None] * state.s + fk[..., :, None] * v_t[..., None, :]
     z = decay[..., None] * state.z + fk
-    nf = z.shape[-1]
-    fqg = fq.reshape(bs + (state.heads_kv, state.heads_q // state.heads_kv, nf))
-    num = np.einsum("...hgf,...hfe->...hge", fqg, s)
-    den = np.einsum("...hgf,...hf->...hg", fqg, z)
-    out = safe_divide(num, den).reshape(bs + (state.heads_q, state.dv))
-    return out, state.replace(position=state.position + 1, s=s, z=z, shift=shift)
+    return read_state(fq, s, z, state), state.replace(position=state.position + 1, s=s, z=z,
+                                                      shift=shift)
 
 
 attach(performer_attention, implied=performer_attention_matrix,

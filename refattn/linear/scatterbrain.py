@@ -77,18 +77,16 @@ def _blocks(pb, x, y, fq, cq, fk, ck, buckets, topk, block_q):
     """Per (batch, KV head, query block): the rows, the exact-part support, and the
     kernel on it ``exp(s - shifts)`` and its low-rank estimate, both rescaled per row by
     ``exp(-t)`` so that nothing overflows."""
-    for b, hk, hs in pb.kv_groups():
-        heads = np.arange(hs.start, hs.stop)
-        for r0 in range(0, pb.n, block_q):
-            rows = np.arange(r0, min(r0 + block_q, pb.n))
-            s = x[b, hs, r0:r0 + len(rows)] @ y[b, hk].T                     # (G, r, M)
-            keep = _support(s, b, heads, rows, buckets, topk)
-            shifted = s - cq[b, hs, r0:r0 + len(rows)] - ck[b, hk]
-            t = np.maximum(0.0, np.max(np.where(keep, shifted, -np.inf), axis=-1,
-                                       initial=-np.inf))[..., None]
-            exact = np.where(keep, np.exp(np.where(keep, shifted - t, -np.inf)), 0.0)
-            low = (fq[b, hs, r0:r0 + len(rows)] @ fk[b, hk].T) * np.exp(-t)
-            yield b, hs, hk, slice(r0, r0 + len(rows)), keep, exact, low, np.exp(-t)
+    for b, hk, hs, rs in pb.query_blocks(block_q):
+        heads, rows = np.arange(hs.start, hs.stop), np.arange(rs.start, rs.stop)
+        s = x[b, hs, rs] @ y[b, hk].T                                        # (G, r, M)
+        keep = _support(s, b, heads, rows, buckets, topk)
+        shifted = s - cq[b, hs, rs] - ck[b, hk]
+        t = np.maximum(0.0, np.max(np.where(keep, shifted, -np.inf), axis=-1,
+                                   initial=-np.inf))[..., None]
+        exact = np.where(keep, np.exp(np.where(keep, shifted - t, -np.inf)), 0.0)
+        low = (fq[b, hs, rs] @ fk[b, hk].T) * np.exp(-t)
+        yield b, hs, hk, rs, keep, exact, low, np.exp(-t)
 
 
 @register(family="linear", exact=False, time="O((N+M)·m·D + |S|·(D+m))",

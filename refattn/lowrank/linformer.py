@@ -45,15 +45,14 @@ def linformer_projections(m: int, rank: int, *, kind: str = "gaussian", rng=None
 
     With ``shared=True`` ``F is E`` (only ``E`` is drawn).
 
-    >>> import numpy as np
-    >>> from refattn.lowrank import linformer_projections
-    >>> e, f = linformer_projections(6, 2, rng=0)
+    >>> import numpy as np, refattn as ra
+    >>> e, f = ra.lowrank.linformer_projections(6, 2, rng=0)
     >>> e.shape, f.shape, bool((e != f).any())
     ((2, 6), (2, 6), True)
-    >>> e2, f2 = linformer_projections(6, 2, rng=0, shared=True)
+    >>> e2, f2 = ra.lowrank.linformer_projections(6, 2, rng=0, shared=True)
     >>> bool(np.array_equal(e, e2)) and f2 is e2
     True
-    >>> linformer_projections(5, 2, kind="mean")[0].round(3)
+    >>> ra.lowrank.linformer_projections(5, 2, kind="mean")[0].round(3)
     array([[0.333, 0.333, 0.333, 0.   , 0.   ],
            [0.   , 0.   , 0.   , 0.5  , 0.5  ]])
     """
@@ -201,13 +200,12 @@ def linformer_attention(q, k, v, *, rank=None, proj=None, shared=False, rng=None
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.lowrank import linformer_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 6, 4))          # 2 heads, 6 tokens
-    >>> linformer_attention(q, k, v, rank=3, rng=0).shape
+    >>> ra.linformer_attention(q, k, v, rank=3, rng=0).shape
     (2, 6, 4)
     >>> eye = np.eye(6)
-    >>> bool(np.allclose(linformer_attention(q, k, v, proj=(eye, eye)),
+    >>> bool(np.allclose(ra.linformer_attention(q, k, v, proj=(eye, eye)),
     ...                  ra.attention(q, k, v)))
     True
     """
@@ -225,10 +223,10 @@ def linformer_attention_matrix(q, k, *, rank=None, proj=None, shared=False, rng=
     group). Not row-stochastic in general: ``F`` has entries of both signs, so rows of
     ``A`` sum to ``softmax(...) F 1``, not 1. ``memory_budget`` bounds the matrix.
 
-    >>> import numpy as np
-    >>> from refattn.lowrank import linformer_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q = k = np.random.default_rng(0).standard_normal((1, 4, 2))
-    >>> a = linformer_attention_matrix(q, k, proj=np.full((1, 4), 0.25), shared=True)
+    >>> a = ra.lowrank.linformer_attention_matrix(q, k, proj=np.full((1, 4), 0.25),
+    ...                                           shared=True)
     >>> a.round(3)                       # one averaging projection: uniform attention
     array([[[0.25, 0.25, 0.25, 0.25],
             [0.25, 0.25, 0.25, 0.25],

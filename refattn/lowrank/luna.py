@@ -124,13 +124,13 @@ def luna_attention(q, k, v, *, packed, scale=None, return_packed=False,
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.lowrank import luna_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 6, 4))
     >>> p = rng.standard_normal((3, 4))                       # l = 3 packed rows
-    >>> luna_attention(q, k, v, packed=p).shape
+    >>> ra.luna_attention(q, k, v, packed=p).shape
     (2, 6, 4)
-    >>> one = luna_attention(q, k, v, packed=p[:1])            # l = 1: the packed context
+    >>> # l = 1: the packed context
+    >>> one = ra.luna_attention(q, k, v, packed=p[:1])
     >>> ctx = ra.attention(np.broadcast_to(p[:1], (2, 1, 4)), k, v)   # (2 heads, 1, 4)
     >>> bool(np.allclose(one, ctx))                             # for every query
     True
@@ -152,10 +152,9 @@ def luna_attention_matrix(q, k, *, packed, scale=None, check_finite=True,
     row-stochastic matrices, hence row-stochastic, with ``luna_attention(q, k, v) ==
     A @ v``. Its rank is at most ``l``. ``memory_budget`` bounds the matrix.
 
-    >>> import numpy as np
-    >>> from refattn.lowrank import luna_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q, k = np.random.default_rng(2).standard_normal((2, 1, 5, 3))
-    >>> a = luna_attention_matrix(q, k, packed=2)
+    >>> a = ra.lowrank.luna_attention_matrix(q, k, packed=2)
     >>> bool(np.allclose(a.sum(-1), 1.0)), int(np.linalg.matrix_rank(a[0]))
     (True, 2)
     """

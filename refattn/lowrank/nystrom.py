@@ -50,10 +50,9 @@ def iterative_pinv(a, iters: int):
     point of slope 13/4) grows 13/4-fold per iteration, so many iterations drift away
     again. Returns ``Z_iters`` (float64, shape of ``a``); an all-zero matrix gives 0.
 
-    >>> import numpy as np
-    >>> from refattn.lowrank import iterative_pinv
+    >>> import numpy as np, refattn as ra
     >>> a = np.array([[0.7, 0.3], [0.2, 0.8]])
-    >>> bool(np.allclose(iterative_pinv(a, 6), np.linalg.inv(a), rtol=1e-12))
+    >>> bool(np.allclose(ra.lowrank.iterative_pinv(a, 6), np.linalg.inv(a), rtol=1e-12))
     True
     """
     a = np.asarray(a, dtype=np.float64)
@@ -143,12 +142,11 @@ def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, scale=None,
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.lowrank import nystrom_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 8, 4)) * 0.5
-    >>> nystrom_attention(q, k, v, num_landmarks=4).shape
+    >>> ra.nystrom_attention(q, k, v, num_landmarks=4).shape
     (2, 8, 4)
-    >>> exact = nystrom_attention(q, k, v, num_landmarks=8, pinv_iters=None)
+    >>> exact = ra.nystrom_attention(q, k, v, num_landmarks=8, pinv_iters=None)
     >>> bool(np.allclose(exact, ra.attention(q, k, v)))
     True
     """
@@ -167,10 +165,9 @@ def nystrom_attention_matrix(q, k, *, num_landmarks, pinv_iters=6, scale=None,
     (``pinv_iters=None``): :math:`\tilde B 1 = 1` and :math:`\tilde A^{-1} 1 = 1`.
     ``memory_budget`` bounds the matrix.
 
-    >>> import numpy as np
-    >>> from refattn.lowrank import nystrom_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q, k = np.random.default_rng(1).standard_normal((2, 1, 6, 3))
-    >>> a = nystrom_attention_matrix(q, k, num_landmarks=3, pinv_iters=None)
+    >>> a = ra.lowrank.nystrom_attention_matrix(q, k, num_landmarks=3, pinv_iters=None)
     >>> bool(np.allclose(a.sum(-1), 1.0)), bool((a < 0).any())
     (True, True)
     """

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from .._core.checks import resolve_softcap
+from .._core.checks import is_int, resolve_softcap
 from .._core.problem import flatten_leading, gather_broadcast
 from ..boundary.arrays import to_float64
 
@@ -80,8 +80,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     ``2^(-8 k / n)``, ``k = 1..n``, for ``n`` a power of two; otherwise the slopes of the
     nearest lower power of two followed by every other slope of twice that, as in the
     paper's reference code."""
-    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) \
-            or num_heads < 1:
+    if not is_int(num_heads) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
 
     def power_of_two(n):

@@ -53,11 +53,13 @@ def _log_gates(log_gates, shape, name="log_gates", check_finite=True) -> np.ndar
 
 
 def _setup(q, k, v, log_gates, scale, check_finite, need_v=True):
+    """``(q, k, v, pb, g)``: validated inputs, ``q`` scaled and grouped
+    ``(B, Hkv, G, N, D)``, log-gates ``g (B, Hkv, M, D)`` (as :mod:`.retention`)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=need_v)
     g = _log_gates(log_gates, pb.batch_shape + (pb.heads_kv, pb.m, pb.d),
                    check_finite=check_finite).reshape(pb.batch, pb.heads_kv, pb.m, pb.d)
     q = (q * resolve_scale(scale, pb.d)).reshape(pb.batch, pb.heads_kv, pb.group, pb.n, pb.d)
-    return q, k, v, g, pb
+    return q, k, v, pb, g
 
 
 def _pair_decay(cum_rows, cum_cols, pos_rows, pos_cols):
@@ -155,7 +157,7 @@ def gated_linear_attention(q, k, v, *, log_gates, scale=None, method=None, chunk
     ...                  ra.retention(q, k, v, gamma=0.9)))
     True
     """
-    q, k, v, g, pb = _setup(q, k, v, log_gates, scale, check_finite)
+    q, k, v, pb, g = _setup(q, k, v, log_gates, scale, check_finite)
     method = check_choice("method", method, METHODS, none="chunkwise")
     if method == "parallel":
         check_memory(pb.batch * pb.heads_kv * pb.n * pb.m * pb.d * 24.0, memory_budget,
@@ -172,7 +174,7 @@ def gla_matrix(q, k, *, log_gates, scale=None, causal=True, check_finite=True,
                memory_budget=None, method=None, chunk_size=None):
     """The ``(..., Hq, N, M)`` matrix ``A`` with ``gated_linear_attention(q, k, v) = A v``:
     ``A[i, j] = s Σ_d q_id k_jd exp(G_i'd - G_jd)`` for ``j <= i'`` (not row-stochastic)."""
-    q, k, _, g, pb = _setup(q, k, None, log_gates, scale, check_finite, need_v=False)
+    q, k, _, pb, g = _setup(q, k, None, log_gates, scale, check_finite, need_v=False)
     check_memory(pb.batch * pb.heads_kv * pb.n * pb.m * pb.d * 24.0, memory_budget,
                  "the gated linear attention matrix",
                  "gated_linear_attention(method='chunkwise')")

@@ -49,6 +49,8 @@ def _decay(log_gamma, dist):
 
 
 def _setup(q, k, v, gamma, scale, check_finite, need_v=True):
+    """``(q, k, v, pb, lg)``: validated inputs, ``q`` scaled, and ``log γ`` per query
+    head ``(Hkv, G, 1, 1)`` (as :mod:`.gla`)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=need_v)
     lg = _log_gamma(gamma, pb.heads_q).reshape(pb.heads_kv, pb.group, 1, 1)
     return q * resolve_scale(scale, pb.d), k, v, pb, lg

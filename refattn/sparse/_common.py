@@ -1,7 +1,10 @@
-"""What the mask-defined patterns of the sparse family share: registration as a
-mechanism whose implied matrix is dense attention under the same mask."""
+"""What the sparse family shares: registration of a mask-defined pattern (a mechanism
+whose implied matrix is dense attention under the same mask), and the start of the
+content-based selections that hold ``(heads, block_q, M)`` logit blocks."""
 from __future__ import annotations
 
+from .._core.logits import make_logits
+from .._core.select import block_rows
 from ..exact.dense import attention_probs
 from ..registry import attach, register
 
@@ -23,3 +26,12 @@ def pattern(factory, **register_kwargs):
         attach(fn, implied=implied)
         return fn
     return deco
+
+
+def logit_blocks(q, pb, block_q, heads: int, **options):
+    """``(logits, rows_per_block, q_scaled)`` for a reference that forms the logits of
+    ``heads`` query heads against all ``M`` keys one block of rows at a time: the logit
+    pipeline of ``options`` (mask, causal, scale, bias, softcap, check_finite), the rows
+    per block (``block_q``, or about ``BLOCK_ELEMENTS`` logits) and ``q * scale``."""
+    logits = make_logits(pb, **options)
+    return logits, block_rows(block_q, heads, pb.n, pb.m), q * logits.scale

@@ -43,11 +43,11 @@ import numpy as np
 
 from .._core.checks import check_int, resolve_rng
 from .._core.kmeans import kmeans
-from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
-from .._core.select import block_rows, topk_keep
+from .._core.select import topk_keep
 from .._core.softmax import normalize_rows
 from ..registry import attach, register
+from ._common import logit_blocks
 
 __all__ = ["routing_attention", "routing_attention_matrix", "routing_clusters",
            "clustered_attention", "clustered_attention_matrix",
@@ -113,10 +113,9 @@ def routing_clusters(q, k, *, n_clusters, n_iters=10, rng, check_finite=True):
     to what :func:`routing_attention` uses when ``q`` and ``k`` already have the full
     batch shape (clusterings are drawn per element of the broadcast batch).
 
-    >>> import numpy as np
-    >>> from refattn.clustered import routing_clusters
+    >>> import numpy as np, refattn as ra
     >>> q = k = np.array([[[1.0, 0.1], [0.9, -0.1], [-1.0, 0.2], [-1.1, 0.0]]])
-    >>> qc, kc, cent = routing_clusters(q, k, n_clusters=2, rng=0)
+    >>> qc, kc, cent = ra.sparse.routing_clusters(q, k, n_clusters=2, rng=0)
     >>> bool((qc == kc).all()), bool(qc[0, 0] == qc[0, 1] != qc[0, 2] == qc[0, 3])
     (True, True)
     """
@@ -135,10 +134,9 @@ def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
     cluster's queries (Euclidean k-means, k-means++ init). Equal to what the clustered
     attentions use when ``q`` has the full broadcast batch shape of ``q, k, v``.
 
-    >>> import numpy as np
-    >>> from refattn.clustered import query_clusters
+    >>> import numpy as np, refattn as ra
     >>> q = np.array([[[0.0, 0.0], [0.0, 1.0], [10.0, 10.0], [10.0, 11.0]]])
-    >>> clusters, centroids = query_clusters(q, n_clusters=2, rng=0)
+    >>> clusters, centroids = ra.sparse.query_clusters(q, n_clusters=2, rng=0)
     >>> sorted(map(tuple, centroids[0].tolist()))
     [(0.0, 0.5), (10.0, 10.5)]
     """
@@ -157,10 +155,9 @@ def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, 
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     n_clusters, n_iters, gen = _check_clustering(
         n_clusters, n_iters, rng, f" (clusters of queries and keys; {_seen(pb, 'q', 'k')})")
-    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
-    rows_per_block = block_rows(block_q, 1, pb.n, pb.m)
-    q_scaled = q * logits.scale
+    logits, rows_per_block, q_scaled = logit_blocks(
+        q, pb, block_q, 1, mask=mask, causal=causal, scale=scale, bias=bias,
+        softcap=softcap, check_finite=check_finite)
     cols = np.arange(pb.m)
 
     def blocks():             # clusters on the first step, after all validation
@@ -243,13 +240,13 @@ def routing_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fals
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.clustered import routing_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 16, 8))
-    >>> routing_attention(q, k, v, n_clusters=4, causal=True, rng=1).shape
+    >>> ra.routing_attention(q, k, v, n_clusters=4, causal=True, rng=1).shape
     (2, 16, 8)
-    >>> one = routing_attention(q, k, v, n_clusters=1, causal=True, rng=0)  # one cluster: exact
-    >>> bool(np.allclose(one, ra.attention(q, k, v, causal=True)))
+    >>> # one cluster: every query sees every key it may, as in exact attention
+    >>> bool(np.allclose(ra.routing_attention(q, k, v, n_clusters=1, causal=True, rng=0),
+    ...                  ra.attention(q, k, v, causal=True)))
     True
     """
     pb, v, blocks = _routing_blocks(q, k, v, n_clusters=n_clusters, n_iters=n_iters,
@@ -267,10 +264,10 @@ def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=
     ``routing_attention(q, k, v) == A @ v``. ``A_ij`` is nonzero only for keys in the
     cluster query ``i`` is routed to.
 
-    >>> import numpy as np
-    >>> from refattn.clustered import routing_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q = k = np.array([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])   # three directions
-    >>> routing_attention_matrix(q, k, n_clusters=3, scale=0.0, rng=0)  # own clusters
+    >>> # own clusters
+    >>> ra.sparse.routing_attention_matrix(q, k, n_clusters=3, scale=0.0, rng=0)
     array([[[1., 0., 0.],
             [0., 1., 0.],
             [0., 0., 1.]]])
@@ -296,32 +293,27 @@ def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale
     if topk is not None:
         topk = check_int("topk", topk, minimum=1,
                           context=f" (keys recomputed per query; k has M={pb.m} keys)")
-    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
-    rows_per_block = block_rows(block_q, pb.group, pb.n, pb.m)
-    q_scaled = q * logits.scale
+    logits, rows_per_block, q_scaled = logit_blocks(
+        q, pb, block_q, pb.group, mask=mask, causal=causal, scale=scale, bias=bias,
+        softcap=softcap, check_finite=check_finite)
     cols = np.arange(pb.m)
 
     def blocks():             # clusters on the first step, after all validation
         qa, cent = _query_kmeans(q, pb, n_clusters, n_iters, gen)
         # Each query replaced by its centroid (the mean of its cluster).
         q_cent = np.take_along_axis(cent, qa[..., None], axis=2) * logits.scale
-        for b, hk, hs in pb.kv_groups():
-            heads = np.arange(hs.start, hs.stop)
-            for r0 in range(0, pb.n, rows_per_block):
-                rs = slice(r0, min(r0 + rows_per_block, pb.n))
-                rows = np.arange(rs.start, rs.stop)
-                a = logits.block(q_cent[b, hs, rs], k[b, hk], b, heads, rows, cols)
-                keep = None if topk is None else topk_keep(a, topk)
-                lse = normalize_rows(a)
-                if keep is not None:
-                    mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
-                    exact = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
-                                         rows, cols)
-                    exact[~keep] = -np.inf
-                    normalize_rows(exact)
-                    a = np.where(keep, mass * exact, a)
-                yield b, hk, hs, rs, a, lse
+        for b, hk, hs, rs in pb.query_blocks(rows_per_block):
+            heads, rows = np.arange(hs.start, hs.stop), np.arange(rs.start, rs.stop)
+            a = logits.block(q_cent[b, hs, rs], k[b, hk], b, heads, rows, cols)
+            keep = None if topk is None else topk_keep(a, topk)
+            lse = normalize_rows(a)
+            if keep is not None:
+                mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
+                exact = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads, rows, cols)
+                exact[~keep] = -np.inf
+                normalize_rows(exact)
+                a = np.where(keep, mass * exact, a)
+            yield b, hk, hs, rs, a, lse
     return pb, v, blocks()
 
 
@@ -372,13 +364,12 @@ def clustered_attention(q, k, v, *, n_clusters, n_iters=10, mask=None, causal=Fa
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.clustered import clustered_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 12, 8))
-    >>> out = clustered_attention(q, k, v, n_clusters=3, rng=0)
+    >>> out = ra.clustered_attention(q, k, v, n_clusters=3, rng=0)
     >>> len(np.unique(out[0].round(12), axis=0))          # 3 distinct rows per head
     3
-    >>> exact = clustered_attention(q, k, v, n_clusters=12, causal=True, rng=0)
+    >>> exact = ra.clustered_attention(q, k, v, n_clusters=12, causal=True, rng=0)
     >>> bool(np.allclose(exact, ra.attention(q, k, v, causal=True)))
     True
     """
@@ -396,11 +387,11 @@ def clustered_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causa
     :func:`clustered_attention` (same arguments and ``rng``):
     ``A_i = softmax(s(q^{c(i)}, k))``, so ``clustered_attention(q, k, v) == A @ v``.
 
-    >>> import numpy as np
-    >>> from refattn.clustered import clustered_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q = np.array([[[1.0, 0.0], [3.0, 0.0]]])          # one cluster, centroid (2, 0)
     >>> k = np.array([[[0.0, 0.0], [1.0, 0.0]]])
-    >>> a = clustered_attention_matrix(q, k, n_clusters=1, scale=np.log(2) / 2, rng=0)
+    >>> a = ra.sparse.clustered_attention_matrix(q, k, n_clusters=1,
+    ...                                          scale=np.log(2) / 2, rng=0)
     >>> a.round(6)                                       # logits 0 and log 2
     array([[[0.333333, 0.666667],
             [0.333333, 0.666667]]])
@@ -444,12 +435,11 @@ def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=
     centroid's outside ``T_i``).
 
     >>> import numpy as np, refattn as ra
-    >>> from refattn.clustered import improved_clustered_attention, clustered_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 1, 20, 8))
     >>> exact = ra.attention(q, k, v)
-    >>> err_c = np.abs(clustered_attention(q, k, v, n_clusters=2, rng=0) - exact).max()
-    >>> err_i = np.abs(improved_clustered_attention(q, k, v, n_clusters=2, topk=5, rng=0)
+    >>> err_c = np.abs(ra.clustered_attention(q, k, v, n_clusters=2, rng=0) - exact).max()
+    >>> err_i = np.abs(ra.improved_clustered_attention(q, k, v, n_clusters=2, topk=5, rng=0)
     ...          - exact).max()
     >>> bool(err_i < err_c)
     True
@@ -469,10 +459,10 @@ def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, m
     :func:`improved_clustered_attention` (same arguments and ``rng``).
 
     >>> import numpy as np, refattn as ra
-    >>> from refattn.clustered import improved_clustered_attention_matrix
     >>> rng = np.random.default_rng(0)
     >>> q, k = rng.standard_normal((2, 1, 6, 4))
-    >>> a = improved_clustered_attention_matrix(q, k, n_clusters=1, topk=6, rng=0)  # topk = M
+    >>> # topk = M
+    >>> a = ra.sparse.improved_clustered_attention_matrix(q, k, n_clusters=1, topk=6, rng=0)
     >>> bool(np.allclose(a, ra.attention_probs(q, k)))
     True
     """

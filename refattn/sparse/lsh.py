@@ -70,7 +70,7 @@ import math
 
 import numpy as np
 
-from .._core.checks import check_int, resolve_rng, resolve_scale
+from .._core.checks import check_bool, check_int, resolve_rng, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
@@ -181,10 +181,8 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
     n_buckets = _check_n_buckets(n_buckets)
     n_hashes = check_int("n_hashes", n_hashes, minimum=1)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-    if not isinstance(shared_qk, (bool, np.bool_)):
-        raise TypeError(f"shared_qk must be a bool, got {shared_qk!r}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    check_bool("shared_qk", shared_qk)
+    check_bool("causal", causal)
     if k is None:
         if not shared_qk:
             raise TypeError("k is None: keys are needed unless shared_qk=True")

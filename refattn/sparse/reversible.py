@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._core.checks import is_int
 from ..boundary.arrays import to_float64
 
 __all__ = ["reversible_forward", "reversible_inverse", "chunked_feed_forward"]
@@ -147,16 +148,14 @@ def chunked_feed_forward(x, fn, chunk_size, *, axis=-2):
     ((2, 100, 8), True)
     """
     x = to_float64(x, "x")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
-            or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if x.ndim < 2:
         raise ValueError(f"x must have shape (..., N, D) with at least 2 dimensions, got "
                          f"shape {x.shape}")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
-            or not -x.ndim <= axis < x.ndim or axis % x.ndim == x.ndim - 1:
+    if not is_int(axis) or not -x.ndim <= axis < x.ndim or axis % x.ndim == x.ndim - 1:
         raise ValueError(f"axis must name a sequence axis of x {x.shape} other than the "
                          f"last (feature) axis, got axis={axis!r}")
     axis = int(axis) % x.ndim

@@ -30,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._core.checks import check_int
-from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
-from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
+from .._core.select import BLOCK_ELEMENTS, topk_keep
 from .._core.softmax import normalize_rows
 from ..registry import attach, register
+from ._common import logit_blocks
 
 __all__ = ["topk_attention", "topk_attention_matrix", "BLOCK_ELEMENTS"]
 
@@ -46,22 +46,18 @@ def _topk_blocks(q, k, v, *, topk, mask, causal, scale, bias, softcap, check_fin
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     topk = check_int("topk", topk, minimum=1,
                       context=f" (keys kept per query; k has M={pb.m} keys)")
-    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
-    rows_per_block = block_rows(block_q, pb.group, pb.n, pb.m)
-    q_scaled = q * logits.scale
+    logits, rows_per_block, q_scaled = logit_blocks(
+        q, pb, block_q, pb.group, mask=mask, causal=causal, scale=scale, bias=bias,
+        softcap=softcap, check_finite=check_finite)
     cols = np.arange(pb.m)
 
     def blocks():
-        for b, hk, hs in pb.kv_groups():
-            heads = np.arange(hs.start, hs.stop)
-            for r0 in range(0, pb.n, rows_per_block):
-                rs = slice(r0, min(r0 + rows_per_block, pb.n))
-                s = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads,
-                                 np.arange(rs.start, rs.stop), cols)
-                s[~topk_keep(s, topk)] = -np.inf
-                lse = normalize_rows(s)
-                yield b, hk, hs, rs, s, lse
+        for b, hk, hs, rs in pb.query_blocks(rows_per_block):
+            s = logits.block(q_scaled[b, hs, rs], k[b, hk], b, np.arange(hs.start, hs.stop),
+                             np.arange(rs.start, rs.stop), cols)
+            s[~topk_keep(s, topk)] = -np.inf
+            lse = normalize_rows(s)
+            yield b, hk, hs, rs, s, lse
     return pb, v, blocks()
 
 
@@ -102,15 +98,15 @@ def topk_attention(q, k, v, *, topk, mask=None, causal=False, scale=None, bias=N
     Example
     -------
     >>> import numpy as np, refattn as ra
-    >>> from refattn.topk import topk_attention
     >>> rng = np.random.default_rng(0)
     >>> q, k, v = rng.standard_normal((3, 2, 6, 8))          # 2 heads, 6 tokens
-    >>> topk_attention(q, k, v, topk=2, causal=True).shape
+    >>> ra.topk_attention(q, k, v, topk=2, causal=True).shape
     (2, 6, 8)
-    >>> bool(np.allclose(topk_attention(q, k, v, topk=6), ra.attention(q, k, v)))
+    >>> bool(np.allclose(ra.topk_attention(q, k, v, topk=6), ra.attention(q, k, v)))
     True
     >>> best = (q @ k.swapaxes(-1, -2)).argmax(-1)            # topk=1: the best key's value
-    >>> bool(np.allclose(topk_attention(q, k, v, topk=1), v[np.arange(2)[:, None], best]))
+    >>> best_v = v[np.arange(2)[:, None], best]
+    >>> bool(np.allclose(ra.topk_attention(q, k, v, topk=1), best_v))
     True
     """
     pb, v, blocks = _topk_blocks(q, k, v, topk=topk, mask=mask, causal=causal, scale=scale,
@@ -128,10 +124,9 @@ def topk_attention_matrix(q, k, *, topk, mask=None, causal=False, scale=None, bi
     over the query heads of a group). Same arguments as :func:`topk_attention`;
     ``memory_budget`` bounds the matrix (:class:`refattn.MemoryBudgetError` beyond it).
 
-    >>> import numpy as np
-    >>> from refattn.topk import topk_attention_matrix
+    >>> import numpy as np, refattn as ra
     >>> q = k = np.zeros((1, 3, 4))                  # all logits tie: lowest indices win
-    >>> topk_attention_matrix(q, k, topk=2)
+    >>> ra.sparse.topk_attention_matrix(q, k, topk=2)
     array([[[0.5, 0.5, 0. ],
             [0.5, 0.5, 0. ],
             [0.5, 0.5, 0. ]]])

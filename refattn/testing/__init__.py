@@ -109,7 +109,8 @@ def max_rel_error(actual, expected, *, normwise: bool = False) -> float:
     largest entries (recurrences, low-rank products); any difference from an all-zero
     ``expected`` is infinitely large. Non-finite entries must be equal (``-inf`` lse of
     an empty row): any other difference, and a shape mismatch, gives ``inf``, so
-    ``max_rel_error(...) <= tol`` cannot pass a wrong answer.
+    ``max_rel_error(...) <= tol`` cannot pass a wrong answer. Complex arrays (S4D's
+    parameters) are compared by modulus.
 
     >>> import numpy as np, refattn as ra
     >>> a, e = np.array([1.0, 200.0, -np.inf]), np.array([1.5, 201.0, -np.inf])
@@ -119,7 +120,8 @@ def max_rel_error(actual, expected, *, normwise: bool = False) -> float:
     >>> ra.testing.max_rel_error(np.array([np.inf]), np.array([-np.inf]))
     inf
     """
-    a, e = _as_array(actual, "actual"), _as_array(expected, "expected")
+    a, e = (np.asarray(x, np.complex128) if np.iscomplexobj(x) else _as_array(x, name)
+            for x, name in ((actual, "actual"), (expected, "expected")))
     if a.shape != e.shape:
         return float("inf")
     finite = np.isfinite(e)

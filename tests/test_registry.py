@@ -1,5 +1,7 @@
 """Properties every registered mechanism must have. A mechanism is covered by these
 tests by being registered: no new test code is needed."""
+import inspect
+import json
 import subprocess
 import sys
 
@@ -164,20 +166,25 @@ def test_budget_parameters_make_valid_calls(spec):
 
 
 # ------------------------------------------------------------ attaching forms
+def _forms(specs):
+    return {name: [spec.family, spec.init_state is not None, spec.implied_matrix is not None,
+                   spec.constant_state] for name, spec in specs.items()}
+
+
 def test_the_registry_is_complete_after_import_alone():
     """Streaming forms defined in other modules (KV caches, ring buffers) are attached by
-    importing refattn, with no import done for its side effect."""
-    code = ("import refattn\n"
-            "specs = refattn.mechanisms()\n"
-            "for name in ('attention', 'sink_attention', 'sliding_window_attention',\n"
-            "             'gated_linear_attention', 'chunked_attention'):\n"
-            "    assert specs[name].init_state and specs[name].step, name\n"
-            "assert specs['sink_attention'].constant_state\n"
-            "assert all(s.implied_matrix for s in specs.values()\n"
-            "           if s.family not in ('memory',)), 'an implied matrix is missing'\n"
-            "print('ok')")
+    importing refattn, with no import done for its side effect: a fresh interpreter sees
+    the registry this one does."""
+    code = (inspect.getsource(_forms)
+            + "import json, refattn\nprint(json.dumps(_forms(refattn.mechanisms())))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.stdout.strip() == "ok", done.stderr
+    fresh = json.loads(done.stdout or "null")
+    assert fresh == _forms(ra.mechanisms()), done.stderr
+    for name in ("attention", "sink_attention", "sliding_window_attention",
+                 "gated_linear_attention", "chunked_attention"):
+        assert fresh[name][1], f"{name} lost its streaming form"
+    assert fresh["sink_attention"][3]
+    assert all(implied for family, _, implied, _ in fresh.values() if family != "memory")
 
 
 def test_attach_takes_functions_once_and_only_for_registered_mechanisms(monkeypatch):

@@ -326,13 +326,14 @@ def _memory_slots(mem_k, mem_v, num_slots, rng, pb, where, *, need_v=True):
     return flat(mk), flat(mv)
 
 
-def _slot_logits(q, pb, num_slots, *, mask, causal, scale, bias, softcap, check_finite,
+def _slot_logits(q, pb, slot_keys, *, mask, causal, scale, bias, softcap, check_finite,
                  memory_budget, what):
-    """The logits of the sequence keys beside ``num_slots`` memory slots, after checking
-    the working memory of one ``(G, N, num_slots + M)`` block: ``(logits, q_scaled,
-    rows, cols)``, ``q_scaled = q * logits.scale`` and the query and key indices."""
+    """The logits of the sequence keys beside the memory slots ``slot_keys``
+    ``(B, Hkv, S, D)``, after checking the working memory of one ``(G, N, S + M)``
+    block: ``(logits, q_scaled, rows, cols)``, ``q_scaled = q * logits.scale`` and the
+    query and key indices."""
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
                          softcap=softcap, check_finite=check_finite)
-    check_memory(pb.group * pb.n * (pb.m + num_slots) * 17.0, memory_budget, what,
-                 "refattn.attention over chunks of queries")
+    check_memory(pb.group * pb.n * (pb.m + slot_keys.shape[-2]) * 17.0, memory_budget,
+                 what, "refattn.attention over chunks of queries")
     return logits, q * logits.scale, np.arange(pb.n), np.arange(pb.m)

@@ -44,9 +44,8 @@ def _knn_parts(q, k, v, *, mem_k, mem_v, num_slots, rng, topk, gate, local_windo
     if mask is not None:
         user = _masks.as_mask(mask, pb.batch_shape)
         local = user if local is None else local & user
-    size = mk.shape[-2]
     logits, q_scaled, rows, cols = _slot_logits(
-        q, pb, size, mask=local, causal=True, scale=scale, bias=bias, softcap=softcap,
+        q, pb, mk, mask=local, causal=True, scale=scale, bias=bias, softcap=softcap,
         check_finite=check_finite, memory_budget=memory_budget, what=what)
 
     def parts():
@@ -60,7 +59,7 @@ def _knn_parts(q, k, v, *, mem_k, mem_v, num_slots, rng, topk, gate, local_windo
             normalize_rows(s_loc)
             yield (b, hs, s_mem, s_loc, None if v is None else mv[b, hk],
                    None if v is None else v[b, hk], g[hs])
-    return pb, size, parts()
+    return pb, mk.shape[-2], parts()
 
 
 @register(family="memory", exact=False, time="O(N·(S + M)·D)",

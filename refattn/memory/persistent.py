@@ -22,9 +22,8 @@ def _persistent_blocks(q, k, v, *, mem_k, mem_v, num_slots, rng, mask, causal, s
     matching ``[mem_v; v]`` (``None`` without ``v``)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None)
-    p = mk.shape[-2]
     logits, q_scaled, rows, cols = _slot_logits(
-        q, pb, p, mask=mask, causal=causal, scale=scale, bias=bias, softcap=softcap,
+        q, pb, mk, mask=mask, causal=causal, scale=scale, bias=bias, softcap=softcap,
         check_finite=check_finite, memory_budget=memory_budget, what=what)
 
     def blocks():
@@ -35,7 +34,7 @@ def _persistent_blocks(q, k, v, *, mem_k, mem_v, num_slots, rng, mask, causal, s
             s = np.concatenate([slot, seq], axis=-1)       # [slots; sequence]
             vals = None if v is None else np.concatenate([mv[b, hk], v[b, hk]])
             yield b, hs, s, vals
-    return pb, p, blocks()
+    return pb, mk.shape[-2], blocks()
 
 
 @register(family="memory", exact=False, time="O(N·(M + P)·D)",

@@ -25,17 +25,16 @@ import dataclasses
 import numpy as np
 from numba import njit
 
-from .._core.checks import check_choice, check_int, check_memory, resolve_scale
+from .._core.checks import check_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_tokens
+from ._common import run_form
 
 __all__ = ["gated_linear_attention", "gla_matrix", "gla_init_state", "gla_step",
            "GLAState"]
 
-#: Names of the forms ``method=`` selects.
-METHODS = ("parallel", "recurrent", "chunkwise")
 
 
 def _log_gates(log_gates, shape, name="log_gates", check_finite=True) -> np.ndarray:
@@ -158,16 +157,12 @@ def gated_linear_attention(q, k, v, *, log_gates, scale=None, method=None, chunk
     True
     """
     q, k, v, pb, g = _setup(q, k, v, log_gates, scale, check_finite)
-    method = check_choice("method", method, METHODS, none="chunkwise")
-    if method == "parallel":
-        check_memory(pb.batch * pb.heads_kv * pb.n * pb.m * pb.d * 24.0, memory_budget,
-                     "parallel gated linear attention", "method='chunkwise'")
-        out = np.einsum("bhgnm,bhme->bhgne", _parallel_matrix(q, k, g, pb), v)
-    elif method == "recurrent":
-        out = _recurrent(q, k, v, g, pb)
-    else:
-        out = _chunkwise(q, k, v, g, pb, check_int("chunk_size", chunk_size, minimum=1))
-    return pb.unflatten(out.reshape(pb.batch, pb.heads_q, pb.n, pb.dv))
+    return run_form(
+        method, chunk_size, pb, memory_budget, what="gated linear attention",
+        parallel_bytes=pb.batch * pb.heads_kv * pb.n * pb.m * pb.d * 24.0,
+        parallel=lambda: np.einsum("bhgnm,bhme->bhgne", _parallel_matrix(q, k, g, pb), v),
+        recurrent=lambda: _recurrent(q, k, v, g, pb),
+        chunkwise=lambda chunk: _chunkwise(q, k, v, g, pb, chunk))
 
 
 def gla_matrix(q, k, *, log_gates, scale=None, causal=True, check_finite=True,

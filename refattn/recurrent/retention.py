@@ -18,17 +18,16 @@ import dataclasses
 
 import numpy as np
 
-from .._core.checks import check_choice, check_int, check_memory, resolve_scale
+from .._core.checks import check_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_token
+from ._common import run_form
 
 __all__ = ["retention", "retention_matrix", "retention_init_state", "retention_step",
            "RetentionState"]
 
-#: Names of the forms ``method=`` selects.
-METHODS = ("parallel", "recurrent", "chunkwise")
 
 
 def _log_gamma(gamma, heads_q: int) -> np.ndarray:
@@ -122,16 +121,12 @@ def retention(q, k, v, *, gamma, scale=None, method=None, chunk_size=64, causal=
     True
     """
     q, k, v, pb, lg = _setup(q, k, v, gamma, scale, check_finite)
-    method = check_choice("method", method, METHODS, none="chunkwise")
-    if method == "parallel":
-        check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 16.0, memory_budget,
-                     "parallel retention", "method='chunkwise'")
-        out = _parallel(q, k, v, pb, lg)
-    elif method == "recurrent":
-        out = _recurrent(q, k, v, pb, lg)
-    else:
-        out = _chunkwise(q, k, v, pb, lg, check_int("chunk_size", chunk_size, minimum=1))
-    return pb.unflatten(out.reshape(pb.batch, pb.heads_q, pb.n, pb.dv))
+    return run_form(
+        method, chunk_size, pb, memory_budget, what="retention",
+        parallel_bytes=pb.batch * pb.heads_q * pb.n * pb.m * 16.0,
+        parallel=lambda: _parallel(q, k, v, pb, lg),
+        recurrent=lambda: _recurrent(q, k, v, pb, lg),
+        chunkwise=lambda chunk: _chunkwise(q, k, v, pb, lg, chunk))
 
 
 def retention_matrix(q, k, *, gamma, scale=None, causal=True, check_finite=True,

@@ -118,7 +118,8 @@ def attach(mechanism, *, implied=None, init_state=None, step=None, vjp=None,
     True
     """
     name = mechanism if isinstance(mechanism, str) else getattr(mechanism, "__name__", None)
-    if name not in _REGISTRY:
+    if name not in _REGISTRY or not (isinstance(mechanism, str)
+                                     or _REGISTRY[name]["fn"] is mechanism):
         raise ValueError(f"attach: {mechanism!r} is not a registered mechanism")
     if (init_state is None) != (step is None):
         raise ValueError(f"attach({name}): give both init_state and step, or neither")

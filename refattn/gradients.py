@@ -19,9 +19,8 @@ implementations train them; fully masked rows have zero gradients.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from .boundary.arrays import to_float64
+from ._core.checks import check_cotangent
+from ._core.problem import sum_to_shape
 
 __all__ = ["vjp", "has_vjp", "check_cotangent", "sum_to_shape"]
 
@@ -69,32 +68,3 @@ def vjp(fn, *inputs, **kwargs) -> dict:
         have = sorted(n for n, s in registry.mechanisms().items() if s.vjp is not None)
         raise TypeError(f"{name} has no VJP in refattn (mechanisms with one: {have})")
     return rule(*inputs, **kwargs)
-
-
-def check_cotangent(grad, name: str, shape: tuple, *, check_finite: bool = True):
-    """``grad`` as float64 with exactly ``shape`` (the output it is the cotangent of);
-    ``None`` stays ``None`` (a zero cotangent). A ``ValueError`` names it and both
-    shapes."""
-    if grad is None:
-        return None
-    g = to_float64(grad, name, check_finite=check_finite)
-    if g.shape != tuple(shape):
-        raise ValueError(f"{name} must have the output's shape {tuple(shape)}, got "
-                         f"{g.shape}")
-    return g
-
-
-def sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
-    """Sum ``grad`` over the dimensions that broadcasting added to an input of ``shape``
-    (leading dimensions, and dimensions of size 1): the gradient of a broadcast input.
-
-    >>> sum_to_shape(np.ones((2, 3, 4)), (3, 1)).tolist()
-    [[8.0], [8.0], [8.0]]
-    """
-    shape = tuple(shape)
-    lead = grad.ndim - len(shape)
-    out = grad.sum(axis=tuple(range(lead))) if lead > 0 else grad
-    axes = tuple(i for i, s in enumerate(shape) if s == 1 and out.shape[i] != 1)
-    if axes:
-        out = out.sum(axis=axes, keepdims=True)
-    return out.reshape(shape)

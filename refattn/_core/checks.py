@@ -8,8 +8,10 @@ import math
 
 import numpy as np
 
+from ..boundary.arrays import to_float64
+
 __all__ = ["DEFAULT_MEMORY_BUDGET", "MemoryBudgetError", "check_memory", "is_int", "check_int",
-           "check_count", "check_positive",
+           "check_count", "check_positive", "check_cotangent",
            "check_block", "check_bool", "check_choice", "resolve_scale",
            "resolve_softcap", "resolve_rng"]
 
@@ -145,3 +147,16 @@ def resolve_rng(rng, where: str) -> np.random.Generator:
                         f"numpy.random.Generator); the same rng gives the same result")
     raise TypeError(f"{where}: rng must be an int seed or a numpy.random.Generator, "
                     f"got {rng!r}")
+
+
+def check_cotangent(grad, name: str, shape: tuple, *, check_finite: bool = True):
+    """``grad`` as float64 with exactly ``shape`` (the output it is the cotangent of);
+    ``None`` stays ``None`` (a zero cotangent). A ``ValueError`` names it and both
+    shapes."""
+    if grad is None:
+        return None
+    g = to_float64(grad, name, check_finite=check_finite)
+    if g.shape != tuple(shape):
+        raise ValueError(f"{name} must have the output's shape {tuple(shape)}, got "
+                         f"{g.shape}")
+    return g

@@ -13,7 +13,20 @@ from ..masks import FULL, PARTIAL
 from .softmax import finish_rows
 from .threads import run_items
 
-__all__ = ["online_softmax_tiles"]
+__all__ = ["online_softmax_tiles", "online_softmax_tiles_backward"]
+
+
+def _tile_lists(mask, n, m, block_q, block_k):
+    """``(indptr, key_tiles, labels)``: for query tile ``t`` the key tiles
+    ``key_tiles[indptr[t]:indptr[t+1]]`` to visit and their FULL/PARTIAL labels; only the
+    non-empty ones for an analytic mask, every tile otherwise (the mask then evaluated)."""
+    if mask is not None and mask.analytic:
+        return mask.tile_lists(n, m, block_q, block_k)
+    n_q_tiles, n_k_tiles = -(-n // block_q), -(-m // block_k)
+    indptr = np.arange(n_q_tiles + 1) * n_k_tiles
+    key_tiles = np.tile(np.arange(n_k_tiles), n_q_tiles)
+    return indptr, key_tiles, np.full(len(key_tiles), FULL if mask is None else PARTIAL,
+                                      np.int8)
 
 
 def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, workers=None):
@@ -24,14 +37,8 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
     ``out (B, Hq, N, Dv)`` and ``lse (B, Hq, N)``.
     """
     g, n, m = pb.group, pb.n, pb.m
-    mask = logits.mask
-    n_q_tiles, n_k_tiles = -(-n // block_q), -(-m // block_k)
-    if mask is not None and mask.analytic:   # visit the non-empty tiles only
-        indptr, key_tiles, labels = mask.tile_lists(n, m, block_q, block_k)
-    else:                                    # every tile; a mask is evaluated on each
-        indptr = np.arange(n_q_tiles + 1) * n_k_tiles
-        key_tiles = np.tile(np.arange(n_k_tiles), n_q_tiles)
-        labels = np.full(len(key_tiles), FULL if mask is None else PARTIAL, np.int8)
+    n_q_tiles = -(-n // block_q)
+    indptr, key_tiles, labels = _tile_lists(logits.mask, n, m, block_q, block_k)
 
     out, lse = pb.poisoned_outputs()
     local = threading.local()          # one reusable logit tile per worker thread
@@ -70,3 +77,68 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
     visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
     run_items(run, items, workers, visited)
     return out, lse
+
+
+def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
+                                  block_k: int, workers=None, parameter=None):
+    r"""The tiled backward (FlashAttention-2, Dao 2023, Algorithm 2) on validated flat
+    inputs, ``do (B, Hq, N, Dv)`` and ``dlse (B, Hq, N)`` or None.
+
+    Runs the forward for ``O`` and ``lse``, takes ``D_i = rowsum(dO ∘ O) - dlse_i``, then
+    for each key tile (one work item, owning its rows of ``dK``, ``dV``) visits the query
+    tiles the mask leaves non-empty, recomputing ``P = exp(S - lse)`` per tile:
+    ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dK += dXᵀ Q``, ``dQ += dX K`` (under a
+    lock, as the atomic adds of the GPU kernel), ``dX = dS ∘ ∂S/∂X``. ``parameter``: a
+    score modifier's ``(grad, add, result)`` accumulator (:meth:`ScoreMod
+    ._parameter_gradient`). Working memory: a few ``(G, block_q, block_k)`` tiles per
+    worker beyond inputs, outputs and gradients. Returns flat ``dq, dk, dv``.
+    """
+    n, m = pb.n, pb.m
+    out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k, workers)
+    delta = np.einsum("bhnd,bhnd->bhn", do, out)
+    del out
+    if dlse is not None:
+        delta -= dlse
+    lse = np.where(np.isneginf(lse), np.inf, lse)      # empty rows: P = exp(-inf) = 0
+    indptr, key_tiles, labels = _tile_lists(logits.mask, n, m, block_q, block_k)
+    query_tiles = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    by_key = np.argsort(key_tiles, kind="stable")       # the same pairs, key-major
+    key_ptr = np.searchsorted(key_tiles[by_key], np.arange(-(-m // block_k) + 1))
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    lock = threading.Lock()
+
+    def run(item):
+        b, hk, hs, kb = item
+        heads = np.arange(hs.start, hs.stop)
+        cols = np.arange(kb * block_k, min((kb + 1) * block_k, m))
+        kt, vt = k[b, hk, cols[0]:cols[-1] + 1], v[b, hk, cols[0]:cols[-1] + 1]
+        dkt, dvt = np.zeros(kt.shape), np.zeros(vt.shape)
+        for pair in by_key[key_ptr[kb]:key_ptr[kb + 1]]:
+            qb = query_tiles[pair]
+            rs = slice(qb * block_q, min((qb + 1) * block_q, n))
+            rows = np.arange(rs.start, rs.stop)
+            qt, dot = q[b, hs, rs] * logits.scale, do[b, hs, rs]
+            s, chain = logits.block(qt, kt, b, heads, rows, cols,
+                                    apply_mask=labels[pair] != FULL, derivative=True)
+            s -= lse[b, hs, rs][..., None]
+            p = np.exp(s, out=s)
+            dvt += np.einsum("grc,grd->cd", p, dot)
+            ds = dot @ vt.T                                # dP, then dS in place
+            ds -= delta[b, hs, rs][..., None]
+            ds *= p
+            if chain is not None:
+                ds_logit, ds = ds, ds * chain
+            else:
+                ds_logit = ds
+            dkt += np.einsum("grc,grd->cd", ds, qt)
+            with lock:
+                dq[b, hs, rs] += (ds @ kt) * logits.scale
+                if parameter is not None:
+                    parameter[1](parameter[0], ds_logit, b, heads, rows, cols, n, m)
+        dk[b, hk, cols[0]:cols[-1] + 1], dv[b, hk, cols[0]:cols[-1] + 1] = dkt, dvt
+
+    items = [(b, hk, hs, kb) for b, hk, hs in pb.kv_groups()
+             for kb in range(-(-m // block_k)) if key_ptr[kb + 1] > key_ptr[kb]]
+    visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
+    run_items(run, items, workers, visited)
+    return dq, dk, dv

@@ -88,6 +88,12 @@ class Problem:
         out, lse = self.unflatten(out, lse)
         return (out, lse) if return_lse else out
 
+    def input_gradient(self, flat: np.ndarray, shape: tuple) -> np.ndarray:
+        """A flat ``(B, ...)`` gradient as the gradient of an input of ``shape`` (the
+        caller's, before broadcasting): batch dimensions restored, then summed over the
+        dimensions broadcasting added (:func:`sum_to_shape`)."""
+        return sum_to_shape(self.unflatten(flat), shape)
+
     def unflatten(self, *arrays):
         """Give flat ``(B, ...)`` arrays the caller's batch dimensions back."""
         out = tuple(a.reshape(self.batch_shape + a.shape[1:]) for a in arrays)
@@ -178,3 +184,19 @@ def gather_broadcast(a: np.ndarray, b, h, q_idx, kv_idx, n, m, what: str) -> np.
     idx = tuple(np.asarray(i) if s > 1 else np.zeros_like(np.asarray(i))
                 for i, s in zip((b, h, q_idx, kv_idx), a.shape))
     return a[idx]
+
+
+def sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum ``grad`` over the dimensions that broadcasting added to an input of ``shape``
+    (leading dimensions, and dimensions of size 1): the gradient of a broadcast input.
+
+    >>> sum_to_shape(np.ones((2, 3, 4)), (3, 1)).tolist()
+    [[8.0], [8.0], [8.0]]
+    """
+    shape = tuple(shape)
+    lead = grad.ndim - len(shape)
+    out = grad.sum(axis=tuple(range(lead))) if lead > 0 else grad
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and out.shape[i] != 1)
+    if axes:
+        out = out.sum(axis=axes, keepdims=True)
+    return out.reshape(shape)

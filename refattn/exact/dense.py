@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._core.backward import softmax_backward
 from .._core.checks import check_memory
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
 from .._core.softmax import finish_rows, softmax_rows
 from ..registry import attach, register
 
-__all__ = ["attention", "attention_probs"]
+__all__ = ["attention", "attention_probs", "attention_vjp"]
 
 
 def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
@@ -127,4 +128,69 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
     return pb.unflatten(probs)
 
 
-attach(attention, implied=attention_probs)
+
+def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, scale=None,
+                  bias=None, softcap=None, check_finite=True, memory_budget=None):
+    r"""Gradients of :func:`attention` (dense reference): ``{"q", "k", "v"}`` and
+    ``"bias"`` for an array bias (its shape) or a relative-position table (the table's).
+
+    With ``P = softmax(S)``, ``O = P V``, ``lse = logsumexp(S)`` and cotangents ``dO``
+    (``grad_out``, ``(..., Hq, N, Dv)``) and ``dlse`` (``grad_lse``, ``(..., Hq, N)``):
+
+    .. math::
+
+        dV = P^\top dO, \quad dP = dO\, V^\top, \quad
+        D_i = \textstyle\sum_d dO_{id} O_{id} - dlse_i, \quad
+        dS = P \circ (dP - D), \\
+        dX = dS \circ \tfrac{\partial S}{\partial X}, \quad
+        dQ = \text{scale}\; dX\, K, \quad dK = \text{scale}\; dX^\top Q,
+
+    where ``X = scale · QKᵀ`` and ``∂S/∂X`` is ``1 - tanh²(X / softcap)`` times the score
+    modifier's derivative (FlashAttention-2's backward, Dao 2023, §3.1, without tiling).
+    An additive bias gets ``dS`` summed over its broadcast dimensions; ALiBi and relative
+    tables pass ``dS`` through; a user ``score_mod`` needs its ``derivative``
+    (:func:`refattn.scores.from_function`). GQA: a KV head sums over its query heads.
+    Masked pairs and fully masked rows get zero gradients. Working memory: a few
+    ``(G, N, M)`` blocks; beyond the budget use ``refattn.vjp("tiled_attention", ...)``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 4, 8))
+    >>> g = ra.vjp("attention", q, k, v, np.ones((2, 4, 8)))
+    >>> bool(np.allclose(g["v"].sum(-2), 4.0))      # each row of P sums to 1
+    True
+    """
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+    q, k, v, do, dlse, pb, logits, param = (bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb,
+                                            bw.logits, bw.parameter)
+    check_memory(pb.group * pb.n * pb.m * 40.0, memory_budget, "dense attention's backward",
+                 "refattn.vjp('tiled_attention', ...)")
+    q_scaled = q * logits.scale
+    rows, cols = np.arange(pb.n), np.arange(pb.m)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b, hk, hs in pb.kv_groups():
+        heads = np.arange(hs.start, hs.stop)
+        p, chain = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols,
+                                derivative=True)
+        _, row_sum = softmax_rows(p)
+        empty = row_sum == 0
+        np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
+        p[empty] = 0.0
+        dob = do[b, hs]
+        dv[b, hk] = np.einsum("gnm,gnd->md", p, dob)
+        delta = np.einsum("gnd,gnd->gn", dob, p @ v[b, hk])
+        if dlse is not None:
+            delta -= dlse[b, hs]
+        ds = dob @ v[b, hk].T                                  # dP, then dS in place
+        ds -= delta[..., None]
+        ds *= p
+        del p
+        if param is not None:
+            param[1](param[0], ds, b, heads, rows, cols, pb.n, pb.m)
+        if chain is not None:
+            ds *= chain
+        dq[b, hs] = (ds @ k[b, hk]) * logits.scale
+        dk[b, hk] = np.einsum("gnm,gnd->md", ds, q_scaled[b, hs])
+    return bw.gradients(dq, dk, dv)
+
+attach(attention, implied=attention_probs, vjp=attention_vjp)

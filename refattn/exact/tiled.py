@@ -16,13 +16,14 @@ that the mask classifies as empty are skipped; full tiles skip mask evaluation.
 """
 from __future__ import annotations
 
+from .._core.backward import softmax_backward
 from .._core.checks import check_block
 from .._core.logits import make_logits
-from .._core.online import online_softmax_tiles
+from .._core.online import online_softmax_tiles, online_softmax_tiles_backward
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
 
-__all__ = ["tiled_attention"]
+__all__ = ["tiled_attention", "tiled_attention_vjp"]
 
 #: Default number of logits in one tile (``G * block_q * block_k``): 4 MiB of float64,
 #: large enough for efficient matrix products and small enough to stay in cache.
@@ -68,6 +69,34 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
     return (out, lse) if return_lse else out
 
 
+def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block_k=None,
+                        mask=None, causal=False, scale=None, bias=None, softcap=None,
+                        check_finite=True, workers=None):
+    """Gradients of :func:`tiled_attention` by FlashAttention-2's backward (Dao 2023,
+    Algorithm 2): the forward again for ``O`` and ``lse``, ``D = rowsum(dO ∘ O) - dlse``,
+    then per key tile over the non-empty query tiles ``P = exp(S - lse)``,
+    ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dK += dXᵀ Q``, ``dQ += dX K`` (the
+    equations of :func:`refattn.exact.dense.attention_vjp`). The same gradients as the
+    dense backward, in O(block) working memory beyond inputs, outputs and gradients;
+    threads work on different key tiles. Arguments as :func:`tiled_attention`, plus
+    ``grad_out`` ``(..., Hq, N, Dv)`` and ``grad_lse`` ``(..., Hq, N)``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 50, 8))
+    >>> do = np.random.default_rng(1).standard_normal((2, 50, 8))
+    >>> a = ra.vjp("tiled_attention", q, k, v, do, block_q=16, block_k=8, causal=True)
+    >>> b = ra.vjp("attention", q, k, v, do, causal=True)
+    >>> all(np.allclose(a[x], b[x], rtol=1e-12, atol=1e-14) for x in "qkv")
+    True
+    """
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+    block_q, block_k = default_blocks(bw.pb, bw.logits.mask is not None, block_q, block_k)
+    return bw.gradients(*online_softmax_tiles_backward(
+        bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb, bw.logits, block_q, block_k,
+        check_block("workers", workers), bw.parameter))
+
+
 def default_blocks(pb, masked: bool, block_q=None, block_k=None) -> tuple[int, int]:
     """Tile sizes: ``block_k = 1024`` and ``block_q`` filling ``TILE_ELEMENTS`` logits
     with all ``G`` heads of a KV head; with a mask, square tiles of at most a quarter of
@@ -93,4 +122,4 @@ def _implied_probs(q, k, *, block_q=None, block_k=None, workers=None, **kwargs):
     return attention_probs(q, k, **kwargs)
 
 
-attach(tiled_attention, implied=_implied_probs)
+attach(tiled_attention, implied=_implied_probs, vjp=tiled_attention_vjp)

@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from .._core.checks import is_int, resolve_softcap
-from .._core.problem import flatten_leading, gather_broadcast
+from .._core.problem import flatten_leading, gather_broadcast, sum_to_shape
 from ..boundary.arrays import to_float64
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_bias", "softcap",
@@ -44,9 +44,30 @@ class ScoreMod(abc.ABC):
     _n: int | None = None
     _m: int | None = None
 
+    #: The modifier adds something that does not depend on ``score`` (its derivative in
+    #: ``score`` is 1): biases, ALiBi, relative tables.
+    additive = False
+
     @abc.abstractmethod
     def _apply(self, score, b, h, q_idx, kv_idx, n, m) -> np.ndarray:
         """New logits, the broadcast of ``score`` and the index arrays."""
+
+    def _derivative(self, score, b, h, q_idx, kv_idx, n, m) -> np.ndarray:
+        """``d new logit / d score`` (broadcastable), for gradients through the logits."""
+        if self.additive:
+            return np.ones(())
+        raise TypeError(f"score_mod {self.name} cannot be differentiated: give its "
+                        f"derivative, refattn.scores.from_function(fn, derivative=dfn) with "
+                        f"dfn(score, b, h, q_idx, kv_idx) = d fn / d score")
+
+    def _parameter_gradient(self):
+        """``(grad, add, result)`` for the gradient of the modifier's own parameters (the
+        array of an additive bias, a relative table), or None when it has none to learn.
+        ``add(grad, dscore, b, heads, rows, cols, n, m)`` adds a ``(G, r, c)`` block of
+        logit gradients for batch ``b``, query heads ``heads (G,)``, rows ``(r,)`` and
+        key columns ``(c,)``; ``result(grad, batch_shape)`` gives it the parameter's shape
+        as the caller passed it."""
+        return None
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         """FlexAttention signature; lengths from :meth:`bind` (unbound: ``N == M``)."""
@@ -92,6 +113,8 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 
 
 class _ALiBi(ScoreMod):
+    additive = True
+
     def __init__(self, slopes, name):
         self.slopes, self.name = slopes, name
 
@@ -110,14 +133,29 @@ def alibi(num_heads: int) -> ScoreMod:
 
 
 class _RelativeBias(ScoreMod):
+    additive = True
+
     def __init__(self, table, name):
         self.table, self.name = table, name
 
-    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+    def _columns(self, q_idx, kv_idx, n, m):
         reach = (self.table.shape[1] - 1) // 2
-        rel = np.clip(_distance(q_idx, kv_idx, n, m), -reach, reach) + reach
+        return np.clip(_distance(q_idx, kv_idx, n, m), -reach, reach) + reach
+
+    def _parameter_gradient(self):
+        table = self.table
+
+        def add(grad, dscore, b, heads, rows, cols, n, m):
+            """``grad[h, column] += dscore`` summed over the positions of each column."""
+            column = self._columns(rows[:, None], cols[None, :], n, m).ravel()
+            for g, h in enumerate(heads if table.shape[0] > 1 else np.zeros_like(heads)):
+                grad[h] += np.bincount(column, weights=dscore[g].ravel(),
+                                       minlength=table.shape[1])
+        return np.zeros(table.shape), add, lambda grad, batch_shape: grad
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
         heads = np.asarray(h) if self.table.shape[0] > 1 else np.zeros_like(np.asarray(h))
-        return score + self.table[heads, rel]
+        return score + self.table[heads, self._columns(q_idx, kv_idx, n, m)]
 
 
 def relative_bias(table) -> ScoreMod:
@@ -141,6 +179,9 @@ class _Softcap(ScoreMod):
     def _apply(self, score, b, h, q_idx, kv_idx, n, m):
         return self.cap * np.tanh(score / self.cap)
 
+    def _derivative(self, score, b, h, q_idx, kv_idx, n, m):
+        return 1.0 - np.tanh(score / self.cap) ** 2
+
 
 def softcap(cap: float) -> ScoreMod:
     """Logit soft-capping ``cap * tanh(s / cap)`` (Gemma 2, Grok); the references also
@@ -149,8 +190,13 @@ def softcap(cap: float) -> ScoreMod:
 
 
 class _Function(ScoreMod):
-    def __init__(self, fn, name):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, name, derivative=None):
+        self.fn, self.name, self.derivative = fn, name, derivative
+
+    def _derivative(self, score, b, h, q_idx, kv_idx, n, m):
+        if self.derivative is None:
+            return super()._derivative(score, b, h, q_idx, kv_idx, n, m)
+        return np.asarray(self.derivative(score, b, h, q_idx, kv_idx), dtype=np.float64)
 
     def _apply(self, score, b, h, q_idx, kv_idx, n, m):
         out = np.asarray(self.fn(score, b, h, q_idx, kv_idx))
@@ -160,16 +206,44 @@ class _Function(ScoreMod):
         return out
 
 
-def from_function(fn, name: str | None = None) -> ScoreMod:
-    """Wrap a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``."""
+def from_function(fn, name: str | None = None, *, derivative=None) -> ScoreMod:
+    """Wrap a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``.
+
+    ``derivative(score, b, h, q_idx, kv_idx)``, when given, is ``d score_mod / d score``:
+    gradients (:func:`refattn.vjp`) flow through the modifier with it, and raise without
+    it (refattn does not differentiate Python code).
+    """
     if not callable(fn):
         raise TypeError(f"score_mod must be callable, got {type(fn).__name__}")
-    return _Function(fn, name or getattr(fn, "__name__", "score_mod"))
+    if derivative is not None and not callable(derivative):
+        raise TypeError(f"derivative must be callable, got {type(derivative).__name__}")
+    return _Function(fn, name or getattr(fn, "__name__", "score_mod"), derivative)
 
 
 class _Additive(ScoreMod):
+    additive = True
+
     def __init__(self, arr, name):
         self.arr, self.name = arr, name
+
+    def _parameter_gradient(self):
+        arr = self.arr
+
+        def add(grad, dscore, b, heads, rows, cols, n, m):
+            """``grad[b, h, i, j] += dscore``, summed over the axes the array broadcasts
+            (size 1): then every index is distinct and a plain ``+=`` is exact."""
+            for axis, size in ((0, arr.shape[1]), (1, arr.shape[2]), (2, arr.shape[3])):
+                if size == 1:
+                    dscore = dscore.sum(axis=axis, keepdims=True)
+            h, r, c = (ix if size > 1 else np.zeros(1, np.int64)
+                       for ix, size in zip((heads, rows, cols), arr.shape[1:]))
+            grad[b if arr.shape[0] > 1 else 0, h[:, None, None], r[None, :, None],
+                 c[None, None, :]] += dscore
+
+        def result(grad, batch_shape):
+            lead = tuple(batch_shape) if arr.shape[0] > 1 else (1,) * len(batch_shape)
+            return sum_to_shape(grad.reshape(lead + arr.shape[1:]), self.shape)
+        return np.zeros(arr.shape), add, result
 
     def _apply(self, score, b, h, q_idx, kv_idx, n, m):
         return score + gather_broadcast(self.arr, b, h, q_idx, kv_idx, n, m, "bias array")
@@ -185,7 +259,9 @@ def from_array(bias, batch_shape: tuple = (), *, check_finite: bool = True) -> S
     if check_finite and (np.isnan(a).any() or np.isposinf(a).any()):
         raise ValueError(f"bias {a.shape} contains nan or +inf; pass check_finite=False to "
                          f"allow them")
-    return _Additive(flatten_leading(a, tuple(batch_shape), "bias"), f"bias{a.shape}")
+    out = _Additive(flatten_leading(a, tuple(batch_shape), "bias"), f"bias{a.shape}")
+    out.shape = a.shape
+    return out
 
 
 def as_score_mod(bias, batch_shape: tuple = (), *, check_finite: bool = True):

@@ -28,6 +28,7 @@ from .._core.problem import prepare_qkv
 from ..exact.dense import attention, attention_probs
 from ..registry import attach, register
 from ..streaming import State, Window, attend_token, check_sizes, check_tokens
+from .engine import sparse_attention_vjp
 
 __all__ = ["chunked_attention", "chunked_init_state", "chunked_step", "ChunkState"]
 
@@ -144,5 +145,15 @@ def chunked_step(state: ChunkState, q_t, k_t, v_t):
     return out, state.replace(position=t + 1, recent=recent)
 
 
-attach(chunked_attention, implied=_implied, init_state=chunked_init_state,
-       step=chunked_step)
+
+def chunked_attention_vjp(q, k, v, grad_out, *, chunk_size, overlap=0, grad_lse=None,
+                          causal=False, scale=None, softcap=None, check_finite=True):
+    """Gradients of :func:`chunked_attention`: exact attention under its chunk mask
+    (:func:`refattn.masks.chunks`), differentiated by the sparse engine's tiled backward
+    (:func:`refattn.sparse.engine.sparse_attention_vjp`) over the non-empty tiles."""
+    return sparse_attention_vjp(q, k, v, _chunk_mask(chunk_size, overlap), grad_out,
+                                grad_lse=grad_lse, causal=causal, scale=scale,
+                                softcap=softcap, check_finite=check_finite)
+
+attach(chunked_attention, implied=_implied, vjp=chunked_attention_vjp,
+       init_state=chunked_init_state, step=chunked_step)

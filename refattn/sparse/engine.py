@@ -33,15 +33,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .._core.checks import check_block
+from .._core.backward import softmax_backward
+from .._core.checks import check_block, check_choice
 from .._core.logits import make_logits
-from .._core.online import online_softmax_tiles
+from .._core.online import online_softmax_tiles, online_softmax_tiles_backward
 from .._core.problem import prepare_qkv
 from .._core.softmax import finish_rows
 from .._core.threads import run_items
 from ..masks import FULL, PARTIAL
 
-__all__ = ["sparse_attention", "SPARSE_BLOCK", "GATHER_BLOCK_Q", "GATHER_COST_RATIO"]
+__all__ = ["sparse_attention", "sparse_attention_vjp", "SPARSE_BLOCK", "GATHER_BLOCK_Q", "GATHER_COST_RATIO"]
 
 #: Default tile for the ``"tiles"`` path: small enough that a narrow band wastes little.
 SPARSE_BLOCK = 128
@@ -67,8 +68,7 @@ def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, soft
     if mask is None:
         raise ValueError("sparse_attention needs a mask; for dense attention use "
                          "refattn.attention or refattn.tiled_attention")
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    check_choice("method", method, _METHODS)
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
                          softcap=softcap, check_finite=check_finite)
@@ -84,6 +84,37 @@ def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, soft
         out, lse = _gather_attention(q, k, v, pb, logits, block_q, block_k, workers)
     out, lse = pb.unflatten(out, lse)
     return (out, lse) if return_lse else out
+
+
+def sparse_attention_vjp(q, k, v, mask, grad_out, *, grad_lse=None, causal=False,
+                         scale=None, bias=None, softcap=None, check_finite=True,
+                         method="auto", block_q=None, block_k=None, workers=None):
+    """Gradients of :func:`sparse_attention`: FlashAttention-2's backward
+    (:func:`refattn.exact.tiled.tiled_attention_vjp`) over the tiles the mask leaves
+    non-empty, in time proportional to them. Both forward paths compute the same
+    function, so ``method`` selects nothing here (the backward always runs on tiles);
+    ``block_q``, ``block_k`` default to ``SPARSE_BLOCK``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 40, 8))
+    >>> do = np.ones((1, 40, 8))
+    >>> mask = ra.masks.sliding_window(5)
+    >>> a = ra.vjp("sparse_attention", q, k, v, mask, do, causal=True)
+    >>> b = ra.vjp("attention", q, k, v, do, mask=mask, causal=True)
+    >>> all(np.allclose(a[x], b[x], rtol=1e-12, atol=1e-14) for x in "qkv")
+    True
+    """
+    if mask is None:
+        raise ValueError("sparse_attention needs a mask; for dense attention use "
+                         "refattn.attention or refattn.tiled_attention")
+    check_choice("method", method, _METHODS)
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+    block_q = check_block("block_q", block_q) or SPARSE_BLOCK
+    block_k = check_block("block_k", block_k) or SPARSE_BLOCK
+    return bw.gradients(*online_softmax_tiles_backward(
+        bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb, bw.logits, block_q, block_k,
+        check_block("workers", workers), bw.parameter))
 
 
 #: The gather path costs about this many times more per kept pair than the tile path
@@ -222,3 +253,6 @@ def _segment_softmax_values(s, starts, cols, v, acc):  # pragma: no cover - comp
         row_max[i] = top
         row_sum[i] = total
     return row_max, row_sum
+
+
+sparse_attention.vjp = sparse_attention_vjp

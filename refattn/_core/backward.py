@@ -1,0 +1,59 @@
+"""What the softmax references' backward passes share: validating the inputs and the
+cotangents exactly as the forward does, and handing the gradients back in the shapes the
+caller passed (broadcast batch dimensions summed, GQA heads summed per KV head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .checks import check_cotangent
+from .logits import Logits, make_logits
+from .problem import Problem, prepare_qkv
+
+__all__ = ["SoftmaxBackward", "softmax_backward"]
+
+
+@dataclass
+class SoftmaxBackward:
+    """A validated backward call: flat ``q, k, v`` and cotangents ``do (B, Hq, N, Dv)``,
+    ``dlse (B, Hq, N)`` (None: zero), the logit pipeline, the score modifier's parameter
+    accumulator (``None`` when it has no parameters), and the caller's input shapes."""
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    do: np.ndarray
+    dlse: np.ndarray | None
+    pb: Problem
+    logits: Logits
+    parameter: tuple | None
+    shapes: tuple
+
+    def gradients(self, dq, dk, dv) -> dict:
+        """The flat gradients as ``{"q", "k", "v"}`` (and ``"bias"``) in the caller's
+        shapes."""
+        grads = {name: self.pb.input_gradient(g, shape)
+                 for name, g, shape in zip("qkv", (dq, dk, dv), self.shapes)}
+        if self.parameter is not None:
+            grad, _, result = self.parameter
+            grads["bias"] = result(grad, self.pb.batch_shape)
+        return grads
+
+
+def softmax_backward(q, k, v, grad_out, grad_lse, *, mask, causal, scale, bias, softcap,
+                     check_finite) -> SoftmaxBackward:
+    """Validate a softmax backward call (inputs first, then ``grad_out`` of shape
+    ``(..., Hq, N, Dv)`` and ``grad_lse`` of shape ``(..., Hq, N)``)."""
+    shapes = tuple(np.shape(x) for x in (q, k, v))
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    lead = pb.batch_shape + (pb.heads_q, pb.n)
+    do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,), check_finite=check_finite)
+    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    parameter = None if logits.score_mod is None else logits.score_mod._parameter_gradient()
+    return SoftmaxBackward(q, k, v, do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv),
+                           None if dlse is None else dlse.reshape(pb.batch, pb.heads_q, pb.n),
+                           pb, logits, parameter, shapes)

@@ -102,3 +102,40 @@ def test_max_rel_error_cannot_pass_a_wrong_answer():
     assert max_rel_error(e[:1], e) == np.inf               # shapes must match
     assert max_rel_error(np.ones(3), np.zeros(3), normwise=True) == np.inf
     assert max_rel_error(np.zeros(3), np.zeros(3), normwise=True) == 0.0
+
+
+def _sdpa_gradients(attn_mask=None, causal=False):
+    """A user's bf16 backward: PyTorch SDPA (math backend) gradients for fixed inputs."""
+    torch = pytest.importorskip("torch")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rng = np.random.default_rng(0)
+    q, k, v = (torch.tensor(x, dtype=torch.bfloat16, requires_grad=True)
+               for x in rng.standard_normal((3, 2, 4, 256, 64)))
+    do = torch.tensor(rng.standard_normal((2, 4, 256, 64)), dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                               is_causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return [x.detach().float().numpy() for x in (q, k, v, do)], grads   # bf16 -> f32: exact
+
+
+def test_users_view_of_gradients_passes_for_a_correct_backward():
+    (q, k, v, do), (dq, dk, dv) = _sdpa_gradients(causal=True)
+    oracle = refattn.vjp("attention", q, k, v, do, causal=True)
+    baseline = refattn.testing.low_precision_attention_vjp(q, k, v, do, "bfloat16",
+                                                           causal=True)
+    for name, mine in zip("qkv", (dq, dk, dv)):
+        assert_as_accurate_as(mine, baseline[name], oracle[name], name=f"d{name}")
+
+
+def test_users_view_of_gradients_catches_a_leaking_causal_mask():
+    torch = pytest.importorskip("torch")
+    leak = torch.ones(256, 256, dtype=torch.bool).tril(1)      # one future key per row
+    (q, k, v, do), (dq, dk, dv) = _sdpa_gradients(attn_mask=leak)
+    oracle = refattn.vjp("attention", q, k, v, do, causal=True)
+    baseline = refattn.testing.low_precision_attention_vjp(q, k, v, do, "bfloat16",
+                                                           causal=True)
+    with pytest.raises(AssertionError, match=r"dq is less accurate than its baseline "
+                                             r"allows: .*\n  worst at index \(\d+, \d+, "
+                                             r"\d+, \d+\)"):
+        assert_as_accurate_as(dq, baseline["q"], oracle["q"], name="dq")

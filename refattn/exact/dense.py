@@ -161,10 +161,21 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
     """
     bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
                           scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+    check_memory(bw.pb.group * bw.pb.n * bw.pb.m * 40.0, memory_budget,
+                 "dense attention's backward", "refattn.vjp('tiled_attention', ...)")
+    return dense_backward(bw)
+
+
+def dense_backward(bw, rounding=None) -> dict:
+    """The loop of :func:`attention_vjp` on a validated call ``bw``
+    (``refattn._core.backward.softmax_backward``), one ``(G, N, M)`` block per batch
+    entry and KV head. ``rounding(x)``, when given, rounds what a low-precision kernel
+    holds in its element type: ``O`` and ``P`` before ``D`` and ``dV = PᵀdO``, ``dS``
+    before ``dQ`` and ``dK``, and the gradients (the baseline of
+    :func:`refattn.testing.low_precision_attention_vjp`)."""
+    keep = rounding or (lambda x: x)
     q, k, v, do, dlse, pb, logits, param = (bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb,
                                             bw.logits, bw.parameter)
-    check_memory(pb.group * pb.n * pb.m * 40.0, memory_budget, "dense attention's backward",
-                 "refattn.vjp('tiled_attention', ...)")
     q_scaled = q * logits.scale
     rows, cols = np.arange(pb.n), np.arange(pb.m)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
@@ -177,8 +188,8 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
         np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
         p[empty] = 0.0
         dob = do[b, hs]
-        dv[b, hk] = np.einsum("gnm,gnd->md", p, dob)
-        delta = np.einsum("gnd,gnd->gn", dob, p @ v[b, hk])
+        dv[b, hk] = np.einsum("gnm,gnd->md", keep(p), dob)
+        delta = np.einsum("gnd,gnd->gn", dob, keep(p @ v[b, hk]))
         if dlse is not None:
             delta -= dlse[b, hs]
         ds = dob @ v[b, hk].T                                  # dP, then dS in place
@@ -189,8 +200,10 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
             param[1](param[0], ds, b, heads, rows, cols, pb.n, pb.m)
         if chain is not None:
             ds *= chain
+        ds = keep(ds)
         dq[b, hs] = (ds @ k[b, hk]) * logits.scale
         dk[b, hk] = np.einsum("gnm,gnd->md", ds, q_scaled[b, hs])
-    return bw.gradients(dq, dk, dv)
+    return bw.gradients(*(keep(x) for x in (dq, dk, dv)))
+
 
 attach(attention, implied=attention_probs, vjp=attention_vjp)

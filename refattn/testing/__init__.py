@@ -20,7 +20,8 @@ import numpy as np
 from ..boundary.arrays import dtype_name, is_torch_tensor, to_float64
 
 __all__ = ["TOLERANCES", "tolerance", "assert_close", "assert_as_accurate_as",
-           "max_rel_error", "low_precision_attention", "round_to"]
+           "max_rel_error", "low_precision_attention", "low_precision_attention_vjp",
+           "round_to"]
 
 #: ``dtype name -> (rtol, atol)`` for attention outputs of order 1, computed in that
 #: dtype (float32 accumulation for the 16-bit types) from the same inputs as the oracle.
@@ -190,6 +191,25 @@ def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
     group = q.shape[-3] // k.shape[-3]
     v = np.repeat(v, group, axis=-3)
     return round_to(probs @ v, dtype)
+
+
+def low_precision_attention_vjp(q, k, v, grad_out, dtype, *, grad_lse=None, mask=None,
+                                causal=False, scale=None, bias=None, softcap=None) -> dict:
+    """The gradients a FlashAttention-2-style backward in ``dtype`` computes, emulated:
+    ``q``, ``k``, ``v``, ``grad_out`` rounded to ``dtype``; logits and softmax exact (float32
+    in a kernel); ``O`` and ``P`` rounded before ``D = rowsum(dO ∘ O)`` and ``dV = PᵀdO``,
+    ``dS`` rounded before ``dQ = dS K`` and ``dK = dSᵀQ``, products accumulated wide; the
+    gradients rounded to ``dtype``. The same-precision baseline for
+    :func:`assert_as_accurate_as` on ``dq``, ``dk``, ``dv``, as
+    :func:`low_precision_attention` is for the output. Returns ``{"q", "k", "v"}``.
+    """
+    from .._core.backward import softmax_backward
+    from ..exact.dense import dense_backward
+    q, k, v, grad_out = (round_to(_as_array(x, name), dtype)
+                         for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad_out, "grad_out")))
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal, scale=scale,
+                          bias=bias, softcap=softcap, check_finite=True)
+    return dense_backward(bw, rounding=lambda x: round_to(x, dtype))
 
 
 def __getattr__(name):

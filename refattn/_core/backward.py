@@ -12,7 +12,7 @@ from .checks import check_cotangent
 from .logits import Logits, make_logits
 from .problem import Problem, prepare_qkv
 
-__all__ = ["SoftmaxBackward", "softmax_backward"]
+__all__ = ["SoftmaxBackward", "softmax_backward", "head_summed_product"]
 
 
 @dataclass
@@ -57,3 +57,9 @@ def softmax_backward(q, k, v, grad_out, grad_lse, *, mask, causal, scale, bias, 
     return SoftmaxBackward(q, k, v, do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv),
                            None if dlse is None else dlse.reshape(pb.batch, pb.heads_q, pb.n),
                            pb, logits, parameter, shapes)
+
+
+def head_summed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``Σ_g a[g]ᵀ b[g]`` for ``a (G, r, c)``, ``b (G, r, d)`` -> ``(c, d)``: a key
+    block's gradient summed over the query heads that share it, as one BLAS product."""
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])

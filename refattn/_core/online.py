@@ -10,6 +10,7 @@ import threading
 import numpy as np
 
 from ..masks import FULL, PARTIAL
+from .backward import head_summed_product
 from .softmax import finish_rows
 from .threads import run_items
 
@@ -122,7 +123,7 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
                                     apply_mask=labels[pair] != FULL, derivative=True)
             s -= lse[b, hs, rs][..., None]
             p = np.exp(s, out=s)
-            dvt += np.einsum("grc,grd->cd", p, dot)
+            dvt += head_summed_product(p, dot)
             ds = dot @ vt.T                                # dP, then dS in place
             ds -= delta[b, hs, rs][..., None]
             ds *= p
@@ -130,7 +131,7 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
                 ds_logit, ds = ds, ds * chain
             else:
                 ds_logit = ds
-            dkt += np.einsum("grc,grd->cd", ds, qt)
+            dkt += head_summed_product(ds, qt)
             with lock:
                 dq[b, hs, rs] += (ds @ kt) * logits.scale
                 if parameter is not None:

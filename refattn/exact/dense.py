@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.backward import softmax_backward
+from .._core.backward import head_summed_product, softmax_backward
 from .._core.checks import check_memory
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
@@ -188,7 +188,7 @@ def dense_backward(bw, rounding=None) -> dict:
         np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
         p[empty] = 0.0
         dob = do[b, hs]
-        dv[b, hk] = np.einsum("gnm,gnd->md", keep(p), dob)
+        dv[b, hk] = head_summed_product(keep(p), dob)
         delta = np.einsum("gnd,gnd->gn", dob, keep(p @ v[b, hk]))
         if dlse is not None:
             delta -= dlse[b, hs]
@@ -202,7 +202,7 @@ def dense_backward(bw, rounding=None) -> dict:
             ds *= chain
         ds = keep(ds)
         dq[b, hs] = (ds @ k[b, hk]) * logits.scale
-        dk[b, hk] = np.einsum("gnm,gnd->md", ds, q_scaled[b, hs])
+        dk[b, hk] = head_summed_product(ds, q_scaled[b, hs])
     return bw.gradients(*(keep(x) for x in (dq, dk, dv)))
 
 

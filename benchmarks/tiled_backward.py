@@ -1,0 +1,110 @@
+"""refattn's tiled backward (FlashAttention-2's algorithm, float64) against PyTorch's CPU
+``scaled_dot_product_attention`` backward in the same run, and its peak memory.
+
+Speed (default): for each N and causal/non-causal, one head, D = 64, float64, it times
+torch's forward and its backward (``torch.autograd.grad``), refattn's
+``tiled_attention`` forward and ``refattn.vjp("tiled_attention", ...)`` (which runs the
+forward again for ``lse``, as a kernel that saved nothing would), each the best of
+``--repeats`` calls after a warm-up, and prints the ratios refattn backward / torch
+backward and refattn backward / refattn forward, and the largest gradient difference.
+
+Memory (``--memory N``): the peak of NumPy allocations traced (``tracemalloc``) during
+one tiled backward at length N, and that peak minus the gradients and the output it
+returns or recomputes: the working memory, which should not grow with N.
+
+Run by hand, not by the test suite::
+
+    python benchmarks/tiled_backward.py --sizes 4096 8192 16384
+    python benchmarks/tiled_backward.py --memory 65536
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+
+import numpy as np
+
+MiB = 2**20
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()                                               # warm-up (and Numba/BLAS setup)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def speed(sizes, repeats: int, d: int = 64) -> None:
+    import torch
+    import refattn
+    print(f"float64, batch 1, one head, D={d}; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), refattn {refattn.__version__}; best of "
+          f"{repeats} after a warm-up")
+    head = (f"{'N':>6} {'causal':>6} | {'torch fwd':>9} {'torch bwd':>9} | {'ra fwd':>8} "
+            f"{'ra bwd':>8} | {'bwd/torch':>9} {'bwd/fwd':>7} | {'max |dx - torch|':>16}")
+    print(head)
+    print("-" * len(head))
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        q, k, v, do = rng.standard_normal((4, 1, 1, n, d))
+        for causal in (False, True):
+            tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+            tdo = torch.tensor(do)
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+
+            def torch_fwd():
+                with torch.no_grad():
+                    return sdpa(tq, tk, tv, is_causal=causal)
+            out = sdpa(tq, tk, tv, is_causal=causal)
+
+            def torch_bwd():
+                return torch.autograd.grad(out, (tq, tk, tv), tdo, retain_graph=True)
+            t_tf, t_tb = best_time(torch_fwd, repeats), best_time(torch_bwd, repeats)
+            t_rf = best_time(lambda: refattn.tiled_attention(q, k, v, causal=causal),
+                             repeats)
+            t_rb = best_time(lambda: refattn.vjp("tiled_attention", q, k, v, do,
+                                                 causal=causal), repeats)
+            mine = refattn.vjp("tiled_attention", q, k, v, do, causal=causal)
+            ref = torch_bwd()
+            diff = max(float(np.abs(mine[x] - r.numpy()).max()) for x, r in zip("qkv", ref))
+            print(f"{n:>6} {str(causal):>6} | {t_tf:>9.3f} {t_tb:>9.3f} | {t_rf:>8.3f} "
+                  f"{t_rb:>8.3f} | {t_rb / t_tb:>9.2f} {t_rb / t_rf:>7.2f} | {diff:>16.1e}",
+                  flush=True)
+
+
+def memory(n: int, d: int = 64) -> None:
+    import refattn
+    rng = np.random.default_rng(0)
+    q, k, v, do = rng.standard_normal((4, 1, 1, n, d))
+    refattn.vjp("tiled_attention", q[..., :256, :], k[..., :256, :], v[..., :256, :],
+                do[..., :256, :])                      # compile and warm up first
+    tracemalloc.start()
+    t = time.perf_counter()
+    grads = refattn.vjp("tiled_attention", q, k, v, do)
+    seconds = time.perf_counter() - t
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    held = sum(g.nbytes for g in grads.values()) + 2 * q.nbytes   # + the output, lse, D
+    print(f"tiled backward, N = M = {n}, D = {d}, one head, float64: {seconds:.1f} s; "
+          f"traced peak {peak / MiB:.0f} MiB, of which gradients and the recomputed output "
+          f"{held / MiB:.0f} MiB: working memory {(peak - held) / MiB:.0f} MiB")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory", type=int, default=None, metavar="N")
+    args = ap.parse_args(argv)
+    if args.memory:
+        memory(args.memory)
+    else:
+        speed(args.sizes, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,7 +20,8 @@ from .._core.backward import head_summed_product, softmax_backward
 from .._core.checks import check_memory
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
-from .._core.softmax import finish_rows, softmax_rows
+from .._core.select import block_rows
+from .._core.softmax import finish_rows, normalize_rows, softmax_rows
 from ..registry import attach, register
 
 __all__ = ["attention", "attention_probs", "attention_vjp"]
@@ -151,7 +152,7 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
     tables pass ``dS`` through; a user ``score_mod`` needs its ``derivative``
     (:func:`refattn.scores.from_function`). GQA: a KV head sums over its query heads.
     Masked pairs and fully masked rows get zero gradients. Working memory: a few
-    ``(G, N, M)`` blocks; beyond the budget use ``refattn.vjp("tiled_attention", ...)``.
+    ``(G, r, M)`` blocks of query rows (``memory_budget`` is accepted for uniformity).
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 4, 8))
@@ -161,37 +162,39 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
     """
     bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
                           scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
-    check_memory(bw.pb.group * bw.pb.n * bw.pb.m * 40.0, memory_budget,
-                 "dense attention's backward", "refattn.vjp('tiled_attention', ...)")
     return dense_backward(bw)
 
 
-def dense_backward(bw, rounding=None) -> dict:
+def dense_backward(bw, *, select=None, block_q=None, rounding=None) -> dict:
     """The loop of :func:`attention_vjp` on a validated call ``bw``
-    (``refattn._core.backward.softmax_backward``), one ``(G, N, M)`` block per batch
-    entry and KV head. ``rounding(x)``, when given, rounds what a low-precision kernel
-    holds in its element type: ``O`` and ``P`` before ``D`` and ``dV = PᵀdO``, ``dS``
-    before ``dQ`` and ``dK``, and the gradients (the baseline of
-    :func:`refattn.testing.low_precision_attention_vjp`)."""
+    (``refattn._core.backward.softmax_backward``), one ``(G, block_q, M)`` block of
+    query rows at a time (about ``BLOCK_ELEMENTS`` logits when ``block_q`` is None).
+
+    ``select(s)``, when given, is the boolean ``(G, r, M)`` keep of a block of logits
+    (top-k attention's selection, held fixed: the gradient of the softmax over the kept
+    keys). ``rounding(x)``, when given, rounds what a low-precision kernel holds in its
+    element type: ``O`` and ``P`` before ``D`` and ``dV = PᵀdO``, ``dS`` before ``dQ``
+    and ``dK``, and the gradients (the baseline of
+    :func:`refattn.testing.low_precision_attention_vjp`).
+    """
     keep = rounding or (lambda x: x)
     q, k, v, do, dlse, pb, logits, param = (bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb,
                                             bw.logits, bw.parameter)
     q_scaled = q * logits.scale
-    rows, cols = np.arange(pb.n), np.arange(pb.m)
+    cols = np.arange(pb.m)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    for b, hk, hs in pb.kv_groups():
-        heads = np.arange(hs.start, hs.stop)
-        p, chain = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols,
+    for b, hk, hs, rs in pb.query_blocks(block_rows(block_q, pb.group, pb.n, pb.m)):
+        heads, rows = np.arange(hs.start, hs.stop), np.arange(rs.start, rs.stop)
+        p, chain = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads, rows, cols,
                                 derivative=True)
-        _, row_sum = softmax_rows(p)
-        empty = row_sum == 0
-        np.divide(p, row_sum[..., None], out=p, where=~empty[..., None])
-        p[empty] = 0.0
-        dob = do[b, hs]
-        dv[b, hk] = head_summed_product(keep(p), dob)
+        if select is not None:
+            p[~select(p)] = -np.inf
+        normalize_rows(p)
+        dob = do[b, hs, rs]
+        dv[b, hk] += head_summed_product(keep(p), dob)
         delta = np.einsum("gnd,gnd->gn", dob, keep(p @ v[b, hk]))
         if dlse is not None:
-            delta -= dlse[b, hs]
+            delta -= dlse[b, hs, rs]
         ds = dob @ v[b, hk].T                                  # dP, then dS in place
         ds -= delta[..., None]
         ds *= p
@@ -201,8 +204,8 @@ def dense_backward(bw, rounding=None) -> dict:
         if chain is not None:
             ds *= chain
         ds = keep(ds)
-        dq[b, hs] = (ds @ k[b, hk]) * logits.scale
-        dk[b, hk] = head_summed_product(ds, q_scaled[b, hs])
+        dq[b, hs, rs] = (ds @ k[b, hk]) * logits.scale
+        dk[b, hk] += head_summed_product(ds, q_scaled[b, hs, rs])
     return bw.gradients(*(keep(x) for x in (dq, dk, dv)))
 
 

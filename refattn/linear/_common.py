@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit
 
 from .._core.checks import check_choice, check_memory
+from ..gradients import sum_to_shape
 from ..streaming import State, check_tokens
 
 #: Names of the forms ``method=`` selects.
@@ -181,3 +182,214 @@ def feature_attention_matrix(fq, fk, pb, causal):
     out = np.zeros(a.shape)
     np.divide(a, den[..., None], out=out, where=(den != 0)[..., None])
     return out.reshape((pb.batch, pb.heads_q, pb.n, pb.m))
+
+
+# --------------------------------------------------------------------------- backward
+#
+# With num_i = φq_iᵀS_i, den_i = φq_iᵀz_i and o_i = num_i / den_i, a cotangent g_i of o_i
+# gives dnum_i = g_i / den_i and dden_i = -(g_i · o_i) / den_i (both 0 where den_i = 0),
+# then dφq_i = S_i dnum_i + z_i dden_i, and every key j in V_i receives
+# dφk_j += φq_i (dnum_i · v_j + dden_i) and dv_j += (φq_i · φk_j) dnum_i.
+
+
+def output_cotangents(g, num, den):
+    """``(dnum, dden)`` of ``o = num / den`` for the cotangent ``g`` of ``o``: ``g / den``
+    and ``-(g·o) / den``, both 0 where ``den == 0`` (NaN propagates)."""
+    out = safe_divide(num, den)
+    dnum = safe_divide(g, den)
+    dden = -safe_divide((g * out).sum(-1)[..., None], den)[..., 0]
+    return dnum, dden
+
+
+@njit(cache=True)
+def _recurrent_scan_vjp(fq, fk, v, g, last, group):   # pragma: no cover - compiled
+    """Numba backward of :func:`_recurrent_scan`: a forward scan recomputes each query's
+    ``(S_i, z_i)`` read-out and its ``dφq_i``; a reverse scan over the keys carries
+    ``R = Σ_{i: last_i >= j} φq_i dnum_iᵀ`` ``(F, Dv)`` and ``r = Σ φq_i dden_i`` ``(F)``,
+    giving ``dφk_j = R v_j + r`` and ``dv_j = Rᵀ φk_j``. O(F·Dv) state."""
+    nb, hq, n, nf = fq.shape
+    hkv, m = fk.shape[1], fk.shape[2]
+    dv_ = v.shape[3]
+    dfq = np.zeros((nb, hq, n, nf))
+    dfk = np.zeros((nb, hkv, m, nf))
+    dvv = np.zeros((nb, hkv, m, dv_))
+    dnum = np.zeros((group, n, dv_))
+    dden = np.zeros((group, n))
+    s = np.zeros((nf, dv_))
+    z = np.zeros(nf)
+    num = np.zeros(dv_)
+    for b in range(nb):
+        for hk in range(hkv):
+            # forward: the read-outs, their cotangents and dφq
+            s[:, :] = 0.0
+            z[:] = 0.0
+            dnum[:, :, :] = 0.0
+            dden[:, :] = 0.0
+            i = 0
+            while i < n and last[i] < 0:
+                i += 1
+            for j in range(m):
+                for f in range(nf):
+                    a = fk[b, hk, j, f]
+                    z[f] += a
+                    for e in range(dv_):
+                        s[f, e] += a * v[b, hk, j, e]
+                while i < n and last[i] == j:
+                    for gi in range(group):
+                        h = hk * group + gi
+                        den = 0.0
+                        num[:] = 0.0
+                        for f in range(nf):
+                            a = fq[b, h, i, f]
+                            den += a * z[f]
+                            for e in range(dv_):
+                                num[e] += a * s[f, e]
+                        if den != 0.0:
+                            go = 0.0
+                            for e in range(dv_):
+                                dnum[gi, i, e] = g[b, h, i, e] / den
+                                go += g[b, h, i, e] * (num[e] / den)
+                            dden[gi, i] = -go / den
+                            for f in range(nf):
+                                acc = z[f] * dden[gi, i]
+                                for e in range(dv_):
+                                    acc += s[f, e] * dnum[gi, i, e]
+                                dfq[b, h, i, f] = acc
+                    i += 1
+            # reverse: keys from last to first, adding the queries that end at each
+            s[:, :] = 0.0                       # R
+            z[:] = 0.0                          # r
+            i = n - 1
+            for j in range(m - 1, -1, -1):
+                while i >= 0 and last[i] == j:
+                    for gi in range(group):
+                        h = hk * group + gi
+                        for f in range(nf):
+                            a = fq[b, h, i, f]
+                            z[f] += a * dden[gi, i]
+                            for e in range(dv_):
+                                s[f, e] += a * dnum[gi, i, e]
+                    i -= 1
+                for f in range(nf):
+                    acc = z[f]
+                    for e in range(dv_):
+                        acc += s[f, e] * v[b, hk, j, e]
+                        dvv[b, hk, j, e] += s[f, e] * fk[b, hk, j, f]
+                    dfk[b, hk, j, f] = acc
+    return dfq, dfk, dvv
+
+
+def _masked(x, cols, last_rows):
+    """``x`` with 0 where key ``cols`` lies after a query's ``last_rows`` (NaN-safe)."""
+    return np.where(cols[None, :] <= last_rows[:, None], x, 0.0)
+
+
+def _vjp_quadratic(fqg, fk, v, gg, last):
+    m = fk.shape[2]
+    cols = np.arange(m)
+    kt = fk[:, :, None]                                        # (B, Hkv, 1, M, F)
+    a = _masked(fqg @ kt.swapaxes(-1, -2), cols, last)         # (B, Hkv, G, N, M)
+    dnum, dden = output_cotangents(gg, a @ v[:, :, None], a.sum(-1))
+    da = _masked(dnum @ v[:, :, None].swapaxes(-1, -2) + dden[..., None], cols, last)
+    dfq = da @ kt
+    dfk = np.einsum("bhgnm,bhgnf->bhmf", da, fqg)
+    dv = np.einsum("bhgnm,bhgne->bhme", a, dnum)
+    return dfq, dfk, dv
+
+
+def _vjp_linear(fqg, fk, v, gg):
+    kv = (fk.swapaxes(-1, -2) @ v)[:, :, None]                 # (B, Hkv, 1, F, Dv)
+    ksum = fk.sum(-2)[:, :, None, None, :]                     # (B, Hkv, 1, 1, F)
+    num = fqg @ kv
+    den = (fqg * ksum).sum(-1)
+    dnum, dden = output_cotangents(gg, num, den)
+    dfq = dnum @ kv.swapaxes(-1, -2) + dden[..., None] * ksum
+    ds = np.einsum("bhgnf,bhgne->bhfe", fqg, dnum)             # dS (B, Hkv, F, Dv)
+    dz = np.einsum("bhgnf,bhgn->bhf", fqg, dden)
+    return dfq, v @ ds.swapaxes(-1, -2) + dz[:, :, None, :], fk @ ds
+
+
+def _vjp_chunkwise(fqg, fk, v, gg, last, chunk):
+    nb, hkv, m, nf = fk.shape
+    dv_ = v.shape[-1]
+    dnum, dden = np.zeros(gg.shape), np.zeros(gg.shape[:-1])
+    dfq = np.zeros(fqg.shape)
+    s = np.zeros((nb, hkv, 1, nf, dv_))
+    z = np.zeros((nb, hkv, 1, 1, nf))
+    bounds = [(c0, min(c0 + chunk, m)) for c0 in range(0, m, chunk)]
+    rows = [np.searchsorted(last, bd) for bd in bounds]        # queries ending in chunk
+    for (c0, c1), (r0, r1) in zip(bounds, rows):               # forward: dnum, dden, dφq
+        kc, vc = fk[:, :, None, c0:c1], v[:, :, None, c0:c1]
+        if r1 > r0:
+            qc, cols, lr = fqg[:, :, :, r0:r1], np.arange(c0, c1), last[r0:r1]
+            a = _masked(qc @ kc.swapaxes(-1, -2), cols, lr)
+            dn, dd = output_cotangents(gg[:, :, :, r0:r1], qc @ s + a @ vc,
+                                       (qc * z).sum(-1) + a.sum(-1))
+            da = _masked(dn @ vc.swapaxes(-1, -2) + dd[..., None], cols, lr)
+            dfq[:, :, :, r0:r1] = dn @ s.swapaxes(-1, -2) + dd[..., None] * z + da @ kc
+            dnum[:, :, :, r0:r1], dden[:, :, :, r0:r1] = dn, dd
+        s += kc.swapaxes(-1, -2) @ vc
+        z += kc.sum(-2, keepdims=True)
+    dfk, dv = np.zeros(fk.shape), np.zeros(v.shape)
+    big_r = np.zeros((nb, hkv, nf, dv_))                       # Σ φq dnumᵀ, later queries
+    small_r = np.zeros((nb, hkv, 1, nf))                       # Σ φq dden, later queries
+    for (c0, c1), (r0, r1) in zip(bounds[::-1], rows[::-1]):   # reverse: dφk, dv
+        kc, vc = fk[:, :, c0:c1], v[:, :, c0:c1]
+        dfk[:, :, c0:c1] = vc @ big_r.swapaxes(-1, -2) + small_r
+        dv[:, :, c0:c1] = kc @ big_r
+        if r1 > r0:
+            qc, cols, lr = fqg[:, :, :, r0:r1], np.arange(c0, c1), last[r0:r1]
+            dn, dd = dnum[:, :, :, r0:r1], dden[:, :, :, r0:r1]
+            a = _masked(qc @ kc[:, :, None].swapaxes(-1, -2), cols, lr)
+            da = _masked(dn @ vc[:, :, None].swapaxes(-1, -2) + dd[..., None], cols, lr)
+            dfk[:, :, c0:c1] += np.einsum("bhgrc,bhgrf->bhcf", da, qc)
+            dv[:, :, c0:c1] += np.einsum("bhgrc,bhgre->bhce", a, dn)
+            big_r += np.einsum("bhgrf,bhgre->bhfe", qc, dn)
+            small_r += np.einsum("bhgrf,bhgr->bhf", qc, dd)[:, :, None]
+    return dfq, dfk, dv
+
+
+def feature_attention_vjp(fq, fk, v, g, pb, *, causal, method, chunk_size, memory_budget,
+                          what):
+    r"""Backward of :func:`feature_attention` for the cotangent ``g (B, Hq, N, Dv)`` of
+    its output: ``(dφq (B, Hq, N, F), dφk (B, Hkv, M, F), dv (B, Hkv, M, Dv))``, GQA
+    groups summed into their KV head, by the form ``method`` (each with its own
+    backward: the quadratic ``dA = (dnum vᵀ + dden) ∘ mask``, the two products
+    ``dS = Σ_i φq_i dnum_iᵀ``, the Numba reverse scan, or chunks in reverse)."""
+    last = last_visible(pb.n, pb.m, causal)
+    if method == "recurrent":
+        return _recurrent_scan_vjp(fq, fk, v, g, last, pb.group)
+    fqg, gg = _grouped(fq, pb.heads_kv), _grouped(g, pb.heads_kv)
+    if method == "linear":
+        dfq, dfk, dv = _vjp_linear(fqg, fk, v, gg)
+    elif method == "quadratic":
+        check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 32.0, memory_budget,
+                     f"the gradient of {what}(method='quadratic')",
+                     f"{what}(method='chunkwise')")
+        dfq, dfk, dv = _vjp_quadratic(fqg, fk, v, gg, last)
+    else:
+        dfq, dfk, dv = _vjp_chunkwise(fqg, fk, v, gg, last, chunk_size)
+    return dfq.reshape(fq.shape), dfk, dv
+
+
+def input_gradients(pb, shapes, **grads) -> dict:
+    """Flat ``(B, H, L, *)`` gradients back in the caller's batch dimensions, summed to
+    the inputs' own ``shapes`` (``{name: shape}``; broadcast dimensions summed)."""
+    return {name: sum_to_shape(pb.unflatten(grad), shapes[name])
+            for name, grad in grads.items()}
+
+
+def check_gradients_finite(grads: dict, what: str) -> dict:
+    """``grads`` unchanged if finite; otherwise a ``ValueError`` naming the first
+    non-finite gradient, its index and the cause (``check_finite=False`` skips this)."""
+    for name, grad in grads.items():
+        if not np.isfinite(grad).all():
+            bad = tuple(int(i) for i in np.argwhere(~np.isfinite(grad))[0])
+            raise ValueError(
+                f"the gradient of {what} for {name} is not finite (first at index {bad}): "
+                f"a denominator φ(q_i)·Σ_j φ(k_j) below float64's normal range (~2e-308; "
+                f"features underflowing, e.g. logits of thousands) makes 1/denominator "
+                f"overflow, and the forward's output of that row has lost its precision "
+                f"too. Use smaller inputs, or pass check_finite=False to get the "
+                f"non-finite result")
+    return grads

@@ -140,6 +140,36 @@ def stabilized_features(x, omega, kernel, stabilize, return_shift=False):
     return (feats, shift) if return_shift else feats
 
 
+def stabilized_features_vjp(x, omega, kernel, stabilize, grad_feats):
+    r"""``dx = (∂φ/∂x)ᵀ grad_feats`` for the features of :func:`stabilized_features`,
+    the projection ``ω`` and the stabilizer's shift ``c`` held fixed (``ω`` is not
+    trained; ``c`` cancels in every normalized output, whose derivative in ``c`` is
+    therefore 0). With ``P = grad_feats ∘ φ`` (``φ = e^{h - c} · norm · g``):
+
+    * positive (:math:`h_f = \omega_f\cdot x - \|x\|^2/2`):
+      :math:`dx = P\,\omega - x \sum_f P_f`;
+    * hyperbolic (:math:`h = \pm\omega_f\cdot x - \|x\|^2/2`):
+      :math:`dx = (P_+ - P_-)\,\omega - x \sum_f P_f`;
+    * trigonometric (:math:`h = \|x\|^2/2`, :math:`g = (\sin \omega x, \cos \omega x)`):
+      :math:`dx = x \sum_f P_f + e^{h - c}\,\mathrm{norm}\,
+      \big(\bar\phi_{\sin} \circ \cos \omega x - \bar\phi_{\cos} \circ \sin \omega x\big)\,\omega`.
+
+    ``x (..., L, D)``, ``grad_feats (..., L, F)`` float64; returns ``(..., L, D)``.
+    """
+    feats, shift = stabilized_features(x, omega, kernel, stabilize, True)
+    p = grad_feats * feats
+    m = omega.shape[-2]
+    if kernel == "positive":
+        return p @ omega - x * p.sum(-1, keepdims=True)
+    if kernel == "hyperbolic":
+        return (p[..., :m] - p[..., m:]) @ omega - x * p.sum(-1, keepdims=True)
+    proj = x @ np.swapaxes(omega, -1, -2)
+    half_sq = 0.5 * np.einsum("...d,...d->...", x, x)[..., None]
+    scale = np.exp(half_sq - shift) / math.sqrt(m)              # e^{h - c} · norm
+    dg = grad_feats[..., :m] * np.cos(proj) - grad_feats[..., m:] * np.sin(proj)
+    return x * p.sum(-1, keepdims=True) + (scale * dg) @ omega
+
+
 def resolve_omega(omega, num_features, d, orthogonal, rng, where):
     """The ``(m, d)`` projection: ``omega`` checked against ``num_features`` and ``d``,
     or drawn from ``rng``."""

@@ -79,11 +79,14 @@ from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import check_sizes
-from ._common import (METHODS, FeatureState, check_method, feature_attention, feature_attention_matrix,
-                      read_state, step_tokens)
+from ..gradients import check_cotangent
+from ._common import (METHODS, FeatureState, check_gradients_finite, check_method,
+                      feature_attention, feature_attention_matrix, feature_attention_vjp,
+                      input_gradients, read_state, step_tokens)
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
-           "linear_attention_step", "LinearAttentionState", "FEATURE_MAPS", "METHODS"]
+           "linear_attention_step", "linear_attention_vjp", "LinearAttentionState",
+           "FEATURE_MAPS", "METHODS"]
 
 #: Names of the built-in feature maps.
 FEATURE_MAPS = ("elu", "relu", "identity")
@@ -334,5 +337,109 @@ def linear_attention_step(state: LinearAttentionState, q_t, k_t, v_t):
     return read_state(fq, s, z, state), state.replace(position=state.position + 1, s=s, z=z)
 
 
+# --------------------------------------------------------------------------- gradient
+
+
+def _check_differentiable(feature_map):
+    """A built-in map, or a callable carrying its derivative as ``feature_map.vjp``."""
+    if not isinstance(feature_map, str) and not callable(getattr(feature_map, "vjp", None)):
+        raise TypeError(
+            f"linear_attention_vjp cannot differentiate the feature_map {feature_map!r}: a "
+            f"callable feature map must provide its derivative as an attribute "
+            f"feature_map.vjp(x, grad_phi) -> grad_x (x (..., H, L, D), grad_phi "
+            f"(..., H, L, F), grad_x of x's shape), or use one of {FEATURE_MAPS}")
+
+
+def _feature_map_vjp(feature_map, x, grad_phi, pb, name, check_finite):
+    """``dx = (∂φ(x)/∂x)ᵀ grad_phi`` for flat ``x (B, H, L, D)``."""
+    if feature_map == "elu":            # φ' = 1 for x > 0, exp(x) otherwise
+        return np.where(x > 0, grad_phi, grad_phi * np.exp(np.minimum(x, 0.0)))
+    if feature_map == "relu":           # φ' = 1 for x > 0, 0 otherwise
+        return np.where(x > 0, grad_phi, 0.0)
+    if feature_map == "identity":
+        return grad_phi
+    xb = x.reshape(pb.batch_shape + x.shape[1:])
+    label = f"feature_map.vjp({name}, grad_phi)"
+    out = to_float64(feature_map.vjp(xb, grad_phi.reshape(pb.batch_shape + grad_phi.shape[1:])),
+                     label, check_finite=check_finite)
+    if out.shape != xb.shape:
+        raise ValueError(f"{label} must return the shape of {name}, {xb.shape}, got "
+                         f"{out.shape}")
+    return out.reshape(x.shape)
+
+
+def linear_attention_vjp(q, k, v, grad_out, *, feature_map="elu", causal=False, method=None,
+                         chunk_size=64, allow_negative=False, check_finite=True,
+                         memory_budget=None):
+    r"""Gradients of :func:`linear_attention` for the cotangent ``grad_out`` of its output.
+
+    With :math:`n_i = \phi(q_i)^\top S_i`, :math:`d_i = \phi(q_i)^\top z_i`,
+    :math:`o_i = n_i / d_i` and :math:`g_i` = ``grad_out[i]``:
+
+    .. math::
+
+        \bar n_i = g_i / d_i, \quad \bar d_i = -(g_i \cdot o_i) / d_i, \quad
+        \overline{\phi(q_i)} = S_i \bar n_i + z_i \bar d_i,
+
+        \overline{\phi(k_j)} = \sum_{i:\, j \in V_i} \phi(q_i)\,(\bar n_i \cdot v_j
+        + \bar d_i), \quad
+        \bar v_j = \sum_{i:\, j \in V_i} (\phi(q_i) \cdot \phi(k_j))\, \bar n_i,
+
+    and ``dq = φ'(q) ∘ dφ(q)`` (``elu + 1``: ``φ' = 1`` for ``x > 0``, ``e^x`` otherwise;
+    ``relu``: 1 for ``x > 0``, else 0; ``identity``: 1), likewise ``dk``. Rows with a zero
+    denominator (output 0) get zero gradient and pass none to the keys. GQA: a KV head's
+    ``dk``, ``dv`` sum over its query heads; broadcast batch dims are summed.
+
+    Every ``method`` has its own backward, all equal up to rounding: ``"quadratic"`` (the
+    masked ``N x M`` ``dA = (n̄ vᵀ + d̄) ∘ mask``, checked against ``memory_budget``),
+    ``"recurrent"`` (a forward Numba scan for ``dφ(q)``, then a reverse scan over the keys
+    carrying :math:`R = \sum \phi(q_i)\bar n_i^\top` ``(F, Dv)`` and
+    :math:`r = \sum \phi(q_i)\bar d_i`: O(F·Dv) state), ``"chunkwise"`` (chunks forward,
+    then in reverse) and, non-causal by default, the two products
+    :math:`\bar S = \phi(Q)^\top \bar N`, :math:`\bar z = \phi(Q)^\top \bar d`.
+
+    A callable ``feature_map`` is differentiated only if it provides its derivative as an
+    attribute ``feature_map.vjp(x, grad_phi) -> grad_x`` (``x (..., H, L, D)``,
+    ``grad_phi (..., H, L, F)``); otherwise ``TypeError``.
+
+    Arguments are :func:`linear_attention`'s plus ``grad_out (..., Hq, N, Dv)``, the
+    output's shape (``ValueError`` naming it otherwise). Returns ``{"q", "k", "v"}``,
+    float64, each of its input's shape. With ``check_finite``, a non-finite gradient
+    (a denominator below float64's normal range, where ``1/d_i`` overflows) raises a
+    ``ValueError`` naming it.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 5, 4))
+    >>> g = np.ones((2, 5, 4))
+    >>> grads = ra.vjp("linear_attention", q, k, v, g, causal=True)
+    >>> [grads[x].shape for x in "qkv"]
+    [(2, 5, 4), (2, 5, 4), (2, 5, 4)]
+    >>> bool(np.allclose(grads["v"].sum(-2), 5.0))   # each query's weights sum to 1
+    True
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    feature_map = _check_feature_map(feature_map)
+    _check_differentiable(feature_map)
+    causal = check_bool("causal", causal)
+    allow_negative = check_bool("allow_negative", allow_negative)
+    method = check_method(method, causal)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    g = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
+                        check_finite=check_finite).reshape((pb.batch, pb.heads_q, pb.n, pb.dv))
+    fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
+                           check_finite=check_finite)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        dfq, dfk, dv = feature_attention_vjp(fq, fk, v, g, pb, causal=causal, method=method,
+                                             chunk_size=chunk_size,
+                                             memory_budget=memory_budget,
+                                             what="linear_attention")
+        dq = _feature_map_vjp(feature_map, q, dfq, pb, "q", check_finite)
+        dk = _feature_map_vjp(feature_map, k, dfk, pb, "k", check_finite)
+    grads = input_gradients(pb, shapes, q=dq, k=dk, v=dv)
+    return check_gradients_finite(grads, "linear_attention") if check_finite else grads
+
+
 attach(linear_attention, implied=linear_attention_matrix,
-       init_state=linear_attention_init_state, step=linear_attention_step)
+       init_state=linear_attention_init_state, step=linear_attention_step,
+       vjp=linear_attention_vjp)

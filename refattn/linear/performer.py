@@ -68,6 +68,7 @@ negative entries and denominators near zero (outputs beyond ``max |v|``).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -75,22 +76,27 @@ from .._core.checks import check_bool, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
 from ..streaming import check_sizes
-from ._common import (FeatureState, check_method, feature_attention, feature_attention_matrix, read_state,
-                      step_tokens)
+from ..gradients import check_cotangent
+from ._common import (FeatureState, check_gradients_finite, check_method, feature_attention,
+                      feature_attention_matrix, feature_attention_vjp, input_gradients,
+                      read_state, step_tokens)
 from .features import (KERNELS, check_kernel, draw_omega, log_features, performer_features,
                        resolve_omega, scaled_pair, softmax_kernel_estimate,
-                       stabilized_features)
+                       stabilized_features, stabilized_features_vjp)
 
 __all__ = ["performer_attention", "performer_attention_matrix", "performer_features",
            "draw_omega", "softmax_kernel_estimate", "performer_init_state",
-           "performer_step", "PerformerState", "KERNELS"]
+           "performer_step", "performer_attention_vjp", "PerformerState", "KERNELS"]
 
 
 # --------------------------------------------------------------------------- features
 
 
 def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omega,
-                        stabilize, scale, check_finite, where):
+                        stabilize, scale, check_finite, where, return_inputs=False):
+    """``φ(x) (B, Hq, N, F)``, ``φ(y) (B, Hkv, M, F)`` (stabilized as asked), and with
+    ``return_inputs`` also what their gradient needs: ``(x, y, omega, kernel,
+    stabilize, scale)``."""
     kernel = check_kernel(kernel)
     stabilize = check_bool("stabilize", stabilize)
     s = resolve_scale(scale, pb.d)
@@ -106,6 +112,8 @@ def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omeg
                                  f"(exp of |x|^2/2 or ω·x beyond float64); use "
                                  f"stabilize=True or smaller inputs, or pass "
                                  f"check_finite=False to get the non-finite result")
+    if return_inputs:
+        return fq, fk, (x, y, omega, kernel, stabilize, s)
     return fq, fk
 
 
@@ -214,6 +222,73 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
     return pb.unflatten(feature_attention_matrix(fq, fk, pb, causal))
 
 
+def performer_attention_vjp(q, k, v, grad_out, *, num_features, kernel="positive",
+                            orthogonal=True, causal=False, rng=None, stabilize=True,
+                            scale=None, omega=None, method=None, chunk_size=64,
+                            check_finite=True, memory_budget=None):
+    r"""Gradients of :func:`performer_attention` for the cotangent ``grad_out`` of its
+    output, with the **random features held fixed**: the same ``ω`` as the forward (drawn
+    from the same ``rng`` — pass the same int seed, since a ``Generator`` advances at
+    each call — or given as ``omega``) and no gradient for ``ω``, as Performer
+    implementations train (the projection is redrawn, never learned).
+
+    The output is linear attention on :math:`\phi(x)`, :math:`\phi(y)`, so
+    :func:`refattn.linear.linear_attention_vjp`'s equations give
+    :math:`\overline{\phi(x_i)}` and :math:`\overline{\phi(y_j)}` and ``dv``; then, with
+    :math:`P = \overline{\phi} \circ \phi` (the features as the forward computes them):
+
+    * positive: :math:`\bar x = P\,\omega - x \sum_f P_f`;
+    * hyperbolic: :math:`\bar x = (P_{+} - P_{-})\,\omega - x \sum_f P_f`;
+    * trigonometric: :math:`\bar x = x \sum_f P_f + \tfrac{e^{\|x\|^2/2 - c}}{\sqrt m}
+      (\bar\phi_{\sin} \circ \cos \omega x - \bar\phi_{\cos} \circ \sin \omega x)\,\omega`,
+
+    and ``dq = sqrt|s| · x̄``, ``dk = sign(s) sqrt|s| · ȳ``. **Stabilizer.** The forward
+    computes :math:`\phi\, e^{-c}` with ``c`` a max of exponents (per query row; per
+    batch element and KV head over all keys). The output is exactly invariant under
+    both shifts (a query's factor cancels between its numerator and denominator, the
+    keys' common factor between ``S`` and ``z``), so its derivative in ``c`` is 0
+    (indeed :math:`\sum_f \overline{\phi}_f \phi_f = \bar n_i \cdot n_i + \bar d_i d_i
+    = 0` for every query, and likewise summed over the keys): the exact gradient of the
+    stabilized forward treats ``c`` as a constant, which is what this computes. The
+    forms (``method``) are those of the forward, each with its own backward (see
+    :func:`refattn.linear.linear_attention_vjp`). Rows with a zero denominator get zero
+    gradients (a subnormal denominator, where ``1/d_i`` overflows: ``ValueError`` with
+    ``check_finite``). Returns ``{"q", "k", "v"}``, float64, each of its input's shape;
+    GQA and broadcast batch dims summed.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 5, 4))
+    >>> g = np.ones((2, 5, 4))
+    >>> grads = ra.vjp("performer_attention", q, k, v, g, num_features=8, rng=0,
+    ...                causal=True)
+    >>> sorted(grads), grads["q"].shape
+    (['k', 'q', 'v'], (2, 5, 4))
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    causal = check_bool("causal", causal)
+    method = "recurrent" if method is None and causal else check_method(method, causal)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    g = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
+                        check_finite=check_finite).reshape((pb.batch, pb.heads_q, pb.n, pb.dv))
+    fq, fk, (x, y, omega, kernel, stabilize, s) = _performer_features(
+        q, k, pb, num_features=num_features, kernel=kernel, orthogonal=orthogonal, rng=rng,
+        omega=omega, stabilize=stabilize, scale=scale, check_finite=check_finite,
+        where="performer_attention_vjp", return_inputs=True)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        dfq, dfk, dv = feature_attention_vjp(fq, fk, v, g, pb, causal=causal, method=method,
+                                             chunk_size=chunk_size,
+                                             memory_budget=memory_budget,
+                                             what="performer_attention")
+        dx = stabilized_features_vjp(x, omega, kernel, "row" if stabilize else None, dfq)
+        dy = stabilized_features_vjp(y, omega, kernel, "global" if stabilize else None, dfk)
+    r = math.sqrt(abs(s))
+    dq = dx * r
+    dk = dy * (math.copysign(r, s) if s != 0 else 0.0)
+    grads = input_gradients(pb, shapes, q=dq, k=dk, v=dv)
+    return check_gradients_finite(grads, "performer_attention") if check_finite else grads
+
+
 # --------------------------------------------------------------------------- streaming
 @dataclasses.dataclass(frozen=True)
 class PerformerState(FeatureState):
@@ -311,4 +386,4 @@ def performer_step(state: PerformerState, q_t, k_t, v_t):
 
 
 attach(performer_attention, implied=performer_attention_matrix,
-       init_state=performer_init_state, step=performer_step)
+       init_state=performer_init_state, step=performer_step, vjp=performer_attention_vjp)

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._core.backward import softmax_backward
 from .._core.checks import check_int
 from .._core.problem import prepare_qkv
 from .._core.select import BLOCK_ELEMENTS, topk_keep
 from .._core.softmax import normalize_rows
+from ..exact.dense import dense_backward
 from ..registry import attach, register
 from ._common import logit_blocks
 
@@ -139,4 +141,25 @@ def topk_attention_matrix(q, k, *, topk, mask=None, causal=False, scale=None, bi
                                  "refattn.topk.topk_attention")
 
 
-attach(topk_attention, implied=topk_attention_matrix)
+
+def topk_attention_vjp(q, k, v, grad_out, *, topk, grad_lse=None, mask=None, causal=False,
+                       scale=None, bias=None, softcap=None, check_finite=True, block_q=None):
+    """Gradients of :func:`topk_attention` with the selection held fixed, as
+    implementations train it: the gradient of the softmax over each query's kept keys
+    ``T_i`` (:func:`refattn.exact.dense.attention_vjp`'s equations with ``P`` zero
+    outside ``T_i``); keys outside ``T_i`` get nothing from query ``i``. One
+    ``(G, block_q, M)`` block of rows at a time, as the forward.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> g = ra.vjp("topk_attention", q, k, v, np.ones((1, 6, 4)), topk=6)
+    >>> bool(np.allclose(g["q"], ra.vjp("attention", q, k, v, np.ones((1, 6, 4)))["q"]))
+    True
+    """
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+    topk = check_int("topk", topk, minimum=1,
+                     context=f" (keys kept per query; k has M={bw.pb.m} keys)")
+    return dense_backward(bw, select=lambda s: topk_keep(s, topk), block_q=block_q)
+
+attach(topk_attention, implied=topk_attention_matrix, vjp=topk_attention_vjp)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from .. import masks as _masks
+from .._core.problem import problem_from_shapes
 from ..exact.dense import attention_probs
 from ..registry import attach, register
+from ..sparse.engine import sparse_attention_vjp
 from ._common import (SegmentMemoryState, _segment_attention, _segment_init,
                       _segment_params, _segment_step)
 
@@ -180,5 +182,23 @@ def transformer_xl_step(state: SegmentMemoryState, q_t, k_t, v_t):
     return _segment_step(state, q_t, k_t, v_t)
 
 
+
+def transformer_xl_attention_vjp(q, k, v, grad_out, *, segment_len, mem_len, grad_lse=None,
+                                 mask=None, causal=False, scale=None, bias=None,
+                                 softcap=None, check_finite=True):
+    """Gradients of :func:`transformer_xl_attention`: exact attention under
+    :func:`transformer_xl_mask` (and ``mask``), differentiated by the sparse engine's
+    tiled backward (:func:`refattn.sparse.engine.sparse_attention_vjp`) over the tiles
+    the segment structure leaves non-empty. The cached memory is part of ``k``, ``v``
+    here, so its gradient is theirs (the model stops it: ``SG(h)`` in the paper)."""
+    keep = transformer_xl_mask(segment_len, mem_len)
+    if mask is not None:
+        shapes = (np.shape(q), np.shape(k), np.shape(v))
+        keep = keep & _masks.as_mask(mask, problem_from_shapes(*shapes).batch_shape)
+    return sparse_attention_vjp(q, k, v, keep, grad_out, grad_lse=grad_lse, causal=causal,
+                                scale=scale, bias=bias, softcap=softcap,
+                                check_finite=check_finite)
+
 attach(transformer_xl_attention, implied=transformer_xl_attention_matrix,
-       init_state=transformer_xl_init_state, step=transformer_xl_step)
+       init_state=transformer_xl_init_state, step=transformer_xl_step,
+       vjp=transformer_xl_attention_vjp)

@@ -1,14 +1,30 @@
 """What the attention-like recurrences share: the three forms ``method=`` selects
 (``"parallel"``: the masked ``N x M`` matrix; ``"recurrent"``: one token at a time;
 ``"chunkwise"``: parallel inside chunks, the state carried between them), run by one
-dispatcher that checks the choice and the parallel form's memory.
+dispatcher that checks the choice and the parallel form's memory, for the forward
+(:func:`run_form`) and for the backward (:func:`run_vjp_form`), and the bookkeeping of
+their VJPs (input shapes, GQA sums, query rows at key positions).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .._core.checks import check_choice, check_int, check_memory
+from ..gradients import check_cotangent, sum_to_shape
 
 #: Names of the forms ``method=`` selects (``None``: ``"chunkwise"``).
 METHODS = ("parallel", "recurrent", "chunkwise")
+
+
+def _choose(method, chunk_size, memory_budget, what, parallel_bytes, parallel, recurrent,
+            chunkwise):
+    method = check_choice("method", method, METHODS, none="chunkwise")
+    if method == "parallel":
+        check_memory(parallel_bytes, memory_budget, f"parallel {what}", "method='chunkwise'")
+        return parallel()
+    if method == "recurrent":
+        return recurrent()
+    return chunkwise(check_int("chunk_size", chunk_size, minimum=1))
 
 
 def run_form(method, chunk_size, pb, memory_budget, *, what: str, parallel_bytes: float,
@@ -17,12 +33,43 @@ def run_form(method, chunk_size, pb, memory_budget, *, what: str, parallel_bytes
     ``parallel_bytes`` against ``memory_budget``, ``recurrent()``, or
     ``chunkwise(chunk_size)``. Their ``(B, Hkv, G, N, Dv)`` result is returned as
     ``(..., Hq, N, Dv)``."""
-    method = check_choice("method", method, METHODS, none="chunkwise")
-    if method == "parallel":
-        check_memory(parallel_bytes, memory_budget, f"parallel {what}", "method='chunkwise'")
-        out = parallel()
-    elif method == "recurrent":
-        out = recurrent()
-    else:
-        out = chunkwise(check_int("chunk_size", chunk_size, minimum=1))
+    out = _choose(method, chunk_size, memory_budget, what, parallel_bytes, parallel,
+                  recurrent, chunkwise)
     return pb.unflatten(out.reshape(pb.batch, pb.heads_q, pb.n, pb.dv))
+
+
+def run_vjp_form(method, chunk_size, memory_budget, *, what: str, parallel_bytes: float,
+                 parallel, recurrent, chunkwise):
+    """The backward's :func:`run_form`: the same choice and memory check, the chosen
+    form's result (a tuple of flat gradients) returned as it is."""
+    return _choose(method, chunk_size, memory_budget, f"{what} backward", parallel_bytes,
+                   parallel, recurrent, chunkwise)
+
+
+def shape_of(x) -> tuple:
+    """The shape of an input as the caller gave it (array, tensor, number, sequence)."""
+    shape = getattr(x, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else np.shape(x)
+
+
+def grouped_cotangent(grad_out, pb, check_finite=True) -> np.ndarray:
+    """``grad_out`` checked against the output's shape ``(..., Hq, N, Dv)`` and returned
+    flat and grouped, ``(B, Hkv, G, N, Dv)``."""
+    g = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
+                        check_finite=check_finite)
+    return g.reshape(pb.batch, pb.heads_kv, pb.group, pb.n, pb.dv)
+
+
+def qkv_gradients(dq, dk, dv, pb, shapes) -> dict:
+    """``{"q", "k", "v"}``: flat ``dq (B, Hkv, G, N, D)`` (already w.r.t. the unscaled
+    ``q``), ``dk (B, Hkv, M, D)``, ``dv (B, Hkv, M, Dv)`` given back the caller's batch
+    dimensions and summed to the inputs' ``shapes`` (broadcast batch dimensions)."""
+    flat = (dq.reshape(pb.batch, pb.heads_q, pb.n, pb.d), dk, dv)
+    return {name: sum_to_shape(pb.unflatten(g), shape)
+            for name, g, shape in zip("qkv", flat, shapes)}
+
+
+def query_rows(n: int, m: int):
+    """``(rows, positions)``: the query rows that see at least one key and the key
+    positions ``i' = i + M - N`` they sit at (bottom-right alignment), as slices."""
+    return slice(max(n - m, 0), n), slice(max(m - n, 0), m)

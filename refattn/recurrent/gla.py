@@ -28,12 +28,14 @@ from numba import njit
 from .._core.checks import check_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
+from ..gradients import sum_to_shape
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_tokens
-from ._common import run_form
+from ._common import (grouped_cotangent, qkv_gradients, query_rows, run_form,
+                      run_vjp_form, shape_of)
 
 __all__ = ["gated_linear_attention", "gla_matrix", "gla_init_state", "gla_step",
-           "GLAState"]
+           "GLAState", "gated_linear_attention_vjp"]
 
 
 
@@ -238,4 +240,195 @@ def gla_step(state: GLAState, q_t, k_t, v_t, log_gates_t=None):
         position=state.position + 1, s=s)
 
 
-attach(gated_linear_attention, implied=gla_matrix, init_state=gla_init_state, step=gla_step)
+# --------------------------------------------------------------------------- backward
+# Flat arguments: ``q (B, Hkv, G, N, D)`` (scaled), ``k (B, Hkv, M, D)``,
+# ``v (B, Hkv, M, Dv)``, ``g (B, Hkv, M, D)``, ``do (B, Hkv, G, N, Dv)``; each form
+# returns ``(dq, dk, dv)``, ``dq`` w.r.t. the scaled queries; the gate's gradient follows
+# from them (:func:`_gate_gradient`).
+
+def _parallel_vjp(q, k, v, g, do, pb):
+    cum = np.cumsum(g, axis=-2)
+    pos = np.arange(pb.n) + pb.m - pb.n
+    decay = _pair_decay(cum[:, :, np.maximum(pos, 0)], cum, pos, np.arange(pb.m))
+    a = np.einsum("bhgnd,bhmd,bhnmd->bhgnm", q, k, decay, optimize=True)
+    dp = np.einsum("bhgne,bhme->bhgnm", do, v)
+    return (np.einsum("bhgnm,bhmd,bhnmd->bhgnd", dp, k, decay, optimize=True),
+            np.einsum("bhgnm,bhgnd,bhnmd->bhmd", dp, q, decay, optimize=True),
+            np.einsum("bhgnm,bhgne->bhme", a, do))
+
+
+@njit(cache=True)
+def _recurrent_vjp_kernel(q, k, v, g, do, shift):  # pragma: no cover - compiled
+    bh, group, n, d = q.shape
+    m, dv = k.shape[1], v.shape[2]
+    dq, dk, dvv = np.zeros((bh, group, n, d)), np.zeros((bh, m, d)), np.zeros((bh, m, dv))
+    s = np.zeros((d, dv))
+    for b in range(bh):
+        s[:] = 0.0
+        for j in range(m):                       # forward: S_j, dq_i = S_i' do_i
+            for a in range(d):
+                gate = np.exp(g[b, j, a])
+                for e in range(dv):
+                    s[a, e] = gate * s[a, e] + k[b, j, a] * v[b, j, e]
+            i = j - shift
+            if i >= 0:
+                for r in range(group):
+                    for a in range(d):
+                        acc = 0.0
+                        for e in range(dv):
+                            acc += s[a, e] * do[b, r, i, e]
+                        dq[b, r, i, a] = acc
+        s[:] = 0.0                               # backwards: the state gradient dS̄_j
+        for j in range(m - 1, -1, -1):
+            i = j - shift
+            if i >= 0:
+                for r in range(group):
+                    for a in range(d):
+                        for e in range(dv):
+                            s[a, e] += q[b, r, i, a] * do[b, r, i, e]
+            for a in range(d):
+                acc = 0.0
+                for e in range(dv):
+                    acc += s[a, e] * v[b, j, e]
+                dk[b, j, a] = acc
+            for e in range(dv):
+                acc = 0.0
+                for a in range(d):
+                    acc += s[a, e] * k[b, j, a]
+                dvv[b, j, e] = acc
+            for a in range(d):
+                gate = np.exp(g[b, j, a])
+                for e in range(dv):
+                    s[a, e] *= gate
+    return dq, dk, dvv
+
+
+def _recurrent_vjp(q, k, v, g, do, pb):
+    flat = lambda x: np.ascontiguousarray(x.reshape((-1,) + x.shape[2:]))   # noqa: E731
+    dq, dk, dv = _recurrent_vjp_kernel(flat(q), flat(k), flat(v), flat(g), flat(do),
+                                       pb.m - pb.n)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+def _chunks(g, pb, chunk):
+    """Per chunk: ``(c0, c1, r0, r1, at, local)``, the keys ``c0..c1``, the query rows
+    ``r0..r1`` at their positions, those rows' local positions ``at`` and the in-chunk
+    cumulative log-gates ``local`` (``G_j - G_{c0-1} <= 0``)."""
+    shift = pb.m - pb.n
+    for c0 in range(0, pb.m, chunk):
+        c1 = min(c0 + chunk, pb.m)
+        r0, r1 = max(c0 - shift, 0), max(c1 - shift, 0)
+        yield c0, c1, r0, r1, np.arange(r0, r1) + shift - c0, np.cumsum(g[:, :, c0:c1], axis=-2)
+
+
+def _chunkwise_vjp(q, k, v, g, do, pb, chunk):
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    state = np.zeros((pb.batch, pb.heads_kv, pb.d, pb.dv))       # S after key c0 - 1
+    for c0, c1, r0, r1, at, local in _chunks(g, pb, chunk):      # forward sweep: dq
+        kc, vc = k[:, :, c0:c1], v[:, :, c0:c1]
+        if r1 > r0:
+            dc = do[..., r0:r1, :]
+            decay = _pair_decay(local[:, :, at], local, at, np.arange(c1 - c0))
+            dp = np.einsum("bhgne,bhme->bhgnm", dc, vc)
+            dq[..., r0:r1, :] = np.einsum("bhgne,bhde,bhnd->bhgnd", dc, state,
+                                          np.exp(local[:, :, at])) + np.einsum(
+                "bhgnm,bhmd,bhnmd->bhgnd", dp, kc, decay, optimize=True)
+        to_end = np.exp(np.minimum(local[:, :, -1:] - local, 0.0))   # G_{c1-1} - G_j
+        state = np.exp(local[:, :, -1, :, None]) * state + np.einsum(
+            "bhmd,bhme->bhde", kc * to_end, vc)
+    state[:] = 0.0                   # ∂L/∂S_{c1-1} from the queries at positions >= c1
+    for c0, c1, r0, r1, at, local in reversed(list(_chunks(g, pb, chunk))):
+        kc, vc = k[:, :, c0:c1], v[:, :, c0:c1]
+        to_end = np.exp(np.minimum(local[:, :, -1:] - local, 0.0))
+        dk[:, :, c0:c1] = np.einsum("bhme,bhde->bhmd", vc, state) * to_end
+        dv[:, :, c0:c1] = np.einsum("bhmd,bhde->bhme", kc * to_end, state)
+        state = np.exp(local[:, :, -1, :, None]) * state
+        if r1 > r0:
+            qc, dc = q[..., r0:r1, :], do[..., r0:r1, :]
+            decay = _pair_decay(local[:, :, at], local, at, np.arange(c1 - c0))
+            a = np.einsum("bhgnd,bhmd,bhnmd->bhgnm", qc, kc, decay, optimize=True)
+            dp = np.einsum("bhgne,bhme->bhgnm", dc, vc)
+            dv[:, :, c0:c1] += np.einsum("bhgnm,bhgne->bhme", a, dc)
+            dk[:, :, c0:c1] += np.einsum("bhgnm,bhgnd,bhnmd->bhmd", dp, qc, decay,
+                                         optimize=True)
+            state += np.einsum("bhgnd,bhnd,bhgne->bhde", qc, np.exp(local[:, :, at]), dc)
+    return dq, dk, dv
+
+
+def _gate_gradient(q, dq, k, dk, pb):
+    """``dg_t = Σ_{p >= t} dG_p`` with ``dG_p = Σ_g q_{g,i} ∘ dq_{g,i} (i' = p) -
+    k_p ∘ dk_p``: the log-gates enter only through their cumulative sums ``G``."""
+    dgc = -k * dk
+    rows, positions = query_rows(pb.n, pb.m)
+    dgc[:, :, positions] += np.einsum("bhgnd,bhgnd->bhnd", q[..., rows, :], dq[..., rows, :])
+    return np.flip(np.cumsum(np.flip(dgc, axis=-2), axis=-2), axis=-2)
+
+
+def gated_linear_attention_vjp(q, k, v, grad_out, *, log_gates, scale=None, method=None,
+                               chunk_size=64, causal=True, check_finite=True,
+                               memory_budget=None):
+    r"""Gradients of :func:`gated_linear_attention` for the cotangent ``grad_out``
+    ``(..., Hq, N, Dv)``: ``{"q", "k", "v", "log_gates"}``, each float64 in its input's
+    shape (a KV head's gradient sums over its query heads; a broadcast ``log_gates``, a
+    number say, gets the sum over the dimensions it was broadcast along). The arguments
+    are the forward's, validated alike.
+
+    With :math:`E_{ija} = e^{G_{i'a} - G_{ja}}` (``j <= i'``, else 0), :math:`G_j =
+    \sum_{t \le j} g_t`, :math:`\tilde q = s\,q`, :math:`A_{ij} = \sum_a \tilde q_{ia}
+    k_{ja} E_{ija}` and :math:`dP_{ij} = do_i \cdot v_j`:
+
+    .. math:: dv_j = \sum_i A_{ij}\, do_i, \quad
+              d\tilde q_{ia} = \sum_j dP_{ij}\, k_{ja} E_{ija}, \quad
+              dk_{ja} = \sum_i dP_{ij}\, \tilde q_{ia} E_{ija}, \quad
+              dq = s\, d\tilde q,
+
+    and for the gates, since :math:`g` enters only through the cumulative sums
+    :math:`G` (:math:`G_{i'}` with a plus, :math:`G_j` with a minus):
+
+    .. math:: dG_p = \sum_{i' = p} q_i \odot dq_i - k_p \odot dk_p, \qquad
+              dg_t = \sum_{p \ge t} dG_p,
+
+    the reversed cumulative sum of flash-linear-attention's GLA backward
+    (``fla.ops.gla``: ``dg = revcumsum(q∘dq - k∘dk)``; Yang et al. 2024, §4).
+
+    ``method``, as in the forward: ``"parallel"`` (the ``(N, M, D)`` decay tensor;
+    memory-checked), ``"recurrent"`` (Numba: ``dq_i = S_{i'} do_i`` on a forward sweep,
+    then backwards in time the state gradient :math:`\bar S_j = \operatorname{diag}
+    (\alpha_{j+1}) \bar S_{j+1} + \tilde q_i^\top do_i` (``i' = j``), :math:`dk_j =
+    \bar S_j v_j`, :math:`dv_j = \bar S_j^\top k_j`; O(D·Dv) per KV head) or
+    ``"chunkwise"`` (default: the same, parallel inside chunks, states carried forwards
+    for ``dq`` and backwards for ``dk``, ``dv``). Every decay is ``exp`` of a
+    non-positive sum of log-gates (inside one chunk in the chunkwise form), so gates near
+    0 and 1 stay exact. The reversed cumulative sum adds ``O(ε·Σ|dG|)``, growing with
+    ``M``, to ``dg`` (as in every implementation of this identity).
+
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 9, 4))
+    >>> g = -rng.random((2, 9, 4))
+    >>> do = np.ones((2, 9, 4))
+    >>> a = ra.vjp("gated_linear_attention", q, k, v, do, log_gates=g, chunk_size=4)
+    >>> b = gated_linear_attention_vjp(q, k, v, do, log_gates=g, method="recurrent")
+    >>> sorted(a), all(np.allclose(a[x], b[x]) for x in a)
+    (['k', 'log_gates', 'q', 'v'], True)
+    >>> ra.vjp("gated_linear_attention", q, k, v, do, log_gates=-0.1)["log_gates"].shape
+    ()
+    """
+    shapes = shape_of(q), shape_of(k), shape_of(v)
+    g_shape = shape_of(log_gates)
+    q, k, v, pb, g = _setup(q, k, v, log_gates, scale, check_finite)
+    do = grouped_cotangent(grad_out, pb, check_finite)
+    dq, dk, dv = run_vjp_form(
+        method, chunk_size, memory_budget, what="gated linear attention",
+        parallel_bytes=pb.batch * pb.heads_kv * pb.n * pb.m * (pb.d * 24.0 + pb.group * 16.0),
+        parallel=lambda: _parallel_vjp(q, k, v, g, do, pb),
+        recurrent=lambda: _recurrent_vjp(q, k, v, g, do, pb),
+        chunkwise=lambda chunk: _chunkwise_vjp(q, k, v, g, do, pb, chunk))
+    dg = _gate_gradient(q, dq, k, dk, pb)
+    grads = qkv_gradients(dq * resolve_scale(scale, pb.d), dk, dv, pb, shapes)
+    grads["log_gates"] = sum_to_shape(pb.unflatten(dg), g_shape)
+    return grads
+
+
+attach(gated_linear_attention, implied=gla_matrix, init_state=gla_init_state, step=gla_step,
+       vjp=gated_linear_attention_vjp)

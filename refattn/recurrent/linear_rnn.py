@@ -53,10 +53,12 @@ from numba import njit
 
 from .._core.checks import check_choice, check_int, check_memory
 from ..boundary.arrays import to_float64
+from ..gradients import check_cotangent, sum_to_shape
 from ..streaming import State
+from ._common import shape_of
 
 __all__ = ["linear_rnn", "linear_rnn_init_state", "linear_rnn_step", "LinearRNNState",
-           "associative_scan", "METHODS"]
+           "associative_scan", "METHODS", "linear_rnn_vjp"]
 
 #: Names of the forms ``method=`` selects.
 METHODS = ("recurrent", "scan", "chunkwise")
@@ -205,6 +207,25 @@ def _chunkwise_form(a, c, h0, chunk):
     return out
 
 
+def _states(method, a, b, x, h0, chunk, memory_budget):
+    """Every state ``(B, L, D)`` of ``h_t = a_t h_{t-1} + b_t x_t`` by the form
+    ``method`` (checked), after its memory check; flat validated inputs."""
+    nb, length, dim = a.shape
+    if length == 0 or dim == 0:
+        return np.zeros((nb, length, dim))
+    if method == "recurrent":
+        return _recurrence(a, b, x, h0)
+    if method == "scan":
+        check_memory(nb * length * dim * 8.0 * 6, memory_budget, "the associative scan",
+                     "method='chunkwise' or method='recurrent'")
+        return _scan_form(a, b * x, h0)
+    chunk = min(check_int("chunk", chunk, minimum=1), length)
+    check_memory(nb * chunk * chunk * dim * 8.0 * 4, memory_budget,
+                 f"one chunk of the chunkwise linear RNN (chunk² · D, chunk = {chunk})",
+                 "a smaller chunk or method='recurrent'")
+    return _chunkwise_form(a, b * x, h0, chunk)
+
+
 def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
                return_last_state=False, check_finite=True, memory_budget=None):
     r"""All states of :math:`h_t = a_t \odot h_{t-1} + b_t \odot x_t` (module docstring).
@@ -230,21 +251,7 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
     """
     method = check_choice("method", method, METHODS)
     a, b, x, h0, batch_shape, length, dim = _prepare(a, b, x, h0, check_finite)
-    nb = a.shape[0]
-    if length == 0 or dim == 0:
-        out = np.zeros((nb, length, dim))
-    elif method == "recurrent":
-        out = _recurrence(a, b, x, h0)
-    elif method == "scan":
-        check_memory(nb * length * dim * 8.0 * 6, memory_budget, "the associative scan",
-                     "method='chunkwise' or method='recurrent'")
-        out = _scan_form(a, b * x, h0)
-    else:
-        chunk = min(check_int("chunk", chunk, minimum=1), length)
-        check_memory(nb * chunk * chunk * dim * 8.0 * 4, memory_budget,
-                     f"one chunk of the chunkwise linear RNN (chunk² · D, chunk = {chunk})",
-                     "a smaller chunk or method='recurrent'")
-        out = _chunkwise_form(a, b * x, h0, chunk)
+    out = _states(method, a, b, x, h0, chunk, memory_budget)
     last = out[:, -1] if length else h0.copy()
     out = out.reshape(batch_shape + (length, dim))
     if return_last_state:
@@ -304,3 +311,75 @@ def linear_rnn_step(state: LinearRNNState, a_t, b_t, x_t, *, check_finite=True):
     _check_gate(args[0], "a_t")
     h = args[0] * state.h + args[1] * args[2]
     return h, state.replace(position=state.position + 1, h=h)
+
+
+# --------------------------------------------------------------------------- backward
+def linear_rnn_vjp(a, b, x, grad_out, *, h0=None, method="recurrent", chunk=64,
+                   return_last_state=False, grad_last_state=None, check_finite=True,
+                   memory_budget=None):
+    r"""Gradients of :func:`linear_rnn` for the cotangent ``grad_out`` of its states
+    ``(..., L, D)`` (``None``: zero) and ``grad_last_state`` of the last state
+    ``(..., D)`` (``None``: zero; ``return_last_state`` is accepted and changes nothing).
+    Returns ``{"a", "b", "x"}``, plus ``"h0"`` when ``h0`` is given, each float64 in its
+    input's shape (broadcast dimensions summed). The other arguments are the forward's,
+    validated alike.
+
+    The state gradient :math:`\lambda_t = \partial L / \partial h_t` runs backwards in
+    time, itself a linear RNN over the reversed sequence:
+
+    .. math:: \lambda_{L-1} = dh_{L-1} + \bar h, \qquad
+              \lambda_t = dh_t + a_{t+1} \odot \lambda_{t+1},
+
+    (``dh = grad_out``, :math:`\bar h` = ``grad_last_state``), and then
+
+    .. math:: da_t = \lambda_t \odot h_{t-1}, \quad db_t = \lambda_t \odot x_t, \quad
+              dx_t = \lambda_t \odot b_t, \quad dh_0 = a_0 \odot \lambda_0
+
+    with :math:`h_{-1} = h_0`. Both the states and :math:`\lambda` are computed by the
+    form ``method`` selects (``"recurrent"``, ``"scan"``, ``"chunkwise"``, with the
+    forward's memory checks): the reversed gates :math:`a_{t+1}` lie in ``(0, 1]`` too,
+    so the chunkwise form's log-space decays stay non-positive. (The backward of the
+    scans in HGRN / LRU / Mamba implementations, e.g. flash-linear-attention's
+    ``fused_recurrent_hgrn``.)
+
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> a, x = rng.uniform(0.5, 1.0, (2, 7, 3)), rng.standard_normal((2, 7, 3))
+    >>> g = ra.vjp(ra.linear_rnn, a, 1.0, x, np.ones((2, 7, 3)), h0=np.zeros(3))
+    >>> sorted(g), g["b"].shape, g["h0"].shape
+    (['a', 'b', 'h0', 'x'], (), (3,))
+    >>> s = linear_rnn_vjp(a, 1.0, x, np.ones((2, 7, 3)), h0=np.zeros(3), method="scan")
+    >>> all(np.allclose(g[n], s[n]) for n in g)
+    True
+    """
+    method = check_choice("method", method, METHODS)
+    shapes = {"a": shape_of(a), "b": shape_of(b), "x": shape_of(x)}
+    h0_shape = None if h0 is None else shape_of(h0)
+    a, b, x, h0, batch_shape, length, dim = _prepare(a, b, x, h0, check_finite)
+    nb = a.shape[0]
+    dh = check_cotangent(grad_out, "grad_out", batch_shape + (length, dim),
+                         check_finite=check_finite)
+    dlast = check_cotangent(grad_last_state, "grad_last_state", batch_shape + (dim,),
+                            check_finite=check_finite)
+    dh = np.zeros((nb, length, dim)) if dh is None else dh.reshape(nb, length, dim).copy()
+    dlast = np.zeros((nb, dim)) if dlast is None else dlast.reshape(nb, dim)
+    if length == 0:
+        lam, prev, dh0 = dh, dh, dlast.copy()
+    else:
+        dh[:, -1] += dlast
+        h = _states(method, a, b, x, h0, chunk, memory_budget)
+        rev = np.empty_like(a)                    # a_{t+1} in reversed time, then a 1
+        rev[:, 0], rev[:, 1:] = 1.0, a[:, :0:-1]
+        lam = _states(method, rev, np.ones_like(a), np.ascontiguousarray(dh[:, ::-1]),
+                      np.zeros((nb, dim)), chunk, memory_budget)[:, ::-1]
+        prev = np.concatenate([h0[:, None], h[:, :-1]], axis=1)
+        dh0 = a[:, 0] * lam[:, 0]
+    full = batch_shape + (length, dim)
+    grads = {name: sum_to_shape(g.reshape(full), shapes[name])
+             for name, g in (("a", lam * prev), ("b", lam * x), ("x", lam * b))}
+    if h0_shape is not None:
+        grads["h0"] = sum_to_shape(dh0.reshape(batch_shape + (dim,)), h0_shape)
+    return grads
+
+
+linear_rnn.vjp = linear_rnn_vjp

@@ -23,10 +23,10 @@ from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_token
-from ._common import run_form
+from ._common import grouped_cotangent, qkv_gradients, run_form, run_vjp_form, shape_of
 
 __all__ = ["retention", "retention_matrix", "retention_init_state", "retention_step",
-           "RetentionState"]
+           "RetentionState", "retention_vjp"]
 
 
 
@@ -179,5 +179,120 @@ def retention_step(state: RetentionState, q_t, k_t, v_t):
     return out, state.replace(position=state.position + 1, s=s)
 
 
+# --------------------------------------------------------------------------- backward
+# Flat, grouped arguments: ``qg (B, Hkv, G, N, D)`` (scaled), ``k (B, Hkv, M, D)``,
+# ``v (B, Hkv, M, Dv)``, ``do (B, Hkv, G, N, Dv)``; each form returns ``(dq, dk, dv)``
+# with ``dq`` w.r.t. the scaled queries.
+
+def _parallel_vjp(qg, k, v, do, pb, lg):
+    pos = np.arange(pb.n) + pb.m - pb.n
+    dec = _decay(lg, pos[:, None] - np.arange(pb.m)[None, :])        # (Hkv, G, N, M)
+    a = np.einsum("bhgnd,bhmd->bhgnm", qg, k) * dec
+    dv = np.einsum("bhgnm,bhgne->bhme", a, do)
+    ds = np.einsum("bhgne,bhme->bhgnm", do, v) * dec
+    return (np.einsum("bhgnm,bhmd->bhgnd", ds, k), np.einsum("bhgnm,bhgnd->bhmd", ds, qg),
+            dv)
+
+
+def _recurrent_vjp(qg, k, v, do, pb, lg):
+    dq, dk, dv = np.zeros(qg.shape), np.zeros(k.shape), np.zeros(v.shape)
+    decay, shift = np.exp(lg), pb.m - pb.n                # γ (Hkv, G, 1, 1)
+    state = np.zeros((pb.batch, pb.heads_kv, pb.group, pb.d, pb.dv))
+    for j in range(pb.m):                                 # forward: dq_i = S_i' do_i
+        state = decay * state + k[:, :, None, j, :, None] * v[:, :, None, j, None, :]
+        if j >= shift:
+            dq[..., j - shift, :] = np.einsum("bhgde,bhge->bhgd", state, do[..., j - shift, :])
+    state[:] = 0.0                                        # now dS̄_j, backwards in time
+    for j in range(pb.m - 1, -1, -1):
+        if j >= shift:
+            state += qg[..., j - shift, :, None] * do[..., j - shift, None, :]
+        dk[:, :, j] = np.einsum("bhgde,bhe->bhd", state, v[:, :, j])
+        dv[:, :, j] = np.einsum("bhgde,bhd->bhe", state, k[:, :, j])
+        state *= decay
+    return dq, dk, dv
+
+
+def _chunkwise_vjp(qg, k, v, do, pb, lg, chunk):
+    dq, dk, dv = np.zeros(qg.shape), np.zeros(k.shape), np.zeros(v.shape)
+    shift = pb.m - pb.n
+    spans = []
+    for c0 in range(0, pb.m, chunk):
+        c1 = min(c0 + chunk, pb.m)
+        r0, r1 = max(c0 - shift, 0), max(c1 - shift, 0)   # query rows at positions c0..c1
+        spans.append((c0, c1, r0, r1, np.arange(r0, r1) + shift, np.arange(c0, c1)))
+    state = np.zeros((pb.batch, pb.heads_kv, pb.group, pb.d, pb.dv))   # γ S_{c0-1}
+    for c0, c1, r0, r1, pos, keys in spans:              # forward sweep: dq
+        if r1 > r0:
+            dec = _decay(lg, pos[:, None] - keys[None, :])
+            ds = np.einsum("bhgne,bhme->bhgnm", do[..., r0:r1, :], v[:, :, c0:c1]) * dec
+            dq[..., r0:r1, :] = np.einsum("bhgne,bhgde->bhgnd", do[..., r0:r1, :], state) * \
+                _decay(lg, (pos - c0)[:, None]) + np.einsum("bhgnm,bhmd->bhgnd", ds, k[:, :, c0:c1])
+        w = _decay(lg, (c1 - keys)[None, :])[:, :, 0, :]                # γ^(c1-j)
+        state = state * _decay(lg, np.asarray([[c1 - c0]])) + np.einsum(
+            "hgm,bhmd,bhme->bhgde", w, k[:, :, c0:c1], v[:, :, c0:c1])
+    state[:] = 0.0          # T_c = Σ_{i' >= c1} γ^(i'-c1) q_iᵀ do_i = ∂L/∂(γ S_{c1-1})
+    for c0, c1, r0, r1, pos, keys in reversed(spans):    # backward sweep: dk, dv
+        kc, vc = k[:, :, c0:c1], v[:, :, c0:c1]
+        w = _decay(lg, (c1 - keys)[None, :])[:, :, 0, :]                # γ^(c1-j)
+        dk[:, :, c0:c1] = np.einsum("hgm,bhgde,bhme->bhmd", w, state, vc)
+        dv[:, :, c0:c1] = np.einsum("hgm,bhgde,bhmd->bhme", w, state, kc)
+        state = state * _decay(lg, np.asarray([[c1 - c0]]))
+        if r1 > r0:
+            qc, dc = qg[..., r0:r1, :], do[..., r0:r1, :]
+            dec = _decay(lg, pos[:, None] - keys[None, :])
+            a = np.einsum("bhgnd,bhmd->bhgnm", qc, kc) * dec
+            ds = np.einsum("bhgne,bhme->bhgnm", dc, vc) * dec
+            dv[:, :, c0:c1] += np.einsum("bhgnm,bhgne->bhme", a, dc)
+            dk[:, :, c0:c1] += np.einsum("bhgnm,bhgnd->bhmd", ds, qc)
+            state += np.einsum("hgn,bhgnd,bhgne->bhgde",
+                               _decay(lg, (pos - c0)[None, :])[:, :, 0, :], qc, dc)
+    return dq, dk, dv
+
+
+def retention_vjp(q, k, v, grad_out, *, gamma, scale=None, method=None, chunk_size=64,
+                  causal=True, check_finite=True, memory_budget=None):
+    r"""Gradients of :func:`retention` for the cotangent ``grad_out`` ``(..., Hq, N, Dv)``:
+    ``{"q", "k", "v"}``, each float64 in its input's shape (a KV head's gradient sums
+    over its query heads; broadcast batch dimensions summed). ``gamma`` is a fixed
+    hyperparameter of RetNet (one decay per head, not learned): it gets no gradient.
+    The arguments are the forward's, validated alike.
+
+    With :math:`A = s\,QK^\top \odot D_\gamma` and :math:`O = AV`:
+
+    .. math:: dV = A^\top dO, \quad dS = (dO\, V^\top) \odot D_\gamma, \quad
+              dQ = s\, dS\, K, \quad dK = s\, dS^\top Q.
+
+    ``method`` selects the form, as in the forward: ``"parallel"`` (the matrices above,
+    ``N x M``, memory-checked), ``"recurrent"`` (``dq_i = s\, S_{i'} do_i`` on a forward
+    sweep; backwards in time the state gradient
+    :math:`\bar S_j = \gamma \bar S_{j+1} + s\, q_{i}^\top do_{i}` (``i' = j``) gives
+    :math:`dk_j = \bar S_j v_j`, :math:`dv_j = \bar S_j^\top k_j`; O(D·Dv) per head) and
+    ``"chunkwise"`` (default: the same, parallel inside chunks of ``chunk_size`` keys,
+    states carried between chunks forwards for ``dq`` and backwards for ``dk``, ``dv``).
+    Every decay is :math:`\gamma^d` of a distance ``d >= 0``. The scheme of
+    flash-linear-attention's chunked retention backward (``fla.ops.retention``: states
+    forwards for ``dq``, state gradients backwards for ``dk``, ``dv``), in float64.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 9, 4))
+    >>> do = np.ones((2, 9, 4))
+    >>> g = ra.vjp("retention", q, k, v, do, gamma=0.9, chunk_size=4)
+    >>> r = retention_vjp(q, k, v, do, gamma=0.9, method="recurrent")
+    >>> sorted(g), all(np.allclose(g[x], r[x]) for x in "qkv")
+    (['k', 'q', 'v'], True)
+    """
+    shapes = shape_of(q), shape_of(k), shape_of(v)
+    q, k, v, pb, lg = _setup(q, k, v, gamma, scale, check_finite)
+    do = grouped_cotangent(grad_out, pb, check_finite)
+    qg = _grouped(q, pb)
+    dq, dk, dv = run_vjp_form(
+        method, chunk_size, memory_budget, what="retention",
+        parallel_bytes=pb.batch * pb.heads_q * pb.n * pb.m * 24.0,
+        parallel=lambda: _parallel_vjp(qg, k, v, do, pb, lg),
+        recurrent=lambda: _recurrent_vjp(qg, k, v, do, pb, lg),
+        chunkwise=lambda chunk: _chunkwise_vjp(qg, k, v, do, pb, lg, chunk))
+    return qkv_gradients(dq * resolve_scale(scale, pb.d), dk, dv, pb, shapes)
+
+
 attach(retention, implied=retention_matrix, init_state=retention_init_state,
-       step=retention_step)
+       step=retention_step, vjp=retention_vjp)

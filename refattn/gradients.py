@@ -56,9 +56,10 @@ def vjp(fn, *inputs, **kwargs) -> dict:
 
     ``fn``: a registered mechanism (its function or name, e.g. ``"attention"``) or another
     differentiable function of refattn (``refattn.linear_rnn`` ...). The positional
-    arguments are the forward's, then ``grad_out`` (the cotangent of the output, its
-    shape). ``grad_lse=`` (softmax mechanisms) is the cotangent of the returned
-    log-sum-exp; the other keyword arguments are the forward's. Returns a dict from each
+    arguments are the forward's differentiable inputs (``q, k, v``; ``a, b, x``; ...),
+    then ``grad_out`` (the cotangent of the output, its shape); every other argument of
+    the forward (``mask``, ``window``, ``kernel_size``, ...) is given by keyword.
+    ``grad_lse=`` (softmax mechanisms) is the cotangent of the returned log-sum-exp. Returns a dict from each
     differentiable input's parameter name (``q``, ``k``, ``v``, ``bias``, ``log_gates``,
     ...) to its float64 gradient, in that input's shape.
     """

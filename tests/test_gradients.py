@@ -39,6 +39,9 @@ def test_every_vjp_matches_finite_differences(spec, causal):
     numeric = numerical_vjp(spec.fn, dict(q=q, k=k, v=v), g, **params)
     for name in "qkv":
         assert exact[name].shape == numeric[name].shape
+        if not numeric[name].any():   # e.g. a window of one key: q does not matter
+            assert np.abs(exact[name]).max() <= 1e-12, name
+            continue
         err = max_rel_error(exact[name], numeric[name], normwise=True)
         assert err <= 1e-7, f"d{name}: {err:.2e}"
 
@@ -133,7 +136,7 @@ def test_tiled_and_sparse_backwards_equal_the_dense_one(case, blocks):
         assert max_rel_error(tiled[name], dense[name], normwise=True) <= 1e-12, name
     if "mask" in kw:
         mask = kw.pop("mask")
-        sparse = ra.vjp("sparse_attention", q, k, v, mask, g, block_q=blocks[0],
+        sparse = ra.vjp("sparse_attention", q, k, v, g, mask=mask, block_q=blocks[0],
                         block_k=blocks[1], **kw)
         for name in "qkv":
             assert max_rel_error(sparse[name], dense[name], normwise=True) <= 1e-12

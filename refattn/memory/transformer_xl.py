@@ -195,8 +195,8 @@ def transformer_xl_attention_vjp(q, k, v, grad_out, *, segment_len, mem_len, gra
     if mask is not None:
         shapes = (np.shape(q), np.shape(k), np.shape(v))
         keep = keep & _masks.as_mask(mask, problem_from_shapes(*shapes).batch_shape)
-    return sparse_attention_vjp(q, k, v, keep, grad_out, grad_lse=grad_lse, causal=causal,
-                                scale=scale, bias=bias, softcap=softcap,
+    return sparse_attention_vjp(q, k, v, grad_out, mask=keep, grad_lse=grad_lse,
+                                causal=causal, scale=scale, bias=bias, softcap=softcap,
                                 check_finite=check_finite)
 
 attach(transformer_xl_attention, implied=transformer_xl_attention_matrix,

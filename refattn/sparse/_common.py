@@ -25,7 +25,7 @@ def pattern(factory, **register_kwargs):
         def vjp(q, k, v, grad_out, *, grad_lse=None, causal=False, scale=None, bias=None,
                 softcap=None, check_finite=True, method="auto", block_q=None, block_k=None,
                 workers=None, **params):
-            return sparse_attention_vjp(q, k, v, factory(**params), grad_out,
+            return sparse_attention_vjp(q, k, v, grad_out, mask=factory(**params),
                                         grad_lse=grad_lse, causal=causal, scale=scale,
                                         bias=bias, softcap=softcap,
                                         check_finite=check_finite, method=method,

@@ -151,7 +151,7 @@ def chunked_attention_vjp(q, k, v, grad_out, *, chunk_size, overlap=0, grad_lse=
     """Gradients of :func:`chunked_attention`: exact attention under its chunk mask
     (:func:`refattn.masks.chunks`), differentiated by the sparse engine's tiled backward
     (:func:`refattn.sparse.engine.sparse_attention_vjp`) over the non-empty tiles."""
-    return sparse_attention_vjp(q, k, v, _chunk_mask(chunk_size, overlap), grad_out,
+    return sparse_attention_vjp(q, k, v, grad_out, mask=_chunk_mask(chunk_size, overlap),
                                 grad_lse=grad_lse, causal=causal, scale=scale,
                                 softcap=softcap, check_finite=check_finite)
 

@@ -86,7 +86,7 @@ def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, soft
     return (out, lse) if return_lse else out
 
 
-def sparse_attention_vjp(q, k, v, mask, grad_out, *, grad_lse=None, causal=False,
+def sparse_attention_vjp(q, k, v, grad_out, *, mask, grad_lse=None, causal=False,
                          scale=None, bias=None, softcap=None, check_finite=True,
                          method="auto", block_q=None, block_k=None, workers=None):
     """Gradients of :func:`sparse_attention`: FlashAttention-2's backward
@@ -99,7 +99,7 @@ def sparse_attention_vjp(q, k, v, mask, grad_out, *, grad_lse=None, causal=False
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 40, 8))
     >>> do = np.ones((1, 40, 8))
     >>> mask = ra.masks.sliding_window(5)
-    >>> a = ra.vjp("sparse_attention", q, k, v, mask, do, causal=True)
+    >>> a = ra.vjp("sparse_attention", q, k, v, do, mask=mask, causal=True)
     >>> b = ra.vjp("attention", q, k, v, do, mask=mask, causal=True)
     >>> all(np.allclose(a[x], b[x], rtol=1e-12, atol=1e-14) for x in "qkv")
     True

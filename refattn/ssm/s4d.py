@@ -45,13 +45,15 @@ import numpy as np
 import scipy.fft
 from numba import njit, prange
 
-from .._core.checks import check_choice, check_int, check_memory
+from .._core.checks import check_bool, check_choice, check_int, check_memory
 from ..boundary.arrays import to_float64
+from ..gradients import check_cotangent, sum_to_shape
 from ..recurrent.linear_rnn import associative_scan
 from ..streaming import State
-from ._common import TILE, check_shape, number_array
+from ._common import TILE, check_shape, number_array, scan_vjp
 
-__all__ = ["s4d", "s4d_kernel", "s4d_init_state", "s4d_step", "S4DState", "S4D_METHODS"]
+__all__ = ["s4d", "s4d_kernel", "s4d_init_state", "s4d_step", "S4DState", "S4D_METHODS",
+           "s4d_vjp"]
 
 #: Forms of :func:`s4d`.
 S4D_METHODS = ("recurrent", "fft", "scan")
@@ -203,6 +205,127 @@ def s4d(u, A, B, C, delta, D=None, *, method="recurrent", return_last_state=Fals
     return y
 
 
+# --------------------------------------------------------------------------- gradients
+def _zoh_chi(w):
+    r""":math:`\chi(w) = (w e^w - \mathrm{expm1}(w)) / w^2 = \sum_j \frac{j+1}{(j+2)!} w^j`
+    (so that :math:`\partial \bar B / \partial A = \Delta^2 \chi(\Delta A) B`), by its
+    series where :math:`|w| < 1/2`, where the closed form would cancel."""
+    small = np.abs(w) < 0.5
+    ws, wl = np.where(small, w, 0.0), np.where(small, 1.0, w)
+    series = sum((j + 1) / math.factorial(j + 2) * ws**j for j in range(18))
+    return np.where(small, series, (wl * np.exp(wl) - np.expm1(wl)) / wl**2)
+
+
+def s4d_vjp(u, A, B, C, delta, grad_out, *, D=None, method="recurrent",
+            return_last_state=False, grad_last_state=None, check_finite=True,
+            memory_budget=None):
+    r"""Gradients of :func:`s4d` for ``u``, ``A``, ``B``, ``C``, ``delta`` (and ``D``),
+    float64, each of its argument's shape (a number ``delta``/``D``: a number);
+    complex arguments get :math:`\partial L/\partial\mathrm{Re} + i\,\partial L/
+    \partial\mathrm{Im}` (PyTorch's convention), a real argument promoted to the complex
+    convention the real part. ``grad_out``: cotangent of the output ``(..., dim, L)``
+    (or the pair ``(grad_out, grad_last_state)``); ``grad_last_state``: of the last state
+    ``(..., dim, N)``. Other arguments as in the forward.
+
+    With :math:`w = \Delta A`, :math:`\bar A = e^w`, :math:`\bar B = \mathrm{expm1}(w)
+    B / A` and :math:`G_{\bar A}`, :math:`G_{\bar B}`, :math:`dC` the gradients of the
+    recurrence (those of :func:`refattn.ssm.selective_scan.selective_scan_vjp` with
+    :math:`\delta = 1`, the shared ``_common.scan_vjp``): :math:`G_w = \overline{\bar A}
+    G_{\bar A}` and
+
+    .. math:: dA = \Delta G_w + \overline{\Delta^2 \chi(w) B}\, G_{\bar B}, \quad
+              dB = \overline{\mathrm{expm1}(w)/A}\, G_{\bar B}, \quad
+              d\Delta = \textstyle\sum_n \mathrm{Re}(\overline{A} G_w
+              + \overline{e^w B}\, G_{\bar B}),
+
+    :math:`\chi(w) = (w e^w - \mathrm{expm1}(w))/w^2` (a series near 0: small steps stay
+    exact), :math:`dD = \sum g u`. Forms: ``"recurrent"`` (the reverse-time recurrence,
+    Numba, memory O(N) per running channel), ``"scan"`` (the two-level scan, forward then
+    reversed, in bounded blocks) and ``"fft"`` (through the kernel: :math:`dK_l =
+    \sum_t g_t u_{t-l}` and :math:`du_s = \sum_l g_{s+l} K_l`, correlations by FFT, then
+    :math:`K_l = s\,\mathrm{Re}\sum_n W_n e^{l w_n}`, :math:`W = C \bar B`, gives
+    :math:`G_W = s \sum_l dK_l \overline{e^{l w}}`, :math:`G_w = s \sum_l l\, dK_l
+    \overline{W e^{l w}}`; checks ``memory_budget``).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> u, A = rng.standard_normal((2, 5)), -rng.uniform(0.5, 1, (2, 3)) + 1j
+    >>> B, C = rng.standard_normal((2, 2, 3))
+    >>> g = s4d_vjp(u, A, B, C, 0.1, np.ones((2, 5)))
+    >>> g["A"].dtype, g["B"].dtype, np.shape(g["delta"])
+    (dtype('complex128'), dtype('float64'), ())
+    >>> f = s4d_vjp(u, A, B, C, 0.1, np.ones((2, 5)), method="fft")
+    >>> all(np.allclose(g[k], f[k]) for k in g)
+    True
+    """
+    method = check_choice("method", method, S4D_METHODS)
+    check_bool("return_last_state", return_last_state)
+    given = dict(A=A, B=B, C=C, delta=delta, D=D)
+    u, abar, bbar, c, w, D, factor = _s4d_setup(u, A, B, C, delta, D, check_finite)
+    if isinstance(grad_out, tuple):
+        if len(grad_out) != 2 or grad_last_state is not None:
+            raise ValueError("grad_out as a tuple must be (grad_out, grad_last_state), "
+                             "with grad_last_state= not given as well")
+        grad_out, grad_last_state = grad_out
+    batch_shape, (dim, length) = u.shape[:-2], u.shape[-2:]
+    nb, nstate = math.prod(batch_shape), abar.shape[1]
+    A = number_array(A, "A", check_finite=check_finite).astype(abar.dtype)
+    B = number_array(B, "B", check_finite=check_finite).astype(abar.dtype)
+    delta = np.broadcast_to(to_float64(delta, "delta", check_finite=check_finite), (dim,))
+    uf = np.ascontiguousarray(u).reshape(nb, dim, length)
+    g = check_cotangent(grad_out, "grad_out", u.shape, check_finite=check_finite)
+    g = np.zeros((nb, dim, length)) if g is None else g.reshape(nb, dim, length)
+    glast = None
+    if grad_last_state is not None:
+        glast = number_array(grad_last_state, "grad_last_state", check_finite=check_finite,
+                             allow_complex=factor == 2.0)
+        check_shape(glast, "grad_last_state", batch_shape + (dim, nstate),
+                    "(..., dim, N), the last state")
+        glast = glast.reshape(nb, dim, nstate).astype(abar.dtype)
+    if method == "fft":
+        check_memory(dim * nstate * length * 16.0 * 4, memory_budget,
+                     "the S4D kernel's gradient (dim·N·L)", "method='recurrent'")
+        nfft = scipy.fft.next_fast_len(max(2 * length - 1, 1), real=True)
+        G, U = scipy.fft.rfft(g, nfft, axis=-1), scipy.fft.rfft(uf, nfft, axis=-1)
+        kf = scipy.fft.rfft(_kernel(bbar, c, w, factor, length), nfft, axis=-1)
+        du = scipy.fft.irfft(G * np.conj(kf), nfft, axis=-1)[..., :length]
+        dK = scipy.fft.irfft((G * np.conj(U)).sum(axis=0), nfft, axis=-1)[:, :length]
+        lags = np.arange(length)
+        powers = np.conj(np.exp(w[:, :, None] * lags))                  # (dim, N, L)
+        gW = factor * np.einsum("dl,dnl->dn", dK, powers)
+        gw = factor * np.conj(c * bbar) * np.einsum("dl,dnl->dn", dK * lags, powers)
+        gbbar, dC = np.conj(c) * gW, np.conj(bbar) * gW
+        if glast is not None:        # h_{L-1} = B̄ Σ_l Ā^{L-1-l} u_l
+            back = powers[:, :, ::-1]
+            gbbar = gbbar + np.einsum("bdn,bdl,dnl->dn", glast, uf, back)
+            du = du + np.einsum("bdn,dnl->bdl", np.conj(bbar) * glast, back).real
+            gw = gw + np.conj(bbar) * np.einsum("bdn,bdl,dnl->dn", glast, uf,
+                                                back * lags[::-1])
+    else:
+        if glast is None:
+            glast = np.zeros((nb, dim, nstate), abar.dtype)
+        du, _, _, gw, gbbar, dC = scan_vjp(
+            uf, np.ones(uf.shape), w, bbar[None, :, :, None], c[None, :, :, None], g,
+            None, factor, glast, (False, False),
+            "recurrent" if method == "recurrent" else "chunkwise")
+        gbbar, dC = gbbar[0, :, :, 0], dC[0, :, :, 0]
+    dA = delta[:, None] * gw + np.conj(delta[:, None]**2 * _zoh_chi(w) * B) * gbbar
+    ddelta = (np.conj(A) * gw + np.conj(abar * B) * gbbar).real.sum(axis=-1)
+    dB = np.conj(np.expm1(w) / A) * gbbar
+    grads = {"u": du, "A": dA, "B": dB, "C": dC, "delta": ddelta}
+    if D is not None:
+        grads["u"] = du + D[:, None] * g
+        grads["D"] = (g * uf).sum(axis=(0, 2))
+    grads["u"] = grads["u"].reshape(u.shape)
+    for name in ("A", "B", "C"):
+        if not np.iscomplexobj(given[name]):
+            grads[name] = np.ascontiguousarray(grads[name].real)
+    for name in ("delta", "D"):
+        if name in grads:
+            grads[name] = sum_to_shape(grads[name], np.shape(given[name]))
+    return grads
+
+
 @dataclasses.dataclass(frozen=True)
 class S4DState(State):
     """``h``: ``(batch, dim, N)`` after ``position`` steps, with the discretized layer
@@ -254,3 +377,6 @@ def s4d_step(state: S4DState, u_t, *, check_finite=True):
     if state.D is not None:
         y = y + state.D * u_t
     return y, state.replace(position=state.position + 1, h=h)
+
+
+s4d.vjp = s4d_vjp

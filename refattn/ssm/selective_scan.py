@@ -35,37 +35,20 @@ from numba import njit, prange
 
 from .._core.checks import check_bool, check_choice, check_int
 from ..boundary.arrays import to_float64
+from ..gradients import check_cotangent
 from ..recurrent.linear_rnn import associative_scan
 from ..streaming import State
-from ._common import TILE, check_shape, number_array
+from ._common import (BLOCK_ELEMENTS, TILE, check_shape, dsilu, number_array, scan_vjp,
+                      seq_resets, silu, silu_np, softplus_np)
 
 __all__ = ["selective_scan", "selective_scan_init_state", "selective_scan_step",
-           "SelectiveScanState", "SELECTIVE_SCAN_METHODS"]
+           "SelectiveScanState", "SELECTIVE_SCAN_METHODS", "selective_scan_vjp"]
 
 #: Forms of :func:`selective_scan`.
 SELECTIVE_SCAN_METHODS = ("recurrent", "chunkwise")
 
 #: Elements (batch·dim·positions·N) one block of the chunkwise selective scan holds.
-_BLOCK_ELEMENTS = 2**20
-
-
-@njit(cache=True, inline="always")
-def _silu(z):   # pragma: no cover - compiled
-    if z >= 0.0:
-        return z / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return z * e / (1.0 + e)
-
-
-def _silu_np(z):
-    """``z · sigmoid(z)`` without overflow warnings."""
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, z / (1.0 + e), z * e / (1.0 + e))
-
-
-def _softplus(x):
-    """PyTorch's softplus (beta 1, threshold 20): ``x`` above 20, ``log1p(exp(x))``."""
-    return np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0))))
+_BLOCK_ELEMENTS = BLOCK_ELEMENTS
 
 
 # --------------------------------------------------------------------------- selective
@@ -185,7 +168,7 @@ def _selective_kernel(u, delta, dbias, softplus, A, B, C, dskip, z, has_z, reset
                 t = t0 + j
                 y = factor * acc[j] + dskip[d] * u[i, d, t]
                 if has_z:
-                    y *= _silu(z[i, d, t])
+                    y *= silu(z[i, d, t])
                 out[i, d, t] = y
 
 
@@ -225,7 +208,7 @@ def _chunkwise_selective(u, delta, dbias, softplus, A, B, C, D, z, reset, factor
         pad = k * chunk - (p1 - p0)
         # identity steps after the end (a = 1, c = 0): they change nothing
         dt = delta[:, :, p0:p1] if dbias is None else delta[:, :, p0:p1] + dbias[:, None]
-        dt = _softplus(dt) if softplus else dt
+        dt = softplus_np(dt) if softplus else dt
         ub = u[:, :, p0:p1]
         dtt = _time_major(dt, k, chunk, pad)[..., None]                 # (T, k, B, dim, 1)
         a = np.exp(dtt * A)                                             # (T, k, B, dim, N)
@@ -250,27 +233,10 @@ def _chunkwise_selective(u, delta, dbias, softplus, A, B, C, D, z, reset, factor
         if D is not None:
             yb = yb + D[:, None] * ub
         if z is not None:
-            yb = yb * _silu_np(z[:, :, p0:p1])
+            yb = yb * silu_np(z[:, :, p0:p1])
         y[:, :, p0:p1] = yb
         state = ends[-1]
     return y, state
-
-
-def _resets(cu_seqlens, length):
-    """Boolean ``(L,)`` marking the starts ``cu_seqlens[1:-1]`` (None if no packing)."""
-    if cu_seqlens is None:
-        return None
-    cu = np.asarray(cu_seqlens)
-    if cu.ndim != 1 or cu.size < 2 or cu.dtype.kind not in "iu":
-        raise TypeError(f"cu_seqlens must be a 1-D integer array [0, ..., L] of at least "
-                        f"2 entries, got {cu.dtype} with shape {cu.shape}")
-    if cu[0] != 0 or cu[-1] != length or (np.diff(cu) < 0).any():
-        raise ValueError(f"cu_seqlens must rise from 0 to L = {length} (cumulative "
-                         f"sequence lengths), got {cu.tolist()}")
-    reset = np.zeros(length, dtype=bool)
-    starts = cu[1:-1]
-    reset[starts[starts < length]] = True
-    return reset
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -320,7 +286,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, check_finite)
     return_last_state = check_bool("return_last_state", return_last_state)
     batch, dim, length = u.shape
-    reset = _resets(cu_seqlens, length)
+    reset = seq_resets(cu_seqlens, length)
     state = np.zeros((batch, dim, A.shape[1]), dtype=A.dtype)
     if method == "recurrent":
         out = np.full((batch, dim, length), np.nan)
@@ -334,6 +300,113 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                                         reset, factor, state,
                                         check_int("chunk", chunk, minimum=1))
     return (out, state) if return_last_state else out
+
+
+# --------------------------------------------------------------------------- gradients
+def _variable_grad(G, X_given, a_complex):
+    """The gradient of ``B``/``C`` (internal ``(batch | 1, groups, N, L | 1)``) in the
+    shape and kind of the argument given: complex as ``∂/∂Re + i ∂/∂Im`` (PyTorch's
+    convention), interleaved real pairs for the reference's real ``2L`` layout, the real
+    part for a real argument promoted to complex."""
+    shape = np.shape(X_given)
+    if len(shape) == 2:
+        G = G[0, :, :, 0]
+    elif len(shape) == 3:
+        G = G[:, 0]
+    if a_complex and not np.iscomplexobj(X_given) and len(shape) >= 3:   # (.., 2L) pairs
+        out = np.empty(shape)
+        out[..., 0::2], out[..., 1::2] = G.real, G.imag
+        return out
+    return np.ascontiguousarray(G if np.iscomplexobj(X_given) else G.real)
+
+
+def selective_scan_vjp(u, delta, A, B, C, grad_out, *, D=None, z=None, delta_bias=None,
+                       delta_softplus=False, grad_last_state=None, return_last_state=False,
+                       method="recurrent", chunk=64, cu_seqlens=None, check_finite=True):
+    r"""Gradients of :func:`selective_scan` (the gradients mamba's backward returns:
+    ``du, ddelta, dA, dB, dC`` and ``dD, dz, ddelta_bias`` for those given), float64.
+
+    ``grad_out``: cotangent of ``out`` ``(batch, dim, L)`` (or the pair ``(grad_out,
+    grad_last_state)`` for ``return_last_state=True``); ``grad_last_state``: cotangent
+    of the last state ``(batch, dim, N)`` (complex for complex ``A``). Other arguments as
+    in the forward. Returns ``{"u", "delta", "A", "B", "C"[, "D", "z", "delta_bias"]:
+    gradient}``, each of its argument's shape. A complex argument gets
+    :math:`\partial L/\partial \mathrm{Re} + i\,\partial L/\partial \mathrm{Im}`
+    (PyTorch's convention, hence mamba's); a real ``(…, 2L)`` interleaved ``B``/``C``
+    gets the two parts interleaved.
+
+    With :math:`g_y = g \cdot \mathrm{silu}(z)` and the reverse-time recurrence
+    :math:`\bar h_t = s\,g_{y,t}\,\overline{C_t} + \overline{a_{t+1}}\,\bar h_{t+1}`
+    (:math:`a_t = e^{\delta_t A}`; 0 across a ``cu_seqlens`` restart; :math:`\bar
+    h_{L-1}` starts from ``grad_last_state``), :math:`q_t = \overline{a_t h_{t-1}}
+    \odot \bar h_t`:
+
+    .. math:: dC_t = s\,g_{y,t}\,\overline{h_t}, \quad dB_t = \delta_t u_t \bar h_t,
+              \quad dA = \sum_t \delta_t q_t, \quad
+              d\delta_t = \textstyle\sum_n \mathrm{Re}(\overline{A} q_t
+              + u_t \overline{B_t} \bar h_t),
+
+    .. math:: du_t = \delta_t \textstyle\sum_n \mathrm{Re}(\overline{B_t} \bar h_t)
+              + D g_{y,t}, \quad dD = \textstyle\sum g_y u, \quad
+              dz = g\,y\,\mathrm{silu}'(z),
+
+    :math:`d\Delta = d\delta \cdot \sigma(\Delta + \Delta_{bias})` under the softplus
+    (1 above its threshold 20), :math:`d\Delta_{bias} = \sum_{b, t} d\Delta`; grouped or
+    batch-shared ``B``/``C`` sum over the channels and rows sharing them. Forms:
+    ``"recurrent"`` (Numba; the state at every ``TILE``-th step kept per running
+    channel, each tile's states recomputed from it, as mamba's kernel does per chunk)
+    and ``"chunkwise"`` (the forward's two-level scan for the states and the same scan
+    reversed in time for :math:`\bar h`, in bounded blocks); they agree to rounding.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> u, delta = rng.standard_normal((1, 2, 6)), rng.uniform(0, 1, (1, 2, 6))
+    >>> A, B, C = -np.ones((2, 3)), rng.standard_normal((1, 3, 6)), np.ones((2, 3))
+    >>> g = selective_scan_vjp(u, delta, A, B, C, np.ones((1, 2, 6)), D=np.ones(2))
+    >>> sorted(g), g["B"].shape, g["A"].shape
+    (['A', 'B', 'C', 'D', 'delta', 'u'], (1, 3, 6), (2, 3))
+    """
+    method = check_choice("method", method, SELECTIVE_SCAN_METHODS)
+    given = dict(B=B, C=C)
+    u, delta, A, B, C, D, z, delta_bias, softplus, factor = _selective_setup(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, check_finite)
+    check_bool("return_last_state", return_last_state)
+    if isinstance(grad_out, tuple):
+        if len(grad_out) != 2 or grad_last_state is not None:
+            raise ValueError("grad_out as a tuple must be (grad_out, grad_last_state), "
+                             "with grad_last_state= not given as well")
+        grad_out, grad_last_state = grad_out
+    batch, dim, length = u.shape
+    nstate, a_complex = A.shape[1], np.iscomplexobj(A)
+    g = check_cotangent(grad_out, "grad_out", u.shape, check_finite=check_finite)
+    g = np.zeros(u.shape) if g is None else g
+    glast = np.zeros((batch, dim, nstate), A.dtype)
+    if grad_last_state is not None:
+        gl = number_array(grad_last_state, "grad_last_state", check_finite=check_finite,
+                          allow_complex=a_complex)
+        check_shape(gl, "grad_last_state", glast.shape, "(batch, dim, N), the last state")
+        glast[...] = gl
+    reset = seq_resets(cu_seqlens, length)
+    x = delta if delta_bias is None else delta + delta_bias[:, None]
+    dt = softplus_np(x) if softplus else x
+    gy = g if z is None else g * silu_np(z)
+    variable = tuple(np.ndim(given[k]) >= 3 for k in "BC")
+    du, ddt, ysum, dA, dB, dC = scan_vjp(u, dt, A, B, C, gy, reset, factor, glast, variable,
+                                         method, check_int("chunk", chunk, minimum=1))
+    # softplus' = sigmoid below PyTorch's threshold 20, 1 above
+    dx = ddt * np.where(x > 20.0, 1.0, 0.5 * (1.0 + np.tanh(0.5 * x))) if softplus else ddt
+    grads = {"u": du + (0.0 if D is None else D[:, None] * gy), "delta": dx,
+             "A": dA if a_complex else dA.real,
+             "B": _variable_grad(dB, given["B"], a_complex),
+             "C": _variable_grad(dC, given["C"], a_complex)}
+    if D is not None:
+        grads["D"] = (gy * u).sum(axis=(0, 2))
+    if z is not None:
+        y = factor * ysum + (0.0 if D is None else D[:, None] * u)
+        grads["z"] = g * y * dsilu(z)
+    if delta_bias is not None:
+        grads["delta_bias"] = dx.sum(axis=(0, 2))
+    return grads
 
 
 # --------------------------------------------------------------------------- streaming
@@ -418,7 +491,7 @@ def selective_scan_step(state: SelectiveScanState, u_t, delta_t, B_t, C_t, z_t=N
                              f"{given}")
         bc.append(X[:, np.arange(dim) // (dim // X.shape[1])])        # (batch, dim, N)
     dt = delta_t if state.delta_bias is None else delta_t + state.delta_bias
-    dt = _softplus(dt) if state.delta_softplus else dt
+    dt = softplus_np(dt) if state.delta_softplus else dt
     h = np.exp(dt[..., None] * state.A) * state.h + (dt * u_t)[..., None] * bc[0]
     y = (2.0 if a_complex else 1.0) * np.einsum("bdn,bdn->bd", h, bc[1]).real
     if state.D is not None:
@@ -426,5 +499,8 @@ def selective_scan_step(state: SelectiveScanState, u_t, delta_t, B_t, C_t, z_t=N
     if z_t is not None:
         z_t = to_float64(z_t, "z_t", check_finite=check_finite)
         check_shape(z_t, "z_t", (batch, dim), "(batch, dim)")
-        y = y * _silu_np(z_t)
+        y = y * silu_np(z_t)
     return y, state.replace(position=state.position + 1, h=h)
+
+
+selective_scan.vjp = selective_scan_vjp

@@ -10,10 +10,10 @@ import math
 
 import numpy as np
 
-from .._core.checks import is_int
+from .._core.checks import check_cotangent, is_int
 from ..boundary.arrays import to_float64
 from ..masks import EMPTY, FULL, PARTIAL, Mask, Tiles, as_mask
-from ..sparse.engine import sparse_attention
+from ..sparse.engine import sparse_attention, sparse_attention_vjp
 
 __all__ = ["with_global"]
 
@@ -320,6 +320,28 @@ class _Grid:
                                     check_finite=check_finite, method=method,
                                     block_q=block_q, block_k=block_k, workers=workers)
         return self.finish(out, lse, return_lse)
+
+    def attend_vjp(self, pattern: Mask, grad_out, grad_lse, *, scale, bias, softcap,
+                   check_finite, method, block_q, block_k, workers):
+        """Gradients of :meth:`attend` (``{"q", "k", "v"}`` in the grid inputs' shapes)
+        by the sparse engine's tiled backward. ``grad_out``: the grid output's shape
+        ``(..., Hq, *S, Dv)``; ``grad_lse``: ``(..., Hq, *S)`` or None."""
+        if self.num_global:
+            raise TypeError("gradients with cls_tokens are not implemented; differentiate "
+                            "refattn.sparse_attention on the flattened sequence with the "
+                            "mask of .mask(...) and refattn.vision.with_global instead")
+        lead = self.batch + (self.heads_q,) + self.q_grid
+        do = check_cotangent(grad_out, "grad_out", lead + (self.grid_v.shape[-1],),
+                             check_finite=check_finite)
+        dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+        flat = self.batch + (self.heads_q, -1)
+        grads = sparse_attention_vjp(
+            self.q, self.k, self.v, do.reshape(flat + (do.shape[-1],)), mask=pattern,
+            grad_lse=None if dlse is None else dlse.reshape(flat), scale=scale, bias=bias,
+            softcap=softcap, check_finite=check_finite, method=method, block_q=block_q,
+            block_k=block_k, workers=workers)
+        return {name: grads[name].reshape(x.shape) for name, x in
+                (("q", self.grid_q), ("k", self.grid_k), ("v", self.grid_v))}
 
     def finish(self, out, lse, return_lse):
         """Split the flattened result back into the grid (and the CLS tokens)."""

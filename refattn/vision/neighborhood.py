@@ -153,7 +153,22 @@ def neighborhood_attention(q, k, v, kernel_size, *, dilation=1, causal=False,
                     method=method, block_q=block_q, block_k=block_k, workers=workers)
 
 
+def neighborhood_attention_vjp(q, k, v, grad_out, *, kernel_size, grad_lse=None,
+                               dilation=1, causal=False, cls_tokens=None, scale=None,
+                               bias=None, softcap=None, check_finite=True, method="auto",
+                               block_q=None, block_k=None, workers=None):
+    """Gradients of :func:`neighborhood_attention` (``{"q", "k", "v"}`` in the grid
+    shapes): exact attention under :func:`neighborhood_mask`, differentiated by the
+    sparse engine's tiled backward over the non-empty tiles. ``grad_out``: the output's
+    shape ``(..., Hq, *S, Dv)``. Not with ``cls_tokens`` (a clear ``TypeError``)."""
+    nd, ks, dil, cz = _na_args(kernel_size, dilation, causal)
+    g = _Grid(q, k, v, nd, check_finite=check_finite, cls_tokens=cls_tokens)
+    return g.attend_vjp(neighborhood_mask(g.q_grid, ks, dil, cz), grad_out, grad_lse,
+                        scale=scale, bias=bias, softcap=softcap, check_finite=check_finite,
+                        method=method, block_q=block_q, block_k=block_k, workers=workers)
+
+
 neighborhood_attention.mask = neighborhood_mask
 
 
-attach(neighborhood_attention, implied=_na_probs)
+attach(neighborhood_attention, implied=_na_probs, vjp=neighborhood_attention_vjp)

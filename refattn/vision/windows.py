@@ -274,5 +274,34 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
 shifted_window_attention.mask = shifted_window_mask
 
 
-attach(window_attention, implied=_window_probs)
-attach(shifted_window_attention, implied=_shifted_probs)
+def window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, shift=0,
+                         cls_tokens=None, scale=None, bias=None, softcap=None,
+                         check_finite=True, method="auto", block_q=None, block_k=None,
+                         workers=None):
+    """Gradients of :func:`window_attention` (``{"q", "k", "v"}`` in the grid shapes):
+    exact attention under :func:`window_mask`, differentiated by the sparse engine's
+    tiled backward over the non-empty tiles. ``grad_out``: the output's shape
+    ``(..., Hq, *S, Dv)``. Not with ``cls_tokens`` (a clear ``TypeError``)."""
+    win = _int_tuple("window", window, None)
+    g = _Grid(q, k, v, len(win), check_finite=check_finite, cls_tokens=cls_tokens)
+    return g.attend_vjp(window_mask(g.q_grid, win, shift), grad_out, grad_lse, scale=scale,
+                        bias=bias, softcap=softcap, check_finite=check_finite,
+                        method=method, block_q=block_q, block_k=block_k, workers=workers)
+
+
+def shifted_window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, shift=None,
+                                 cls_tokens=None, scale=None, softcap=None,
+                                 check_finite=True):
+    """Gradients of :func:`shifted_window_attention`: its mask form
+    (:func:`shifted_window_mask`, the same function as Swin's literal roll form) through
+    the sparse engine's tiled backward, ``{"q", "k", "v"}`` in the grid shapes. Not with
+    ``cls_tokens`` (a clear ``TypeError``)."""
+    win = _int_tuple("window", window, None)
+    g = _Grid(q, k, v, len(win), check_finite=check_finite, cls_tokens=cls_tokens)
+    return g.attend_vjp(shifted_window_mask(g.q_grid, win, shift), grad_out, grad_lse,
+                        scale=scale, bias=None, softcap=softcap, check_finite=check_finite,
+                        method="auto", block_q=None, block_k=None, workers=None)
+
+
+attach(window_attention, implied=_window_probs, vjp=window_attention_vjp)
+attach(shifted_window_attention, implied=_shifted_probs, vjp=shifted_window_attention_vjp)

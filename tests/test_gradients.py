@@ -204,3 +204,18 @@ def test_dense_backward_matches_torch_autograd_in_float64():
         for name, r in zip(("q", "k", "v", "bias"), ref):
             err = max_rel_error(mine[name], r.numpy(), normwise=True)
             assert err <= 1e-12, f"{fn} d{name}: {err:.2e}"
+
+
+def test_the_tiled_backward_takes_the_forwards_saved_results():
+    rng = np.random.default_rng(9)
+    q, k, v = _inputs(rng, b=2, hq=4, hkv=2, n=9, m=11, d=5, dv=3)
+    g = rng.standard_normal((2, 4, 9, 3))
+    out, lse = ra.tiled_attention(q, k, v, causal=True, return_lse=True)
+    saved = ra.vjp("tiled_attention", q, k, v, g, causal=True, out=out, lse=lse)
+    again = ra.vjp("tiled_attention", q, k, v, g, causal=True)
+    assert all(np.array_equal(saved[x], again[x]) for x in "qkv")
+    with pytest.raises(ValueError, match="give both out and lse"):
+        ra.vjp("tiled_attention", q, k, v, g, out=out)
+    with pytest.raises(ValueError, match=r"lse must be the forward's log-sum-exp, shape "
+                                         r"\(2, 4, 9\)"):
+        ra.vjp("tiled_attention", q, k, v, g, out=out, lse=lse[..., :3])

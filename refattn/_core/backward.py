@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..boundary.arrays import to_float64
 from .checks import check_cotangent
 from .logits import Logits, make_logits
 from .problem import Problem, prepare_qkv
@@ -30,6 +31,23 @@ class SoftmaxBackward:
     logits: Logits
     parameter: tuple | None
     shapes: tuple
+
+    def saved(self, out, lse):
+        """The forward's ``out`` and ``lse`` given with a backward call, checked and flat
+        (``None`` when neither is given: the backward recomputes them)."""
+        if (out is None) != (lse is None):
+            raise ValueError("give both out and lse (the forward's results with "
+                             "return_lse=True), or neither")
+        if out is None:
+            return None
+        pb, lead = self.pb, self.pb.batch_shape + (self.pb.heads_q, self.pb.n)
+        out = check_cotangent(out, "out", lead + (pb.dv,))
+        lse = to_float64(lse, "lse", check_finite=False)
+        if lse.shape != lead or np.isnan(lse).any() or np.isposinf(lse).any():
+            raise ValueError(f"lse must be the forward's log-sum-exp, shape {lead}, finite "
+                             f"or -inf; got shape {lse.shape}")
+        return (out.reshape(pb.batch, pb.heads_q, pb.n, pb.dv),
+                lse.reshape(pb.batch, pb.heads_q, pb.n))
 
     def gradients(self, dq, dk, dv) -> dict:
         """The flat gradients as ``{"q", "k", "v"}`` (and ``"bias"``) in the caller's

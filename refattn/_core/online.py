@@ -81,11 +81,12 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
 
 
 def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
-                                  block_k: int, workers=None, parameter=None):
+                                  block_k: int, workers=None, parameter=None, saved=None):
     r"""The tiled backward (FlashAttention-2, Dao 2023, Algorithm 2) on validated flat
     inputs, ``do (B, Hq, N, Dv)`` and ``dlse (B, Hq, N)`` or None.
 
-    Runs the forward for ``O`` and ``lse``, takes ``D_i = rowsum(dO ∘ O) - dlse_i``, then
+    Runs the forward for ``O`` and ``lse`` (unless ``saved`` holds them, flat, as a
+    kernel saves them), takes ``D_i = rowsum(dO ∘ O) - dlse_i``, then
     for each key tile (one work item, owning its rows of ``dK``, ``dV``) visits the query
     tiles the mask leaves non-empty, recomputing ``P = exp(S - lse)`` per tile:
     ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dK += dXᵀ Q``, ``dQ += dX K`` (under a
@@ -95,7 +96,7 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
     worker beyond inputs, outputs and gradients. Returns flat ``dq, dk, dv``.
     """
     n, m = pb.n, pb.m
-    out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k, workers)
+    out, lse = saved or online_softmax_tiles(q, k, v, pb, logits, block_q, block_k, workers)
     delta = np.einsum("bhnd,bhnd->bhn", do, out)
     del out
     if dlse is not None:

@@ -71,7 +71,7 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
 
 def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block_k=None,
                         mask=None, causal=False, scale=None, bias=None, softcap=None,
-                        check_finite=True, workers=None):
+                        check_finite=True, workers=None, out=None, lse=None):
     """Gradients of :func:`tiled_attention` by FlashAttention-2's backward (Dao 2023,
     Algorithm 2): the forward again for ``O`` and ``lse``, ``D = rowsum(dO ∘ O) - dlse``,
     then per key tile over the non-empty query tiles ``P = exp(S - lse)``,
@@ -79,7 +79,9 @@ def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block
     equations of :func:`refattn.exact.dense.attention_vjp`). The same gradients as the
     dense backward, in O(block) working memory beyond inputs, outputs and gradients;
     threads work on different key tiles. Arguments as :func:`tiled_attention`, plus
-    ``grad_out`` ``(..., Hq, N, Dv)`` and ``grad_lse`` ``(..., Hq, N)``.
+    ``grad_out`` ``(..., Hq, N, Dv)`` and ``grad_lse`` ``(..., Hq, N)``; ``out`` and
+    ``lse``, the forward's results (``return_lse=True``), skip recomputing them, as a
+    kernel that saved them does (give both or neither).
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 50, 8))
@@ -94,7 +96,7 @@ def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block
     block_q, block_k = default_blocks(bw.pb, bw.logits.mask is not None, block_q, block_k)
     return bw.gradients(*online_softmax_tiles_backward(
         bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb, bw.logits, block_q, block_k,
-        check_block("workers", workers), bw.parameter))
+        check_block("workers", workers), bw.parameter, bw.saved(out, lse)))
 
 
 def default_blocks(pb, masked: bool, block_q=None, block_k=None) -> tuple[int, int]:

@@ -3,10 +3,11 @@
 
 Speed (default): for each N and causal/non-causal, one head, D = 64, float64, it times
 torch's forward and its backward (``torch.autograd.grad``), refattn's
-``tiled_attention`` forward and ``refattn.vjp("tiled_attention", ...)`` (which runs the
-forward again for ``lse``, as a kernel that saved nothing would), each the best of
-``--repeats`` calls after a warm-up, and prints the ratios refattn backward / torch
-backward and refattn backward / refattn forward, and the largest gradient difference.
+``tiled_attention`` forward and ``refattn.vjp("tiled_attention", ...)`` given the forward's
+``out`` and ``lse`` (as torch's autograd and a kernel save them; "+ fwd": without them,
+recomputing), each the best of ``--repeats`` calls after a warm-up, and prints the ratios
+refattn backward / torch backward and refattn backward / refattn forward, and the largest
+gradient difference.
 
 Memory (``--memory N``): the peak of NumPy allocations traced (``tracemalloc``) during
 one tiled backward at length N, and that peak minus the gradients and the output it
@@ -45,7 +46,8 @@ def speed(sizes, repeats: int, d: int = 64) -> None:
           f"({torch.get_num_threads()} threads), refattn {refattn.__version__}; best of "
           f"{repeats} after a warm-up")
     head = (f"{'N':>6} {'causal':>6} | {'torch fwd':>9} {'torch bwd':>9} | {'ra fwd':>8} "
-            f"{'ra bwd':>8} | {'bwd/torch':>9} {'bwd/fwd':>7} | {'max |dx - torch|':>16}")
+            f"{'ra bwd':>8} {'+ fwd':>8} | {'bwd/torch':>9} {'bwd/fwd':>7} | "
+            f"{'max |dx - torch|':>16}")
     print(head)
     print("-" * len(head))
     for n in sizes:
@@ -66,14 +68,17 @@ def speed(sizes, repeats: int, d: int = 64) -> None:
             t_tf, t_tb = best_time(torch_fwd, repeats), best_time(torch_bwd, repeats)
             t_rf = best_time(lambda: refattn.tiled_attention(q, k, v, causal=causal),
                              repeats)
-            t_rb = best_time(lambda: refattn.vjp("tiled_attention", q, k, v, do,
+            o, lse = refattn.tiled_attention(q, k, v, causal=causal, return_lse=True)
+            t_rb = best_time(lambda: refattn.vjp("tiled_attention", q, k, v, do, out=o,
+                                                 lse=lse, causal=causal), repeats)
+            t_rr = best_time(lambda: refattn.vjp("tiled_attention", q, k, v, do,
                                                  causal=causal), repeats)
             mine = refattn.vjp("tiled_attention", q, k, v, do, causal=causal)
             ref = torch_bwd()
             diff = max(float(np.abs(mine[x] - r.numpy()).max()) for x, r in zip("qkv", ref))
             print(f"{n:>6} {str(causal):>6} | {t_tf:>9.3f} {t_tb:>9.3f} | {t_rf:>8.3f} "
-                  f"{t_rb:>8.3f} | {t_rb / t_tb:>9.2f} {t_rb / t_rf:>7.2f} | {diff:>16.1e}",
-                  flush=True)
+                  f"{t_rb:>8.3f} {t_rr:>8.3f} | {t_rb / t_tb:>9.2f} {t_rb / t_rf:>7.2f} | "
+                  f"{diff:>16.1e}", flush=True)
 
 
 def memory(n: int, d: int = 64) -> None:

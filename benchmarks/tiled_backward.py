@@ -26,17 +26,9 @@ import tracemalloc
 
 import numpy as np
 
+from vs_torch import best_time   # same folder
+
 MiB = 2**20
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()                                               # warm-up (and Numba/BLAS setup)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def speed(sizes, repeats: int, d: int = 64) -> None:

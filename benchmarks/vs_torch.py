@@ -188,7 +188,7 @@ def print_row(n, h, causal, r, head, info) -> None:
           f"{f(other, '.0%', 6)}", flush=True)
 
 
-def _best(f, repeats: int) -> float:
+def best_time(f, repeats: int) -> float:
     """Fastest of ``repeats`` timed calls of ``f`` after one warm-up."""
     f()
     times = []
@@ -201,17 +201,17 @@ def _best(f, repeats: int) -> float:
 
 def _stages(q, k, v, repeats: int) -> dict:
     """Seconds of each stage refattn runs on ``s = q @ k.T`` (one head, 2-D arrays)."""
-    t = {"q @ k.T (GEMM)": _best(lambda: q @ k.T, repeats)}
+    t = {"q @ k.T (GEMM)": best_time(lambda: q @ k.T, repeats)}
     s = q @ k.T
     mx = s.max(axis=-1)
     s0 = s - mx[:, None]
-    t["row max"] = _best(lambda: s.max(axis=-1), repeats)
-    t["s -= max"] = _best(lambda: np.subtract(s, mx[:, None], out=s), repeats)
-    t["exp"] = (_best(lambda: (np.copyto(s, s0), np.exp(s, out=s)), repeats)
-                - _best(lambda: np.copyto(s, s0), repeats))    # minus the reset of s
+    t["row max"] = best_time(lambda: s.max(axis=-1), repeats)
+    t["s -= max"] = best_time(lambda: np.subtract(s, mx[:, None], out=s), repeats)
+    t["exp"] = (best_time(lambda: (np.copyto(s, s0), np.exp(s, out=s)), repeats)
+                - best_time(lambda: np.copyto(s, s0), repeats))    # minus the reset of s
     np.exp(s0, out=s)
-    t["row sum"] = _best(lambda: s.sum(axis=-1), repeats)
-    t["p @ v (GEMM)"] = _best(lambda: s @ v, repeats)
+    t["row sum"] = best_time(lambda: s.sum(axis=-1), repeats)
+    t["p @ v (GEMM)"] = best_time(lambda: s @ v, repeats)
     return t
 
 
@@ -234,11 +234,11 @@ def breakdown(n: int, d: int, repeats: int) -> None:
     q, k, v = rng.standard_normal((3, n, d))
     q *= d ** -0.5
     with OtherLoad() as load:
-        whole = _best(lambda: refattn.attention(q[None], k[None], v[None]), repeats)
+        whole = best_time(lambda: refattn.attention(q[None], k[None], v[None]), repeats)
         _show(f"dense refattn.attention, one head, N=M={n}, D={d} (GEMMs on {cores()} BLAS "
               f"threads, NumPy ufuncs on 1 thread; ns per logit of wall time):",
               _stages(q, k, v, repeats), n * n, whole)
-        causal = _best(lambda: refattn.attention(q[None], k[None], v[None], causal=True),
+        causal = best_time(lambda: refattn.attention(q[None], k[None], v[None], causal=True),
                        repeats)
         print(f"dense causal=True call: {causal * 1e3:.2f} ms, {causal - whole:+.3f} s over "
               f"non-causal (the causal mask is evaluated over all N x M logits)")
@@ -248,10 +248,10 @@ def breakdown(n: int, d: int, repeats: int) -> None:
         with threadpool_limits(limits=1, user_api="blas"):
             t = _stages(q[:bq].copy(), k[:bk].copy(), v[:bk].copy(), repeats)
             acc, rsum, alpha = np.zeros((bq, d)), np.zeros(bq), np.ones(bq)
-            t["rescale acc/sum"] = _best(lambda: (np.multiply(rsum, alpha, out=rsum),
+            t["rescale acc/sum"] = best_time(lambda: (np.multiply(rsum, alpha, out=rsum),
                                                   np.multiply(acc, alpha[:, None], out=acc)),
                                          repeats)
-        whole = _best(lambda: refattn.tiled_attention(q[None], k[None], v[None]), repeats)
+        whole = best_time(lambda: refattn.tiled_attention(q[None], k[None], v[None]), repeats)
         tiles = -(-n // bq) * -(-n // bk)
         _show(f"one tiled_attention tile, {bq} x {bk}, alone on 1 thread (ns per logit "
               f"per thread; 'real call' = whole call x {cores()} threads / {tiles} tiles):",
@@ -261,7 +261,7 @@ def breakdown(n: int, d: int, repeats: int) -> None:
         import torch
         torch.set_num_threads(cores())
         tq, tk, tv = (torch.from_numpy(x[None, None]) for x in (q, k, v))
-        tt = _best(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv),
+        tt = best_time(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv),
                    repeats)
         print(f"torch SDPA ({cores()} threads), same problem: {tt:.3f} s = "
               f"{tt / n**2 * 1e9 * cores():.2f} ns per logit per thread")

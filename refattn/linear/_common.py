@@ -75,6 +75,29 @@ def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
+@njit(cache=True, inline="always")
+def _add_key(s, z, fk_row, v_row):   # pragma: no cover - compiled
+    """One key into the state: ``S += φ(k) vᵀ``, ``z += φ(k)``."""
+    for f in range(z.shape[0]):
+        a = fk_row[f]
+        z[f] += a
+        for e in range(s.shape[1]):
+            s[f, e] += a * v_row[e]
+
+
+@njit(cache=True, inline="always")
+def _read_query(fq_row, s, z, num):   # pragma: no cover - compiled
+    """One query's read-out: ``num = φ(q)ᵀS`` in place; returns ``den = φ(q)ᵀz``."""
+    den = 0.0
+    num[:] = 0.0
+    for f in range(z.shape[0]):
+        a = fq_row[f]
+        den += a * z[f]
+        for e in range(s.shape[1]):
+            num[e] += a * s[f, e]
+    return den
+
+
 @njit(cache=True)
 def _recurrent_scan(fq, fk, v, last, group):   # pragma: no cover - compiled
     """Numba scan: ``S += φ(k_j) v_j^T``, ``z += φ(k_j)``; read out query ``i`` after key
@@ -94,21 +117,11 @@ def _recurrent_scan(fq, fk, v, last, group):   # pragma: no cover - compiled
             while i < n and last[i] < 0:
                 i += 1
             for j in range(m):
-                for f in range(nf):
-                    a = fk[b, hk, j, f]
-                    z[f] += a
-                    for e in range(dv):
-                        s[f, e] += a * v[b, hk, j, e]
+                _add_key(s, z, fk[b, hk, j], v[b, hk, j])
                 while i < n and last[i] == j:
                     for g in range(group):
                         h = hk * group + g
-                        den = 0.0
-                        num[:] = 0.0
-                        for f in range(nf):
-                            a = fq[b, h, i, f]
-                            den += a * z[f]
-                            for e in range(dv):
-                                num[e] += a * s[f, e]
+                        den = _read_query(fq[b, h, i], s, z, num)
                         if den != 0.0:
                             for e in range(dv):
                                 out[b, h, i, e] = num[e] / den
@@ -229,21 +242,11 @@ def _recurrent_scan_vjp(fq, fk, v, g, last, group):   # pragma: no cover - compi
             while i < n and last[i] < 0:
                 i += 1
             for j in range(m):
-                for f in range(nf):
-                    a = fk[b, hk, j, f]
-                    z[f] += a
-                    for e in range(dv_):
-                        s[f, e] += a * v[b, hk, j, e]
+                _add_key(s, z, fk[b, hk, j], v[b, hk, j])
                 while i < n and last[i] == j:
                     for gi in range(group):
                         h = hk * group + gi
-                        den = 0.0
-                        num[:] = 0.0
-                        for f in range(nf):
-                            a = fq[b, h, i, f]
-                            den += a * z[f]
-                            for e in range(dv_):
-                                num[e] += a * s[f, e]
+                        den = _read_query(fq[b, h, i], s, z, num)
                         if den != 0.0:
                             go = 0.0
                             for e in range(dv_):

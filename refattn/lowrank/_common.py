@@ -2,7 +2,8 @@
 matrices, the grouped-query view of the queries (``(B, Hkv, G, N, D)``), the memory check
 of an implied matrix, the broadcast test of per-head parameters, and
 :func:`segment_means` (Nyströmformer's landmarks, Linformer's mean-pooling projections,
-Luna's parameter-free packed sequence).
+Luna's parameter-free packed sequence); for the gradients, the VJPs of the softmax and of
+the segment means.
 """
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def broadcasts_to(shape: tuple, target: tuple) -> bool:
         return False
 
 
+def softmax_vjp(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
+    """The logits' gradient of ``p = softmax(s)`` (last axis) for the cotangent ``dp``:
+    ``dS = P ∘ (dP − rowsum(dP ∘ P))``."""
+    return p * (dp - np.einsum("...j,...j->...", dp, p)[..., None])
+
+
+def segment_sizes(length: int, num_segments: int) -> np.ndarray:
+    """Rows per segment of :func:`segment_means` (``np.array_split``'s rule)."""
+    sizes = np.full(num_segments, length // num_segments)
+    sizes[:length % num_segments] += 1
+    return sizes
+
+
+def segment_means_vjp(grad: np.ndarray, length: int) -> np.ndarray:
+    """The gradient of ``x (..., length, D)`` for the cotangent ``grad (..., c, D)`` of
+    ``segment_means(x, c)``: each row receives its segment's cotangent over the segment's
+    size."""
+    sizes = segment_sizes(length, grad.shape[-2])
+    return np.repeat(grad / sizes[:, None], sizes, axis=-2)
+
+
 def segment_means(x, num_segments: int):
     """Means of ``num_segments`` contiguous segments of the rows of ``x``.
 
@@ -71,8 +93,7 @@ def segment_means(x, num_segments: int):
     if num_segments > length:
         raise ValueError(f"num_segments={num_segments} exceeds the {length} rows of x "
                          f"{x.shape}: every segment needs at least one row")
-    sizes = np.full(num_segments, length // num_segments)
-    sizes[:length % num_segments] += 1
+    sizes = segment_sizes(length, num_segments)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     return np.add.reduceat(x, starts, axis=-2) / sizes[:, None]
 

@@ -20,14 +20,16 @@ import math
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, resolve_rng, resolve_scale
+from .._core.checks import (check_bool, check_cotangent, check_int, resolve_rng,
+                            resolve_scale)
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ._common import (broadcasts_to, grouped, implied_memory, segment_means, softmax,
-                      ungrouped)
+                      softmax_vjp, ungrouped)
 
-__all__ = ["linformer_attention", "linformer_attention_matrix", "linformer_projections"]
+__all__ = ["linformer_attention", "linformer_attention_matrix", "linformer_attention_vjp",
+           "linformer_projections"]
 
 
 def linformer_projections(m: int, rank: int, *, kind: str = "gaussian", rng=None,
@@ -133,8 +135,9 @@ def _linformer_proj(pb, rank, proj, shared, rng, check_finite):
     return e, (e if shared else flat(mats[1]))
 
 
-def _linformer(q, k, v, *, rank, proj, shared, rng, scale, check_finite):
-    """Validate; return ``(pb, p (B, Hkv, G, N, rank), F (..., rank, M), v)``."""
+def _linformer(q, k, v, *, rank, proj, shared, rng, scale, check_finite, parts=False):
+    """Validate; return ``(pb, p (B, Hkv, G, N, rank), F (..., rank, M), v)``, and with
+    ``parts`` also ``(qg (B, Hkv, G, N, D), k, E, E K, s)`` for the gradients."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     if rank is not None:
         seen = f"k {pb.batch_shape + (pb.heads_kv, pb.m, pb.d)}"
@@ -145,8 +148,9 @@ def _linformer(q, k, v, *, rank, proj, shared, rng, scale, check_finite):
     s = resolve_scale(scale, pb.d)
     e, f = _linformer_proj(pb, rank, proj, shared, rng, check_finite)
     ek = e @ k                                              # (B, Hkv, r, D)
-    logits = s * (grouped(q, pb) @ ek[:, :, None].swapaxes(-1, -2))
-    return pb, softmax(logits), f, v
+    qg = grouped(q, pb)
+    p = softmax(s * (qg @ ek[:, :, None].swapaxes(-1, -2)))
+    return (pb, p, f, v, (qg, k, e, ek, s)) if parts else (pb, p, f, v)
 
 
 @register(family="lowrank", exact=False, time="O(r·(N+M)·(D+Dv))",
@@ -239,5 +243,70 @@ def linformer_attention_matrix(q, k, *, rank=None, proj=None, shared=False, rng=
     return pb.unflatten(ungrouped(p @ f[:, :, None], pb))
 
 
+def linformer_attention_vjp(q, k, v, grad_out, *, rank=None, proj=None, shared=False,
+                            rng=None, scale=None, check_finite=True):
+    r"""Gradients of :func:`linformer_attention` for the cotangent ``grad_out``
+    ``(..., Hq, N, Dv)`` of its output (same keyword arguments, validated alike).
 
-attach(linformer_attention, implied=linformer_attention_matrix)
+    With :math:`\tilde K = E K`, :math:`\tilde V = F V` ``(rank x D)``,
+    :math:`P = \operatorname{softmax}(S)`, :math:`S = s\, Q \tilde K^\top` and
+    :math:`dO` = ``grad_out``:
+
+    .. math::
+
+        d\tilde V = P^\top dO, \quad dP = dO\, \tilde V^\top, \quad
+        dS = P \circ \big(dP - \operatorname{rowsum}(dP \circ P)\big), \\
+        dQ = s\, dS\, \tilde K, \quad d\tilde K = s\, dS^\top Q, \quad
+        dK = E^\top d\tilde K, \quad dV = F^\top d\tilde V, \quad
+        dE = d\tilde K\, K^\top, \quad dF = d\tilde V\, V^\top
+
+    (the chain rule through the two projections and the softmax; Wang et al. 2020).
+    GQA: a KV head's (and its projections') gradients sum over its query heads.
+
+    Returns ``{"q", "k", "v"}``, float64, each of its input's shape, and, when the
+    projections are given as arrays, ``"proj"`` in the structure of ``proj``: a pair
+    ``(dE, dF)`` (each of its matrix's shape, broadcast dims summed), or with
+    ``shared=True`` the one matrix's gradient ``dE + dF``. Random projections
+    (``proj=None``) are **held fixed**: drawn from ``rng`` exactly as the forward draws
+    them (pass the same int seed: a ``Generator`` advances at each call) and given no
+    gradient. Working memory: the ``(N, rank)`` logits per query head, never ``N x M``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 6, 4))
+    >>> e, f = ra.lowrank.linformer_projections(6, 3, rng=1)
+    >>> g = ra.vjp("linformer_attention", q, k, v, np.ones((2, 6, 4)), proj=(e, f))
+    >>> sorted(g), g["k"].shape, [x.shape for x in g["proj"]]
+    (['k', 'proj', 'q', 'v'], (2, 6, 4), [(3, 6), (3, 6)])
+    >>> eye = np.eye(6)                                # E = F = I: exact attention's
+    >>> mine = ra.vjp("linformer_attention", q, k, v, np.ones((2, 6, 4)), proj=(eye, eye))
+    >>> ref = ra.vjp("attention", q, k, v, np.ones((2, 6, 4)))
+    >>> all(np.allclose(mine[x], ref[x]) for x in "qkv")
+    True
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    pb, p, f, v, (qg, k, e, ek, s) = _linformer(
+        q, k, v, rank=rank, proj=proj, shared=shared, rng=rng, scale=scale,
+        check_finite=check_finite, parts=True)
+    do = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
+                         check_finite=check_finite)
+    do = grouped(do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv), pb)   # (B, Hkv, G, N, Dv)
+    fv = (f @ v)[:, :, None]                                # (B, Hkv, 1, r, Dv)
+    dfv = (p.swapaxes(-1, -2) @ do).sum(axis=2)             # (B, Hkv, r, Dv)
+    ds = softmax_vjp(p, do @ fv.swapaxes(-1, -2))           # (B, Hkv, G, N, r)
+    dqg = s * (ds @ ek[:, :, None])
+    dek = s * (ds.swapaxes(-1, -2) @ qg).sum(axis=2)        # (B, Hkv, r, D)
+    grads = {"q": pb.input_gradient(ungrouped(dqg, pb), shapes["q"]),
+             "k": pb.input_gradient(e.swapaxes(-1, -2) @ dek, shapes["k"]),
+             "v": pb.input_gradient(f.swapaxes(-1, -2) @ dfv, shapes["v"])}
+    if proj is not None:
+        de, df = dek @ k.swapaxes(-1, -2), dfv @ v.swapaxes(-1, -2)   # (B, Hkv, r, M)
+        if shared:
+            grads["proj"] = pb.input_gradient(de + df, np.shape(proj))
+        else:
+            grads["proj"] = (pb.input_gradient(de, np.shape(proj[0])),
+                             pb.input_gradient(df, np.shape(proj[1])))
+    return grads
+
+
+attach(linformer_attention, implied=linformer_attention_matrix,
+       vjp=linformer_attention_vjp)

@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, is_int, resolve_scale
+from .._core.checks import check_cotangent, check_int, is_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
-from ._common import (broadcasts_to, grouped, implied_memory, segment_means, softmax,
-                      ungrouped)
+from ._common import (broadcasts_to, grouped, implied_memory, segment_means,
+                      segment_means_vjp, softmax, softmax_vjp, ungrouped)
 
-__all__ = ["luna_attention", "luna_attention_matrix"]
+__all__ = ["luna_attention", "luna_attention_matrix", "luna_attention_vjp"]
 
 
-def _luna(q, k, v, *, packed, scale, check_finite):
-    """Validate; return ``(pb, pi (B,Hkv,G,l,M), u (B,Hkv,G,N,l), cv, v)`` where ``pi``
-    is the pack attention, ``u`` the unpack attention and ``cv = pi @ v`` (None
-    without ``v``)."""
+def _luna(q, k, v, *, packed, scale, check_finite, parts=False):
+    """Validate; return ``(pb, pi (B,Hkv,G,l,M), u (B,Hkv,G,N,l), ck, cv, v)`` where
+    ``pi`` is the pack attention, ``u`` the unpack attention, ``ck = pi @ k`` and
+    ``cv = pi @ v`` (None without ``v``); with ``parts`` also ``(qg, k, p, s,
+    packed_gradient)``, the last mapping the gradient of ``p (B,Hkv,G,l,D)`` to that of
+    ``packed`` (None when ``packed`` is an int)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     seen = f"q {pb.batch_shape + (pb.heads_q, pb.n, pb.d)}, k " \
            f"{pb.batch_shape + (pb.heads_kv, pb.m, pb.d)}"
@@ -44,8 +46,17 @@ def _luna(q, k, v, *, packed, scale, check_finite):
             raise ValueError(f"packed={l_} segment means of the queries need l <= "
                              f"N={pb.n}; got {seen}")
         p = segment_means(qg, l_)                           # (B, Hkv, G, l, D)
+        packed_gradient = None
     else:
         p = to_float64(packed, "packed", check_finite=check_finite)
+        shape = p.shape
+
+        def packed_gradient(dp):
+            if len(shape) == 2:
+                return dp.sum(axis=(0, 1, 2))
+            if shape[-3] == pb.heads_q:
+                return pb.input_gradient(ungrouped(dp, pb), shape)
+            return pb.input_gradient(dp.sum(axis=2), shape)
         if p.ndim < 2 or p.shape[-1] != pb.d or p.shape[-2] < 1:
             raise ValueError(f"packed must have shape (l, D) or (..., H, l, D) with "
                              f"D={pb.d} and l >= 1; got packed {p.shape} with {seen}")
@@ -72,6 +83,8 @@ def _luna(q, k, v, *, packed, scale, check_finite):
     ck = pi @ kg                                            # packed keys (.., l, D)
     u = softmax(s * (qg @ ck.swapaxes(-1, -2)))             # (B, Hkv, G, N, l)
     cv = None if v is None else pi @ v[:, :, None]          # packed values (.., l, Dv)
+    if parts:
+        return pb, pi, u, ck, cv, v, (qg, k, p, s, packed_gradient)
     return pb, pi, u, ck, cv, v
 
 
@@ -164,5 +177,83 @@ def luna_attention_matrix(q, k, *, packed, scale=None, check_finite=True,
     return pb.unflatten(ungrouped(u @ pi, pb))
 
 
+def luna_attention_vjp(q, k, v, grad_out, *, packed, scale=None, return_packed=False,
+                       grad_packed_keys=None, grad_packed_values=None, check_finite=True):
+    r"""Gradients of :func:`luna_attention` for the cotangent ``grad_out``
+    ``(..., Hq, N, Dv)`` of its output (``None``: zero) and, optionally,
+    ``grad_packed_keys`` ``(..., Hq, l, D)`` and ``grad_packed_values``
+    ``(..., Hq, l, Dv)`` (:math:`\overline{C_K}`, :math:`\overline{C_V}`) of the packed
+    context ``C_K``, ``C_V`` it returns with ``return_packed=True`` (``None``: zero;
+    ``return_packed`` is accepted and changes nothing). Same keyword arguments as the
+    forward, validated alike.
 
-attach(luna_attention, implied=luna_attention_matrix)
+    With :math:`U = \operatorname{softmax}(s\, Q C_K^\top)` (unpack),
+    :math:`\Pi = \operatorname{softmax}(s\, P K^\top)` (pack),
+    :math:`O = U C_V`, and for each softmax :math:`X = \operatorname{softmax}(S)` the
+    logits' gradient :math:`dS_X = X \circ (dX - \operatorname{rowsum}(dX \circ X))`:
+
+    .. math::
+
+        dU = dO\, C_V^\top, \quad dC_V = U^\top dO + \overline{C_V}, \quad
+        dQ = s\, dS_U C_K, \quad dC_K = s\, dS_U^\top Q + \overline{C_K}, \\
+        d\Pi = dC_K K^\top + dC_V V^\top, \quad
+        dK = \Pi^\top dC_K + s\, dS_\Pi^\top P, \quad dV = \Pi^\top dC_V, \quad
+        dP = s\, dS_\Pi K
+
+    (Ma et al. 2021). ``packed`` an int: ``P`` is the segment means of the queries, so
+    each query row also receives its segment's :math:`dP` over the segment's size. GQA:
+    a KV head sums over its query heads.
+
+    Returns ``{"q", "k", "v"}``, float64, each of its input's shape, and ``"packed"``
+    (its shape; broadcast dims and shared heads summed) when ``packed`` is an array.
+    Working memory: the ``(l, M)`` and ``(N, l)`` attentions per query head, never
+    ``N x M``.
+
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 6, 4))
+    >>> p = rng.standard_normal((3, 4))
+    >>> g = ra.vjp("luna_attention", q, k, v, np.ones((2, 6, 4)), packed=p)
+    >>> sorted(g), g["packed"].shape
+    (['k', 'packed', 'q', 'v'], (3, 4))
+    >>> bool(np.allclose(g["v"].sum(-2), 6.0))   # O = A V with A row-stochastic
+    True
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    pb, pi, u, ck, cv, v, (qg, k, p, s, packed_gradient) = _luna(
+        q, k, v, packed=packed, scale=scale, check_finite=check_finite, parts=True)
+
+    def cotangent(grad, name, last):
+        g = check_cotangent(grad, name, pb.batch_shape + (pb.heads_q, last[0], last[1]),
+                            check_finite=check_finite)
+        return None if g is None else grouped(g.reshape((pb.batch, pb.heads_q) + last), pb)
+    do = cotangent(grad_out, "grad_out", (pb.n, pb.dv))      # (B, Hkv, G, N, Dv)
+    if do is None:
+        do = np.zeros((pb.batch, pb.heads_kv, pb.group, pb.n, pb.dv))
+    l_ = pi.shape[-2]
+    dck_in = cotangent(grad_packed_keys, "grad_packed_keys", (l_, pb.d))
+    dcv_in = cotangent(grad_packed_values, "grad_packed_values", (l_, pb.dv))
+    kg, vg = k[:, :, None], v[:, :, None]                  # (B, Hkv, 1, M, *)
+    dcv = u.swapaxes(-1, -2) @ do                           # (B, Hkv, G, l, Dv)
+    if dcv_in is not None:
+        dcv = dcv + dcv_in
+    dsu = softmax_vjp(u, do @ cv.swapaxes(-1, -2))          # (B, Hkv, G, N, l)
+    dqg = s * (dsu @ ck)
+    dck = s * (dsu.swapaxes(-1, -2) @ qg)                   # (B, Hkv, G, l, D)
+    if dck_in is not None:
+        dck = dck + dck_in
+    dspi = softmax_vjp(pi, dck @ kg.swapaxes(-1, -2) + dcv @ vg.swapaxes(-1, -2))
+    dk = (pi.swapaxes(-1, -2) @ dck + s * (dspi.swapaxes(-1, -2) @ p)).sum(axis=2)
+    dv = (pi.swapaxes(-1, -2) @ dcv).sum(axis=2)
+    dp = s * (dspi @ kg)                                    # (B, Hkv, G, l, D)
+    if packed_gradient is None:
+        dqg = dqg + segment_means_vjp(dp, pb.n)
+    grads = {"q": pb.input_gradient(ungrouped(dqg, pb), shapes["q"]),
+             "k": pb.input_gradient(dk, shapes["k"]),
+             "v": pb.input_gradient(dv, shapes["v"])}
+    if packed_gradient is not None:
+        grads["packed"] = packed_gradient(dp)
+    return grads
+
+
+attach(luna_attention, implied=luna_attention_matrix, vjp=luna_attention_vjp)

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, resolve_scale
+from .._core.checks import check_cotangent, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
-from ._common import grouped, implied_memory, segment_means, softmax, ungrouped
+from ._common import (grouped, implied_memory, segment_means, segment_means_vjp, softmax,
+                      softmax_vjp, ungrouped)
 
-__all__ = ["nystrom_attention", "nystrom_attention_matrix", "iterative_pinv"]
+__all__ = ["nystrom_attention", "nystrom_attention_matrix", "nystrom_attention_vjp",
+           "iterative_pinv", "iterative_pinv_vjp", "iterative_pinv_backward",
+           "pinv_backward"]
 
 
 def iterative_pinv(a, iters: int):
@@ -49,6 +52,8 @@ def iterative_pinv(a, iters: int):
     rounding along the left null space (an eigenvalue 1 of ``E``, a repelling fixed
     point of slope 13/4) grows 13/4-fold per iteration, so many iterations drift away
     again. Returns ``Z_iters`` (float64, shape of ``a``); an all-zero matrix gives 0.
+    Its gradient, through every iteration: :func:`iterative_pinv_vjp`
+    (``refattn.vjp(iterative_pinv, a, grad, iters=...)``).
 
     >>> import numpy as np, refattn as ra
     >>> a = np.array([[0.7, 0.3], [0.2, 0.8]])
@@ -60,19 +65,135 @@ def iterative_pinv(a, iters: int):
         raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
                          f"{a.shape}")
     iters = check_int("iters", iters, minimum=0)
-    norm1 = np.abs(a).sum(axis=-2).max(axis=-1, initial=0.0)
-    norm_inf = np.abs(a).sum(axis=-1).max(axis=-1, initial=0.0)
-    denom = (norm1 * norm_inf)[..., None, None]
-    z = np.divide(a.swapaxes(-1, -2), denom, out=np.zeros_like(a), where=denom > 0)
+    z = _pinv_start(a)[0]
     eye = np.eye(a.shape[-1])
     for _ in range(iters):
-        az = a @ z
-        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+        z = _pinv_step(a, z, eye)
     return z
 
 
-def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite):
-    """Validate; return ``(pb, f (B,Hkv,G,N,c), z (B,Hkv,G,c,c), b (B,Hkv,G,c,M), v)``."""
+def _pinv_start(a):
+    """``(Z_0, ‖A‖₁, ‖A‖∞, ‖A‖₁‖A‖∞)`` of :func:`iterative_pinv` (norms ``(..., 1, 1)``;
+    ``Z_0 = 0`` where the product is 0)."""
+    norm1 = np.abs(a).sum(axis=-2).max(axis=-1, initial=0.0)[..., None, None]
+    norm_inf = np.abs(a).sum(axis=-1).max(axis=-1, initial=0.0)[..., None, None]
+    denom = norm1 * norm_inf
+    z = np.divide(a.swapaxes(-1, -2), denom, out=np.zeros_like(a), where=denom > 0)
+    return z, norm1, norm_inf, denom
+
+
+def _pinv_step(a, z, eye):
+    """One iteration ``Z ← ¼ Z (13I − AZ(15I − AZ(7I − AZ)))``."""
+    az = a @ z
+    return 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+
+
+def _pinv_step_vjp(a, z, eye, g):
+    """``(dA, dZ)`` of one :func:`_pinv_step` for the cotangent ``g`` of its result:
+    with ``X = AZ``, ``T₁ = 7I − X``, ``T₂ = 15I − X T₁``, ``T₃ = 13I − X T₂`` and
+    ``Z' = ¼ Z T₃``: ``dZ = ¼ G T₃ᵀ + Aᵀ dX``, ``dA = dX Zᵀ`` with
+    ``dX = −¼ Zᵀ G T₂ᵀ + Xᵀ(¼ Zᵀ G) T₁ᵀ − Xᵀ Xᵀ (¼ Zᵀ G)``."""
+    x = a @ z
+    t1 = 7 * eye - x
+    t2 = 15 * eye - x @ t1
+    t3 = 13 * eye - x @ t2
+    xt = x.swapaxes(-1, -2)
+    dt3 = 0.25 * (z.swapaxes(-1, -2) @ g)
+    dt2 = xt @ dt3                                          # −dT₂ (d(X T₂) = −dT₃)
+    dx = -dt3 @ t2.swapaxes(-1, -2) + dt2 @ t1.swapaxes(-1, -2) - xt @ dt2
+    dz = 0.25 * (g @ t3.swapaxes(-1, -2)) + a.swapaxes(-1, -2) @ dx
+    return dx @ z.swapaxes(-1, -2), dz
+
+
+def _pinv_start_vjp(a, norm1, norm_inf, denom, g):
+    """``dA`` of ``Z_0 = Aᵀ / (‖A‖₁‖A‖∞)`` for the cotangent ``g``; the norms' maxima
+    differentiate through the first maximal column (row) sum, ``|x|`` as ``sign(x)``."""
+    safe = np.where(denom > 0, denom, 1.0)
+    ddenom = np.where(denom > 0, -np.einsum("...ij,...ji->...", g, a)[..., None, None]
+                      / safe ** 2, 0.0)
+    sign = np.sign(a)
+    cols = np.abs(a).sum(axis=-2).argmax(axis=-1)[..., None, None]       # (..., 1, 1)
+    rows = np.abs(a).sum(axis=-1).argmax(axis=-1)[..., None, None]
+    idx = np.arange(a.shape[-1])
+    da = np.where(denom > 0, g.swapaxes(-1, -2) / safe, 0.0)
+    da = da + (ddenom * norm_inf) * sign * (idx[None, :] == cols)
+    return da + (ddenom * norm1) * sign * (idx[:, None] == rows)
+
+
+def iterative_pinv_backward(a, grad_z, iters: int):
+    r"""``dA`` of ``Z = iterative_pinv(a, iters)`` for the cotangent ``grad_z``: the
+    iterates are recomputed and the cotangent runs back through each step
+    (:func:`_pinv_step_vjp`) and the start ``Z_0``. ``a`` float64 ``(..., c, c)``."""
+    eye = np.eye(a.shape[-1])
+    z0, norm1, norm_inf, denom = _pinv_start(a)
+    zs = [z0]
+    for _ in range(iters - 1):
+        zs.append(_pinv_step(a, zs[-1], eye))
+    da = np.zeros(a.shape)
+    g = grad_z
+    for z in reversed(zs[:iters]):
+        step_da, g = _pinv_step_vjp(a, z, eye, g)
+        da += step_da
+    return da + _pinv_start_vjp(a, norm1, norm_inf, denom, g)
+
+
+def pinv_backward(a, z, grad_z):
+    r"""``dA`` of the exact pseudoinverse ``Z = A⁺`` for the cotangent ``G``
+    (Golub & Pereyra 1973, the derivative of :math:`A^{+}` where the rank of ``A`` is
+    locally constant):
+
+    .. math:: dA = -Z^\top G Z^\top + (I - A Z)\, G^\top Z Z^\top
+                  + Z^\top Z\, G^\top (I - Z A);
+
+    for an invertible ``A`` the last two terms vanish, leaving
+    :math:`-A^{-\top} G A^{-\top}` (from :math:`d(A^{-1}) = -A^{-1} dA\, A^{-1}`)."""
+    zt, gt = z.swapaxes(-1, -2), grad_z.swapaxes(-1, -2)
+    eye = np.eye(a.shape[-1])
+    return (-zt @ grad_z @ zt + (eye - a @ z) @ gt @ (z @ zt)
+            + (zt @ z) @ gt @ (eye - z @ a))
+
+
+def iterative_pinv_vjp(a, grad_out, *, iters):
+    r"""Gradient of :func:`iterative_pinv` for the cotangent ``grad_out`` of its result
+    (``a``'s shape): ``{"a": dA}``, float64.
+
+    Each iteration is a polynomial in ``A`` and ``Z``; with ``X = A Z_j``,
+    ``T₁ = 7I − X``, ``T₂ = 15I − X T₁``, ``T₃ = 13I − X T₂``,
+    :math:`Z_{j+1} = \tfrac14 Z_j T_3` and the cotangent ``G`` of :math:`Z_{j+1}`:
+
+    .. math:: \bar T_3 = \tfrac14 Z_j^\top G, \quad
+              \bar X = -\bar T_3 T_2^\top + X^\top \bar T_3 T_1^\top
+                        - X^\top X^\top \bar T_3, \quad
+              dA \mathrel{+}= \bar X Z_j^\top, \quad
+              \bar Z_j = \tfrac14 G T_3^\top + A^\top \bar X,
+
+    chained from the last iteration back to
+    :math:`Z_0 = A^\top / (\|A\|_1 \|A\|_\infty)`, whose norms differentiate
+    through their maximal column and row sums (the first one on a tie, where the norm
+    has no derivative: a subgradient) with :math:`d|x| = \operatorname{sign}(x)\,dx`.
+    The iterates are recomputed (``iters`` matrices of ``a``'s size are kept).
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.lowrank.nystrom import iterative_pinv_vjp
+    >>> a = np.array([[0.7, 0.3], [0.2, 0.8]])
+    >>> g = np.eye(2)
+    >>> da = ra.vjp(ra.lowrank.iterative_pinv, a, g, iters=8)["a"]   # converged: A⁻¹'s
+    >>> inv = np.linalg.inv(a)
+    >>> bool(np.allclose(da, -(inv @ inv).T))
+    True
+    """
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
+                         f"{a.shape}")
+    iters = check_int("iters", iters, minimum=0)
+    g = check_cotangent(grad_out, "grad_out", a.shape)
+    return {"a": iterative_pinv_backward(a, g, iters)}
+
+
+def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite, parts=False):
+    """Validate; return ``(pb, f (B,Hkv,G,N,c), z (B,Hkv,G,c,c), b (B,Hkv,G,c,M), v)``,
+    and with ``parts`` also ``(qg, k, q_land, k_land, a, s, pinv_iters)``."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     seen = f"q {pb.batch_shape + (pb.heads_q, pb.n, pb.d)}, k " \
            f"{pb.batch_shape + (pb.heads_kv, pb.m, pb.d)}"
@@ -92,6 +213,8 @@ def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite):
     a = softmax(s * (q_land @ k_land.swapaxes(-1, -2)))
     b = softmax(s * (q_land @ k[:, :, None].swapaxes(-1, -2)))
     z = np.linalg.pinv(a) if pinv_iters is None else iterative_pinv(a, pinv_iters)
+    if parts:
+        return pb, f, z, b, v, (qg, k, q_land, k_land, a, s, pinv_iters)
     return pb, f, z, b, v
 
 
@@ -177,5 +300,84 @@ def nystrom_attention_matrix(q, k, *, num_landmarks, pinv_iters=6, scale=None,
     return pb.unflatten(ungrouped(f @ (z @ b), pb))
 
 
+def nystrom_attention_vjp(q, k, v, grad_out, *, num_landmarks, pinv_iters=6, scale=None,
+                          check_finite=True):
+    r"""Gradients of :func:`nystrom_attention` for the cotangent ``grad_out``
+    ``(..., Hq, N, Dv)`` of its output (same keyword arguments, validated alike).
 
-attach(nystrom_attention, implied=nystrom_attention_matrix)
+    With :math:`O = F Z (B V)`, ``Z`` the pseudoinverse of ``A`` as the forward computes
+    it, and :math:`dO` = ``grad_out``:
+
+    .. math::
+
+        W = Z B V, \quad dF = dO\, W^\top, \quad dW = F^\top dO, \quad
+        dZ = dW (B V)^\top, \quad d(BV) = Z^\top dW, \quad
+        dB = d(BV)\, V^\top, \quad dV = B^\top d(BV),
+
+    ``dA`` from ``dZ`` through the pseudoinverse, then each softmax
+    :math:`dS = P \circ (dP - \operatorname{rowsum}(dP \circ P))` and its logits
+    :math:`S = s\, X Y^\top` (:math:`dX = s\, dS\, Y`, :math:`dY = s\, dS^\top X`)
+    with :math:`(X, Y)` = :math:`(Q, \tilde K)`, :math:`(\tilde Q, \tilde K)`,
+    :math:`(\tilde Q, K)`, and the landmarks' gradients back to their segments: each
+    row of ``q`` (``k``) receives its segment's :math:`d\tilde Q` (:math:`d\tilde K`)
+    over the segment's size.
+
+    **The pseudoinverse.** ``pinv_iters`` an int: the gradient of the iterative form
+    itself, backpropagated through every iteration and the start
+    :math:`Z_0 = A^\top / (\|A\|_1 \|A\|_\infty)` (:func:`iterative_pinv_vjp`), not
+    the derivative of :math:`A^{+}` (they differ as much as the iterate differs from
+    :math:`A^{+}`). ``pinv_iters=None``: the derivative of the exact pseudoinverse
+    (Golub & Pereyra 1973, :func:`pinv_backward`),
+
+    .. math:: dA = -Z^\top dZ\, Z^\top + (I - A Z)\, dZ^\top Z Z^\top
+                  + Z^\top Z\, dZ^\top (I - Z A),
+
+    which reduces to :math:`-A^{-\top} dZ\, A^{-\top}` for an invertible ``A``
+    (:math:`d(A^{-1}) = -A^{-1} dA\, A^{-1}`); it holds where the rank of ``A`` is
+    locally constant (``np.linalg.pinv`` drops singular values below ``1e-15`` of the
+    largest, where the pseudoinverse is not continuous).
+
+    Returns ``{"q", "k", "v"}``, float64, each of its input's shape (GQA: a KV head sums
+    over its query heads; broadcast dims summed). Working memory: the ``(N, c)``,
+    ``(c, c)`` and ``(c, M)`` kernels per query head (Xiong et al. 2021), never
+    ``N x M``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 6, 4)) * 0.5
+    >>> g = np.ones((2, 6, 4))
+    >>> mine = ra.vjp("nystrom_attention", q, k, v, g, num_landmarks=6, pinv_iters=None)
+    >>> ref = ra.vjp("attention", q, k, v, g)       # c = N = M, exact inverse: exact
+    >>> all(np.allclose(mine[x], ref[x]) for x in "qkv")
+    True
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    pb, f, z, b, v, (qg, k, q_land, k_land, a, s, iters) = _nystrom(
+        q, k, v, num_landmarks=num_landmarks, pinv_iters=pinv_iters, scale=scale,
+        check_finite=check_finite, parts=True)
+    do = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
+                         check_finite=check_finite)
+    do = grouped(do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv), pb)   # (B, Hkv, G, N, Dv)
+    vg = v[:, :, None]                                      # (B, Hkv, 1, M, Dv)
+    bv = b @ vg                                             # (B, Hkv, G, c, Dv)
+    dw = f.swapaxes(-1, -2) @ do                            # (B, Hkv, G, c, Dv)
+    df = do @ (z @ bv).swapaxes(-1, -2)                     # (B, Hkv, G, N, c)
+    dz = dw @ bv.swapaxes(-1, -2)                           # (B, Hkv, G, c, c)
+    dbv = z.swapaxes(-1, -2) @ dw
+    dv = (b.swapaxes(-1, -2) @ dbv).sum(axis=2)             # (B, Hkv, M, Dv)
+    da = pinv_backward(a, z, dz) if iters is None else iterative_pinv_backward(a, dz, iters)
+    dsf = softmax_vjp(f, df)
+    dsa = softmax_vjp(a, da)
+    dsb = softmax_vjp(b, dbv @ vg.swapaxes(-1, -2))         # (B, Hkv, G, c, M)
+    dqg = s * (dsf @ k_land)
+    dq_land = s * (dsa @ k_land + dsb @ k[:, :, None])      # (B, Hkv, G, c, D)
+    dk_land = s * (dsf.swapaxes(-1, -2) @ qg + dsa.swapaxes(-1, -2) @ q_land).sum(axis=2)
+    dk = s * (dsb.swapaxes(-1, -2) @ q_land).sum(axis=2)    # (B, Hkv, M, D)
+    dqg = dqg + segment_means_vjp(dq_land, pb.n)
+    dk = dk + segment_means_vjp(dk_land, pb.m)
+    return {"q": pb.input_gradient(ungrouped(dqg, pb), shapes["q"]),
+            "k": pb.input_gradient(dk, shapes["k"]),
+            "v": pb.input_gradient(dv, shapes["v"])}
+
+
+iterative_pinv.vjp = iterative_pinv_vjp
+attach(nystrom_attention, implied=nystrom_attention_matrix, vjp=nystrom_attention_vjp)

@@ -78,6 +78,15 @@ def _parallel_matrix(q, k, g, pb):
     return np.einsum("bhgnd,bhmd,bhnmd->bhgnm", q, k, decay, optimize=True)
 
 
+@njit(cache=True, inline="always")
+def _gated_update(s, g_row, k_row, v_row):  # pragma: no cover - compiled
+    """One token into the state: ``S = diag(exp g) S + k vᵀ``."""
+    for a in range(s.shape[0]):
+        gate = np.exp(g_row[a])
+        for e in range(s.shape[1]):
+            s[a, e] = gate * s[a, e] + k_row[a] * v_row[e]
+
+
 @njit(cache=True)
 def _recurrent_kernel(q, k, v, g, shift):  # pragma: no cover - compiled
     bh, group, n, d = q.shape
@@ -87,10 +96,7 @@ def _recurrent_kernel(q, k, v, g, shift):  # pragma: no cover - compiled
     for b in range(bh):
         s[:] = 0.0
         for j in range(m):
-            for a in range(d):
-                gate = np.exp(g[b, j, a])
-                for e in range(dv):
-                    s[a, e] = gate * s[a, e] + k[b, j, a] * v[b, j, e]
+            _gated_update(s, g[b, j], k[b, j], v[b, j])
             i = j - shift
             if i >= 0:
                 for r in range(group):
@@ -266,10 +272,7 @@ def _recurrent_vjp_kernel(q, k, v, g, do, shift):  # pragma: no cover - compiled
     for b in range(bh):
         s[:] = 0.0
         for j in range(m):                       # forward: S_j, dq_i = S_i' do_i
-            for a in range(d):
-                gate = np.exp(g[b, j, a])
-                for e in range(dv):
-                    s[a, e] = gate * s[a, e] + k[b, j, a] * v[b, j, e]
+            _gated_update(s, g[b, j], k[b, j], v[b, j])
             i = j - shift
             if i >= 0:
                 for r in range(group):

@@ -130,53 +130,16 @@ def test_s4d_a_million_steps_with_a_decay_near_one(rng):
 # --------------------------------------------------------------------------- selective
 def _torch_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                      delta_softplus=False, cu_seqlens=None):
-    """selective_scan_ref's equations, transcribed in float64 PyTorch: one step at a time,
-    einsums over the state."""
+    """selective_scan_ref's equations in float64 PyTorch (tests/mamba_reference.py), on
+    NumPy arrays."""
     torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-    t = torch.from_numpy
-    u, delta, A = t(u), t(delta), t(A)
-    if delta_bias is not None:
-        delta = delta + t(delta_bias)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    dim, length = A.shape[0], u.shape[2]
+    from mamba_reference import torch_selective_scan   # same folder
 
-    def variable(X):
-        X = t(X)
-        if A.is_complex() and X.dim() >= 3 and not X.is_complex():
-            X = torch.view_as_complex(X.reshape(X.shape[:-1] + (length, 2)).contiguous())
-        if X.dim() == 4:
-            X = X.repeat_interleave(dim // X.shape[1], dim=1)
-        return X
-
-    B, C = variable(B), variable(C)
-    dA = torch.exp(torch.einsum("bdl,dn->bdln", delta.to(A.dtype), A))
-    if B.dim() == 2:
-        dBu = torch.einsum("bdl,dn,bdl->bdln", delta, B, u) if not B.is_complex() else \
-            torch.einsum("bdl,dn->bdln", (delta * u).to(B.dtype), B)
-    elif B.dim() == 3:
-        dBu = torch.einsum("bdl,bnl->bdln", (delta * u).to(B.dtype), B)
-    else:
-        dBu = torch.einsum("bdl,bdnl->bdln", (delta * u).to(B.dtype), B)
-    x = torch.zeros(dA.shape[:2] + dA.shape[3:], dtype=dA.dtype)
-    ys = []
-    starts = [] if cu_seqlens is None else list(cu_seqlens[1:-1])
-    for i in range(length):
-        x = dBu[:, :, i] if i in starts else dA[:, :, i] * x + dBu[:, :, i]
-        if C.dim() == 2:
-            y = torch.einsum("bdn,dn->bd", x, C.to(x.dtype))
-        elif C.dim() == 3:
-            y = torch.einsum("bdn,bn->bd", x, C[:, :, i].to(x.dtype))
-        else:
-            y = torch.einsum("bdn,bdn->bd", x, C[:, :, :, i].to(x.dtype))
-        ys.append(y.real * 2 if y.is_complex() else y)
-    out = torch.stack(ys, dim=2)
-    if D is not None:
-        out = out + u * t(D)[:, None]
-    if z is not None:
-        out = out * F.silu(t(z))
-    return out.numpy(), x.numpy()
+    def t(x):
+        return None if x is None else torch.from_numpy(np.ascontiguousarray(x))
+    out, last = torch_selective_scan(t(u), t(delta), t(A), t(B), t(C), t(D), t(z),
+                                     t(delta_bias), delta_softplus, cu_seqlens)
+    return out.numpy(), last.numpy()
 
 
 def _selective_inputs(rng, batch, dim, nstate, length, layout, complex_a, groups=1):

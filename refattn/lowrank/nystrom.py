@@ -33,6 +33,15 @@ __all__ = ["nystrom_attention", "nystrom_attention_matrix", "nystrom_attention_v
            "pinv_backward"]
 
 
+def _check_pinv(a, iters):
+    """``a`` as float64 square matrices ``(..., c, c)`` and ``iters`` checked."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
+                         f"{a.shape}")
+    return a, check_int("iters", iters, minimum=0)
+
+
 def iterative_pinv(a, iters: int):
     r"""Nyströmformer's iterative Moore-Penrose pseudoinverse of ``a`` ``(..., c, c)``.
 
@@ -60,11 +69,7 @@ def iterative_pinv(a, iters: int):
     >>> bool(np.allclose(ra.lowrank.iterative_pinv(a, 6), np.linalg.inv(a), rtol=1e-12))
     True
     """
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
-                         f"{a.shape}")
-    iters = check_int("iters", iters, minimum=0)
+    a, iters = _check_pinv(a, iters)
     z = _pinv_start(a)[0]
     eye = np.eye(a.shape[-1])
     for _ in range(iters):
@@ -182,11 +187,7 @@ def iterative_pinv_vjp(a, grad_out, *, iters):
     >>> bool(np.allclose(da, -(inv @ inv).T))
     True
     """
-    a = np.asarray(a, dtype=np.float64)
-    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
-                         f"{a.shape}")
-    iters = check_int("iters", iters, minimum=0)
+    a, iters = _check_pinv(a, iters)
     g = check_cotangent(grad_out, "grad_out", a.shape)
     return {"a": iterative_pinv_backward(a, g, iters)}
 

@@ -81,10 +81,15 @@ def _torch_linear(q, k, v, feature_map, causal):
     import torch
     phi = {"elu": lambda x: torch.nn.functional.elu(x) + 1, "relu": torch.relu,
            "identity": lambda x: x}[feature_map]
-    group = q.shape[-3] // k.shape[-3]
-    fq = phi(q)
-    fk = phi(k).repeat_interleave(group, dim=-3)
-    vv = v.repeat_interleave(group, dim=-3)
+    return _torch_normalized(phi(q), phi(k), v, causal)
+
+
+def _torch_normalized(fq, fk, v, causal):
+    """``φ(q)·φ(k)`` weights, masked (bottom-right causal), normalized by their row sums,
+    0 where the sum is 0; GQA by repeating the KV heads."""
+    import torch
+    group = fq.shape[-3] // fk.shape[-3]
+    fk, vv = fk.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     a = fq @ fk.transpose(-1, -2)                                      # (..., H, N, M)
     n, m = a.shape[-2:]
     if causal:
@@ -273,17 +278,7 @@ def _torch_performer(q, k, v, omega, kernel, stabilize, causal, scale):
         f = torch.exp(h) * norm
         return f if g is None else f * g
 
-    fq, fk = feats(x, (-1,)), feats(y, (-2, -1))
-    group = q.shape[-3] // k.shape[-3]
-    fk, vv = fk.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    a = fq @ fk.transpose(-1, -2)
-    n, mk = a.shape[-2:]
-    if causal:
-        keep = torch.arange(mk)[None, :] <= torch.arange(n)[:, None] + (mk - n)
-        a = torch.where(keep, a, torch.zeros(()))
-    den = a.sum(-1, keepdim=True)
-    safe = torch.where(den != 0, den, torch.ones(()))
-    return torch.where(den != 0, (a @ vv) / safe, torch.zeros(()))
+    return _torch_normalized(feats(x, (-1,)), feats(y, (-2, -1)), v, causal)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

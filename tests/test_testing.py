@@ -139,3 +139,12 @@ def test_users_view_of_gradients_catches_a_leaking_causal_mask():
                                              r"allows: .*\n  worst at index \(\d+, \d+, "
                                              r"\d+, \d+\)"):
         assert_as_accurate_as(dq, baseline["q"], oracle["q"], name="dq")
+
+
+@pytest.mark.parametrize("actual, expected", [(np.inf, -np.inf), (-np.inf, np.inf),
+                                              (1.0, np.inf), (np.inf, 1.0),
+                                              (np.nan, np.nan), (np.nan, 1.0)])
+def test_assert_close_cannot_pass_a_mismatched_infinity(actual, expected):
+    with pytest.raises(AssertionError, match="not close to expected"):
+        assert_close(np.array([actual]), np.array([expected]), rtol=1e300, atol=1e300)
+    assert_close(np.array([-np.inf, 2.0]), np.array([-np.inf, 2.0]))

@@ -64,7 +64,8 @@ def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None,
 
     ``dtype`` selects the row of :data:`TOLERANCES` (default: ``actual``'s dtype if it
     is in the table, else float64); ``rtol``/``atol`` override it. Equal infinities
-    (a ``-inf`` lse of an empty row) match; NaN never does. On failure the message names
+    (a ``-inf`` lse of an empty row) match; an infinity matches nothing else (whatever
+    the tolerance) and NaN never matches. On failure the message names
     the tensor, the number and fraction of failing elements, and the worst element with
     its index, both values and the allowed difference.
     """
@@ -81,11 +82,13 @@ def assert_close(actual, expected, *, dtype=None, rtol=None, atol=None,
     with np.errstate(invalid="ignore"):
         diff = np.abs(a - e)
         allowed = atol + rtol * np.abs(e)
-        ok = (diff <= allowed) | (a == e)
+        ok = (a == e) | (np.isfinite(e) & (diff <= allowed))   # inf only matches itself
     if ok.all():
         return
     bad = ~ok
-    excess = np.where(bad, np.nan_to_num(diff - allowed, nan=np.inf, posinf=np.inf), -1.0)
+    with np.errstate(invalid="ignore"):          # inf - inf: the worst kind of miss
+        excess = np.where(bad, np.nan_to_num(diff - allowed, nan=np.inf, posinf=np.inf),
+                          -1.0)
     idx = np.unravel_index(int(np.argmax(excess)), a.shape)
     count = int(bad.sum())
     finite = np.isfinite(diff)

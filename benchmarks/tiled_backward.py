@@ -10,8 +10,8 @@ refattn backward / torch backward and refattn backward / refattn forward, and th
 gradient difference.
 
 Memory (``--memory N``): the peak of NumPy allocations traced (``tracemalloc``) during
-one tiled backward at length N, and that peak minus the gradients and the output it
-returns or recomputes: the working memory, which should not grow with N.
+one tiled backward at length N, and that peak beyond the gradients it returns: the
+recomputed forward output and lse, ``D`` and the tiles.
 
 Run by hand, not by the test suite::
 
@@ -85,10 +85,11 @@ def memory(n: int, d: int = 64) -> None:
     seconds = time.perf_counter() - t
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    held = sum(g.nbytes for g in grads.values()) + 2 * q.nbytes   # + the output, lse, D
+    grads_bytes = sum(g.nbytes for g in grads.values())
     print(f"tiled backward, N = M = {n}, D = {d}, one head, float64: {seconds:.1f} s; "
-          f"traced peak {peak / MiB:.0f} MiB, of which gradients and the recomputed output "
-          f"{held / MiB:.0f} MiB: working memory {(peak - held) / MiB:.0f} MiB")
+          f"traced peak {peak / MiB:.0f} MiB; beyond the {grads_bytes / MiB:.0f} MiB of "
+          f"gradients: {(peak - grads_bytes) / MiB:.0f} MiB (the recomputed output "
+          f"{q.nbytes / MiB:.0f} MiB, lse, D and the tiles)")
 
 
 def main(argv=None) -> None:

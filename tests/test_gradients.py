@@ -219,3 +219,11 @@ def test_the_tiled_backward_takes_the_forwards_saved_results():
     with pytest.raises(ValueError, match=r"lse must be the forward's log-sum-exp, shape "
                                          r"\(2, 4, 9\)"):
         ra.vjp("tiled_attention", q, k, v, g, out=out, lse=lse[..., :3])
+
+
+def test_no_keys_give_zero_gradients_of_the_right_shapes():
+    q, g = np.ones((1, 3, 4)), np.ones((1, 3, 2))
+    k, v = np.ones((1, 0, 4)), np.ones((1, 0, 2))
+    for name in ("attention", "tiled_attention"):
+        grads = ra.vjp(name, q, k, v, g)
+        assert grads["k"].shape == (1, 0, 4) and not grads["q"].any()

@@ -4,6 +4,7 @@ caller passed (broadcast batch dimensions summed, GQA heads summed per KV head).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,4 +81,5 @@ def softmax_backward(q, k, v, grad_out, grad_lse, *, mask, causal, scale, bias, 
 def head_summed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``Σ_g a[g]ᵀ b[g]`` for ``a (G, r, c)``, ``b (G, r, d)`` -> ``(c, d)``: a key
     block's gradient summed over the query heads that share it, as one BLAS product."""
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    rows = math.prod(a.shape[:-1])                # (explicit: -1 is ambiguous at M = 0)
+    return a.reshape(rows, a.shape[-1]).T @ b.reshape(rows, b.shape[-1])

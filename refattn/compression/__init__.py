@@ -52,3 +52,11 @@ __all__ = ["BLOCK_ELEMENTS", "kmeans_kv_attention", "kmeans_kv_attention_matrix"
            "landmark_attention", "landmark_attention_matrix", "landmark_indices",
            "pooled_attention", "pooled_attention_matrix", "strided_kv_attention",
            "strided_kv_attention_matrix"]
+
+# gradients (refattn.vjp finds them through the registry)
+from .pooled import pooled_attention_vjp
+from .strided_kv import strided_kv_attention_vjp
+from .landmark import landmark_attention_vjp
+from .kmeans_kv import kmeans_kv_attention_vjp
+__all__ += ["pooled_attention_vjp", "strided_kv_attention_vjp", "landmark_attention_vjp",
+            "kmeans_kv_attention_vjp"]

@@ -11,9 +11,9 @@ import numpy as np
 from .._core.checks import check_bool, check_int, resolve_rng
 from .._core.kmeans import kmeans
 from ..registry import attach, register
-from ._common import Plan, attend, seen
+from ._common import Plan, attend, attend_vjp, seen
 
-__all__ = ["kmeans_kv_attention", "kmeans_kv_attention_matrix"]
+__all__ = ["kmeans_kv_attention", "kmeans_kv_attention_matrix", "kmeans_kv_attention_vjp"]
 
 
 def _kmeans_plans(k, v, pb, *, n_centroids, n_iters, rng, log_count):
@@ -47,7 +47,10 @@ def _kmeans_plans(k, v, pb, *, n_centroids, n_iters, rng, log_count):
             bias = np.zeros(c)
             bias[live] = np.log(counts[live])
         keep = None if live.all() else (lambda rows: np.broadcast_to(live, (len(rows), c)))
-        return Plan(kc, vc, bias, keep, cmap)
+        def pull(dkc, dvc):                     # key j gets its cluster's dx / |S_c|
+            share = 1.0 / counts[assign, None]
+            return dkc[assign] * share, dvc[assign] * share
+        return Plan(kc, vc, bias, keep, cmap, pull=pull)
     return plans
 
 
@@ -128,4 +131,36 @@ def kmeans_kv_attention_matrix(q, k, *, n_centroids, n_iters=10, rng, log_count=
                   n_centroids=n_centroids, n_iters=n_iters, rng=rng, log_count=log_count)
 
 
-attach(kmeans_kv_attention, implied=kmeans_kv_attention_matrix)
+def kmeans_kv_attention_vjp(q, k, v, grad_out, *, n_centroids, n_iters=10, rng,
+                            log_count=True, scale=None, check_finite=True,
+                            memory_budget=None):
+    r"""Gradients of :func:`kmeans_kv_attention`: ``{"q", "k", "v"}`` in the inputs'
+    shapes.
+
+    The softmax backward over the centroids (``P`` the probabilities, ``O = P V̂``, ``dO``
+    the cotangent ``grad_out``, ``(..., Hq, N, Dv)``):
+
+    .. math:: dS = P \circ (dO\, \hat V^\top - D), \quad dQ = s\, dS\, \hat K, \quad
+              d\hat K = s\, dS^\top Q, \quad d\hat V = P^\top dO, \quad
+              dk_j = \frac{d\hat k_{c(j)}}{|S_{c(j)}|}, \quad
+              dv_j = \frac{d\hat v_{c(j)}}{|S_{c(j)}|},
+
+    ``c(j)`` the cluster of key ``j``. **The clusters are held fixed** (the k-means
+    assignments are a discrete choice, differentiated as implementations train them);
+    the ``log |S_c|`` bias is a constant. ``rng`` must reproduce the forward's clusters:
+    pass the same int seed (a ``Generator`` is advanced by each call). GQA: a KV head
+    sums over its query heads.
+
+    >>> import numpy as np
+    >>> from refattn.compression.kmeans_kv import kmeans_kv_attention_vjp
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 5, 4))
+    >>> g = kmeans_kv_attention_vjp(q, k, v, np.ones((1, 5, 4)), n_centroids=2, rng=0)
+    >>> bool(np.allclose(g["v"].sum(-2), 5.0))                 # rows of P sum to 1
+    True
+    """
+    return attend_vjp(_kmeans_plans, q, k, v, grad_out, scale=scale,
+                      check_finite=check_finite, n_centroids=n_centroids, n_iters=n_iters,
+                      rng=rng, log_count=log_count)
+
+
+attach(kmeans_kv_attention, implied=kmeans_kv_attention_matrix, vjp=kmeans_kv_attention_vjp)

@@ -10,9 +10,11 @@ import numpy as np
 from .._core.checks import check_bool, check_int, check_memory
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
-from ._common import Plan, attend, positions, seen, selected, selection_plans
+from ._common import (Plan, attend, attend_vjp, positions, seen, selected,
+                      selection_plans)
 
-__all__ = ["landmark_attention", "landmark_attention_matrix", "landmark_indices"]
+__all__ = ["landmark_attention", "landmark_attention_matrix", "landmark_attention_vjp",
+           "landmark_indices"]
 
 
 def _norm_order(kb: np.ndarray) -> np.ndarray:
@@ -72,7 +74,7 @@ def _landmark_plans(k, v, pb, *, indices, num_landmarks, select, causal, budget)
             return (p[:, None] >= 0) & (np.arange(pb.m)[None, :] <= p[:, None]) \
                 & (better[np.clip(p, 0, None)] < num)
         return Plan(k[b, hk], None if v is None else v[b, hk], None, keep,
-                    lambda: np.eye(pb.m))
+                    lambda: np.eye(pb.m), pull=lambda dkc, dvc: (dkc, dvc))
     return plans
 
 
@@ -161,4 +163,36 @@ def landmark_attention_matrix(q, k, *, indices=None, num_landmarks=None, select=
                   causal=causal, budget=memory_budget)
 
 
-attach(landmark_attention, implied=landmark_attention_matrix)
+def landmark_attention_vjp(q, k, v, grad_out, *, indices=None, num_landmarks=None,
+                           select="norm", causal=False, scale=None, check_finite=True,
+                           memory_budget=None):
+    r"""Gradients of :func:`landmark_attention`: ``{"q", "k", "v"}`` in the inputs'
+    shapes.
+
+    The softmax backward over each query's landmarks ``L_i`` (with ``P`` the
+    probabilities, ``O = P V_L``, ``dO`` the cotangent ``grad_out``,
+    ``(..., Hq, N, Dv)``):
+
+    .. math:: dS = P \circ (dO\, V_L^\top - D), \quad D_i = \textstyle\sum_d
+              dO_{id} O_{id}, \quad dQ = s\, dS\, K_L, \quad dK_L = s\, dS^\top Q,
+              \quad dV_L = P^\top dO,
+
+    the other keys and values getting 0. **The selection is held fixed**: the landmarks
+    chosen by key norm (``num_landmarks``; causal: per query among the keys it sees) are
+    a discrete choice, differentiated as implementations train them (the norm ranking
+    has zero derivative almost everywhere). GQA: a KV head sums over its query heads.
+
+    >>> import numpy as np
+    >>> from refattn.compression.landmark import landmark_attention_vjp
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> g = landmark_attention_vjp(q, k, v, np.ones((1, 6, 4)), indices=[0, 4])
+    >>> np.flatnonzero(g["v"][0].any(-1))                  # only the landmarks' values
+    array([0, 4])
+    """
+    return attend_vjp(_landmark_plans, q, k, v, grad_out, scale=scale,
+                      check_finite=check_finite, indices=indices,
+                      num_landmarks=num_landmarks, select=select, causal=causal,
+                      budget=memory_budget)
+
+
+attach(landmark_attention, implied=landmark_attention_matrix, vjp=landmark_attention_vjp)

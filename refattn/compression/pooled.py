@@ -12,9 +12,9 @@ import numpy as np
 
 from .._core.checks import check_bool, check_int
 from ..registry import attach, register
-from ._common import Plan, attend, positions, seen
+from ._common import Plan, attend, attend_vjp, positions, seen
 
-__all__ = ["pooled_attention", "pooled_attention_matrix"]
+__all__ = ["pooled_attention", "pooled_attention_matrix", "pooled_attention_vjp"]
 
 
 def _pooled_plans(k, v, pb, *, stride, pool, causal, local, log_count):
@@ -60,9 +60,28 @@ def _pooled_plans(k, v, pb, *, stride, pool, causal, local, log_count):
         r = reduce(x, starts, axis=0)
         return r / sizes[:, None] if pool == "mean" else r
 
+    def spread(dx):                 # mean: each key of window c gets dx_c / |W_c|
+        return np.repeat(dx / sizes[:, None], sizes, axis=0)
+
+    def to_argmax(x, dx):           # max: the arg-max of each channel, ties to the first
+        out = np.zeros(x.shape)
+        if pb.m:
+            padded = np.full((len(starts) * stride, x.shape[1]), -np.inf)
+            padded[:pb.m] = x
+            arg = padded.reshape(len(starts), stride, -1).argmax(axis=1)
+            out[starts[:, None] + arg, np.arange(x.shape[1])[None, :]] = dx
+        return out
+
     def plans(b, hk):
-        return Plan(pooled(k[b, hk]), None if v is None else pooled(v[b, hk]), bias,
-                    keep_fn, cmap if pool == "mean" else None, local_fn, width)
+        kb, vb = k[b, hk], None if v is None else v[b, hk]
+        if pool == "mean":
+            def pull(dkc, dvc):
+                return spread(dkc), spread(dvc)
+        else:
+            def pull(dkc, dvc):
+                return to_argmax(kb, dkc), to_argmax(vb, dvc)
+        return Plan(pooled(kb), None if vb is None else pooled(vb), bias,
+                    keep_fn, cmap if pool == "mean" else None, local_fn, width, pull)
     return plans
 
 
@@ -147,4 +166,44 @@ def pooled_attention_matrix(q, k, *, stride, pool="mean", causal=False, local=Fa
                   stride=stride, pool=pool, causal=causal, local=local, log_count=log_count)
 
 
-attach(pooled_attention, implied=pooled_attention_matrix)
+def pooled_attention_vjp(q, k, v, grad_out, *, stride, pool="mean", causal=False,
+                         local=False, log_count=False, scale=None, check_finite=True,
+                         memory_budget=None):
+    r"""Gradients of :func:`pooled_attention`: ``{"q", "k", "v"}`` in the inputs' shapes.
+
+    With ``P`` the probabilities over the pooled rows ``(k̂, v̂)`` (and the local raw
+    keys), ``O = P [V̂; V_loc]`` and the cotangent ``dO`` (``grad_out``,
+    ``(..., Hq, N, Dv)``), the softmax backward (FlashAttention-2's, Dao 2023, without
+    tiling) gives
+
+    .. math:: D_i = \textstyle\sum_d dO_{id} O_{id}, \quad
+              dS = P \circ (dO\, [\hat V; V_{loc}]^\top - D), \quad
+              dQ = s\, dS\, [\hat K; K_{loc}], \\
+              d\hat K = s\, dS_c^\top Q, \quad d\hat V = P_c^\top dO, \quad
+              dK_{loc} = s\, dS_l^\top Q, \quad dV_{loc} = P_l^\top dO,
+
+    and the pooling is then transposed:
+
+    * ``"mean"``: :math:`dk_j \mathrel{+}= d\hat k_{c(j)} / |W_{c(j)}|` (the same for
+      ``v``), ``c(j)`` the window of key ``j``;
+    * ``"max"``: :math:`dk_{j,f} \mathrel{+}= d\hat k_{c,f}` for the key ``j`` of window
+      ``c`` holding the maximum of channel ``f`` (the first on ties; PyTorch's
+      ``max_pool1d`` backward), likewise for ``v`` with its own arg-max.
+
+    The window layout, visibility and ``log |W_c|`` bias are constants. GQA: a KV head
+    sums over its query heads; a broadcast input gets its gradient summed. Working
+    memory: blocks of query rows, as the forward.
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.compression.pooled import pooled_attention_vjp
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 6, 4))
+    >>> g = pooled_attention_vjp(q, k, v, np.ones((2, 6, 4)), stride=2)
+    >>> g["k"].shape, bool(np.allclose(g["v"].sum(-2), 6.0))   # rows of P sum to 1
+    ((2, 6, 4), True)
+    """
+    return attend_vjp(_pooled_plans, q, k, v, grad_out, scale=scale,
+                      check_finite=check_finite, stride=stride, pool=pool, causal=causal,
+                      local=local, log_count=log_count)
+
+
+attach(pooled_attention, implied=pooled_attention_matrix, vjp=pooled_attention_vjp)

@@ -9,9 +9,10 @@ import numpy as np
 
 from .._core.checks import check_bool, check_int
 from ..registry import attach, register
-from ._common import attend, seen, selection_plans
+from ._common import attend, attend_vjp, seen, selection_plans
 
-__all__ = ["strided_kv_attention", "strided_kv_attention_matrix"]
+__all__ = ["strided_kv_attention", "strided_kv_attention_matrix",
+           "strided_kv_attention_vjp"]
 
 
 def _strided_plans(k, v, pb, *, stride, offset, causal):
@@ -79,4 +80,34 @@ def strided_kv_attention_matrix(q, k, *, stride, offset=0, causal=False, scale=N
                   stride=stride, offset=offset, causal=causal)
 
 
-attach(strided_kv_attention, implied=strided_kv_attention_matrix)
+def strided_kv_attention_vjp(q, k, v, grad_out, *, stride, offset=0, causal=False,
+                             scale=None, check_finite=True, memory_budget=None):
+    r"""Gradients of :func:`strided_kv_attention`: ``{"q", "k", "v"}`` in the inputs'
+    shapes.
+
+    The softmax backward over the kept keys ``J`` (FlashAttention-2's, Dao 2023, without
+    tiling), with ``P`` the probabilities, ``O = P V_J`` and ``dO`` the cotangent
+    (``grad_out``, ``(..., Hq, N, Dv)``):
+
+    .. math:: D_i = \textstyle\sum_d dO_{id} O_{id}, \quad
+              dS = P \circ (dO\, V_J^\top - D), \quad dQ = s\, dS\, K_J, \quad
+              dK_J = s\, dS^\top Q, \quad dV_J = P^\top dO;
+
+    the keys and values outside ``J`` get 0. Equal to the gradients of
+    :func:`refattn.attention` with those keys masked out. GQA: a KV head sums over its
+    query heads.
+
+    >>> import numpy as np
+    >>> from refattn.compression.strided_kv import strided_kv_attention_vjp
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> g = strided_kv_attention_vjp(q, k, v, np.ones((1, 6, 4)), stride=2, offset=1)
+    >>> bool(g["k"][:, 0::2].any()), bool(g["v"][:, 1::2].any())   # keys 0, 2, 4 unused
+    (False, True)
+    """
+    return attend_vjp(_strided_plans, q, k, v, grad_out, scale=scale,
+                      check_finite=check_finite, stride=stride, offset=offset,
+                      causal=causal)
+
+
+attach(strided_kv_attention, implied=strided_kv_attention_matrix,
+       vjp=strided_kv_attention_vjp)

@@ -9,3 +9,8 @@ from . import kvcache
 
 __all__ = ["attention", "attention_probs", "tiled_attention", "merge_partials",
            "split_kv_decode", "quantize", "dequantize", "quantization_error", "kvcache"]
+
+# gradients (refattn.vjp finds them through the registry)
+from .dense import attention_vjp
+from .tiled import tiled_attention_vjp
+__all__ += ["attention_vjp", "tiled_attention_vjp"]

@@ -12,7 +12,12 @@ from .scatterbrain import scatterbrain_attention, scatterbrain_attention_matrix
 
 __all__ = ["FEATURE_MAPS", "LinearAttentionState", "METHODS", "linear_attention",
            "linear_attention_init_state", "linear_attention_matrix",
-           "linear_attention_step", "linear_attention_vjp", "KERNELS", "PerformerState", "draw_omega",
-           "performer_attention", "performer_attention_matrix", "performer_features",
-           "performer_attention_vjp", "performer_init_state", "performer_step", "softmax_kernel_estimate",
-           "scatterbrain_attention", "scatterbrain_attention_matrix"]
+           "linear_attention_step", "linear_attention_vjp", "KERNELS", "PerformerState",
+           "draw_omega", "performer_attention", "performer_attention_matrix",
+           "performer_features", "performer_attention_vjp", "performer_init_state",
+           "performer_step", "softmax_kernel_estimate", "scatterbrain_attention",
+           "scatterbrain_attention_matrix"]
+
+# gradients (refattn.vjp finds them through the registry)
+from .scatterbrain import scatterbrain_attention_vjp
+__all__ += ["scatterbrain_attention_vjp"]

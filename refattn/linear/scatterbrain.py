@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, check_memory, resolve_rng, resolve_scale
+from .._core.checks import (check_cotangent, check_int, check_memory, resolve_rng,
+                            resolve_scale)
+from .._core.backward import head_summed_product
 from .._core.problem import prepare_qkv
 from .._core.select import topk_keep
 from ..registry import attach, register
 from ..sparse.lsh import lsh_buckets
-from .features import resolve_omega, scaled_pair, stabilized_features
+from .features import (resolve_omega, scaled_pair, stabilized_features,
+                       stabilized_features_vjp)
 
-__all__ = ["scatterbrain_attention", "scatterbrain_attention_matrix"]
+__all__ = ["scatterbrain_attention", "scatterbrain_attention_matrix",
+           "scatterbrain_attention_vjp"]
 
 _SUPPORTS = ("topk", "lsh")
 
@@ -57,7 +61,7 @@ def _setup(q, k, v, *, num_features, support, topk, n_buckets, n_hashes, kernel,
         rounds = lsh_buckets(np.concatenate([_unit(q), np.repeat(_unit(k), pb.group, 1)], 2),
                              n_buckets, gen, n_hashes=n_hashes)
         buckets = rounds[..., :pb.n], rounds[..., pb.n:]
-    return pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk
+    return pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk, (omega, kernel, s)
 
 
 def _unit(x):
@@ -117,7 +121,7 @@ def scatterbrain_attention(q, k, v, *, num_features, support="topk", topk=None,
     >>> bool(np.allclose(out, ra.attention(q, k, v)))      # support = every key: exact
     True
     """
-    pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk = _setup(
+    pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk, _ = _setup(
         q, k, v, num_features=num_features, support=support, topk=topk, n_buckets=n_buckets,
         n_hashes=n_hashes, kernel=kernel, orthogonal=orthogonal, scale=scale, rng=rng,
         check_finite=check_finite, where="scatterbrain_attention")
@@ -145,7 +149,7 @@ def scatterbrain_attention_matrix(q, k, *, num_features, support="topk", topk=No
     ``where(S, K, phi(x)·phi(y))`` normalized per row, formed densely (an independent
     form of the same estimate). Same arguments; same ``rng`` gives the same features.
     """
-    pb, q, k, _, x, y, fq, cq, fk, ck, buckets, topk = _setup(
+    pb, q, k, _, x, y, fq, cq, fk, ck, buckets, topk, _ = _setup(
         q, k, None, num_features=num_features, support=support, topk=topk,
         n_buckets=n_buckets, n_hashes=n_hashes, kernel=kernel, orthogonal=orthogonal,
         scale=scale, rng=rng, check_finite=check_finite,
@@ -162,4 +166,96 @@ def scatterbrain_attention_matrix(q, k, *, num_features, support="topk", topk=No
     return pb.unflatten(a)
 
 
-attach(scatterbrain_attention, implied=scatterbrain_attention_matrix)
+def scatterbrain_attention_vjp(q, k, v, grad_out, *, num_features, support="topk",
+                               topk=None, n_buckets=None, n_hashes=1, kernel="positive",
+                               orthogonal=True, scale=None, rng, block_q=256,
+                               check_finite=True):
+    r"""Gradients of :func:`scatterbrain_attention` with the **random features and the
+    sparse support held fixed**: the same ``ω`` and (for ``support="lsh"``) the same
+    rotations as the forward (the same int seed ``rng``; a ``Generator`` advances), and
+    the support ``S`` (each query's top-k keys, or the pairs sharing a bucket) a
+    constant, as Scatterbrain trains; ``ω`` gets no gradient.
+
+    With the weights :math:`W_{ij} = K_{ij}` on ``S`` and
+    :math:`\phi(x_i)\cdot\phi(y_j)` elsewhere (``K_ij = e^{x_i·y_j}``), the row sums
+    :math:`d_i = \sum_j W_{ij}` and :math:`o_i = \sum_j W_{ij} v_j / d_i`:
+
+    .. math:: \overline{W}_{ij} = rac{dO_i\cdot (v_j - o_i)}{d_i}, \quad
+              dv_j = \sum_i rac{W_{ij}}{d_i} dO_i, \quad
+              ar x_i \mathrel{+}= \sum_{j \in S_i} \overline{W}_{ij} K_{ij}\, y_j,
+              \quad ar y_j \mathrel{+}= \sum_{i : j \in S_i}
+              \overline{W}_{ij} K_{ij}\, x_i, \
+              \overline{\phi(x_i)} = \sum_{j 
+otin S_i} \overline{W}_{ij}\phi(y_j),
+              \quad \overline{\phi(y_j)} = \sum_{i : j 
+otin S_i}
+              \overline{W}_{ij}\phi(x_i),
+
+    the low-rank sums formed over all keys by the two products
+    (:math:`\sum_j \overline W_{ij}\phi(y_j) = (\phi(Y)^	op V\, dO_i
+    - \phi(Y)^	op 1\; dO_i\cdot o_i)/d_i`) minus their part on ``S``; the feature
+    gradients then pass through the feature map as in
+    :func:`refattn.linear.performer.performer_attention_vjp`, and
+    ``dq = sqrt|s| x̄``, ``dk = sign(s) sqrt|s| ȳ``. The stabilizer shifts (per query,
+    per KV head, and the row rescaling ``e^{-t_i}``) cancel in ``o`` and are constants.
+    Rows with ``d_i = 0`` (output 0) get zero gradients. ``grad_out (..., Hq, N, Dv)``.
+    Returns ``{"q", "k", "v"}`` float64 in the inputs' shapes (GQA summed).
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> g = np.ones((1, 6, 4))
+    >>> every = ra.vjp("scatterbrain_attention", q, k, v, g, num_features=4, topk=6, rng=0)
+    >>> all(np.allclose(every[x], ra.vjp("attention", q, k, v, g)[x]) for x in "qkv")
+    True
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk, (omega, kernel, s) = _setup(
+        q, k, v, num_features=num_features, support=support, topk=topk, n_buckets=n_buckets,
+        n_hashes=n_hashes, kernel=kernel, orthogonal=orthogonal, scale=scale, rng=rng,
+        check_finite=check_finite, where="scatterbrain_attention_vjp")
+    block_q = check_int("block_q", block_q, minimum=1)
+    shape = (pb.heads_q, pb.n, pb.dv)
+    do = check_cotangent(grad_out, "grad_out", pb.batch_shape + shape,
+                         check_finite=check_finite).reshape((pb.batch,) + shape)
+    kv_sums = np.einsum("bhmf,bhmd->bhfd", fk, v)
+    k_sums = fk.sum(axis=2)
+    dx, dy = np.zeros(x.shape), np.zeros(y.shape)
+    dfq, dfk, dv = np.zeros(fq.shape), np.zeros(fk.shape), np.zeros(v.shape)
+    for b, hs, hk, rs, keep, exact, low, rescale in _blocks(pb, x, y, fq, cq, fk, ck,
+                                                            buckets, topk, block_q):
+        fqb, dob, vb = fq[b, hs, rs], do[b, hs, rs], v[b, hk]
+        delta = np.where(keep, exact - low, 0.0)             # the exact correction
+        num = (fqb @ kv_sums[b, hk]) * rescale + delta @ vb   # (G, r, Dv)
+        den = (fqb @ k_sums[b, hk])[..., None] * rescale + delta.sum(-1, keepdims=True)
+        live = den > 0
+        inv = np.divide(1.0, den, out=np.zeros_like(den), where=live)   # (G, r, 1)
+        out = num * inv
+        a = dob * inv                                         # dO_i / d_i
+        ao = np.einsum("grd,grd->gr", a, out)[..., None]      # dO_i·o_i / d_i
+        dw = a @ vb.T - ao                                    # dW on every pair
+        # dv: the low-rank part over every key, then the correction on S
+        fa = fqb * rescale                                    # φ(x_i) e^{-t_i}
+        dv[b, hk] += fk[b, hk] @ head_summed_product(fa, a) \
+            + head_summed_product(delta, a)
+        # the exact part on S
+        dsk = np.where(keep, dw * exact, 0.0)
+        dx[b, hs, rs] += dsk @ y[b, hk]
+        dy[b, hk] += head_summed_product(dsk, x[b, hs, rs])
+        # the low-rank part: over every key, minus on S
+        dw_low = np.where(keep, dw, 0.0) * rescale
+        dfq[b, hs, rs] += (a @ kv_sums[b, hk].swapaxes(-1, -2) - ao * k_sums[b, hk]) \
+            * rescale - dw_low @ fk[b, hk]
+        dfk[b, hk] += vb @ head_summed_product(fa, a).T - (fa * ao).sum(axis=(0, 1)) \
+            - head_summed_product(dw_low, fqb)
+    with np.errstate(over="ignore", invalid="ignore"):
+        dx += stabilized_features_vjp(x, omega, kernel, "row", dfq)
+        dy += stabilized_features_vjp(y, omega, kernel, "global", dfk)
+    r = np.sqrt(abs(s))
+    dq, dk = dx * r, dy * (np.copysign(r, s) if s != 0 else 0.0)
+    return {"q": pb.input_gradient(dq, shapes["q"]),
+            "k": pb.input_gradient(dk, shapes["k"]),
+            "v": pb.input_gradient(dv, shapes["v"])}
+
+
+attach(scatterbrain_attention, implied=scatterbrain_attention_matrix,
+       vjp=scatterbrain_attention_vjp)

@@ -72,3 +72,11 @@ __all__ = ["SegmentMemoryState", "compress_memory", "compressive_attention",
            "persistent_memory_attention", "persistent_memory_attention_matrix",
            "random_memory", "transformer_xl_attention", "transformer_xl_attention_matrix",
            "transformer_xl_init_state", "transformer_xl_mask", "transformer_xl_step"]
+
+# gradients (refattn.vjp finds them through the registry)
+from .transformer_xl import transformer_xl_attention_vjp
+from .compressive import compressive_attention_vjp
+from .persistent import persistent_memory_attention_vjp
+from .knn import knn_memory_attention_vjp
+__all__ += ["transformer_xl_attention_vjp", "compressive_attention_vjp",
+            "persistent_memory_attention_vjp", "knn_memory_attention_vjp"]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._core.backward import head_summed_product
 from .._core.checks import (check_int, check_memory, resolve_rng, resolve_scale,
                             resolve_softcap)
 from .._core.logits import make_logits
@@ -85,6 +86,59 @@ def _compress(x, rate, kind, w):
     if kind == "kernel":
         return np.einsum("...urf,r->...uf", groups, w)
     return np.einsum("...uri,oir->...uo", groups, w)
+
+
+def _compress_vjp(x, rate, kind, w, dslots):
+    """The gradients ``(dx, dw)`` of ``_compress(x, rate, kind, w)`` for the slot
+    cotangent ``dslots (..., U, F_out)``: ``"mean"`` spreads ``dslot / c`` over the group;
+    ``"max"`` gives it to each channel's arg-max (ties to the first); a ``(c,)`` kernel
+    gives ``w_r dslot`` to the group's ``r``-th token and ``dw_r = Σ x_{uc+r} · dslot_u``;
+    Conv1d weights ``W (o, i, r)`` give ``Σ_o W_{oir} dslot_{uo}`` and
+    ``dW_{oir} = Σ_u dslot_{uo} x_{uc+r, i}``. ``dw`` is None for the pools."""
+    units = dslots.shape[-2]
+    groups = x[..., :units * rate, :].reshape(x.shape[:-2] + (units, rate, x.shape[-1]))
+    flat_g, flat_d = groups.reshape((-1,) + groups.shape[-2:]), dslots.reshape(
+        (-1, dslots.shape[-1]))                  # every (batch, head, slot) as one axis
+    dw = None
+    if kind == "mean":
+        dg = np.broadcast_to(dslots[..., None, :] / rate, groups.shape)
+    elif kind == "max":
+        dg = np.zeros(groups.shape)
+        arg = groups.argmax(axis=-2)[..., None, :]
+        np.put_along_axis(dg, arg, dslots[..., None, :], axis=-2)
+    elif kind == "kernel":
+        dg = dslots[..., None, :] * w[:, None]
+        dw = np.einsum("urf,uf->r", flat_g, flat_d)
+    else:
+        dg = np.einsum("...uo,oir->...uri", dslots, w)
+        dw = np.einsum("uo,uri->oir", flat_d, flat_g)
+    dx = np.zeros(x.shape)
+    dx[..., :units * rate, :] = dg.reshape(x.shape[:-2] + (units * rate, x.shape[-1]))
+    return dx, dw
+
+
+def _softmax_grads(p, vals, do, dlse):
+    """The backward of one softmax block ``O = P · vals``: ``p (G, r, L)`` the
+    probabilities (empty rows 0), ``vals (L, Dv)``, ``do (G, r, Dv)``, ``dlse (G, r)`` or
+    None. Returns ``(dS (G, r, L), dvals (L, Dv))`` with ``dS = P ∘ (dO valsᵀ - D)``,
+    ``D = rowsum(dO ∘ O) - dlse`` (the gradient of the final logits) and
+    ``dvals = Σ_g Pᵀ dO``."""
+    delta = np.einsum("grd,grd->gr", do, p @ vals)
+    if dlse is not None:
+        delta -= dlse
+    ds = do @ vals.T
+    ds -= delta[..., None]
+    ds *= p
+    return ds, head_summed_product(p, do)
+
+
+def _softcap_derivative(s, softcap):
+    """``d softcap(x) / dx = 1 - tanh²(x / c)`` from the capped logits ``s`` (0 where
+    ``s`` is ``-inf``), or None without a softcap."""
+    if softcap is None:
+        return None
+    t = s / softcap
+    return np.where(np.isfinite(s), 1.0 - t * t, 0.0)
 
 
 def _compressive_params(segment_len, mem_len, cmem_len, rate):

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int
+from .._core.backward import head_summed_product
+from .._core.checks import check_cotangent, check_int
+from .._core.logits import make_logits
+from .._core.problem import prepare_qkv
+from .._core.softmax import normalize_rows
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
-from ._common import (SegmentMemoryState, _compress, _resolve_compress, _segment_attention,
-                      _segment_init, _segment_step)
+from ._common import (SegmentMemoryState, _compress, _compress_vjp, _compressive_params,
+                      _resolve_compress, _segment_attention, _segment_blocks, _segment_init,
+                      _segment_step, _softcap_derivative, _softmax_grads)
 
 __all__ = ["compress_memory", "compressive_attention", "compressive_attention_matrix",
-           "compressive_init_state", "compressive_step"]
+           "compressive_attention_vjp", "compressive_init_state", "compressive_step"]
 
 
 def compress_memory(x, rate, compress="mean"):
@@ -190,5 +195,101 @@ def compressive_step(state: SegmentMemoryState, q_t, k_t, v_t):
     return _segment_step(state, q_t, k_t, v_t)
 
 
+def compressive_attention_vjp(q, k, v, grad_out, *, segment_len, mem_len, cmem_len, rate,
+                              compress="mean", grad_lse=None, causal=False, scale=None,
+                              softcap=None, check_finite=True):
+    r"""Gradients of :func:`compressive_attention`: ``{"q", "k", "v"}`` in the inputs'
+    shapes, and ``"compress"`` when the compression has weights: the ``(rate,)`` kernel's
+    gradient (summed over its use on keys and on values), or the pair
+    ``(dW_k, dW_v)`` of the Conv1d weights' gradients.
+
+    Per segment, the softmax over ``[slots; memory; segment]`` is differentiated as in
+    FlashAttention-2 (Dao 2023, §3.1): with ``P`` the probabilities, ``O`` the output,
+    ``dO`` (``grad_out``, ``(..., Hq, N, Dv)``) and ``dlse`` (``grad_lse``,
+    ``(..., Hq, N)``),
+
+    .. math:: D_i = \textstyle\sum_d dO_{id} O_{id} - dlse_i, \quad
+              dS = P \circ (dO\, [\bar V; V]^\top - D) \circ \sigma', \quad
+              dQ = s\, dS\, [\bar K; K], \quad
+              [d\bar K; dK] \mathrel{+}= s\, dS^\top Q, \quad
+              [d\bar V; dV] \mathrel{+}= P^\top dO,
+
+    (``σ' = 1 - tanh²(x / softcap)``, 1 without a softcap), summed over the segments
+    that see a slot or key and over the query heads of a group (GQA). The slot gradients
+    then flow back through the compression (:func:`compress_memory`): ``"mean"``:
+    ``dk_{uc+r} += d\bar k_u / c``; ``"max"``: to each channel's arg-max in the group
+    (the first on ties, as PyTorch's ``max_pool1d``); a kernel ``w``:
+    ``dk_{uc+r} += w_r d\bar k_u`` and ``dw_r = Σ_u k_{uc+r} · d\bar k_u`` (plus the
+    values'); Conv1d weights ``W``: ``dk_{uc+r,i} += Σ_o W_{oir} d\bar k_{uo}``,
+    ``dW_{oir} = Σ_u d\bar k_{uo} k_{uc+r,i}``. The memory is not detached: its
+    gradient is that of ``k``, ``v`` (the paper stops it, ``SG``; drop those terms to
+    match). Working memory: one segment's logits at a time, as the forward.
+
+    >>> import numpy as np
+    >>> from refattn.memory.compressive import compressive_attention_vjp
+    >>> q, k, v = np.random.default_rng(2).standard_normal((3, 1, 8, 4))
+    >>> params = dict(segment_len=2, mem_len=2, cmem_len=2, rate=2, compress=np.ones(2))
+    >>> g = compressive_attention_vjp(q, k, v, np.ones((1, 8, 4)), **params)
+    >>> sorted(g), g["compress"].shape
+    (['compress', 'k', 'q', 'v'], (2,))
+    """
+    segment_len, mem_len, cmem_len, rate = _compressive_params(segment_len, mem_len,
+                                                               cmem_len, rate)
+    shapes = tuple(np.shape(x) for x in (q, k, v))
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    kind, w_k, w_v = _resolve_compress(compress, rate, pb.d, pb.dv)
+    logits = make_logits(pb, mask=None, causal=causal, scale=scale, bias=None,
+                         softcap=softcap, check_finite=check_finite)
+    lead = pb.batch_shape + (pb.heads_q, pb.n)
+    do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,), check_finite=check_finite)
+    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    do = do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv)
+    dlse = None if dlse is None else dlse.reshape(pb.batch, pb.heads_q, pb.n)
+    slots, slot_k, slot_v = None, None, None
+    if cmem_len:
+        slot_k, slot_v = _compress(k, rate, kind, w_k), _compress(v, rate, kind, w_v)
+        slots = (slot_k, cmem_len, rate)
+        dslot_k, dslot_v = np.zeros(slot_k.shape), np.zeros(slot_v.shape)
+    q_scaled = q * logits.scale
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b, hk, hs, r0, r1, s, ids, lo, hi in _segment_blocks(q, k, pb, logits, segment_len,
+                                                             mem_len, slots):
+        chain = _softcap_derivative(s, logits.softcap)
+        normalize_rows(s)
+        keys, vals = k[b, hk, lo:hi], v[b, hk, lo:hi]
+        if slots is not None:
+            keys = np.concatenate([slot_k[b, hk, ids], keys])
+            vals = np.concatenate([slot_v[b, hk, ids], vals])
+        ds, dvals = _softmax_grads(s, vals, do[b, hs, r0:r1],
+                                   None if dlse is None else dlse[b, hs, r0:r1])
+        if chain is not None:
+            ds *= chain
+        dq[b, hs, r0:r1] = (ds @ keys) * logits.scale
+        dkeys = head_summed_product(ds, q_scaled[b, hs, r0:r1])
+        nc = len(ids)
+        dk[b, hk, lo:hi] += dkeys[nc:]
+        dv[b, hk, lo:hi] += dvals[nc:]
+        if nc:
+            dslot_k[b, hk, ids] += dkeys[:nc]
+            dslot_v[b, hk, ids] += dvals[:nc]
+    grads = {}
+    if cmem_len:
+        pulled_k, dw_k = _compress_vjp(k, rate, kind, w_k, dslot_k)
+        pulled_v, dw_v = _compress_vjp(v, rate, kind, w_v, dslot_v)
+        dk += pulled_k
+        dv += pulled_v
+    else:
+        dw_k = None if w_k is None else np.zeros(w_k.shape)
+        dw_v = None if w_v is None else np.zeros(w_v.shape)
+    grads.update((name, pb.input_gradient(g, shape))
+                 for name, g, shape in zip("qkv", (dq, dk, dv), shapes))
+    if kind == "kernel":
+        grads["compress"] = dw_k + dw_v
+    elif kind == "conv":
+        grads["compress"] = (dw_k, dw_v)
+    return grads
+
+
 attach(compressive_attention, implied=compressive_attention_matrix,
-       init_state=compressive_init_state, step=compressive_step)
+       init_state=compressive_init_state, step=compressive_step,
+       vjp=compressive_attention_vjp)

@@ -8,15 +8,20 @@ from __future__ import annotations
 import numpy as np
 
 from .. import masks as _masks
-from .._core.checks import check_bool, check_int
+from .._core.backward import head_summed_product
+from .._core.checks import (check_bool, check_cotangent, check_int, resolve_scale,
+                            resolve_softcap)
 from .._core.problem import prepare_qkv
-from .._core.select import topk_keep
+from .._core.select import block_rows, topk_keep
 from .._core.softmax import normalize_rows
 from ..boundary.arrays import to_float64
-from ..registry import register
-from ._common import _memory_slots, _slot_logits, _softcap
+from ..exact.dense import attention_vjp
+from ..registry import attach, register
+from ._common import (_memory_slots, _slot_logits, _softcap, _softcap_derivative,
+                      _softmax_grads)
 
-__all__ = ["knn_memory_attention", "knn_memory_attention_matrix"]
+__all__ = ["knn_memory_attention", "knn_memory_attention_matrix",
+           "knn_memory_attention_vjp"]
 
 
 def _check_gate(gate, heads_q):
@@ -30,6 +35,17 @@ def _check_gate(gate, heads_q):
     return np.broadcast_to(g, (heads_q,))
 
 
+def _local_mask(local_window, mask, pb):
+    """The mask of the local attention (beside ``causal``): the window and ``mask``."""
+    local = None
+    if local_window is not None:
+        local = _masks.sliding_window(check_int("local_window", local_window, minimum=0))
+    if mask is not None:
+        user = _masks.as_mask(mask, pb.batch_shape)
+        local = user if local is None else local & user
+    return local
+
+
 def _knn_parts(q, k, v, *, mem_k, mem_v, num_slots, rng, topk, gate, local_window, mask,
                scale, bias, softcap, check_finite, memory_budget, what):
     """Yield ``(b, hs, p_mem, p_loc, vm, vl, gate)`` per (batch, KV head) with the
@@ -38,12 +54,7 @@ def _knn_parts(q, k, v, *, mem_k, mem_v, num_slots, rng, topk, gate, local_windo
     topk = check_int("topk", topk, minimum=1, context=" (store keys retrieved per query)")
     g = _check_gate(gate, pb.heads_q)
     mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None)
-    local = None
-    if local_window is not None:
-        local = _masks.sliding_window(check_int("local_window", local_window, minimum=0))
-    if mask is not None:
-        user = _masks.as_mask(mask, pb.batch_shape)
-        local = user if local is None else local & user
+    local = _local_mask(local_window, mask, pb)
     logits, q_scaled, rows, cols = _slot_logits(
         q, pb, mk, mask=local, causal=True, scale=scale, bias=bias, softcap=softcap,
         check_finite=check_finite, memory_budget=memory_budget, what=what)
@@ -170,3 +181,83 @@ def knn_memory_attention_matrix(q, k, *, mem_k=None, num_slots=None, rng=None, t
         probs[b, hs, :, :size] = g * p_mem
         probs[b, hs, :, size:] = (1.0 - g) * p_loc
     return pb.unflatten(probs)
+
+
+def knn_memory_attention_vjp(q, k, v, grad_out, *, mem_k=None, mem_v=None, num_slots=None,
+                             rng=None, topk, gate, local_window=None, mask=None,
+                             causal=False, scale=None, bias=None, softcap=None,
+                             check_finite=True, memory_budget=None):
+    r"""Gradients of :func:`knn_memory_attention`: ``{"q", "k", "v"}``, ``"bias"`` for
+    an array bias or a relative-position table, and ``"mem_k"``, ``"mem_v"`` when the
+    store is given as arrays (each in its input's shape; random slots drawn with
+    ``num_slots`` are constants and get none). The gate ``g`` is a given number: no
+    gradient.
+
+    **The retrieval is held fixed**: the top-``k`` entries ``T_i`` are a discrete
+    choice, differentiated as implementations train them. (Wu et al. do not
+    backpropagate into the external memory at all; ``mem_k``/``mem_v`` gradients are
+    given for stores that are learned, drop them to match the paper.) With ``dO`` the
+    cotangent (``grad_out``, ``(..., Hq, N, Dv)``), the two softmaxes are
+    differentiated apart:
+
+    .. math:: dO^{mem} = g\, dO, \quad dO^{loc} = (1 - g)\, dO, \quad
+              dS^{mem} = P^{mem} \circ (dO^{mem} M_v^\top - D^{mem}) \circ \sigma',
+              \quad D^{mem}_i = \textstyle\sum_d dO^{mem}_{id} o^{mem}_{id}, \\
+              dQ = s\, dS^{mem} M_k + dQ^{loc}, \quad dM_k = s\, dS^{mem\top} Q,
+              \quad dM_v = P^{mem\top} dO^{mem},
+
+    ``σ' = 1 - tanh²(x / softcap)``; ``dQ^{loc}``, ``dK``, ``dV`` (and the bias) are
+    those of the local causal attention for ``dO^{loc}``
+    (``refattn.vjp("attention", ...)``). A KV head's (and its store's) gradients sum
+    over its query heads. Working memory: blocks of query rows.
+
+    >>> import numpy as np, refattn as ra
+    >>> from refattn.memory.knn import knn_memory_attention_vjp
+    >>> rng = np.random.default_rng(6)
+    >>> q, k, v = rng.standard_normal((3, 1, 5, 4))
+    >>> mk, mv = rng.standard_normal((2, 1, 20, 4))
+    >>> do = rng.standard_normal((1, 5, 4))
+    >>> g = knn_memory_attention_vjp(q, k, v, do, mem_k=mk, mem_v=mv, topk=20, gate=0.25)
+    >>> ref = ra.vjp("attention", q, mk, mv, 0.25 * do)      # topk = S: all the store
+    >>> bool(np.allclose(g["mem_k"], ref["k"])), bool(np.allclose(g["mem_v"], ref["v"]))
+    (True, True)
+    """
+    shapes = (np.shape(q), np.shape(k), np.shape(v))
+    q_flat, _, _, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    topk = check_int("topk", topk, minimum=1, context=" (store keys retrieved per query)")
+    g = _check_gate(gate, pb.heads_q)
+    where = "knn_memory_attention_vjp"
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, where)
+    local = _local_mask(local_window, mask, pb)
+    check_bool("causal", causal)
+    s, cap = resolve_scale(scale, pb.d), resolve_softcap(softcap)
+    do = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
+                         check_finite=check_finite)
+    gate_rows = g[:, None, None]
+    grads = attention_vjp(q, k, v, (1.0 - gate_rows) * do, mask=local, causal=True,
+                          scale=scale, bias=bias, softcap=softcap,
+                          check_finite=check_finite)
+    do_mem = (gate_rows * do).reshape(pb.batch, pb.heads_q, pb.n, pb.dv)
+    dq = np.zeros(q_flat.shape)
+    dmk, dmv = np.zeros(mk.shape), np.zeros(mv.shape)
+    for b, hk, hs, rs in pb.query_blocks(block_rows(None, pb.group, pb.n, mk.shape[-2])):
+        qb = q_flat[b, hs, rs]
+        dot = qb @ mk[b, hk].T                                  # retrieval scores
+        s_mem = _softcap(dot * s, cap)
+        chain = _softcap_derivative(s_mem, cap)
+        s_mem[~topk_keep(dot, topk)] = -np.inf
+        normalize_rows(s_mem)
+        ds, dmv_b = _softmax_grads(s_mem, mv[b, hk], do_mem[b, hs, rs], None)
+        if chain is not None:
+            ds *= chain
+        dq[b, hs, rs] = (ds @ mk[b, hk]) * s
+        dmk[b, hk] += head_summed_product(ds, qb) * s
+        dmv[b, hk] += dmv_b
+    grads["q"] = grads["q"] + pb.input_gradient(dq, shapes[0])
+    if num_slots is None:
+        grads["mem_k"] = pb.input_gradient(dmk, np.shape(mem_k))
+        grads["mem_v"] = pb.input_gradient(dmv, np.shape(mem_v))
+    return grads
+
+
+attach(knn_memory_attention, vjp=knn_memory_attention_vjp)

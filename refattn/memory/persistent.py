@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._core.backward import head_summed_product, softmax_backward
 from .._core.problem import prepare_qkv
+from .._core.select import block_rows
 from .._core.softmax import finish_rows, normalize_rows, softmax_rows
-from ..registry import register
-from ._common import _memory_slots, _slot_logits, _softcap
+from ..registry import attach, register
+from ._common import (_memory_slots, _slot_logits, _softcap, _softcap_derivative,
+                      _softmax_grads)
 
-__all__ = ["persistent_memory_attention", "persistent_memory_attention_matrix"]
+__all__ = ["persistent_memory_attention", "persistent_memory_attention_matrix",
+           "persistent_memory_attention_vjp"]
 
 
 def _persistent_blocks(q, k, v, *, mem_k, mem_v, num_slots, rng, mask, causal, scale,
@@ -131,3 +135,80 @@ def persistent_memory_attention_matrix(q, k, *, mem_k=None, num_slots=None, rng=
         normalize_rows(s)
         probs[b, hs] = s
     return pb.unflatten(probs)
+
+
+def persistent_memory_attention_vjp(q, k, v, grad_out, *, grad_lse=None, mem_k=None,
+                                    mem_v=None, num_slots=None, rng=None, mask=None,
+                                    causal=False, scale=None, bias=None, softcap=None,
+                                    check_finite=True, memory_budget=None):
+    r"""Gradients of :func:`persistent_memory_attention`: ``{"q", "k", "v"}``, ``"bias"``
+    for an array bias or a relative-position table (as
+    ``refattn.vjp("attention", ...)``), and ``"mem_k"``, ``"mem_v"`` when the slots are
+    given as arrays (each in its input's shape, summed over the batch dimensions it
+    broadcasts over; random slots drawn with ``num_slots`` are constants and get none).
+
+    The softmax over ``[slots; sequence]`` differentiated as in FlashAttention-2 (Dao
+    2023, §3.1): with ``P = [P_m, P_s]`` the probabilities, ``O`` the output, ``dO``
+    (``grad_out``, ``(..., Hq, N, Dv)``) and ``dlse`` (``grad_lse``, ``(..., Hq, N)``),
+
+    .. math:: D_i = \textstyle\sum_d dO_{id} O_{id} - dlse_i, \quad
+              dS = P \circ (dO\, [M^v; V]^\top - D) \circ \sigma', \quad
+              dQ = s\, dS\, [M^k; K], \\
+              dM^k = s\, dS_m^\top Q, \quad dK = s\, dS_s^\top Q, \quad
+              dM^v = P_m^\top dO, \quad dV = P_s^\top dO,
+
+    ``σ' = 1 - tanh²(x / softcap)`` (1 without a softcap); a KV head's (and its slots')
+    gradients sum over its query heads. The bias gradient is ``dS_s`` before ``σ'``,
+    summed over its broadcast dimensions. Working memory: blocks of query rows
+    (``memory_budget`` is accepted for uniformity).
+
+    >>> import numpy as np
+    >>> from refattn.memory.persistent import persistent_memory_attention_vjp
+    >>> rng = np.random.default_rng(5)
+    >>> q, k, v = rng.standard_normal((3, 2, 6, 4))
+    >>> mk, mv = rng.standard_normal((2, 2, 3, 4))
+    >>> g = persistent_memory_attention_vjp(q, k, v, np.ones((2, 6, 4)), mem_k=mk,
+    ...                                     mem_v=mv, causal=True)
+    >>> sorted(g), bool(np.allclose(g["mem_v"].sum(-2) + g["v"].sum(-2), 6.0))
+    (['k', 'mem_k', 'mem_v', 'q', 'v'], True)
+    """
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap,
+                          check_finite=check_finite)
+    pb, logits, do, dlse, param = bw.pb, bw.logits, bw.do, bw.dlse, bw.parameter
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb,
+                           "persistent_memory_attention_vjp")
+    q, k, v = bw.q, bw.k, bw.v
+    q_scaled, cols, p = q * logits.scale, np.arange(pb.m), mk.shape[-2]
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    dmk, dmv = np.zeros(mk.shape), np.zeros(mv.shape)
+    for b, hk, hs, rs in pb.query_blocks(block_rows(None, pb.group, pb.n, pb.m + p)):
+        heads, rows = np.arange(hs.start, hs.stop), np.arange(rs.start, rs.stop)
+        qb = q_scaled[b, hs, rs]
+        seq, chain = logits.block(qb, k[b, hk], b, heads, rows, cols, derivative=True)
+        slot = _softcap(qb @ mk[b, hk].T, logits.softcap)
+        slot_chain = _softcap_derivative(slot, logits.softcap)
+        s = np.concatenate([slot, seq], axis=-1)
+        normalize_rows(s)
+        ds, dvals = _softmax_grads(s, np.concatenate([mv[b, hk], v[b, hk]]), do[b, hs, rs],
+                                   None if dlse is None else dlse[b, hs, rs])
+        ds_m, ds_s = ds[..., :p], ds[..., p:]
+        if param is not None:
+            param[1](param[0], ds_s, b, heads, rows, cols, pb.n, pb.m)
+        if chain is not None:
+            ds_s *= chain
+        if slot_chain is not None:
+            ds_m *= slot_chain
+        dq[b, hs, rs] = (ds_m @ mk[b, hk] + ds_s @ k[b, hk]) * logits.scale
+        dmk[b, hk] += head_summed_product(ds_m, qb)
+        dk[b, hk] += head_summed_product(ds_s, qb)
+        dmv[b, hk] += dvals[:p]
+        dv[b, hk] += dvals[p:]
+    grads = bw.gradients(dq, dk, dv)
+    if num_slots is None:
+        grads["mem_k"] = pb.input_gradient(dmk, np.shape(mem_k))
+        grads["mem_v"] = pb.input_gradient(dmv, np.shape(mem_v))
+    return grads
+
+
+attach(persistent_memory_attention, vjp=persistent_memory_attention_vjp)

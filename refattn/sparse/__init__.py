@@ -26,3 +26,14 @@ __all__ = ["GATHER_BLOCK_Q", "GATHER_COST_RATIO", "SPARSE_BLOCK", "bigbird_atten
            "routing_clusters", "DEFAULT_CHUNK_SIZE", "SELF_LOGIT", "lsh_attention",
            "lsh_attention_matrix", "lsh_buckets", "ChunkState", "chunked_attention",
            "chunked_init_state", "chunked_step", "reversible"]
+
+# gradients (refattn.vjp finds them through the registry)
+from .engine import sparse_attention_vjp
+from .topk import topk_attention_vjp
+from .clustered import (clustered_attention_vjp, improved_clustered_attention_vjp,
+                        routing_attention_vjp)
+from .lsh import lsh_attention_vjp
+from .chunked import chunked_attention_vjp
+__all__ += ["sparse_attention_vjp", "topk_attention_vjp", "clustered_attention_vjp",
+            "improved_clustered_attention_vjp", "routing_attention_vjp",
+            "lsh_attention_vjp", "chunked_attention_vjp"]

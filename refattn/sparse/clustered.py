@@ -41,110 +41,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, resolve_rng
-from .._core.kmeans import kmeans
+from .._core.backward import head_summed_product, softmax_backward
+from .._core.checks import check_int
 from .._core.problem import prepare_qkv
-from .._core.select import topk_keep
+from .._core.select import block_rows, topk_keep
 from .._core.softmax import normalize_rows
 from ..registry import attach, register
 from ._common import logit_blocks
+from .clusters import (_check_clustering, _query_kmeans, _router, _seen, query_clusters,
+                       routing_clusters)
 
 __all__ = ["routing_attention", "routing_attention_matrix", "routing_clusters",
            "clustered_attention", "clustered_attention_matrix",
            "improved_clustered_attention", "improved_clustered_attention_matrix",
-           "query_clusters"]
-
-
-# ------------------------------------------------------------------------ k-means
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` scaled to unit length; zero rows stay zero."""
-    norm = np.sqrt(np.einsum("...d,...d->...", x, x))[..., None]
-    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-
-
-def _seen(pb, *names) -> str:
-    """The shapes of ``q``/``k`` as the caller passed them (batch dims broadcast)."""
-    shapes = {"q": (pb.heads_q, pb.n, pb.d), "k": (pb.heads_kv, pb.m, pb.d)}
-    return ", ".join(f"{x} {pb.batch_shape + shapes[x]}" for x in names)
-
-
-def _check_clustering(n_clusters, n_iters, rng, where: str):
-    return (check_int("n_clusters", n_clusters, minimum=1, context=where),
-            check_int("n_iters", n_iters, minimum=0), resolve_rng(rng, "k-means clustering"))
-
-
-def _routing_kmeans(q, k, pb, n_clusters, n_iters, gen):
-    """Spherical k-means of each query head's unit queries together with the unit keys
-    of its KV head. Returns ``q_assign (B, Hq, N)``, ``k_assign (B, Hq, M)``,
-    ``centroids (B, Hq, C, D)`` and the unit queries."""
-    qu, ku = _unit(q), _unit(k)
-    c = min(n_clusters, pb.n + pb.m)
-    qa = np.zeros((pb.batch, pb.heads_q, pb.n), np.int64)
-    ka = np.zeros((pb.batch, pb.heads_q, pb.m), np.int64)
-    cent = np.zeros((pb.batch, pb.heads_q, c, pb.d))
-    for b in range(pb.batch):
-        for h in range(pb.heads_q):
-            points = np.concatenate([qu[b, h], ku[b, h // pb.group]])
-            cent[b, h], assign = kmeans(points, n_clusters, n_iters, gen, spherical=True)
-            qa[b, h], ka[b, h] = assign[:pb.n], assign[pb.n:]
-    return qa, ka, cent, qu
-
-
-def _query_kmeans(q, pb, n_clusters, n_iters, gen):
-    """Euclidean k-means of each query head's queries: ``assign (B, Hq, N)`` and the
-    cluster means ``(B, Hq, C, D)``."""
-    c = min(n_clusters, pb.n)
-    qa = np.zeros((pb.batch, pb.heads_q, pb.n), np.int64)
-    cent = np.zeros((pb.batch, pb.heads_q, c, pb.d))
-    for b in range(pb.batch):
-        for h in range(pb.heads_q):
-            cent[b, h], qa[b, h] = kmeans(q[b, h], n_clusters, n_iters, gen,
-                                           spherical=False)
-    return qa, cent
-
-
-def routing_clusters(q, k, *, n_clusters, n_iters=10, rng, check_finite=True):
-    """The clusters :func:`routing_attention` routes with (same arguments, same ``rng``).
-
-    Returns ``(q_clusters, k_clusters, centroids)``: int64 ``(..., Hq, N)`` and
-    ``(..., Hq, M)`` cluster indices, and the unit centroids ``(..., Hq, C, D)`` with
-    ``C = min(n_clusters, N + M)``. With GQA each query head clusters its own queries
-    with the keys of its KV head, so ``k_clusters`` has one row per *query* head. Equal
-    to what :func:`routing_attention` uses when ``q`` and ``k`` already have the full
-    batch shape (clusterings are drawn per element of the broadcast batch).
-
-    >>> import numpy as np, refattn as ra
-    >>> q = k = np.array([[[1.0, 0.1], [0.9, -0.1], [-1.0, 0.2], [-1.1, 0.0]]])
-    >>> qc, kc, cent = ra.sparse.routing_clusters(q, k, n_clusters=2, rng=0)
-    >>> bool((qc == kc).all()), bool(qc[0, 0] == qc[0, 1] != qc[0, 2] == qc[0, 3])
-    (True, True)
-    """
-    q, k, _, pb = prepare_qkv(q, k, None, check_finite=check_finite, need_v=False)
-    n_clusters, n_iters, gen = _check_clustering(
-        n_clusters, n_iters, rng, f" (clusters of queries and keys; {_seen(pb, 'q', 'k')})")
-    qa, ka, cent, _ = _routing_kmeans(q, k, pb, n_clusters, n_iters, gen)
-    return pb.unflatten(qa, ka, cent)
-
-
-def query_clusters(q, *, n_clusters, n_iters=10, rng, check_finite=True):
-    """The query clusters of :func:`clustered_attention` (same arguments and ``rng``).
-
-    Returns ``(clusters, centroids)``: int64 ``(..., Hq, N)`` cluster indices and the
-    centroids ``(..., Hq, C, D)``, ``C = min(n_clusters, N)``, each the mean of its
-    cluster's queries (Euclidean k-means, k-means++ init). Equal to what the clustered
-    attentions use when ``q`` has the full broadcast batch shape of ``q, k, v``.
-
-    >>> import numpy as np, refattn as ra
-    >>> q = np.array([[[0.0, 0.0], [0.0, 1.0], [10.0, 10.0], [10.0, 11.0]]])
-    >>> clusters, centroids = ra.sparse.query_clusters(q, n_clusters=2, rng=0)
-    >>> sorted(map(tuple, centroids[0].tolist()))
-    [(0.0, 0.5), (10.0, 10.5)]
-    """
-    qf, _, _, pb = prepare_qkv(q, q, None, check_finite=check_finite, need_v=False)
-    n_clusters, n_iters, gen = _check_clustering(
-        n_clusters, n_iters, rng, f" (clusters of queries; {_seen(pb, 'q')})")
-    qa, cent = _query_kmeans(qf, pb, n_clusters, n_iters, gen)
-    return pb.unflatten(qa, cent)
+           "query_clusters", "routing_attention_vjp", "clustered_attention_vjp",
+           "improved_clustered_attention_vjp"]
 
 
 # ---------------------------------------------------------------- routing attention
@@ -161,30 +72,16 @@ def _routing_blocks(q, k, v, *, n_clusters, n_iters, mask, causal, scale, bias, 
     cols = np.arange(pb.m)
 
     def blocks():             # clusters on the first step, after all validation
-        qa, ka, cent, qu = _routing_kmeans(q, k, pb, n_clusters, n_iters, gen)
+        keep = _router(q, k, pb, n_clusters, n_iters, gen)
         for b in range(pb.batch):
             for h in range(pb.heads_q):
                 hk = h // pb.group
-                key_cluster = ka[b, h]
-                by_cluster = np.argsort(key_cluster, kind="stable")
-                present, starts = np.unique(key_cluster[by_cluster], return_index=True)
                 for r0 in range(0, pb.n, rows_per_block):
                     rs = slice(r0, min(r0 + rows_per_block, pb.n))
                     rows = np.arange(rs.start, rs.stop)
                     s = logits.block(q_scaled[b, h:h + 1, rs], k[b, hk], b, np.array([h]),
                                      rows, cols)[0]
-                    allowed = ~np.isneginf(s)
-                    # Clusters holding at least one key this query may attend to.
-                    avail = np.zeros((len(rows), cent.shape[2]), bool)
-                    if pb.m:
-                        avail[:, present] = np.logical_or.reduceat(
-                            allowed[:, by_cluster], starts, axis=1)
-                    # Own cluster first, then the others by similarity to their centroid.
-                    pref = qu[b, h, rs] @ cent[b, h].T
-                    pref[np.arange(len(rows)), qa[b, h, rs]] = np.inf
-                    pref[~avail] = -np.inf
-                    chosen = pref.argmax(axis=1)
-                    s[~(allowed & (key_cluster[None, :] == chosen[:, None]))] = -np.inf
+                    s[~keep(b, h, rs, s)] = -np.inf
                     lse = normalize_rows(s)
                     yield b, hk, h, rs, s, lse
     return pb, v, blocks()
@@ -282,11 +179,10 @@ def routing_attention_matrix(q, k, *, n_clusters, n_iters=10, mask=None, causal=
 
 
 # -------------------------------------------------------------- clustered attention
-def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale, bias,
-                      softcap, rng, check_finite, block_q):
-    """Validate, cluster the queries, then yield ``(b, hk, head_slice, row_slice, a,
-    lse)`` per KV head and block of rows, ``a`` the ``(G, r, M)`` attention weights
-    (clustered, or i-clustered when ``topk`` is given) and ``lse`` the centroid's."""
+def _clustered_setup(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale, bias,
+                     softcap, rng, check_finite, block_q):
+    """Validate the arguments of the clustered attentions: ``(q, k, v, pb, gen, topk,
+    logits, rows_per_block, q_scaled)`` (``q, k, v`` flat)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     n_clusters, n_iters, gen = _check_clustering(
         n_clusters, n_iters, rng, f" (clusters of queries; {_seen(pb, 'q')})")
@@ -296,10 +192,22 @@ def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale
     logits, rows_per_block, q_scaled = logit_blocks(
         q, pb, block_q, pb.group, mask=mask, causal=causal, scale=scale, bias=bias,
         softcap=softcap, check_finite=check_finite)
+    return q, k, v, pb, (n_clusters, n_iters, gen), topk, logits, rows_per_block, q_scaled
+
+
+def _clustered_blocks(q, k, v, *, n_clusters, n_iters, topk, mask, causal, scale, bias,
+                      softcap, rng, check_finite, block_q):
+    """Validate, cluster the queries, then yield ``(b, hk, head_slice, row_slice, a,
+    lse)`` per KV head and block of rows, ``a`` the ``(G, r, M)`` attention weights
+    (clustered, or i-clustered when ``topk`` is given) and ``lse`` the centroid's."""
+    q, k, v, pb, clustering, topk, logits, rows_per_block, q_scaled = _clustered_setup(
+        q, k, v, n_clusters=n_clusters, n_iters=n_iters, topk=topk, mask=mask,
+        causal=causal, scale=scale, bias=bias, softcap=softcap, rng=rng,
+        check_finite=check_finite, block_q=block_q)
     cols = np.arange(pb.m)
 
     def blocks():             # clusters on the first step, after all validation
-        qa, cent = _query_kmeans(q, pb, n_clusters, n_iters, gen)
+        qa, cent = _query_kmeans(q, pb, *clustering)
         # Each query replaced by its centroid (the mean of its cluster).
         q_cent = np.take_along_axis(cent, qa[..., None], axis=2) * logits.scale
         for b, hk, hs, rs in pb.query_blocks(rows_per_block):
@@ -473,6 +381,230 @@ def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, m
     return _clustered_matrix(pb, blocks, memory_budget, "improved_clustered_attention")
 
 
-attach(routing_attention, implied=routing_attention_matrix)
-attach(clustered_attention, implied=clustered_attention_matrix)
-attach(improved_clustered_attention, implied=improved_clustered_attention_matrix)
+# ------------------------------------------------------------------------ gradients
+def _softmax_rows_vjp(p, dob, vb, dlse):
+    """Backward of ``O = p v`` for the probabilities ``p (G, r, M)`` of a softmax over
+    a fixed set of kept keys (0 elsewhere): ``(dS, dV)`` with
+    ``dS = p ∘ (dO vᵀ - D)``, ``D = rowsum(dO ∘ O) - dlse``, ``dV = Σ_g pᵀ dO``."""
+    delta = np.einsum("gnd,gnd->gn", dob, p @ vb)
+    if dlse is not None:
+        delta -= dlse
+    ds = dob @ vb.T
+    ds -= delta[..., None]
+    ds *= p
+    return ds, head_summed_product(p, dob)
+
+
+def _logit_gradients(ds, chain, bw, b, heads, rows, cols):
+    """``dS`` into the score modifier's parameters (an array bias), then ``dX``: the
+    gradient of the raw logits ``x = scale q·k`` (``dS`` times the softcap/modifier
+    derivative ``chain``)."""
+    if bw.parameter is not None:
+        bw.parameter[1](bw.parameter[0], ds, b, heads, rows, cols, bw.pb.n, bw.pb.m)
+    return ds if chain is None else ds * chain
+
+
+def routing_attention_vjp(q, k, v, grad_out, *, n_clusters, n_iters=10, grad_lse=None,
+                          mask=None, causal=False, scale=None, bias=None, softcap=None,
+                          rng, check_finite=True, block_q=None):
+    r"""Gradients of :func:`routing_attention` with the **clusters held fixed**: the
+    k-means of the unit queries and keys (the same ``rng`` as the forward: pass the same
+    int seed, a ``Generator`` advances) and the cluster each query is routed to are
+    constants, as the Routing Transformer trains them (its centroids are updated by an
+    EMA outside the gradient). The gradient is then that of the softmax over each
+    query's routed keys ``R_i`` (:func:`refattn.exact.dense.attention_vjp`'s equations
+    with ``P`` zero outside ``R_i``):
+
+    .. math:: dV = P^	op dO, \quad dS = P \circ (dO\,V^	op - D), \quad
+              D_i = dO_i \cdot O_i - dlse_i, \quad dQ = 	ext{scale}\; dX\,K, \quad
+              dK = 	ext{scale}\; dX^	op Q
+
+    (``dX = dS ∘ ∂S/∂X`` through softcap and score modifier); keys outside ``R_i`` get
+    nothing from query ``i``, and the normalization used for clustering passes no
+    gradient. ``grad_out (..., Hq, N, Dv)``, ``grad_lse (..., Hq, N)`` (the cotangent
+    of the returned lse) or None. Returns ``{"q", "k", "v"}`` (and ``"bias"`` for an
+    array bias), float64, each in its input's shape (GQA: summed over a KV head's query
+    heads; broadcast dims summed). One query head and ``block_q`` rows at a time, as
+    the forward.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> g = np.ones((1, 6, 4))
+    >>> one = ra.vjp("routing_attention", q, k, v, g, n_clusters=1, causal=True, rng=0)
+    >>> dense = ra.vjp("attention", q, k, v, g, causal=True)
+    >>> all(np.allclose(one[x], dense[x]) for x in "qkv")      # one cluster: exact
+    True
+    """
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap,
+                          check_finite=check_finite)
+    pb, logits = bw.pb, bw.logits
+    n_clusters, n_iters, gen = _check_clustering(
+        n_clusters, n_iters, rng, f" (clusters of queries and keys; {_seen(pb, 'q', 'k')})")
+    rows_per_block = block_rows(block_q, 1, pb.n, pb.m)
+    q_scaled = bw.q * logits.scale
+    keep = _router(bw.q, bw.k, pb, n_clusters, n_iters, gen)
+    dq, dk, dv = np.zeros(bw.q.shape), np.zeros(bw.k.shape), np.zeros(bw.v.shape)
+    cols = np.arange(pb.m)
+    for b in range(pb.batch):
+        for h in range(pb.heads_q):
+            hk, head = h // pb.group, np.array([h])
+            for r0 in range(0, pb.n, rows_per_block):
+                rs = slice(r0, min(r0 + rows_per_block, pb.n))
+                rows = np.arange(rs.start, rs.stop)
+                s, chain = logits.block(q_scaled[b, h:h + 1, rs], bw.k[b, hk], b, head,
+                                        rows, cols, derivative=True)
+                s[0][~keep(b, h, rs, s[0])] = -np.inf
+                normalize_rows(s)
+                ds, dvb = _softmax_rows_vjp(
+                    s, bw.do[b, h:h + 1, rs], bw.v[b, hk],
+                    None if bw.dlse is None else bw.dlse[b, h:h + 1, rs])
+                dv[b, hk] += dvb
+                dx = _logit_gradients(ds, chain, bw, b, head, rows, cols)[0]
+                dq[b, h, rs] = (dx @ bw.k[b, hk]) * logits.scale
+                dk[b, hk] += dx.T @ q_scaled[b, h, rs]
+    return bw.gradients(dq, dk, dv)
+
+
+def _clustered_vjp(q, k, v, grad_out, grad_lse, *, n_clusters, n_iters, topk, mask,
+                   causal, scale, bias, softcap, rng, check_finite, block_q):
+    """The backward of :func:`clustered_attention` (``topk`` None) and of
+    :func:`improved_clustered_attention`; see their VJPs' docstrings."""
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap,
+                          check_finite=check_finite)
+    pb, logits = bw.pb, bw.logits
+    n_clusters, n_iters, gen = _check_clustering(
+        n_clusters, n_iters, rng, f" (clusters of queries; {_seen(pb, 'q')})")
+    if topk is not None:
+        topk = check_int("topk", topk, minimum=1,
+                         context=f" (keys recomputed per query; k has M={pb.m} keys)")
+    rows_per_block = block_rows(block_q, pb.group, pb.n, pb.m)
+    k, v, do, dlse = bw.k, bw.v, bw.do, bw.dlse
+    q_scaled = bw.q * logits.scale
+    qa, cent = _query_kmeans(bw.q, pb, n_clusters, n_iters, gen)
+    q_cent = np.take_along_axis(cent, qa[..., None], axis=2) * logits.scale
+    dq = np.zeros(bw.q.shape)          # through the exact logits (i-clustered)
+    d_cent = np.zeros(bw.q.shape)      # of each query's copy of its centroid
+    dk, dv = np.zeros(k.shape), np.zeros(v.shape)
+    cols = np.arange(pb.m)
+    for b, hk, hs, rs in pb.query_blocks(rows_per_block):
+        heads, rows = np.arange(hs.start, hs.stop), np.arange(rs.start, rs.stop)
+        a, chain = logits.block(q_cent[b, hs, rs], k[b, hk], b, heads, rows, cols,
+                                derivative=True)
+        keep = None if topk is None else topk_keep(a, topk)
+        normalize_rows(a)
+        dob, dl = do[b, hs, rs], None if dlse is None else dlse[b, hs, rs]
+        if keep is None:
+            ds, dvb = _softmax_rows_vjp(a, dob, v[b, hk], dl)
+        else:
+            mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
+            e, chain_e = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads, rows, cols,
+                                      derivative=True)
+            e[~keep] = -np.inf
+            normalize_rows(e)                                # 0 outside T_i
+            weights = np.where(keep, mass * e, a)
+            d_weights = dob @ v[b, hk].T                     # dA = dO Vᵀ
+            dvb = head_summed_product(weights, dob)
+            d_mass = (e * d_weights).sum(axis=-1, keepdims=True)
+            de = mass * d_weights
+            ds_e = e * (de - (e * de).sum(axis=-1, keepdims=True))
+            dx = _logit_gradients(ds_e, chain_e, bw, b, heads, rows, cols)
+            dq[b, hs, rs] += (dx @ k[b, hk]) * logits.scale
+            dk[b, hk] += head_summed_product(dx, q_scaled[b, hs, rs])
+            da = np.where(keep, d_mass, d_weights)           # A^c outside T_i, m̂ on it
+            ds = a * (da - (a * da).sum(axis=-1, keepdims=True))
+            if dl is not None:
+                ds += dl[..., None] * a
+        dv[b, hk] += dvb
+        dx = _logit_gradients(ds, chain, bw, b, heads, rows, cols)
+        d_cent[b, hs, rs] = (dx @ k[b, hk]) * logits.scale
+        dk[b, hk] += head_summed_product(dx, q_cent[b, hs, rs])
+    # A centroid is the mean of its cluster's queries: its gradient, divided by the
+    # cluster's size, goes to every query of the cluster.
+    for b in range(pb.batch):
+        for h in range(pb.heads_q):
+            c = cent.shape[2]
+            sums = np.zeros((c, pb.d))
+            np.add.at(sums, qa[b, h], d_cent[b, h])
+            counts = np.bincount(qa[b, h], minlength=c)
+            dq[b, h] += sums[qa[b, h]] / counts[qa[b, h], None]
+    return bw.gradients(dq, dk, dv)
+
+
+def clustered_attention_vjp(q, k, v, grad_out, *, n_clusters, n_iters=10, grad_lse=None,
+                            mask=None, causal=False, scale=None, bias=None, softcap=None,
+                            rng, check_finite=True, block_q=None):
+    r"""Gradients of :func:`clustered_attention` with the **clusters held fixed** (the
+    k-means assignment of the same ``rng`` as the forward: pass the same int seed; a
+    ``Generator`` advances), as fast-transformers trains it. Each query ``i`` uses the
+    centroid ``q^c = (1/|c|) Σ_{l ∈ c} q_l`` of its cluster ``c = c(i)``, so with
+    ``P_i = softmax(s(q^c, k))`` (mask, causality and bias at query ``i``'s position):
+
+    .. math:: dV = P^	op dO, \quad dS = P \circ (dO\,V^	op - D), \quad
+              D_i = dO_i \cdot O_i - dlse_i, \quad
+              dK = 	ext{scale}\; dX^	op Q^{c}, \
+              \overline{q^c_i} = 	ext{scale}\; dX_i K, \qquad
+              dq_l = rac{1}{|c(l)|} \sum_{i : c(i) = c(l)} \overline{q^c_i}
+
+    (``dX = dS ∘ ∂S/∂X``): the gradient flows through the centroid to every query of
+    the cluster, the assignment itself passes none. ``grad_out (..., Hq, N, Dv)``,
+    ``grad_lse (..., Hq, N)`` (the centroid's lse) or None. Returns ``{"q", "k", "v"}``
+    (and ``"bias"`` for an array bias) in the inputs' shapes.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 5, 4))
+    >>> g = np.ones((1, 5, 4))
+    >>> every = ra.vjp("clustered_attention", q, k, v, g, n_clusters=5, rng=0)
+    >>> all(np.allclose(every[x], ra.vjp("attention", q, k, v, g)[x]) for x in "qkv")
+    True
+    """
+    return _clustered_vjp(q, k, v, grad_out, grad_lse, n_clusters=n_clusters,
+                          n_iters=n_iters, topk=None, mask=mask, causal=causal, scale=scale,
+                          bias=bias, softcap=softcap, rng=rng, check_finite=check_finite,
+                          block_q=block_q)
+
+
+def improved_clustered_attention_vjp(q, k, v, grad_out, *, n_clusters, topk, n_iters=10,
+                                     grad_lse=None, mask=None, causal=False, scale=None,
+                                     bias=None, softcap=None, rng, check_finite=True,
+                                     block_q=None):
+    r"""Gradients of :func:`improved_clustered_attention` with the **clusters and each
+    query's top-k set** ``T_i`` (the ``topk`` keys of largest centroid logit) **held
+    fixed**. With ``A^c_i = softmax(s(q^{c(i)}, k))``, ``m̂_i = Σ_{j∈T_i} A^c_{ij}``,
+    ``E_i = softmax_{T_i}(s(q_i, k))`` and ``A^t`` as in the forward, ``dA = dO Vᵀ``:
+
+    .. math:: dV = (A^t)^	op dO, \quad
+              \overline{m̂}_i = \sum_{j \in T_i} E_{ij}\, dA_{ij}, \quad
+              dS^e_i = E_i \circ (m̂_i dA_i - m̂_i E_i \cdot dA_i), \
+              \overline{A^c_{ij}} = egin{cases} \overline{m̂}_i & j \in T_i \
+              dA_{ij} & j 
+otin T_i \end{cases}, \quad
+              dS^c_i = A^c_i \circ (\overline{A^c_i} - A^c_i \cdot \overline{A^c_i})
+              + dlse_i\, A^c_i ;
+
+    the exact logits give ``dq_i += scale dX^e_i K``, ``dK += scale dX^{eT} Q``, the
+    centroid's logits ``dK += scale dX^{cT} Q^c`` and, through the centroid (the mean
+    of its queries), ``scale dX^c_i K / |c(i)|`` to every query of query ``i``'s
+    cluster (as :func:`clustered_attention_vjp`). ``grad_lse`` is the cotangent of the
+    centroid's lse, which the forward returns. Returns ``{"q", "k", "v"}`` (and
+    ``"bias"``) in the inputs' shapes.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 5, 4))
+    >>> g = np.ones((1, 5, 4))
+    >>> full = ra.vjp("improved_clustered_attention", q, k, v, g, n_clusters=2, topk=5,
+    ...               rng=0)                                  # T_i = every key: exact
+    >>> all(np.allclose(full[x], ra.vjp("attention", q, k, v, g)[x]) for x in "qkv")
+    True
+    """
+    return _clustered_vjp(q, k, v, grad_out, grad_lse, n_clusters=n_clusters,
+                          n_iters=n_iters, topk=topk, mask=mask, causal=causal, scale=scale,
+                          bias=bias, softcap=softcap, rng=rng, check_finite=check_finite,
+                          block_q=block_q)
+
+
+attach(routing_attention, implied=routing_attention_matrix, vjp=routing_attention_vjp)
+attach(clustered_attention, implied=clustered_attention_matrix, vjp=clustered_attention_vjp)
+attach(improved_clustered_attention, implied=improved_clustered_attention_matrix,
+       vjp=improved_clustered_attention_vjp)

@@ -70,13 +70,13 @@ import math
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, resolve_rng, resolve_scale
+from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
 from .._core.problem import prepare_qkv
-from ..boundary.arrays import to_float64
 from ..registry import attach, register
+from .lsh_hash import _check_n_buckets, _hash, _rotations, lsh_buckets
 
-__all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_buckets", "SELF_LOGIT",
-           "DEFAULT_CHUNK_SIZE"]
+__all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_attention_vjp", "lsh_buckets",
+           "SELF_LOGIT", "DEFAULT_CHUNK_SIZE"]
 
 #: The logit a shared-QK token gets for attending to itself (Reformer, Sec. 2).
 SELF_LOGIT = -1e5
@@ -84,69 +84,6 @@ SELF_LOGIT = -1e5
 DEFAULT_CHUNK_SIZE = 64
 #: Working memory, in bytes, that one group of heads may use inside the reference.
 _BLOCK_BYTES = 2**28
-
-
-# --------------------------------------------------------------------------- checks
-def _check_n_buckets(n_buckets):
-    n_buckets = check_int("n_buckets", n_buckets, minimum=2)
-    if n_buckets % 2:
-        raise ValueError(f"n_buckets must be even (angular LSH takes argmax([xR; -xR]) "
-                         f"with R of shape (D, n_buckets/2)), got n_buckets={n_buckets}")
-    return n_buckets
-
-
-def _rotations(rng, n_hashes: int, d: int, n_buckets: int) -> np.ndarray:
-    """``(n_hashes, D, n_buckets // 2)`` standard normal rotations."""
-    return resolve_rng(rng, "LSH hashing").standard_normal((n_hashes, d, n_buckets // 2))
-
-
-def _hash(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
-    """Buckets ``argmax([xR; -xR])`` of ``x (..., L, D)`` for each of the rotations
-    ``rot (R, D, b/2)``: int64 ``(R, ..., L)``."""
-    r, d, half = rot.shape
-    proj = np.matmul(x[None], rot.reshape((r,) + (1,) * (x.ndim - 2) + (d, half)))
-    return np.argmax(np.concatenate([proj, -proj], axis=-1), axis=-1)
-
-
-# --------------------------------------------------------------------------- hash
-def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
-    r"""Angular LSH buckets :math:`h(x) = \arg\max\,[xR; -xR]` (Reformer, Sec. 2).
-
-    Parameters
-    ----------
-    x : array ``(..., L, D)``; every vector ``x[..., l, :]`` is hashed (with the same
-        rotation for all of them).
-    n_buckets : even integer ``b >= 2``; ``R`` has shape ``(D, b/2)``, entries i.i.d.
-        standard normal.
-    rng : int seed or ``numpy.random.Generator`` (advanced by the draw). The rotations are ``rng.standard_normal((n_hashes or 1, D, b // 2))``.
-    n_hashes : ``None`` for one hash, or the number of independent rotations.
-
-    Returns
-    -------
-    int64 ``(..., L)`` in ``[0, b)``, or ``(n_hashes, ..., L)`` when ``n_hashes`` is given.
-    Hashing depends only on the direction of ``x``; a zero vector goes to bucket 0.
-
-    With ``b = 2``, vectors at angle :math:`\theta` collide with probability
-    :math:`1 - \theta/\pi` over the draw of ``R``.
-
-    >>> import numpy as np
-    >>> from refattn.lsh import lsh_buckets
-    >>> x = np.array([[1.0, 0.0], [0.999, 0.01], [-1.0, 0.0]])
-    >>> h = lsh_buckets(x, 2, rng=0, n_hashes=1000)     # 1000 independent hashes
-    >>> h.shape
-    (1000, 3)
-    >>> bool((h[:, 0] != h[:, 2]).all())       # antipodal vectors never collide
-    True
-    >>> float((h[:, 0] == h[:, 1]).mean()) > 0.99
-    True
-    """
-    n_buckets = _check_n_buckets(n_buckets)
-    x = to_float64(x, "x")
-    if x.ndim < 2 or x.shape[-1] == 0:
-        raise ValueError(f"x must have shape (..., L, D) with D >= 1, got shape {x.shape}")
-    rounds = 1 if n_hashes is None else check_int("n_hashes", n_hashes, minimum=1)
-    out = _hash(x, _rotations(rng, rounds, x.shape[-1], n_buckets))
-    return out[0] if n_hashes is None else out
 
 
 # --------------------------------------------------------------------------- core
@@ -326,8 +263,9 @@ def _unsort(x_sorted, qi, n):
     return out
 
 
-def _head_groups(p_total, n_hashes, n, chunk, d, dv):
-    per_head = n_hashes * (-(-n // chunk)) * chunk * (2 * chunk * 5 * 8 + 3 * (d + dv) * 8)
+def _head_groups(p_total, n_hashes, n, chunk, d, dv, copies=5):
+    per_head = n_hashes * (-(-n // chunk)) * chunk * (2 * chunk * copies * 8
+                                                      + 3 * (d + dv) * 8)
     size = max(1, int(_BLOCK_BYTES // max(per_head, 1)))
     return [slice(a, min(a + size, p_total)) for a in range(0, p_total, size)]
 
@@ -529,4 +467,137 @@ if lsh_attention_matrix.__doc__:
     lsh_attention_matrix.__doc__ = lsh_attention_matrix.__doc__ % _COMMON_DOC
 
 
-attach(lsh_attention, implied=lsh_attention_matrix)
+def _keys_from_windows(x, kw, n):
+    """Sum values in key-window layout ``(R, P, nc, 2C, ...)`` (the previous chunk, then
+    the own chunk of each query chunk) onto key positions ``(R, P, N, ...)``: every key
+    lies in two windows (as the own chunk of its chunk and as the previous chunk of the
+    next)."""
+    r_count, p_count, nc, c2 = kw.shape
+    c = c2 // 2
+    acc = np.zeros((r_count, p_count, nc + 1, c) + x.shape[4:])
+    acc[:, :, :-1] += x[:, :, :, :c]
+    acc[:, :, 1:] += x[:, :, :, c:]
+    pos = np.concatenate([kw[:, :, :1, :c], kw[:, :, :, c:]], axis=2)   # sorted keys
+    pos = pos.reshape(r_count, p_count, -1)
+    acc = acc.reshape((r_count, p_count, -1) + x.shape[4:])
+    valid = pos >= 0
+    rr, pp = np.nonzero(valid)[:2]
+    out = np.zeros((r_count, p_count, n) + x.shape[4:])
+    out[rr, pp, pos[valid]] = acc[valid]       # each position once per round
+    return out
+
+
+def lsh_attention_vjp(q, k, v, grad_out, *, n_buckets, n_hashes=1,
+                      chunk_size=DEFAULT_CHUNK_SIZE, shared_qk=False, causal=False,
+                      scale=None, rng=None, buckets=None, grad_lse=None, check_finite=True):
+    r"""Gradients of :func:`lsh_attention` with the **hash buckets held fixed** (drawn
+    from the same ``rng`` as the forward -- pass the same int seed, a ``Generator``
+    advances -- or given as ``buckets``), as Reformer trains: the rotations, the sorted
+    order, the chunks and hence the attended sets :math:`P_i^{(r)}` and the duplicate
+    counts :math:`N_{ij}` are constants. The forward is softmax attention over the union
+    :math:`U_i = igcup_r P_i^{(r)}` (with the own-position key in separate-QK mode)
+    with logits :math:`s_{ij} = 	ext{scale}\; q_i\cdot k_j` (the corrections
+    :math:`-\log N_{ij}` cancel against the :math:`N_{ij}` occurrences), so with
+    :math:`P_{ij} = e^{s_{ij} - 	ext{lse}_i}` on :math:`U_i`:
+
+    .. math:: dV_j = \sum_i P_{ij}\, dO_i, \quad
+              dS_{ij} = P_{ij} (dO_i \cdot v_j - D_i), \quad
+              D_i = dO_i\cdot O_i - dlse_i, \quad
+              dq_i = 	ext{scale} \sum_j dS_{ij} k_j, \quad
+              dk_j = 	ext{scale} \sum_i dS_{ij} q_i,
+
+    computed per round and chunk window as the forward (each occurrence of a pair
+    carries :math:`P_{ij}/N_{ij}`), never forming ``N x N``. **Shared-QK**: the
+    self-pair's logit is the constant :data:`SELF_LOGIT` (its :math:`dS` reaches no
+    input; its weight still gives ``dV``), and the keys are the normalized queries
+    :math:`\hat q_j = q_j / \lVert q_j
+Vert`, so
+    :math:`dq_j \mathrel{+}= (dk_j - \hat q_j (\hat q_j\cdot dk_j)) / \lVert q_j
+Vert`
+    (0 for a zero query); ``k`` is unused and gets a zero gradient (no ``"k"`` entry when
+    ``k`` is None). ``grad_out (..., Hq, N, Dv)``; ``grad_lse (..., Hq, N)`` or None.
+    Returns ``{"q", "k", "v"}`` float64 in the inputs' shapes (GQA: a KV head's
+    gradient sums over its query heads).
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 6, 4))
+    >>> one = np.zeros((2, 1, 6), dtype=int)              # one bucket, one chunk: exact
+    >>> g = ra.vjp("lsh_attention", q, k, v, np.ones((1, 6, 4)), n_buckets=2, n_hashes=2,
+    ...            chunk_size=6, buckets=(one, one))
+    >>> dense = ra.vjp("attention", q, k, v, np.ones((1, 6, 4)))
+    >>> all(np.allclose(g[x], dense[x]) for x in "qkv")
+    True
+    """
+    shapes = {"q": np.shape(q), "k": None if k is None else np.shape(k), "v": np.shape(v)}
+    qf, kf, vf, bq, bk, scale, chunk, pb = _setup(
+        q, k, v, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
+        shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
+        check_finite=check_finite, what="lsh_attention_vjp")
+    p_total, n = pb.batch * pb.heads_q, pb.n
+    lead = pb.batch_shape + (pb.heads_q, n)
+    do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,),
+                         check_finite=check_finite).reshape(p_total, n, pb.dv)
+    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    dlse = None if dlse is None else dlse.reshape(p_total, n)
+    dq, dk, dv = np.zeros(qf.shape), np.zeros(kf.shape), np.zeros(vf.shape)
+    for hs in _head_groups(p_total, bq.shape[0], n, chunk, pb.d, pb.dv, copies=8):
+        qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,
+                                        shared_qk=shared_qk, causal=causal, scale=scale)
+        total, lse_sorted = _round_softmax(s)                # s now holds exp(s - max)
+        lse_r = _unsort(lse_sorted, qi, n)
+        if self_logit is not None:
+            lse_r = np.concatenate([lse_r, self_logit[None]], axis=0)
+        _, w = _combine_weights(lse_r)                        # (parts, P, N)
+        r_count, p_count = s.shape[:2]
+        rr = np.arange(r_count)[:, None, None, None]
+        pidx = np.arange(p_count)[None, :, None, None]
+        qpos, kpos = np.maximum(qi, 0), np.maximum(kw, 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row = np.where(total > 0, w[rr, pidx, qpos] / np.where(total > 0, total, 1), 0)
+        s *= row[..., None]                  # P_ij / N_ij for each occurrence of a pair
+        vg, kg, qg = vf[hs][pidx, kpos], kf[hs][pidx, kpos], qf[hs][pidx, qpos]
+        dog = do[hs][pidx, qpos]                              # (R, P, nc, C, Dv)
+        out = _unsort(np.matmul(s, vg), qi, n).sum(axis=0)    # (P, N, Dv)
+        if self_logit is not None:
+            out += w[-1][..., None] * vf[hs]
+        delta = np.einsum("pnd,pnd->pn", do[hs], out)
+        if dlse is not None:
+            delta -= dlse[hs]
+        dv_win = np.matmul(np.swapaxes(s, -1, -2), dog)       # (R, P, nc, 2C, Dv)
+        ds = np.matmul(dog, np.swapaxes(vg, -1, -2))          # dP, then dS in place
+        ds -= delta[pidx, qpos][..., None]
+        ds *= s
+        del s
+        if shared_qk:                                         # SELF_LOGIT is a constant
+            ds[qi[..., :, None] == kw[..., None, :]] = 0.0
+        dq[hs] += scale * _unsort(np.matmul(ds, kg), qi, n).sum(axis=0)
+        dk[hs] += scale * _keys_from_windows(np.matmul(np.swapaxes(ds, -1, -2), qg), kw,
+                                             n).sum(axis=0)
+        dv[hs] += _keys_from_windows(dv_win, kw, n).sum(axis=0)
+        if self_logit is not None:                            # the own-position part
+            w_self = w[-1]
+            dv[hs] += w_self[..., None] * do[hs]
+            ds_self = w_self * (np.einsum("pnd,pnd->pn", do[hs], vf[hs]) - delta)
+            dq[hs] += scale * ds_self[..., None] * kf[hs]
+            dk[hs] += scale * ds_self[..., None] * qf[hs]
+    kv_shape = (pb.batch, pb.heads_kv, pb.heads_q // pb.heads_kv, n)
+    grad_v = dv.reshape(kv_shape + (pb.dv,)).sum(axis=2)
+    grads = {}
+    if shared_qk:                        # keys are the normalized queries
+        norm = np.sqrt(np.einsum("pnd,pnd->pn", qf, qf))[..., None]
+        radial = np.einsum("pnd,pnd->pn", kf, dk)[..., None] * kf
+        dq += np.divide(dk - radial, norm, out=np.zeros_like(dk), where=norm > 0)
+        grads["q"] = pb.input_gradient(dq.reshape(pb.batch, pb.heads_q, n, pb.d),
+                                       shapes["q"])
+        if shapes["k"] is not None:
+            grads["k"] = np.zeros(shapes["k"])
+    else:
+        grads["q"] = pb.input_gradient(dq.reshape(pb.batch, pb.heads_q, n, pb.d),
+                                       shapes["q"])
+        grads["k"] = pb.input_gradient(dk.reshape(kv_shape + (pb.d,)).sum(axis=2),
+                                       shapes["k"])
+    grads["v"] = pb.input_gradient(grad_v, shapes["v"])
+    return grads
+
+
+attach(lsh_attention, implied=lsh_attention_matrix, vjp=lsh_attention_vjp)

@@ -34,8 +34,9 @@ def _pairing(out, grad_out) -> float:
     total = 0.0
     for o, g in zip(outs, grads):
         if g is not None:
-            o = np.asarray(o, dtype=np.float64)
-            total += float(np.sum(np.where(g != 0, g * o, 0.0)))
+            o, g = np.broadcast_arrays(np.asarray(o, dtype=np.float64), g)
+            used = g != 0
+            total += float(np.sum(g[used] * o[used]))
     return total
 
 

@@ -56,3 +56,10 @@ from .drawing import draw_query_pixel
 __all__ = ["draw_query_pixel", "neighborhood_attention", "neighborhood_mask",
            "patch_merging", "shifted_window_attention", "shifted_window_mask",
            "spatial_reduction_attention", "window_attention", "window_mask", "with_global"]
+
+# gradients (refattn.vjp finds them through the registry)
+from .neighborhood import neighborhood_attention_vjp
+from .windows import shifted_window_attention_vjp, window_attention_vjp
+from .spatial_reduction import spatial_reduction_attention_vjp
+__all__ += ["neighborhood_attention_vjp", "shifted_window_attention_vjp",
+            "window_attention_vjp", "spatial_reduction_attention_vjp"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._core.checks import check_cotangent
 from ..exact.dense import attention_probs
-from ..exact.tiled import tiled_attention
+from ..exact.tiled import tiled_attention, tiled_attention_vjp
 from ..registry import attach, register
 from ._common import _Grid, _int_tuple
 
-__all__ = ["spatial_reduction_attention"]
+__all__ = ["spatial_reduction_attention", "spatial_reduction_attention_vjp"]
 
 
 def _pool(x, ratio):
@@ -26,6 +27,20 @@ def _pool(x, ratio):
         x = np.add.reduceat(x, starts, axis=axis) / counts.reshape(
             (-1,) + (1,) * (x.ndim - 1 - axis))
     return x
+
+
+def _pool_vjp(g, ratio, grid):
+    """The adjoint of :func:`_pool`: ``g`` over the pooled grid (last ``len(ratio)``
+    axes before the feature axis) spread back onto ``grid``, each block's gradient
+    divided by its size and given to every token of the block."""
+    nd = len(ratio)
+    for a, (r, length) in enumerate(zip(ratio, grid)):
+        axis = g.ndim - 1 - nd + a
+        block = np.arange(length) // r
+        counts = np.bincount(block).astype(np.float64)
+        g = np.take(g, block, axis=axis) / counts[block].reshape(
+            (-1,) + (1,) * (g.ndim - 1 - axis))
+    return g
 
 
 def _pool_matrix(grid, ratio):
@@ -103,4 +118,55 @@ def spatial_reduction_attention(q, k, v, ratio, *, cls_tokens=None, scale=None,
     return g.finish(out, lse, return_lse)
 
 
-attach(spatial_reduction_attention, implied=_sra_probs)
+def spatial_reduction_attention_vjp(q, k, v, grad_out, *, ratio, cls_tokens=None,
+                                    scale=None, softcap=None, grad_lse=None,
+                                    check_finite=True):
+    r"""Gradients of :func:`spatial_reduction_attention` (no discrete choice: the
+    pooling is linear). With the pooled keys and values :math:`\bar K = \Pi K`,
+    :math:`\bar V = \Pi V` (``Π`` the average pooling over the blocks ``B_j``, a short
+    last block averaging the tokens it has), the softmax backward of
+    :func:`refattn.tiled_attention_vjp` gives ``dq``, :math:`d\bar K`, :math:`d\bar V`,
+    then back through the pooling
+
+    .. math:: dk_u = \frac{d\bar K_{j(u)}}{|B_{j(u)}|}, \qquad
+              dv_u = \frac{d\bar V_{j(u)}}{|B_{j(u)}|}
+
+    (``j(u)`` the block of key token ``u``; ``dK = Πᵀ d\bar K``). ``ratio`` is given by
+    keyword; ``grad_out`` has the grid output's shape ``(..., Hq, *Sq, Dv)``,
+    ``grad_lse`` ``(..., Hq, *Sq)`` or None. Returns ``{"q", "k", "v"}`` float64 in the
+    grids' shapes (GQA and broadcast batch dims summed). ``cls_tokens`` are not
+    supported (``TypeError``). FlashAttention-2's tiled backward: O(block) memory.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 4, 4, 2))
+    >>> g = ra.vjp("spatial_reduction_attention", q, k, v, np.ones((1, 4, 4, 2)), ratio=1)
+    >>> flat = ra.vjp("attention", *(x.reshape(1, 16, 2) for x in (q, k, v)),
+    ...               np.ones((1, 16, 2)))
+    >>> all(np.allclose(g[x], flat[x].reshape(g[x].shape)) for x in "qkv")   # ratio 1
+    True
+    """
+    if cls_tokens is not None:
+        raise TypeError("gradients with cls_tokens are not implemented; differentiate "
+                        "refattn.attention on the flattened sequence with the CLS tokens "
+                        "in front of the pooled keys and values instead")
+    rt = _int_tuple("ratio", ratio, None)
+    nd = len(rt)
+    g = _Grid(q, k, v, nd, check_finite=check_finite, same_grid=False)
+    lead = g.batch + (g.heads_q,) + g.q_grid
+    do = check_cotangent(grad_out, "grad_out", lead + (g.grid_v.shape[-1],),
+                         check_finite=check_finite)
+    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    kp, vp = _pool(g.grid_k, rt), _pool(g.grid_v, rt)
+    pooled_k, pooled_v = kp.shape, vp.shape
+    kp = kp.reshape(kp.shape[:-nd - 1] + (-1, kp.shape[-1]))
+    vp = vp.reshape(vp.shape[:-nd - 1] + (-1, vp.shape[-1]))
+    flat = g.batch + (g.heads_q, -1)
+    grads = tiled_attention_vjp(g.q, kp, vp, do.reshape(flat + (do.shape[-1],)),
+                                grad_lse=None if dlse is None else dlse.reshape(flat),
+                                scale=scale, softcap=softcap, check_finite=check_finite)
+    return {"q": grads["q"].reshape(g.grid_q.shape),
+            "k": _pool_vjp(grads["k"].reshape(pooled_k), rt, g.k_grid),
+            "v": _pool_vjp(grads["v"].reshape(pooled_v), rt, g.k_grid)}
+
+
+attach(spatial_reduction_attention, implied=_sra_probs, vjp=spatial_reduction_attention_vjp)

@@ -1,0 +1,76 @@
+"""Angular locality-sensitive hashing for Reformer LSH attention
+(:mod:`refattn.sparse.lsh`) and Scatterbrain's LSH support: ``h(x) = argmax [xR; -xR]``
+with a standard normal rotation ``R`` (Kitaev et al. 2020, Sec. 2). The buckets are
+discrete choices: the attentions' gradients hold them fixed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._core.checks import check_int, resolve_rng
+from ..boundary.arrays import to_float64
+
+__all__ = ["lsh_buckets"]
+
+
+# --------------------------------------------------------------------------- checks
+def _check_n_buckets(n_buckets):
+    n_buckets = check_int("n_buckets", n_buckets, minimum=2)
+    if n_buckets % 2:
+        raise ValueError(f"n_buckets must be even (angular LSH takes argmax([xR; -xR]) "
+                         f"with R of shape (D, n_buckets/2)), got n_buckets={n_buckets}")
+    return n_buckets
+
+
+def _rotations(rng, n_hashes: int, d: int, n_buckets: int) -> np.ndarray:
+    """``(n_hashes, D, n_buckets // 2)`` standard normal rotations."""
+    return resolve_rng(rng, "LSH hashing").standard_normal((n_hashes, d, n_buckets // 2))
+
+
+def _hash(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
+    """Buckets ``argmax([xR; -xR])`` of ``x (..., L, D)`` for each of the rotations
+    ``rot (R, D, b/2)``: int64 ``(R, ..., L)``."""
+    r, d, half = rot.shape
+    proj = np.matmul(x[None], rot.reshape((r,) + (1,) * (x.ndim - 2) + (d, half)))
+    return np.argmax(np.concatenate([proj, -proj], axis=-1), axis=-1)
+
+
+# --------------------------------------------------------------------------- hash
+def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
+    r"""Angular LSH buckets :math:`h(x) = \arg\max\,[xR; -xR]` (Reformer, Sec. 2).
+
+    Parameters
+    ----------
+    x : array ``(..., L, D)``; every vector ``x[..., l, :]`` is hashed (with the same
+        rotation for all of them).
+    n_buckets : even integer ``b >= 2``; ``R`` has shape ``(D, b/2)``, entries i.i.d.
+        standard normal.
+    rng : int seed or ``numpy.random.Generator`` (advanced by the draw). The rotations are ``rng.standard_normal((n_hashes or 1, D, b // 2))``.
+    n_hashes : ``None`` for one hash, or the number of independent rotations.
+
+    Returns
+    -------
+    int64 ``(..., L)`` in ``[0, b)``, or ``(n_hashes, ..., L)`` when ``n_hashes`` is given.
+    Hashing depends only on the direction of ``x``; a zero vector goes to bucket 0.
+
+    With ``b = 2``, vectors at angle :math:`\theta` collide with probability
+    :math:`1 - \theta/\pi` over the draw of ``R``.
+
+    >>> import numpy as np
+    >>> from refattn.lsh import lsh_buckets
+    >>> x = np.array([[1.0, 0.0], [0.999, 0.01], [-1.0, 0.0]])
+    >>> h = lsh_buckets(x, 2, rng=0, n_hashes=1000)     # 1000 independent hashes
+    >>> h.shape
+    (1000, 3)
+    >>> bool((h[:, 0] != h[:, 2]).all())       # antipodal vectors never collide
+    True
+    >>> float((h[:, 0] == h[:, 1]).mean()) > 0.99
+    True
+    """
+    n_buckets = _check_n_buckets(n_buckets)
+    x = to_float64(x, "x")
+    if x.ndim < 2 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., L, D) with D >= 1, got shape {x.shape}")
+    rounds = 1 if n_hashes is None else check_int("n_hashes", n_hashes, minimum=1)
+    out = _hash(x, _rotations(rng, rounds, x.shape[-1], n_buckets))
+    return out[0] if n_hashes is None else out

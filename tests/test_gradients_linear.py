@@ -346,3 +346,40 @@ def test_performer_bad_grad_out_and_extremes(rng):
 
 def test_performer_vjp_is_registered():
     assert ra.mechanisms()["performer_attention"].vjp is performer_attention_vjp
+
+
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_step_vjp_matches_finite_differences_and_chains_to_the_sequence_vjp(feature_map):
+    from refattn.linear import linear_attention_init_state, linear_attention_step
+    rng = np.random.default_rng(11)
+    n, shape = 6, dict(batch_shape=(2,), heads_q=4, heads_kv=2, d=3, dv=2)
+    q, k, v = rng.standard_normal((2, 4, n, 3)), rng.standard_normal((2, 2, n, 3)), \
+        rng.standard_normal((2, 2, n, 2))
+    g = rng.standard_normal((2, 4, n, 2))
+    states = [linear_attention_init_state(**shape, feature_map=feature_map)]
+    for t in range(n):
+        states.append(linear_attention_step(states[-1], q[..., t, :], k[..., t, :],
+                                            v[..., t, :])[1])
+    st, t = states[3], 3                                   # one step, state and tokens
+    cot = {"s": rng.standard_normal(st.s.shape), "z": rng.standard_normal(st.z.shape)}
+    exact = ra.vjp(linear_attention_step, st, q[..., t, :], k[..., t, :], v[..., t, :],
+                   g[..., t, :], grad_state=cot)
+
+    def step(s, z, q_t, k_t, v_t):
+        out, new = linear_attention_step(st.replace(s=s, z=z), q_t, k_t, v_t)
+        return out, new.s, new.z
+    numeric = numerical_vjp(step, dict(s=st.s, z=st.z, q_t=q[..., t, :], k_t=k[..., t, :],
+                                       v_t=v[..., t, :]), (g[..., t, :], cot["s"], cot["z"]))
+    for name in numeric:
+        mine = exact["state"][name] if name in ("s", "z") else exact[name]
+        assert max_rel_error(mine, numeric[name], normwise=True) <= 1e-7, name
+    grads, carried = {x: np.zeros_like(a) for x, a in zip("qkv", (q, k, v))}, None
+    for t in reversed(range(n)):                           # backpropagation through time
+        res = ra.vjp(linear_attention_step, states[t], q[..., t, :], k[..., t, :],
+                     v[..., t, :], g[..., t, :], grad_state=carried)
+        carried = res["state"]
+        for x in "qkv":
+            grads[x][..., t, :] = res[f"{x}_t"]
+    whole = ra.vjp("linear_attention", q, k, v, g, causal=True, feature_map=feature_map)
+    for x in "qkv":
+        assert max_rel_error(grads[x], whole[x], normwise=True) <= 1e-11, x

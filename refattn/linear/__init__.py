@@ -19,5 +19,6 @@ __all__ = ["FEATURE_MAPS", "LinearAttentionState", "METHODS", "linear_attention"
            "scatterbrain_attention_matrix"]
 
 # gradients (refattn.vjp finds them through the registry)
+from .linear import linear_attention_step_vjp
 from .scatterbrain import scatterbrain_attention_vjp
-__all__ += ["scatterbrain_attention_vjp"]
+__all__ += ["linear_attention_step_vjp", "scatterbrain_attention_vjp"]

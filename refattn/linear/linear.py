@@ -82,7 +82,7 @@ from ..streaming import check_sizes
 from ..gradients import check_cotangent
 from ._common import (METHODS, FeatureState, check_gradients_finite, check_method,
                       feature_attention, feature_attention_matrix, feature_attention_vjp,
-                      input_gradients, read_state, step_tokens)
+                      input_gradients, output_cotangents, read_state, step_tokens)
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
            "linear_attention_step", "linear_attention_vjp", "LinearAttentionState",
@@ -350,17 +350,18 @@ def _check_differentiable(feature_map):
             f"(..., H, L, F), grad_x of x's shape), or use one of {FEATURE_MAPS}")
 
 
-def _feature_map_vjp(feature_map, x, grad_phi, pb, name, check_finite):
-    """``dx = (∂φ(x)/∂x)ᵀ grad_phi`` for flat ``x (B, H, L, D)``."""
+def _feature_map_vjp(feature_map, x, grad_phi, batch_shape, name, check_finite):
+    """``dx = (∂φ(x)/∂x)ᵀ grad_phi`` for ``x (B, H, L, D)`` with the flat batch ``B`` of
+    ``batch_shape`` (a callable map sees the caller's batch dimensions)."""
     if feature_map == "elu":            # φ' = 1 for x > 0, exp(x) otherwise
         return np.where(x > 0, grad_phi, grad_phi * np.exp(np.minimum(x, 0.0)))
     if feature_map == "relu":           # φ' = 1 for x > 0, 0 otherwise
         return np.where(x > 0, grad_phi, 0.0)
     if feature_map == "identity":
         return grad_phi
-    xb = x.reshape(pb.batch_shape + x.shape[1:])
+    xb = x.reshape(tuple(batch_shape) + x.shape[1:])
     label = f"feature_map.vjp({name}, grad_phi)"
-    out = to_float64(feature_map.vjp(xb, grad_phi.reshape(pb.batch_shape + grad_phi.shape[1:])),
+    out = to_float64(feature_map.vjp(xb, grad_phi.reshape(xb.shape[:-1] + grad_phi.shape[-1:])),
                      label, check_finite=check_finite)
     if out.shape != xb.shape:
         raise ValueError(f"{label} must return the shape of {name}, {xb.shape}, got "
@@ -434,10 +435,69 @@ def linear_attention_vjp(q, k, v, grad_out, *, feature_map="elu", causal=False, 
                                              chunk_size=chunk_size,
                                              memory_budget=memory_budget,
                                              what="linear_attention")
-        dq = _feature_map_vjp(feature_map, q, dfq, pb, "q", check_finite)
-        dk = _feature_map_vjp(feature_map, k, dfk, pb, "k", check_finite)
+        dq = _feature_map_vjp(feature_map, q, dfq, pb.batch_shape, "q", check_finite)
+        dk = _feature_map_vjp(feature_map, k, dfk, pb.batch_shape, "k", check_finite)
     grads = input_gradients(pb, shapes, q=dq, k=dk, v=dv)
     return check_gradients_finite(grads, "linear_attention") if check_finite else grads
+
+
+def linear_attention_step_vjp(state, q_t, k_t, v_t, grad_out, *, grad_state=None):
+    r"""Gradients of one :func:`linear_attention_step` (the streaming state's gradient, for
+    training through a recurrent state or checking a decoding kernel's backward).
+
+    With :math:`S' = S + \phi(k)v^	op`, :math:`z' = z + \phi(k)`,
+    :math:`o = \phi(q)^	op S' / \phi(q)^	op z'`, the cotangent :math:`g` of ``o``
+    (``grad_out (*batch, Hq, Dv)``) and :math:`ar S', ar z'` of the new state
+    (``grad_state``: ``{"s", "z"}`` of the state's shapes, or None):
+    :math:`ar n = g/d`, :math:`ar d = -(g\cdot o)/d`,
+    :math:`\overline{\phi(q)} = S'ar n + z'ar d`,
+    :math:`ar S = ar S' + \sum_{heads} \phi(q)ar n^	op`,
+    :math:`ar z = ar z' + \sum_{heads} \phi(q)ar d`,
+    :math:`\overline{\phi(k)} = ar S v + ar z`, :math:`ar v = ar S^	op\phi(k)`;
+    then through ``φ`` as :func:`linear_attention_vjp`. Returns ``{"state": {"s", "z"},
+    "q_t", "k_t", "v_t"}``, float64 in their shapes.
+
+    >>> import numpy as np, refattn as ra
+    >>> st = ra.linear.linear_attention_init_state(heads_q=2, heads_kv=1, d=3, dv=2)
+    >>> q, k, v = np.ones((2, 3)), np.ones((1, 3)), np.ones((1, 2))
+    >>> g = ra.vjp(ra.linear.linear_attention_step, st, q, k, v, np.ones((2, 2)))
+    >>> g["state"]["s"].shape, g["v_t"].tolist()      # o = v: dv = the summed cotangent
+    ((1, 3, 2), [[2.0, 2.0]])
+    """
+    q_t, k_t, v_t = step_tokens(state, LinearAttentionState, "linear_attention_init_state",
+                                q_t, k_t, v_t)
+    _check_differentiable(state.feature_map)
+    bs, hq, hkv = state.batch_shape, state.heads_q, state.heads_kv
+    g = check_cotangent(grad_out, "grad_out", bs + (hq, state.dv),
+                        check_finite=state.check_finite)
+    dnext = {"s": np.zeros(state.s.shape), "z": np.zeros(state.z.shape)}
+    for name in ("s", "z"):
+        if grad_state is not None and grad_state.get(name) is not None:
+            dnext[name] = check_cotangent(grad_state[name], f"grad_state['{name}']",
+                                          getattr(state, name).shape)
+    kw = dict(allow_negative=state.allow_negative, check_finite=state.check_finite)
+    fq = _features(state.feature_map, q_t[..., None, :], "q_t", **kw)[..., 0, :]
+    fk = _features(state.feature_map, k_t[..., None, :], "k_t", **kw)[..., 0, :]
+    s, z = state.s + fk[..., :, None] * v_t[..., None, :], state.z + fk
+    fqg = fq.reshape(bs + (hkv, hq // hkv, fq.shape[-1]))
+    n_bar, d_bar = output_cotangents(g.reshape(fqg.shape[:-1] + (state.dv,)),
+                                     np.einsum("...hgf,...hfe->...hge", fqg, s),
+                                     np.einsum("...hgf,...hf->...hg", fqg, z))
+    dfq = np.einsum("...hfe,...hge->...hgf", s, n_bar) + z[..., None, :] * d_bar[..., None]
+    ds = dnext["s"] + np.einsum("...hgf,...hge->...hfe", fqg, n_bar)
+    dz = dnext["z"] + np.einsum("...hgf,...hg->...hf", fqg, d_bar)
+    dfk = np.einsum("...hfe,...he->...hf", ds, v_t) + dz
+    dv = np.einsum("...hfe,...hf->...he", ds, fk)
+    flat = (-1,) if bs else (1,)
+    dq, dk = (_feature_map_vjp(state.feature_map, x.reshape(flat + x.shape[-2:])[..., None, :],
+                               d.reshape(flat + d.shape[-2:])[..., None, :], bs, name,
+                               state.check_finite)[..., 0, :].reshape(x.shape)
+              for x, d, name in ((q_t, dfq.reshape(q_t.shape[:-1] + (-1,)), "q_t"),
+                                 (k_t, dfk, "k_t")))
+    return {"state": {"s": ds, "z": dz}, "q_t": dq, "k_t": dk, "v_t": dv}
+
+
+linear_attention_step.vjp = linear_attention_step_vjp
 
 
 attach(linear_attention, implied=linear_attention_matrix,

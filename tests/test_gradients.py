@@ -227,3 +227,25 @@ def test_no_keys_give_zero_gradients_of_the_right_shapes():
     for name in ("attention", "tiled_attention"):
         grads = ra.vjp(name, q, k, v, g)
         assert grads["k"].shape == (1, 0, 4) and not grads["q"].any()
+
+
+@pytest.mark.parametrize("name, kw", [("window_attention", dict(window=2, shift=1)),
+                                      ("shifted_window_attention", dict(window=2)),
+                                      ("neighborhood_attention", dict(kernel_size=(3, 3)))])
+def test_vision_gradients_with_cls_tokens(name, kw):
+    rng = np.random.default_rng(10)
+    q, k, v = (rng.standard_normal(s) for s in ((2, 2, 4, 4, 3), (1, 1, 4, 4, 3),
+                                                 (1, 1, 4, 4, 2)))
+    cls = tuple(rng.standard_normal(s) for s in ((2, 2, 3), (1, 2, 3), (1, 2, 2)))
+    g, g_cls = rng.standard_normal((2, 2, 4, 4, 2)), rng.standard_normal((2, 2, 2, 2))
+    fn = getattr(ra, name)
+    exact = ra.vjp(name, q, k, v, (g, g_cls), cls_tokens=cls, **kw)
+    numeric = numerical_vjp(lambda q, k, v, cq, ck, cv: fn(q, k, v, cls_tokens=(cq, ck, cv),
+                                                           **kw),
+                            dict(q=q, k=k, v=v, cq=cls[0], ck=cls[1], cv=cls[2]), (g, g_cls))
+    mine = dict(exact, cq=exact["cls_tokens"][0], ck=exact["cls_tokens"][1],
+                cv=exact["cls_tokens"][2])
+    for x in numeric:
+        assert max_rel_error(mine[x], numeric[x], normwise=True) <= 1e-7, x
+    with pytest.raises(TypeError, match="grad_out is the pair"):
+        ra.vjp(name, q, k, v, g, cls_tokens=cls, **kw)

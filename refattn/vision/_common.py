@@ -11,6 +11,7 @@ import math
 import numpy as np
 
 from .._core.checks import check_cotangent, is_int
+from .._core.problem import sum_to_shape
 from ..boundary.arrays import to_float64
 from ..masks import EMPTY, FULL, PARTIAL, Mask, Tiles, as_mask
 from ..sparse.engine import sparse_attention, sparse_attention_vjp
@@ -275,6 +276,7 @@ class _Grid:
             return np.broadcast_to(x, self.batch + x.shape[-3:]) if cls is not None else x
         self.q, self.k, self.v = flat(q), flat(k), flat(v)
         if cls is not None:
+            self.cls_shapes = tuple(c.shape for c in cls)
             self.cls = tuple(np.broadcast_to(c, self.batch + c.shape[-3:]) for c in cls)
             self.q = np.concatenate([self.cls[0], self.q], axis=-2)
             self.k = np.concatenate([self.cls[1], self.k], axis=-2)
@@ -323,25 +325,43 @@ class _Grid:
 
     def attend_vjp(self, pattern: Mask, grad_out, grad_lse, *, scale, bias, softcap,
                    check_finite, method, block_q, block_k, workers):
-        """Gradients of :meth:`attend` (``{"q", "k", "v"}`` in the grid inputs' shapes)
-        by the sparse engine's tiled backward. ``grad_out``: the grid output's shape
-        ``(..., Hq, *S, Dv)``; ``grad_lse``: ``(..., Hq, *S)`` or None."""
-        if self.num_global:
-            raise TypeError("gradients with cls_tokens are not implemented; differentiate "
-                            "refattn.sparse_attention on the flattened sequence with the "
-                            "mask of .mask(...) and refattn.vision.with_global instead")
-        lead = self.batch + (self.heads_q,) + self.q_grid
-        do = check_cotangent(grad_out, "grad_out", lead + (self.grid_v.shape[-1],),
-                             check_finite=check_finite)
-        dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
-        flat = self.batch + (self.heads_q, -1)
+        """Gradients of :meth:`attend`, by the sparse engine's tiled backward:
+        ``{"q", "k", "v"}`` in the grid inputs' shapes, and ``"cls_tokens"`` (a triple in
+        theirs) with CLS tokens. ``grad_out``: the grid output's shape
+        ``(..., Hq, *S, Dv)``, with CLS tokens the pair ``(grid, cls (..., Hq, G, Dv))``
+        the forward returns; ``grad_lse``: likewise, or None."""
+        g = self.num_global
+        lead = self.batch + (self.heads_q,)
+        dv_ = self.grid_v.shape[-1]
+        parts = {"grad_out": (grad_out, (dv_,)), "grad_lse": (grad_lse, ())}
+        flat = {}
+        for name, (cot, tail) in parts.items():
+            if g and cot is not None and not (isinstance(cot, tuple) and len(cot) == 2):
+                raise TypeError(f"with cls_tokens, {name} is the pair (grid, cls) of the "
+                                f"forward's outputs, got {type(cot).__name__}")
+            grid, cls = cot if g and cot is not None else (cot, None)
+            grid = check_cotangent(grid, name, lead + self.q_grid + tail,
+                                   check_finite=check_finite)
+            cls = check_cotangent(cls, f"{name}[1] (cls)", lead + (g,) + tail,
+                                  check_finite=check_finite) if g else None
+            if grid is not None:
+                grid = grid.reshape(lead + (-1,) + tail)
+                if g:
+                    cls = np.zeros(lead + (g,) + tail) if cls is None else cls
+                    grid = np.concatenate([cls, grid], axis=len(lead))
+            flat[name] = grid
         grads = sparse_attention_vjp(
-            self.q, self.k, self.v, do.reshape(flat + (do.shape[-1],)), mask=pattern,
-            grad_lse=None if dlse is None else dlse.reshape(flat), scale=scale, bias=bias,
-            softcap=softcap, check_finite=check_finite, method=method, block_q=block_q,
-            block_k=block_k, workers=workers)
-        return {name: grads[name].reshape(x.shape) for name, x in
-                (("q", self.grid_q), ("k", self.grid_k), ("v", self.grid_v))}
+            self.q, self.k, self.v, flat["grad_out"], mask=with_global(pattern, g),
+            grad_lse=flat["grad_lse"], scale=scale, bias=bias, softcap=softcap,
+            check_finite=check_finite, method=method, block_q=block_q, block_k=block_k,
+            workers=workers)
+        out = {name: sum_to_shape(grads[name][..., g:, :].reshape(
+                   grads[name].shape[:-2] + x.shape[-self.nd - 1:]), x.shape)
+               for name, x in (("q", self.grid_q), ("k", self.grid_k), ("v", self.grid_v))}
+        if g:
+            out["cls_tokens"] = tuple(sum_to_shape(grads[name][..., :g, :], shape)
+                                      for name, shape in zip("qkv", self.cls_shapes))
+        return out
 
     def finish(self, out, lse, return_lse):
         """Split the flattened result back into the grid (and the CLS tokens)."""

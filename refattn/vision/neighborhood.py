@@ -160,7 +160,8 @@ def neighborhood_attention_vjp(q, k, v, grad_out, *, kernel_size, grad_lse=None,
     """Gradients of :func:`neighborhood_attention` (``{"q", "k", "v"}`` in the grid
     shapes): exact attention under :func:`neighborhood_mask`, differentiated by the
     sparse engine's tiled backward over the non-empty tiles. ``grad_out``: the output's
-    shape ``(..., Hq, *S, Dv)``. Not with ``cls_tokens`` (a clear ``TypeError``)."""
+    shape ``(..., Hq, *S, Dv)``, with ``cls_tokens`` the pair ``(grid, cls)`` the forward returns
+    (then the result also has ``"cls_tokens"``, their gradients)."""
     nd, ks, dil, cz = _na_args(kernel_size, dilation, causal)
     g = _Grid(q, k, v, nd, check_finite=check_finite, cls_tokens=cls_tokens)
     return g.attend_vjp(neighborhood_mask(g.q_grid, ks, dil, cz), grad_out, grad_lse,

@@ -281,7 +281,8 @@ def window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, shift=0,
     """Gradients of :func:`window_attention` (``{"q", "k", "v"}`` in the grid shapes):
     exact attention under :func:`window_mask`, differentiated by the sparse engine's
     tiled backward over the non-empty tiles. ``grad_out``: the output's shape
-    ``(..., Hq, *S, Dv)``. Not with ``cls_tokens`` (a clear ``TypeError``)."""
+    ``(..., Hq, *S, Dv)``, with ``cls_tokens`` the pair ``(grid, cls)`` the forward returns
+    (then the result also has ``"cls_tokens"``, their gradients)."""
     win = _int_tuple("window", window, None)
     g = _Grid(q, k, v, len(win), check_finite=check_finite, cls_tokens=cls_tokens)
     return g.attend_vjp(window_mask(g.q_grid, win, shift), grad_out, grad_lse, scale=scale,
@@ -294,8 +295,8 @@ def shifted_window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, sh
                                  check_finite=True):
     """Gradients of :func:`shifted_window_attention`: its mask form
     (:func:`shifted_window_mask`, the same function as Swin's literal roll form) through
-    the sparse engine's tiled backward, ``{"q", "k", "v"}`` in the grid shapes. Not with
-    ``cls_tokens`` (a clear ``TypeError``)."""
+    the sparse engine's tiled backward, ``{"q", "k", "v"}`` in the grid shapes (and
+    ``"cls_tokens"`` with CLS tokens: ``grad_out`` is then the pair ``(grid, cls)``)."""
     win = _int_tuple("window", window, None)
     g = _Grid(q, k, v, len(win), check_finite=check_finite, cls_tokens=cls_tokens)
     return g.attend_vjp(shifted_window_mask(g.q_grid, win, shift), grad_out, grad_lse,

@@ -14,7 +14,8 @@ from .checks import check_cotangent
 from .logits import Logits, make_logits
 from .problem import Problem, prepare_qkv
 
-__all__ = ["SoftmaxBackward", "softmax_backward", "head_summed_product"]
+__all__ = ["SoftmaxBackward", "softmax_backward", "head_summed_product",
+           "softmax_block_vjp"]
 
 
 @dataclass
@@ -83,3 +84,17 @@ def head_summed_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     block's gradient summed over the query heads that share it, as one BLAS product."""
     rows = math.prod(a.shape[:-1])                # (explicit: -1 is ambiguous at M = 0)
     return a.reshape(rows, a.shape[-1]).T @ b.reshape(rows, b.shape[-1])
+
+
+def softmax_block_vjp(p, vals, do, dlse):
+    """The backward of one softmax block ``O = P · vals``: ``p (G, r, L)`` the
+    probabilities (empty rows 0), ``vals (L, Dv)``, ``do (G, r, Dv)``, ``dlse (G, r)`` or
+    None. Returns ``(dS (G, r, L), dvals (L, Dv))`` with ``dS = P ∘ (dO valsᵀ - D)``,
+    ``D = rowsum(dO ∘ O) - dlse`` (the gradient of the logits) and ``dvals = Σ_g PᵀdO``."""
+    delta = np.einsum("grd,grd->gr", do, p @ vals)
+    if dlse is not None:
+        delta -= dlse
+    ds = do @ vals.T
+    ds -= delta[..., None]
+    ds *= p
+    return ds, head_summed_product(p, do)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._core.backward import head_summed_product
 from .._core.checks import (check_int, check_memory, resolve_rng, resolve_scale,
                             resolve_softcap)
 from .._core.logits import make_logits
@@ -115,21 +114,6 @@ def _compress_vjp(x, rate, kind, w, dslots):
     dx = np.zeros(x.shape)
     dx[..., :units * rate, :] = dg.reshape(x.shape[:-2] + (units * rate, x.shape[-1]))
     return dx, dw
-
-
-def _softmax_grads(p, vals, do, dlse):
-    """The backward of one softmax block ``O = P · vals``: ``p (G, r, L)`` the
-    probabilities (empty rows 0), ``vals (L, Dv)``, ``do (G, r, Dv)``, ``dlse (G, r)`` or
-    None. Returns ``(dS (G, r, L), dvals (L, Dv))`` with ``dS = P ∘ (dO valsᵀ - D)``,
-    ``D = rowsum(dO ∘ O) - dlse`` (the gradient of the final logits) and
-    ``dvals = Σ_g Pᵀ dO``."""
-    delta = np.einsum("grd,grd->gr", do, p @ vals)
-    if dlse is not None:
-        delta -= dlse
-    ds = do @ vals.T
-    ds -= delta[..., None]
-    ds *= p
-    return ds, head_summed_product(p, do)
 
 
 def _softcap_derivative(s, softcap):

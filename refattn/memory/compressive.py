@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.backward import head_summed_product
+from .._core.backward import head_summed_product, softmax_block_vjp
 from .._core.checks import check_cotangent, check_int
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
@@ -17,7 +17,7 @@ from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ._common import (SegmentMemoryState, _compress, _compress_vjp, _compressive_params,
                       _resolve_compress, _segment_attention, _segment_blocks, _segment_init,
-                      _segment_step, _softcap_derivative, _softmax_grads)
+                      _segment_step, _softcap_derivative)
 
 __all__ = ["compress_memory", "compressive_attention", "compressive_attention_matrix",
            "compressive_attention_vjp", "compressive_init_state", "compressive_step"]
@@ -260,7 +260,7 @@ def compressive_attention_vjp(q, k, v, grad_out, *, segment_len, mem_len, cmem_l
         if slots is not None:
             keys = np.concatenate([slot_k[b, hk, ids], keys])
             vals = np.concatenate([slot_v[b, hk, ids], vals])
-        ds, dvals = _softmax_grads(s, vals, do[b, hs, r0:r1],
+        ds, dvals = softmax_block_vjp(s, vals, do[b, hs, r0:r1],
                                    None if dlse is None else dlse[b, hs, r0:r1])
         if chain is not None:
             ds *= chain

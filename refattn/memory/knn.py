@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import masks as _masks
-from .._core.backward import head_summed_product
+from .._core.backward import head_summed_product, softmax_block_vjp
 from .._core.checks import (check_bool, check_cotangent, check_int, resolve_scale,
                             resolve_softcap)
 from .._core.problem import prepare_qkv
@@ -17,8 +17,7 @@ from .._core.softmax import normalize_rows
 from ..boundary.arrays import to_float64
 from ..exact.dense import attention_vjp
 from ..registry import attach, register
-from ._common import (_memory_slots, _slot_logits, _softcap, _softcap_derivative,
-                      _softmax_grads)
+from ._common import _memory_slots, _slot_logits, _softcap, _softcap_derivative
 
 __all__ = ["knn_memory_attention", "knn_memory_attention_matrix",
            "knn_memory_attention_vjp"]
@@ -247,7 +246,7 @@ def knn_memory_attention_vjp(q, k, v, grad_out, *, mem_k=None, mem_v=None, num_s
         chain = _softcap_derivative(s_mem, cap)
         s_mem[~topk_keep(dot, topk)] = -np.inf
         normalize_rows(s_mem)
-        ds, dmv_b = _softmax_grads(s_mem, mv[b, hk], do_mem[b, hs, rs], None)
+        ds, dmv_b = softmax_block_vjp(s_mem, mv[b, hk], do_mem[b, hs, rs], None)
         if chain is not None:
             ds *= chain
         dq[b, hs, rs] = (ds @ mk[b, hk]) * s

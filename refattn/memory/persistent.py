@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.backward import head_summed_product, softmax_backward
+from .._core.backward import head_summed_product, softmax_backward, softmax_block_vjp
 from .._core.problem import prepare_qkv
 from .._core.select import block_rows
 from .._core.softmax import finish_rows, normalize_rows, softmax_rows
 from ..registry import attach, register
-from ._common import (_memory_slots, _slot_logits, _softcap, _softcap_derivative,
-                      _softmax_grads)
+from ._common import _memory_slots, _slot_logits, _softcap, _softcap_derivative
 
 __all__ = ["persistent_memory_attention", "persistent_memory_attention_matrix",
            "persistent_memory_attention_vjp"]
@@ -190,7 +189,7 @@ def persistent_memory_attention_vjp(q, k, v, grad_out, *, grad_lse=None, mem_k=N
         slot_chain = _softcap_derivative(slot, logits.softcap)
         s = np.concatenate([slot, seq], axis=-1)
         normalize_rows(s)
-        ds, dvals = _softmax_grads(s, np.concatenate([mv[b, hk], v[b, hk]]), do[b, hs, rs],
+        ds, dvals = softmax_block_vjp(s, np.concatenate([mv[b, hk], v[b, hk]]), do[b, hs, rs],
                                    None if dlse is None else dlse[b, hs, rs])
         ds_m, ds_s = ds[..., :p], ds[..., p:]
         if param is not None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.backward import head_summed_product, softmax_backward
+from .._core.backward import head_summed_product, softmax_backward, softmax_block_vjp
 from .._core.checks import check_int
 from .._core.problem import prepare_qkv
 from .._core.select import block_rows, topk_keep
@@ -382,19 +382,6 @@ def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, m
 
 
 # ------------------------------------------------------------------------ gradients
-def _softmax_rows_vjp(p, dob, vb, dlse):
-    """Backward of ``O = p v`` for the probabilities ``p (G, r, M)`` of a softmax over
-    a fixed set of kept keys (0 elsewhere): ``(dS, dV)`` with
-    ``dS = p ∘ (dO vᵀ - D)``, ``D = rowsum(dO ∘ O) - dlse``, ``dV = Σ_g pᵀ dO``."""
-    delta = np.einsum("gnd,gnd->gn", dob, p @ vb)
-    if dlse is not None:
-        delta -= dlse
-    ds = dob @ vb.T
-    ds -= delta[..., None]
-    ds *= p
-    return ds, head_summed_product(p, dob)
-
-
 def _logit_gradients(ds, chain, bw, b, heads, rows, cols):
     """``dS`` into the score modifier's parameters (an array bias), then ``dX``: the
     gradient of the raw logits ``x = scale q·k`` (``dS`` times the softcap/modifier
@@ -456,8 +443,8 @@ def routing_attention_vjp(q, k, v, grad_out, *, n_clusters, n_iters=10, grad_lse
                                         rows, cols, derivative=True)
                 s[0][~keep(b, h, rs, s[0])] = -np.inf
                 normalize_rows(s)
-                ds, dvb = _softmax_rows_vjp(
-                    s, bw.do[b, h:h + 1, rs], bw.v[b, hk],
+                ds, dvb = softmax_block_vjp(
+                    s, bw.v[b, hk], bw.do[b, h:h + 1, rs],
                     None if bw.dlse is None else bw.dlse[b, h:h + 1, rs])
                 dv[b, hk] += dvb
                 dx = _logit_gradients(ds, chain, bw, b, head, rows, cols)[0]
@@ -496,7 +483,7 @@ def _clustered_vjp(q, k, v, grad_out, grad_lse, *, n_clusters, n_iters, topk, ma
         normalize_rows(a)
         dob, dl = do[b, hs, rs], None if dlse is None else dlse[b, hs, rs]
         if keep is None:
-            ds, dvb = _softmax_rows_vjp(a, dob, v[b, hk], dl)
+            ds, dvb = softmax_block_vjp(a, v[b, hk], dob, dl)
         else:
             mass = np.where(keep, a, 0.0).sum(axis=-1, keepdims=True)
             e, chain_e = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads, rows, cols,

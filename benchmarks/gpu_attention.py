@@ -106,9 +106,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=170,
                     help="stop starting new configurations after this many seconds")
     args = ap.parse_args(argv)
-    from refattn.gpu import device_status, exit_without_device
-    if (code := exit_without_device("benchmark")) is not None:
-        return code
+    from refattn.gpu import device_status, missing_device
+    if why := missing_device("benchmark"):
+        print(why, file=sys.stderr)
+        return 2
     status = device_status()
     import cupy
     import torch

@@ -33,12 +33,10 @@ True
 """
 from __future__ import annotations
 
-import sys
-
 from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
 from .blockmask import BlockMask, build as build_block_mask
 
-__all__ = ["device_status", "require_device", "exit_without_device", "available", "flash_attention", "plan",
+__all__ = ["device_status", "require_device", "missing_device", "available", "flash_attention", "plan",
            "Plan", "UNBOUNDED", "BlockMask", "build_block_mask", "dtype_name", "flops",
            "reference_mask"]
 
@@ -66,15 +64,11 @@ def available() -> tuple[bool, str]:
     return (True, status[4:]) if status.startswith("ok") else (False, status)
 
 
-def exit_without_device(program: str):
-    """For command-line programs: ``2`` after printing why to stderr when no device is
-    usable, else ``None`` (``if (code := exit_without_device("x")) is not None: return
-    code``)."""
+def missing_device(program: str):
+    """For command-line programs: why ``program`` cannot run (no usable device), or
+    ``None`` when it can."""
     status = device_status()
-    if status.startswith("ok"):
-        return None
-    print(f"{program} needs a CUDA device: {status}", file=sys.stderr)
-    return 2
+    return None if status.startswith("ok") else f"{program} needs a CUDA device: {status}"
 
 
 def require_device() -> None:

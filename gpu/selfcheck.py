@@ -274,9 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--match", default=None,
                     help="only cases whose label matches this regular expression")
     args = ap.parse_args(argv)
-    from . import exit_without_device
-    if (code := exit_without_device("selfcheck")) is not None:
-        return code
+    from . import missing_device
+    if why := missing_device("selfcheck"):
+        print(why, file=sys.stderr)
+        return 2
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
     entries = []

@@ -231,7 +231,8 @@ def test_no_keys_give_zero_gradients_of_the_right_shapes():
 
 @pytest.mark.parametrize("name, kw", [("window_attention", dict(window=2, shift=1)),
                                       ("shifted_window_attention", dict(window=2)),
-                                      ("neighborhood_attention", dict(kernel_size=(3, 3)))])
+                                      ("neighborhood_attention", dict(kernel_size=(3, 3))),
+                                      ("spatial_reduction_attention", dict(ratio=2))])
 def test_vision_gradients_with_cls_tokens(name, kw):
     rng = np.random.default_rng(10)
     q, k, v = (rng.standard_normal(s) for s in ((2, 2, 4, 4, 3), (1, 1, 4, 4, 3),

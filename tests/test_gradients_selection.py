@@ -410,7 +410,7 @@ def test_spatial_reduction_bad_grad_out_and_cls_tokens():
                                          r"\(1, 4, 4, 2\), got \(1, 16, 2\)"):
         ra.vjp("spatial_reduction_attention", q, k, v, np.ones((1, 16, 2)), ratio=2)
     cls = (np.ones((1, 1, 2)),) * 3
-    with pytest.raises(TypeError, match="cls_tokens are not implemented"):
+    with pytest.raises(TypeError, match="with cls_tokens, grad_out is the pair"):
         ra.vjp("spatial_reduction_attention", q, k, v, np.ones((1, 4, 4, 2)), ratio=2,
                cls_tokens=cls)
 

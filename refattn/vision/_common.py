@@ -327,41 +327,54 @@ class _Grid:
                    check_finite, method, block_q, block_k, workers):
         """Gradients of :meth:`attend`, by the sparse engine's tiled backward:
         ``{"q", "k", "v"}`` in the grid inputs' shapes, and ``"cls_tokens"`` (a triple in
-        theirs) with CLS tokens. ``grad_out``: the grid output's shape
-        ``(..., Hq, *S, Dv)``, with CLS tokens the pair ``(grid, cls (..., Hq, G, Dv))``
-        the forward returns; ``grad_lse``: likewise, or None."""
-        g = self.num_global
-        lead = self.batch + (self.heads_q,)
-        dv_ = self.grid_v.shape[-1]
-        parts = {"grad_out": (grad_out, (dv_,)), "grad_lse": (grad_lse, ())}
-        flat = {}
-        for name, (cot, tail) in parts.items():
+        theirs) with CLS tokens. Cotangents as :meth:`flat_cotangents` takes them."""
+        do, dlse = self.flat_cotangents(grad_out, grad_lse, check_finite)
+        grads = sparse_attention_vjp(
+            self.q, self.k, self.v, do, mask=with_global(pattern, self.num_global),
+            grad_lse=dlse, scale=scale, bias=bias, softcap=softcap,
+            check_finite=check_finite, method=method, block_q=block_q, block_k=block_k,
+            workers=workers)
+        out = {name: self.grid_gradient(grads[name], x.shape)
+               for name, x in (("q", self.grid_q), ("k", self.grid_k), ("v", self.grid_v))}
+        if self.num_global:
+            out["cls_tokens"] = self.cls_gradients(grads["q"], grads["k"], grads["v"])
+        return out
+
+    def flat_cotangents(self, grad_out, grad_lse, check_finite):
+        """The cotangents of :meth:`finish`'s outputs on the flattened sequence (CLS
+        tokens first): ``grad_out`` of the grid output's shape ``(..., Hq, *S, Dv)``,
+        with CLS tokens the pair ``(grid, cls (..., Hq, G, Dv))`` the forward returns;
+        ``grad_lse`` likewise, or None."""
+        g, lead = self.num_global, self.batch + (self.heads_q,)
+        flat = []
+        for name, cot, tail in (("grad_out", grad_out, (self.grid_v.shape[-1],)),
+                                ("grad_lse", grad_lse, ())):
             if g and cot is not None and not (isinstance(cot, tuple) and len(cot) == 2):
                 raise TypeError(f"with cls_tokens, {name} is the pair (grid, cls) of the "
                                 f"forward's outputs, got {type(cot).__name__}")
             grid, cls = cot if g and cot is not None else (cot, None)
             grid = check_cotangent(grid, name, lead + self.q_grid + tail,
                                    check_finite=check_finite)
-            cls = check_cotangent(cls, f"{name}[1] (cls)", lead + (g,) + tail,
-                                  check_finite=check_finite) if g else None
             if grid is not None:
                 grid = grid.reshape(lead + (-1,) + tail)
                 if g:
+                    cls = check_cotangent(cls, f"{name}[1] (cls)", lead + (g,) + tail,
+                                          check_finite=check_finite)
                     cls = np.zeros(lead + (g,) + tail) if cls is None else cls
                     grid = np.concatenate([cls, grid], axis=len(lead))
-            flat[name] = grid
-        grads = sparse_attention_vjp(
-            self.q, self.k, self.v, flat["grad_out"], mask=with_global(pattern, g),
-            grad_lse=flat["grad_lse"], scale=scale, bias=bias, softcap=softcap,
-            check_finite=check_finite, method=method, block_q=block_q, block_k=block_k,
-            workers=workers)
-        out = {name: sum_to_shape(grads[name][..., g:, :].reshape(
-                   grads[name].shape[:-2] + x.shape[-self.nd - 1:]), x.shape)
-               for name, x in (("q", self.grid_q), ("k", self.grid_k), ("v", self.grid_v))}
-        if g:
-            out["cls_tokens"] = tuple(sum_to_shape(grads[name][..., :g, :], shape)
-                                      for name, shape in zip("qkv", self.cls_shapes))
-        return out
+            flat.append(grid)
+        return tuple(flat)
+
+    def grid_gradient(self, flat, shape):
+        """The gradient of a grid input of ``shape`` from that of the flattened sequence
+        (its CLS part dropped, broadcast dimensions summed)."""
+        grid = flat[..., self.num_global:, :]
+        return sum_to_shape(grid.reshape(grid.shape[:-2] + shape[-self.nd - 1:]), shape)
+
+    def cls_gradients(self, dq, dk, dv):
+        """The CLS tokens' gradients, from the flattened sequence's (their rows first)."""
+        return tuple(sum_to_shape(d[..., :self.num_global, :], shape)
+                     for d, shape in zip((dq, dk, dv), self.cls_shapes))
 
     def finish(self, out, lse, return_lse):
         """Split the flattened result back into the grid (and the CLS tokens)."""

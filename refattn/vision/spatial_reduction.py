@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_cotangent
 from ..exact.dense import attention_probs
 from ..exact.tiled import tiled_attention, tiled_attention_vjp
 from ..registry import attach, register
@@ -134,8 +133,9 @@ def spatial_reduction_attention_vjp(q, k, v, grad_out, *, ratio, cls_tokens=None
     (``j(u)`` the block of key token ``u``; ``dK = Πᵀ d\bar K``). ``ratio`` is given by
     keyword; ``grad_out`` has the grid output's shape ``(..., Hq, *Sq, Dv)``,
     ``grad_lse`` ``(..., Hq, *Sq)`` or None. Returns ``{"q", "k", "v"}`` float64 in the
-    grids' shapes (GQA and broadcast batch dims summed). ``cls_tokens`` are not
-    supported (``TypeError``). FlashAttention-2's tiled backward: O(block) memory.
+    grids' shapes (GQA and broadcast batch dims summed); with ``cls_tokens``, ``grad_out``
+    is the pair ``(grid, cls)`` the forward returns and ``"cls_tokens"`` holds their
+    gradients. FlashAttention-2's tiled backward: O(block) memory.
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 4, 4, 2))
@@ -145,28 +145,27 @@ def spatial_reduction_attention_vjp(q, k, v, grad_out, *, ratio, cls_tokens=None
     >>> all(np.allclose(g[x], flat[x].reshape(g[x].shape)) for x in "qkv")   # ratio 1
     True
     """
-    if cls_tokens is not None:
-        raise TypeError("gradients with cls_tokens are not implemented; differentiate "
-                        "refattn.attention on the flattened sequence with the CLS tokens "
-                        "in front of the pooled keys and values instead")
     rt = _int_tuple("ratio", ratio, None)
     nd = len(rt)
-    g = _Grid(q, k, v, nd, check_finite=check_finite, same_grid=False)
-    lead = g.batch + (g.heads_q,) + g.q_grid
-    do = check_cotangent(grad_out, "grad_out", lead + (g.grid_v.shape[-1],),
-                         check_finite=check_finite)
-    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    g = _Grid(q, k, v, nd, check_finite=check_finite, cls_tokens=cls_tokens,
+              same_grid=False)
+    do, dlse = g.flat_cotangents(grad_out, grad_lse, check_finite)
     kp, vp = _pool(g.grid_k, rt), _pool(g.grid_v, rt)
-    pooled_k, pooled_v = kp.shape, vp.shape
+    pooled = kp.shape, vp.shape
     kp = kp.reshape(kp.shape[:-nd - 1] + (-1, kp.shape[-1]))
     vp = vp.reshape(vp.shape[:-nd - 1] + (-1, vp.shape[-1]))
-    flat = g.batch + (g.heads_q, -1)
-    grads = tiled_attention_vjp(g.q, kp, vp, do.reshape(flat + (do.shape[-1],)),
-                                grad_lse=None if dlse is None else dlse.reshape(flat),
-                                scale=scale, softcap=softcap, check_finite=check_finite)
-    return {"q": grads["q"].reshape(g.grid_q.shape),
-            "k": _pool_vjp(grads["k"].reshape(pooled_k), rt, g.k_grid),
-            "v": _pool_vjp(grads["v"].reshape(pooled_v), rt, g.k_grid)}
+    if g.num_global:                     # the same sequences as the forward
+        kp = np.concatenate([g.cls[1], np.broadcast_to(kp, g.batch + kp.shape[-3:])], -2)
+        vp = np.concatenate([g.cls[2], np.broadcast_to(vp, g.batch + vp.shape[-3:])], -2)
+    grads = tiled_attention_vjp(g.q, kp, vp, do, grad_lse=dlse, scale=scale,
+                                softcap=softcap, check_finite=check_finite)
+    out = {"q": g.grid_gradient(grads["q"], g.grid_q.shape)}
+    for name, shape in zip("kv", pooled):   # pooled grids back to the caller's, unpooled
+        pooled_grad = g.grid_gradient(grads[name], shape)
+        out[name] = _pool_vjp(pooled_grad, rt, g.k_grid)
+    if g.num_global:
+        out["cls_tokens"] = g.cls_gradients(grads["q"], grads["k"], grads["v"])
+    return out
 
 
 attach(spatial_reduction_attention, implied=_sra_probs, vjp=spatial_reduction_attention_vjp)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import masks as _masks
+from .. import masks
 from ..masks.scores import ScoreMod, as_score_mod
 from .checks import check_bool, resolve_scale, resolve_softcap
 from .problem import Problem
@@ -24,7 +24,7 @@ class Logits:
     scale: float
     softcap: float | None
     score_mod: ScoreMod | None
-    mask: _masks.Mask | None
+    mask: masks.Mask | None
     n: int
     m: int
 
@@ -78,9 +78,9 @@ def make_logits(problem: Problem, *, mask, causal, scale, bias, softcap,
     """Validate the logit options of an attention call and combine ``causal=True``
     with ``mask=`` (as ``causal() & mask``)."""
     check_bool("causal", causal)
-    m = None if mask is None else _masks.as_mask(mask, problem.batch_shape)
+    m = None if mask is None else masks.as_mask(mask, problem.batch_shape)
     if causal:
-        m = _masks.causal() if m is None else _masks.causal() & m
+        m = masks.causal() if m is None else masks.causal() & m
     return Logits(resolve_scale(scale, problem.d), resolve_softcap(softcap),
                   as_score_mod(bias, problem.batch_shape, check_finite=check_finite),
                   m, problem.n, problem.m)

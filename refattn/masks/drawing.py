@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks as _masks
+from .. import masks
 from .base import EMPTY, FULL, PARTIAL
 
 __all__ = ["draw_mask", "parse_mask"]
@@ -17,22 +17,22 @@ __all__ = ["draw_mask", "parse_mask"]
 _MAX_PIXELS = 4096
 
 
-def parse_mask(expression: str) -> _masks.Mask:
+def parse_mask(expression: str) -> masks.Mask:
     """Build a mask from an expression over :mod:`refattn.masks`' factories, e.g.
     ``"causal() & (sliding_window(128) | sinks(4))"``.
 
     >>> parse_mask("causal() & sliding_window(2)")
     causal() & sliding_window(2)
     """
-    names = {name: getattr(_masks, name) for name in _masks.__all__
-             if callable(getattr(_masks, name)) and not name[0].isupper()}
+    names = {name: getattr(masks, name) for name in masks.__all__
+             if callable(getattr(masks, name)) and not name[0].isupper()}
     names["np"] = np
     try:
         mask = eval(expression, {"__builtins__": {}}, names)  # noqa: S307 (user's own CLI input)
     except Exception as exc:
         raise ValueError(f"cannot build a mask from {expression!r}: {exc}; use the "
                          f"factories {sorted(n for n in names if n != 'np')}") from exc
-    if not isinstance(mask, _masks.Mask):
+    if not isinstance(mask, masks.Mask):
         raise ValueError(f"{expression!r} is a {type(mask).__name__}, not a mask")
     return mask
 
@@ -57,7 +57,7 @@ def draw_mask(mask, n: int, m: int | None = None, path=None, *, block=None, head
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
-    mask = _masks.as_mask(mask)
+    mask = masks.as_mask(mask)
     m = n if m is None else m
     if max(n, m) > _MAX_PIXELS:
         raise ValueError(f"draw_mask draws at most {_MAX_PIXELS} x {_MAX_PIXELS} pairs, got "

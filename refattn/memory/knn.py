@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks as _masks
+from .. import masks
 from .._core.backward import head_summed_product, softmax_block_vjp
 from .._core.checks import (check_bool, check_cotangent, check_int, resolve_scale,
                             resolve_softcap)
@@ -38,9 +38,9 @@ def _local_mask(local_window, mask, pb):
     """The mask of the local attention (beside ``causal``): the window and ``mask``."""
     local = None
     if local_window is not None:
-        local = _masks.sliding_window(check_int("local_window", local_window, minimum=0))
+        local = masks.sliding_window(check_int("local_window", local_window, minimum=0))
     if mask is not None:
-        user = _masks.as_mask(mask, pb.batch_shape)
+        user = masks.as_mask(mask, pb.batch_shape)
         local = user if local is None else local & user
     return local
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks as _masks
+from .. import masks
 from .._core.problem import problem_from_shapes
 from ..exact.dense import attention_probs
 from ..registry import attach, register
@@ -20,7 +20,7 @@ __all__ = ["transformer_xl_mask", "transformer_xl_attention",
            "transformer_xl_step"]
 
 
-def transformer_xl_mask(segment_len: int, mem_len: int) -> _masks.Mask:
+def transformer_xl_mask(segment_len: int, mem_len: int) -> masks.Mask:
     """The mask of :func:`transformer_xl_attention`: keep key ``j`` for query position
     ``i'`` iff ``seg_start(i') - mem_len <= j <= i'``, with
     ``seg_start(i') = (i' // segment_len) * segment_len``.
@@ -44,10 +44,10 @@ def transformer_xl_mask(segment_len: int, mem_len: int) -> _masks.Mask:
     """
     segment_len, mem_len = _segment_params(segment_len, mem_len)
     r, t = divmod(mem_len, segment_len)
-    inner = _masks.causal() & _masks.block_window(r, segment_len)
+    inner = masks.causal() & masks.block_window(r, segment_len)
     if t:
-        inner = _masks.causal() & _masks.block_window(r + 1, segment_len) & (
-            _masks.block_window(r, segment_len) | _masks.fixed(segment_len, t))
+        inner = masks.causal() & masks.block_window(r + 1, segment_len) & (
+            masks.block_window(r, segment_len) | masks.fixed(segment_len, t))
     return inner.renamed(f"transformer_xl_mask(segment_len={segment_len}, "
                          f"mem_len={mem_len})")
 
@@ -131,7 +131,7 @@ def transformer_xl_attention_matrix(q, k, *, segment_len, mem_len, mask=None,
     """
     xl = transformer_xl_mask(segment_len, mem_len)
     if mask is not None:
-        xl = xl & _masks.as_mask(mask, np.broadcast_shapes(np.shape(q)[:-3],
+        xl = xl & masks.as_mask(mask, np.broadcast_shapes(np.shape(q)[:-3],
                                                             np.shape(k)[:-3]))
     return attention_probs(q, k, mask=xl, causal=causal, scale=scale, bias=bias,
                            softcap=softcap, check_finite=check_finite,
@@ -194,7 +194,7 @@ def transformer_xl_attention_vjp(q, k, v, grad_out, *, segment_len, mem_len, gra
     keep = transformer_xl_mask(segment_len, mem_len)
     if mask is not None:
         shapes = (np.shape(q), np.shape(k), np.shape(v))
-        keep = keep & _masks.as_mask(mask, problem_from_shapes(*shapes).batch_shape)
+        keep = keep & masks.as_mask(mask, problem_from_shapes(*shapes).batch_shape)
     return sparse_attention_vjp(q, k, v, grad_out, mask=keep, grad_lse=grad_lse,
                                 causal=causal, scale=scale, bias=bias, softcap=softcap,
                                 check_finite=check_finite)

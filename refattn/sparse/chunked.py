@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from .. import masks as _masks
+from .. import masks
 from .._core.checks import check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..exact.dense import attention, attention_probs
@@ -34,7 +34,7 @@ __all__ = ["chunked_attention", "chunked_init_state", "chunked_step", "ChunkStat
 
 
 def _chunk_mask(chunk_size, overlap=0):
-    return _masks.chunks(chunk_size, overlap)
+    return masks.chunks(chunk_size, overlap)
 
 
 def _implied(q, k, *, chunk_size, overlap=0, causal=False, scale=None, softcap=None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import masks as _masks
+from .. import masks
 from .._core.checks import check_count
 from ._common import pattern
 from .engine import sparse_attention
@@ -17,7 +17,7 @@ __all__ = ["strided_attention", "fixed_attention", "block_sparse_attention",
 
 def _strided_mask(stride):
     check_count("stride", stride, minimum=1)
-    return _masks.sliding_window(stride - 1, right=stride - 1) | _masks.strided(stride)
+    return masks.sliding_window(stride - 1, right=stride - 1) | masks.strided(stride)
 
 
 @pattern(_strided_mask, time="O(N·(s + N/s)·D)", state="O((s + N/s)·D)",
@@ -36,7 +36,7 @@ def strided_attention(q, k, v, *, stride, **options):
     return sparse_attention(q, k, v, _strided_mask(stride), **options)
 
 
-@pattern(_masks.fixed, time="O(N·(l + c·N/l)·D)", state="O((l + c·N/l)·D)",
+@pattern(masks.fixed, time="O(N·(l + c·N/l)·D)", state="O((l + c·N/l)·D)",
           example={"block": 4, "summary": 1},
           budget=lambda n, b: {"block": b, "summary": max(1, b // 8)})
 def fixed_attention(q, k, v, *, block, summary=1, **options):
@@ -48,7 +48,7 @@ def fixed_attention(q, k, v, *, block, summary=1, **options):
     >>> ra.fixed_attention.mask(block=3, summary=1).materialize(6, 6)[4].astype(int)
     array([0, 0, 1, 1, 1, 1])
     """
-    return sparse_attention(q, k, v, _masks.fixed(block, summary), **options)
+    return sparse_attention(q, k, v, masks.fixed(block, summary), **options)
 
 
 def _band_layout(n, block_size):
@@ -59,7 +59,7 @@ def _band_layout(n, block_size):
     return np.abs(i[:, None] - i[None, :]) <= 1
 
 
-@pattern(_masks.block_layout, time="O(nnz blocks·b²·D)", state="O(N·D)",
+@pattern(masks.block_layout, time="O(nnz blocks·b²·D)", state="O(N·D)",
           example={"layout": np.tril(np.ones((14, 14), bool)), "block_size": 3},
           budget=lambda n, b: {"layout": _band_layout(n, max(1, b // 3)),
                                "block_size": max(1, b // 3)})
@@ -77,7 +77,7 @@ def block_sparse_attention(q, k, v, *, layout, block_size, **options):
     """
     options.setdefault("block_q", block_size)   # tiles aligned with the layout's blocks
     options.setdefault("block_k", block_size)
-    return sparse_attention(q, k, v, _masks.block_layout(layout, block_size), **options)
+    return sparse_attention(q, k, v, masks.block_layout(layout, block_size), **options)
 
 
 def _bigbird_mask(block_size, window_blocks=1, global_blocks=1, random_blocks=2, rng=None):
@@ -85,9 +85,9 @@ def _bigbird_mask(block_size, window_blocks=1, global_blocks=1, random_blocks=2,
         raise TypeError("bigbird_attention needs rng (an int seed or a numpy Generator) "
                         "for its random blocks")
     g = check_count("global_blocks", global_blocks) * block_size
-    return (_masks.block_window(window_blocks, block_size)
-            | _masks.global_tokens(np.arange(g))
-            | _masks.random_blocks(random_blocks, block_size, rng))
+    return (masks.block_window(window_blocks, block_size)
+            | masks.global_tokens(np.arange(g))
+            | masks.random_blocks(random_blocks, block_size, rng))
 
 
 @pattern(_bigbird_mask, time="O(N·b·(w + g + r)·D)", state="O(N·D)",
@@ -117,8 +117,8 @@ def bigbird_attention(q, k, v, *, block_size, window_blocks=1, global_blocks=1,
 
 
 def _longformer_mask(window, global_tokens=(), dilation=1):
-    return _masks.sliding_window(window, right=window, dilation=dilation) | \
-        _masks.global_tokens(np.asarray(global_tokens, dtype=np.int64))
+    return masks.sliding_window(window, right=window, dilation=dilation) | \
+        masks.global_tokens(np.asarray(global_tokens, dtype=np.int64))
 
 
 @pattern(_longformer_mask, time="O(N·(w + g)·D)", state="O(N·D)",

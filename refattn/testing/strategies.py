@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from .. import masks as _masks
+from .. import masks as mask_kinds
 
 __all__ = ["Shapes", "shapes", "dtypes", "attention_inputs", "masks", "document_masks",
            "seeds"]
@@ -87,7 +87,7 @@ def attention_inputs(draw, shape_strategy=None, *, dtype=None, logit_scale=None)
 
 
 @st.composite
-def masks(draw, *, max_len: int = 40, compose: bool = True) -> _masks.Mask:
+def masks(draw, *, max_len: int = 40, compose: bool = True) -> mask_kinds.Mask:
     """Masks of every kind in :mod:`refattn.masks`, some composed with ``& | ~``.
 
     Block layouts are sized for up to ``max_len`` keys. Document masks carry their
@@ -95,21 +95,21 @@ def masks(draw, *, max_len: int = 40, compose: bool = True) -> _masks.Mask:
     """
     small = st.integers(0, max_len)
     kinds = [
-        st.builds(_masks.causal, st.sampled_from(("bottom_right", "top_left"))),
-        st.builds(_masks.sliding_window, small, st.integers(0, 5), st.integers(1, 4)),
-        st.builds(_masks.sinks, st.integers(0, 6)),
-        st.builds(_masks.prefix_lm, small),
-        st.builds(_masks.strided, st.integers(1, 6)),
-        st.builds(_masks.global_tokens,
+        st.builds(mask_kinds.causal, st.sampled_from(("bottom_right", "top_left"))),
+        st.builds(mask_kinds.sliding_window, small, st.integers(0, 5), st.integers(1, 4)),
+        st.builds(mask_kinds.sinks, st.integers(0, 6)),
+        st.builds(mask_kinds.prefix_lm, small),
+        st.builds(mask_kinds.strided, st.integers(1, 6)),
+        st.builds(mask_kinds.global_tokens,
                   st.lists(st.integers(0, max_len - 1), min_size=1, max_size=4)),
-        st.builds(lambda c, bs, s: _masks.random_blocks(c, bs, s),
+        st.builds(lambda c, bs, s: mask_kinds.random_blocks(c, bs, s),
                   st.integers(0, 3), st.integers(1, 8), seeds()),
-        st.builds(_masks.block_window, st.integers(0, 3), st.integers(1, 8)),
-        st.builds(_masks.fixed, st.integers(4, 8), st.integers(0, 4)),
-        st.builds(_masks.chunks, st.integers(1, 8), st.integers(0, 10)),
-        st.builds(lambda left, dils: _masks.sliding_window(left, dilation=dils), small,
+        st.builds(mask_kinds.block_window, st.integers(0, 3), st.integers(1, 8)),
+        st.builds(mask_kinds.fixed, st.integers(4, 8), st.integers(0, 4)),
+        st.builds(mask_kinds.chunks, st.integers(1, 8), st.integers(0, 10)),
+        st.builds(lambda left, dils: mask_kinds.sliding_window(left, dilation=dils), small,
                   st.lists(st.integers(1, 4), min_size=1, max_size=3)),
-        st.builds(lambda bs, s: _masks.block_layout(
+        st.builds(lambda bs, s: mask_kinds.block_layout(
             np.random.default_rng(s).random((-(-max_len // bs),) * 2) < 0.5, bs),
             st.integers(1, 8), seeds()),
     ]
@@ -123,7 +123,7 @@ def masks(draw, *, max_len: int = 40, compose: bool = True) -> _masks.Mask:
 
 
 @st.composite
-def document_masks(draw, n: int, m: int) -> _masks.Mask:
+def document_masks(draw, n: int, m: int) -> mask_kinds.Mask:
     """Document masks for ``n`` queries and ``m`` keys: sorted ids (packed sequences) or
     arbitrary ones, given as ``document(ids)`` when ``n <= m`` or as
     ``document(q_ids, kv_ids)``."""
@@ -134,5 +134,5 @@ def document_masks(draw, n: int, m: int) -> _masks.Mask:
     if draw(st.booleans()):
         kv = np.sort(kv)
     if n <= m and draw(st.booleans()):
-        return _masks.document(kv)
-    return _masks.document(draw(ids(n)), kv)
+        return mask_kinds.document(kv)
+    return mask_kinds.document(draw(ids(n)), kv)

@@ -141,6 +141,43 @@ def test_users_view_of_gradients_catches_a_leaking_causal_mask():
         assert_as_accurate_as(dq, baseline["q"], oracle["q"], name="dq")
 
 
+def _bf16_accumulated_dk(q, k, v, do, block_q):
+    """``dK`` as a backward that keeps its ``dK`` accumulator in bf16 computes it: ``dS``
+    rounded to bf16, ``dK ← bf16(dK + dSᵀQ·scale)`` after each ``block_q`` query rows (as
+    PyTorch 2.13's CPU flash backward does: emulating it reproduced its bf16 ``dK``
+    exactly). Non-causal, float64 arithmetic otherwise."""
+    from refattn.testing import round_to
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = round_to(p @ v, "bfloat16")
+    delta = (do * out).sum(-1)
+    dk = np.zeros(k.shape)
+    for r in range(0, q.shape[-2], block_q):
+        rs = slice(r, r + block_q)
+        ds = round_to(p[..., rs, :] * (do[..., rs, :] @ np.swapaxes(v, -1, -2)
+                                       - delta[..., rs, None]), "bfloat16")
+        dk = round_to(dk + np.swapaxes(ds, -1, -2) @ q[..., rs, :] / np.sqrt(q.shape[-1]),
+                      "bfloat16")
+    return dk
+
+
+def test_users_view_of_gradients_flags_a_bf16_gradient_accumulator():
+    """The baseline accumulates wide, as FlashAttention-2 does (fp32 ``dK``, ``dV`` in
+    registers, ``dQ`` in an fp32 buffer). A backward that re-rounds ``dK`` to bf16 after
+    every 256-row query block is 3x less accurate here and fails the 2x rule."""
+    rng = np.random.default_rng(1)
+    q, k, v, do = (refattn.testing.round_to(x, "bfloat16")
+                   for x in rng.standard_normal((4, 1, 2, 1000, 64)))
+    oracle = refattn.vjp("attention", q, k, v, do)
+    baseline = refattn.testing.low_precision_attention_vjp(q, k, v, do, "bfloat16")
+    with pytest.raises(AssertionError, match="dk is less accurate than its baseline"):
+        assert_as_accurate_as(_bf16_accumulated_dk(q, k, v, do, 256), baseline["k"],
+                              oracle["k"], name="dk")
+    one_block = _bf16_accumulated_dk(q, k, v, do, 1000)     # a single rounding: passes
+    assert_as_accurate_as(one_block, baseline["k"], oracle["k"], name="dk")
+
+
 @pytest.mark.parametrize("actual, expected", [(np.inf, -np.inf), (-np.inf, np.inf),
                                               (1.0, np.inf), (np.inf, 1.0),
                                               (np.nan, np.nan), (np.nan, 1.0)])

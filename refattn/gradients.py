@@ -21,18 +21,19 @@ from __future__ import annotations
 
 from ._core.checks import check_cotangent
 from ._core.problem import sum_to_shape
+from .boundary.calls import call_vjp
 
 __all__ = ["vjp", "has_vjp", "check_cotangent", "sum_to_shape"]
 
 
 def _rule(fn):
     """The VJP attached to ``fn`` (a registered mechanism, or a function carrying its own
-    ``fn.vjp``), with the name to report."""
+    ``fn.vjp``), with the name to report and the mechanism (None: not registered)."""
     from . import registry
     specs = registry.mechanisms()
     if isinstance(fn, str):
         if fn in specs:
-            return specs[fn].vjp, fn
+            return specs[fn].vjp, fn, specs[fn].fn
         import refattn
         target = getattr(refattn, fn, None)
         if not callable(target):
@@ -42,8 +43,8 @@ def _rule(fn):
     name = getattr(fn, "__name__", repr(fn))
     spec = specs.get(name)
     if spec is not None and spec.fn is fn:
-        return spec.vjp, name
-    return getattr(fn, "vjp", None), name
+        return spec.vjp, name, fn
+    return getattr(fn, "vjp", None), name, None
 
 
 def has_vjp(fn) -> bool:
@@ -61,11 +62,14 @@ def vjp(fn, *inputs, **kwargs) -> dict:
     the forward (``mask``, ``window``, ``kernel_size``, ...) is given by keyword.
     ``grad_lse=`` (softmax mechanisms) is the cotangent of the returned log-sum-exp. Returns a dict from each
     differentiable input's parameter name (``q``, ``k``, ``v``, ``bias``, ``log_gates``,
-    ...) to its float64 gradient, in that input's shape.
+    ...) to its float64 gradient, in that input's shape. A registered mechanism's VJP
+    takes its boundary arguments too (``layout``, ``causal`` by name, ``cu_seqlens_q``/
+    ``cu_seqlens_k``: :mod:`refattn.boundary.calls`), ``grad_out`` laid out as the output
+    and each gradient as its input.
     """
-    rule, name = _rule(fn)
+    rule, name, mechanism = _rule(fn)
     if rule is None:
         from . import registry
         have = sorted(n for n, s in registry.mechanisms().items() if s.vjp is not None)
         raise TypeError(f"{name} has no VJP in refattn (mechanisms with one: {have})")
-    return rule(*inputs, **kwargs)
+    return call_vjp(mechanism, rule, inputs, kwargs)

@@ -19,6 +19,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .boundary.calls import with_boundary
+
 __all__ = ["Mechanism", "register", "attach", "mechanisms"]
 
 #: Keyword arguments every softmax-style mechanism shares; ``params`` lists the others.
@@ -78,13 +80,18 @@ class Mechanism:
 _REGISTRY: dict[str, dict] = {}
 
 
-def register(*, family: str, exact: bool, time: str, state: str, example=None, **flags):
+def register(*, family: str, exact: bool, time: str, state: str, example=None, tokens=(),
+             **flags):
     """Decorator that registers ``fn`` under ``fn.__name__``.
 
     ``family``: the package the mechanism lives in (``"sparse"``, ``"linear"``, ...);
     ``time``, ``state``: its asymptotic cost; ``example``: keyword arguments of a small
-    valid call; ``flags``: the other :class:`Mechanism` fields. Forms defined after the
-    forward (its implied matrix, streaming pair, VJP) are given with :func:`attach`.
+    valid call; ``tokens``: its keyword arrays laid out like ``q`` (``(B, H, N, *)``,
+    moved with it by ``layout=``); ``flags``: the other :class:`Mechanism` fields. Forms
+    defined after the forward (its implied matrix, streaming pair, VJP) are given with
+    :func:`attach`. The registered function takes the boundary arguments as well
+    (``layout``, ``causal`` by name, ``cu_seqlens_q``/``cu_seqlens_k``:
+    :mod:`refattn.boundary.calls`).
     """
     def deco(fn):
         sig = inspect.signature(fn)
@@ -96,12 +103,13 @@ def register(*, family: str, exact: bool, time: str, state: str, example=None, *
         unknown = set(flags) - {f.name for f in dataclasses.fields(Mechanism)}
         if unknown:
             raise TypeError(f"register({fn.__name__}): unknown fields {sorted(unknown)}")
+        wrapped = with_boundary(fn, tokens, flags.get("supports_mask", False))
         _REGISTRY[fn.__name__] = dict(
-            name=fn.__name__, family=family, exact=exact, fn=fn, time=time, state=state,
+            name=fn.__name__, family=family, exact=exact, fn=wrapped, time=time, state=state,
             params=params, randomized="rng" in sig.parameters,
             example=dict(example or {}), doc=(inspect.getdoc(fn) or "").split("\n")[0],
             **flags)
-        return fn
+        return wrapped
     return deco
 
 

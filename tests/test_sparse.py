@@ -73,7 +73,7 @@ def test_windows_covering_everything_are_full_attention(rng, causal):
                 ra.longformer_attention(q, k, v, window=50, causal=causal),
                 ra.bigbird_attention(q, k, v, block_size=8, window_blocks=6, rng=0,
                                      causal=causal),
-                ra.block_sparse_attention(q, k, v, layout=np.ones((6, 6), bool),
+                ra.block_sparse_attention(q, k, v, block_layout=np.ones((6, 6), bool),
                                           block_size=8, causal=causal)):
         assert max_rel_error(out, full) <= 1e-12
 
@@ -100,10 +100,10 @@ def test_gather_and_tiles_agree_at_moderate_size(rng):
     (lambda x: ra.strided_attention(x, x, x, stride=0), ValueError, "stride must be"),
     (lambda x: ra.fixed_attention(x, x, x, block=4, summary=5), ValueError,
      "summary=5 must not exceed block=4"),
-    (lambda x: ra.block_sparse_attention(x, x, x, layout=np.ones((2, 2), bool),
+    (lambda x: ra.block_sparse_attention(x, x, x, block_layout=np.ones((2, 2), bool),
                                          block_size=4), ValueError,
      r"covers 8 query and 8 key positions; M=10 needs \(3, 3\) blocks"),
-    (lambda x: ra.block_sparse_attention(x, x, x, layout=np.ones((3, 3)), block_size=4),
+    (lambda x: ra.block_sparse_attention(x, x, x, block_layout=np.ones((3, 3)), block_size=4),
      ValueError, "2-D boolean array"),
     (lambda x: ra.bigbird_attention(x, x, x, block_size=0, rng=0), ValueError,
      "block_size must be"),

@@ -116,16 +116,18 @@ def problem_from_shapes(q_shape, k_shape, v_shape=None) -> Problem:
             raise ValueError(f"{name} must have shape (..., heads, length, dim) with at least "
                              f"3 dimensions, got shape {shape}")
     shapes = f"q {q_shape}, k {k_shape}" + (f", v {v_shape}" if v_shape is not None else "")
+    hint = ("; shapes are heads-first (..., H, N, D): for (..., N, H, D) tensors "
+            "(FlashAttention's layout) pass layout='bnhd'")
     hq, n, d = q_shape[-3:]
     hkv, m, dk = k_shape[-3:]
     if d != dk:
         raise ValueError(f"q and k must share the last dimension D; got {shapes}")
     if v_shape is not None and v_shape[-3:-1] != (hkv, m):
         raise ValueError(f"k and v must have the same heads and length (..., Hkv, M, *); "
-                         f"got {shapes}")
+                         f"got {shapes}{hint}")
     if hkv == 0 or hq == 0 or hq % hkv != 0:
         raise ValueError(f"query heads Hq={hq} must be a positive multiple of KV heads "
-                         f"Hkv={hkv} (grouped-query attention); got {shapes}")
+                         f"Hkv={hkv} (grouped-query attention); got {shapes}{hint}")
     if d == 0:
         raise ValueError(f"head dimension D must be positive; got {shapes}")
     try:

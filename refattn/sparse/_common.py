@@ -31,9 +31,9 @@ def pattern(factory, **register_kwargs):
                                         check_finite=check_finite, method=method,
                                         block_q=block_q, block_k=block_k, workers=workers)
         fn.mask = factory
-        register(family="sparse", exact=False, supports_causal=True, supports_mask=False,
-                 supports_gqa=True, position_free=False, mask=factory,
-                 **register_kwargs)(fn)
+        fn = register(family="sparse", exact=False, supports_causal=True,
+                      supports_mask=False, supports_gqa=True, position_free=False,
+                      mask=factory, **register_kwargs)(fn)
         implied.__name__, vjp.__name__ = f"{fn.__name__}_matrix", f"{fn.__name__}_vjp"
         attach(fn, implied=implied, vjp=vjp)
         return fn

@@ -59,25 +59,31 @@ def _band_layout(n, block_size):
     return np.abs(i[:, None] - i[None, :]) <= 1
 
 
-@pattern(masks.block_layout, time="O(nnz blocks·b²·D)", state="O(N·D)",
-          example={"layout": np.tril(np.ones((14, 14), bool)), "block_size": 3},
-          budget=lambda n, b: {"layout": _band_layout(n, max(1, b // 3)),
+def _block_layout_mask(block_layout, block_size):
+    return masks.block_layout(block_layout, block_size)
+
+
+@pattern(_block_layout_mask, time="O(nnz blocks·b²·D)", state="O(N·D)",
+          example={"block_layout": np.tril(np.ones((14, 14), bool)), "block_size": 3},
+          budget=lambda n, b: {"block_layout": _band_layout(n, max(1, b // 3)),
                                "block_size": max(1, b // 3)})
-def block_sparse_attention(q, k, v, *, layout, block_size, **options):
-    """Block-sparse attention over an arbitrary boolean block ``layout``
-    (:func:`refattn.masks.block_layout`; Child et al. 2019, Gray et al. 2017).
-    ``layout`` needs ``ceil(M / block_size)`` blocks each way.
+def block_sparse_attention(q, k, v, *, block_layout, block_size, **options):
+    """Block-sparse attention over an arbitrary boolean ``block_layout``
+    (:func:`refattn.masks.block_layout`; Child et al. 2019, Gray et al. 2017), the
+    ``(ceil(N / block_size), ceil(M / block_size))`` blocks kept. (``layout=`` is the
+    tensor layout every mechanism takes.)
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 8, 4))
-    >>> layout = np.array([[1, 0], [1, 1]], bool)
-    >>> out = ra.block_sparse_attention(q, k, v, layout=layout, block_size=4)
+    >>> blocks = np.array([[1, 0], [1, 1]], bool)
+    >>> out = ra.block_sparse_attention(q, k, v, block_layout=blocks, block_size=4)
     >>> bool(np.allclose(out[0, :4], ra.attention(q[:, :4], k[:, :4], v[:, :4])[0]))
     True
     """
     options.setdefault("block_q", block_size)   # tiles aligned with the layout's blocks
     options.setdefault("block_k", block_size)
-    return sparse_attention(q, k, v, masks.block_layout(layout, block_size), **options)
+    return sparse_attention(q, k, v, _block_layout_mask(block_layout, block_size),
+                            **options)
 
 
 def _bigbird_mask(block_size, window_blocks=1, global_blocks=1, random_blocks=2, rng=None):

@@ -8,7 +8,8 @@ named masks are in :mod:`~refattn.masks.bands`, :mod:`~refattn.masks.tokens` and
 A mask decides, for query row ``q_idx`` and key ``kv_idx`` (and batch ``b``, query head
 ``h``), whether the query may attend to the key. Masks are FlexAttention-style predicates
 ``mask_mod(b, h, q_idx, kv_idx) -> bool`` evaluated on broadcast NumPy integer arrays, so
-a simple FlexAttention ``mask_mod`` works unchanged wherever refattn takes ``mask=``.
+a simple FlexAttention ``mask_mod`` works unchanged wherever refattn takes ``mask=``
+(one written with torch runs on torch index tensors: :mod:`refattn.boundary.torch_mods`).
 
 **Positions.** Queries and keys may have different lengths ``N`` and ``M``. The named
 masks compare *positions*: key ``j`` sits at position ``j``, query row ``i`` at
@@ -48,6 +49,7 @@ import numpy as np
 
 from .._core.checks import is_int
 from .._core.problem import flatten_leading, gather_broadcast
+from ..boundary.torch_mods import ModEvaluator
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -232,9 +234,10 @@ def _offset(align: str, n, m) -> int:
 class _Function(Mask):
     def __init__(self, fn, name):
         self.fn, self.name = fn, name
+        self._call = ModEvaluator(fn, name, "mask_mod")
 
     def _eval(self, b, h, q_idx, kv_idx, n, m):
-        keep = np.asarray(self.fn(b, h, q_idx, kv_idx))
+        keep = self._call(b, h, q_idx, kv_idx)
         if keep.dtype != bool:
             raise TypeError(f"mask function {self.name} returned dtype {keep.dtype}; a "
                             f"mask_mod must return booleans")
@@ -243,7 +246,19 @@ class _Function(Mask):
 
 def from_function(fn, name: str | None = None) -> Mask:
     """Wrap a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (evaluated
-    on broadcast NumPy index arrays; ``q_idx`` is the raw row index)."""
+    on broadcast NumPy index arrays; ``q_idx`` is the raw row index).
+
+    A mod written with torch (``doc[q_idx] == doc[kv_idx]`` over a captured id tensor,
+    ``torch.where``) is evaluated on torch CPU index tensors instead when the caller has
+    imported torch and the mod refers to it or NumPy cannot run it; see
+    :mod:`refattn.boundary.torch_mods`.
+    A mod that fails raises an error naming it, with the error it raised.
+
+    >>> import refattn as ra
+    >>> ra.masks.from_function(lambda b, h, q, k: (q - k) % 2 == 0).materialize(2, 3)
+    array([[ True, False,  True],
+           [False,  True, False]])
+    """
     if not callable(fn):
         raise TypeError(f"mask function must be callable, got {type(fn).__name__}")
     return _Function(fn, name or getattr(fn, "__name__", "mask_fn"))

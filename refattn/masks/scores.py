@@ -1,7 +1,8 @@
 """Score modifiers: additive biases and elementwise transforms of attention logits.
 
 A score modifier has the FlexAttention signature
-``score_mod(score, b, h, q_idx, kv_idx) -> score`` on broadcast NumPy arrays and is passed
+``score_mod(score, b, h, q_idx, kv_idx) -> score`` on broadcast NumPy arrays (one written
+with torch runs on torch tensors: :mod:`refattn.boundary.torch_mods`) and is passed
 as ``bias=`` to the attention references; ``bias=`` also takes an additive array
 broadcastable to ``(..., Hq, N, M)``. Like masks, the modifiers built here use query
 *positions* ``i' = i + (M - N)`` (bottom-right alignment) and learn ``N, M`` from the
@@ -32,6 +33,7 @@ import numpy as np
 from .._core.checks import is_int, resolve_softcap
 from .._core.problem import flatten_leading, gather_broadcast, sum_to_shape
 from ..boundary.arrays import to_float64
+from ..boundary.torch_mods import ModEvaluator
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "relative_bias", "softcap",
            "from_function", "from_array", "as_score_mod"]
@@ -192,14 +194,21 @@ def softcap(cap: float) -> ScoreMod:
 class _Function(ScoreMod):
     def __init__(self, fn, name, derivative=None):
         self.fn, self.name, self.derivative = fn, name, derivative
+        self._call = ModEvaluator(fn, name, "score_mod")
+        self._call_derivative = None if derivative is None else \
+            ModEvaluator(derivative, name, "derivative")
 
     def _derivative(self, score, b, h, q_idx, kv_idx, n, m):
         if self.derivative is None:
             return super()._derivative(score, b, h, q_idx, kv_idx, n, m)
-        return np.asarray(self.derivative(score, b, h, q_idx, kv_idx), dtype=np.float64)
+        out = self._call_derivative(score, b, h, q_idx, kv_idx)
+        if out.dtype.kind not in "fiub":
+            raise TypeError(f"derivative of score_mod {self.name} returned dtype "
+                            f"{out.dtype}; expected real numbers")
+        return out.astype(np.float64, copy=False)
 
     def _apply(self, score, b, h, q_idx, kv_idx, n, m):
-        out = np.asarray(self.fn(score, b, h, q_idx, kv_idx))
+        out = self._call(score, b, h, q_idx, kv_idx)
         if out.dtype.kind not in "fiu":
             raise TypeError(f"score_mod {self.name} returned dtype {out.dtype}; expected "
                             f"real numbers")
@@ -212,6 +221,20 @@ def from_function(fn, name: str | None = None, *, derivative=None) -> ScoreMod:
     ``derivative(score, b, h, q_idx, kv_idx)``, when given, is ``d score_mod / d score``:
     gradients (:func:`refattn.vjp`) flow through the modifier with it, and raise without
     it (refattn does not differentiate Python code).
+
+    Either may be written with torch (``torch.tanh(score)``, a captured slope tensor):
+    when the caller has imported torch and the function refers to it or NumPy cannot
+    run it, it is evaluated on torch CPU tensors (``score`` float64, indices int64) and
+    its result converted to float64;
+    see :mod:`refattn.boundary.torch_mods`. A function that fails raises an error naming
+    it, with the error it raised.
+
+    >>> import numpy as np, refattn as ra
+    >>> cap = ra.scores.from_function(
+    ...     lambda s, b, h, q, k: 2 * np.tanh(s / 2),
+    ...     derivative=lambda s, b, h, q, k: 1 - np.tanh(s / 2) ** 2)
+    >>> cap(np.array([0.0, 4.0]), 0, 0, 0, 0).round(4)
+    array([0.    , 1.9281])
     """
     if not callable(fn):
         raise TypeError(f"score_mod must be callable, got {type(fn).__name__}")

@@ -16,7 +16,8 @@ from ._core.checks import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
 from .masks import scores
 from .registry import Mechanism, mechanisms
 from .gradients import vjp
-from .exact import attention, attention_probs, merge_partials, tiled_attention
+from .exact import (attention, attention_probs, merge_partials, paged_attention,
+                    tiled_attention)
 from .sparse import (sparse_attention, sliding_window_attention, strided_attention,
                      fixed_attention, block_sparse_attention, bigbird_attention,
                      longformer_attention, sink_attention, chunked_attention, topk_attention,
@@ -73,7 +74,8 @@ for _old, _new in STABLE_PATHS.items():
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "attention_probs", "tiled_attention", "merge_partials", "masks", "scores",
+    "attention", "attention_probs", "tiled_attention", "merge_partials", "paged_attention",
+    "masks", "scores",
     "mechanisms", "Mechanism", "vjp", "testing", "MemoryBudgetError", "DEFAULT_MEMORY_BUDGET",
     "sparse_attention", "sliding_window_attention", "strided_attention", "fixed_attention",
     "block_sparse_attention", "bigbird_attention", "longformer_attention", "sink_attention",

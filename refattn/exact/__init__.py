@@ -1,16 +1,20 @@
 """Exact softmax attention: dense, tiled (FlashAttention's online softmax), merging of
-partial results, quantized keys and values, and KV-cache states for decoding.
+partial results, quantized keys and values, KV-cache states for decoding, and attention
+over a paged KV cache in the vLLM / FlashInfer layout.
 """
 from .dense import attention, attention_probs
 from .tiled import tiled_attention
 from .merge import merge_partials, split_kv_decode
 from .quantize import dequantize, quantization_error, quantize
+from .paged import paged_attention
 from . import kvcache
 
 __all__ = ["attention", "attention_probs", "tiled_attention", "merge_partials",
-           "split_kv_decode", "quantize", "dequantize", "quantization_error", "kvcache"]
+           "split_kv_decode", "quantize", "dequantize", "quantization_error", "kvcache",
+           "paged_attention"]
 
 # gradients (refattn.vjp finds them through the registry)
 from .dense import attention_vjp
 from .tiled import tiled_attention_vjp
-__all__ += ["attention_vjp", "tiled_attention_vjp"]
+from .paged import paged_attention_vjp
+__all__ += ["attention_vjp", "tiled_attention_vjp", "paged_attention_vjp"]

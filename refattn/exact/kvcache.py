@@ -116,23 +116,52 @@ def full_cache_step(state, q_t, k_t, v_t):
 
 @dataclasses.dataclass(frozen=True)
 class PagedCacheState(State):
-    """Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023): a preallocated pool
-    ``key_pages (P, *b, Hkv, page_size, D)``, ``value_pages (P, *b, Hkv, page_size, Dv)``
-    and a page table ``page_table`` (tuple of physical page ids, logical order)."""
+    """Paged KV cache (vLLM's PagedAttention, Kwon et al. 2023): a preallocated pool of
+    ``num_pages`` pages of ``page_size`` tokens and a page table ``page_table`` (tuple of
+    physical page ids, logical order).
 
-    key_pages: np.ndarray
-    value_pages: np.ndarray
+    The pages in use are held one array each, ``key_blocks[i]`` ``(*b, Hkv, page_size,
+    D)`` for page ``page_table[i]`` (likewise ``value_blocks``), so that a step copies
+    only the page it writes (O(page), not O(pool)) and no state ever changes. The pool
+    ``key_pages (P, *b, Hkv, page_size, D)``, ``value_pages (P, *b, Hkv, page_size, Dv)``
+    (unused pages and slots 0) is assembled when read, in O(pool)."""
+
+    key_blocks: tuple
+    value_blocks: tuple
+    num_pages: int
     page_table: tuple
     allocation: tuple
     sizes: tuple
     page_size: int
     scale: float | None
 
+    @property
+    def key_pages(self) -> np.ndarray:
+        return self._pool(self.key_blocks, self.sizes[3])
+
+    @property
+    def value_pages(self) -> np.ndarray:
+        return self._pool(self.value_blocks, self.sizes[4])
+
+    def _pool(self, blocks, dim):
+        b, _, hkv = self.sizes[:3]
+        pool = np.zeros((self.num_pages,) + b + (hkv, self.page_size, dim))
+        for page, block in zip(self.page_table, blocks):
+            pool[page] = block
+        return pool
+
+    @property
+    def nbytes(self) -> int:
+        """The preallocated pool's bytes (:meth:`nbytes_after`)."""
+        return self.nbytes_after(self.position)
+
     def nbytes_after(self, n: int) -> int:
         """Bytes held after ``n`` tokens: the pool, ``P·prod(batch)·Hkv·page_size·(D+Dv)·8``
         (constant; preallocated), plus nothing for the page table (a tuple)."""
         check_int("n", n, minimum=0)
-        return self.key_pages.nbytes + self.value_pages.nbytes
+        b, _, hkv, d, dv = self.sizes
+        return (self.num_pages * int(np.prod(b, dtype=np.int64)) * hkv * self.page_size
+                * (d + dv) * 8)
 
 
 def paged_init(*, batch_shape=(), heads_q, heads_kv, d, dv, page_size, num_pages,
@@ -160,9 +189,7 @@ def paged_init(*, batch_shape=(), heads_q, heads_kv, d, dv, page_size, num_pages
         raise ValueError(f"allocation must list distinct page ids < num_pages={num_pages}, "
                          f"got {allocation}")
     b, _, hkv, d, dv = sizes
-    return PagedCacheState(position=0,
-                           key_pages=np.zeros((num_pages,) + b + (hkv, page_size, d)),
-                           value_pages=np.zeros((num_pages,) + b + (hkv, page_size, dv)),
+    return PagedCacheState(position=0, key_blocks=(), value_blocks=(), num_pages=num_pages,
                            page_table=(), allocation=allocation, sizes=sizes,
                            page_size=page_size, scale=scale)
 
@@ -171,22 +198,27 @@ def paged_step(state, q_t, k_t, v_t):
     """Write token ``t`` at offset ``t % page_size`` of logical page ``t // page_size``
     (allocating the next page of ``allocation`` when a page fills), gather the pages of
     the page table in logical order, and attend ``q_t`` to the first ``t + 1`` tokens.
-    Returns ``(out_t, new_state)``; raises ValueError when the pool is exhausted.
+    Returns ``(out_t, new_state)``; raises ValueError when the pool is exhausted. A step
+    copies the one page it writes (and the tuple of page references), never the pool;
+    :func:`refattn.paged_attention` reads the pool (``kv_layout="HND"`` when
+    ``batch_shape=()``).
     Example: see :func:`paged_init`."""
     q_t, k_t, v_t = check_tokens(q_t, k_t, v_t, *state.sizes)
     t, ps = state.position, state.page_size
-    table = state.page_table
+    table, kb, vb = state.page_table, state.key_blocks, state.value_blocks
     if t % ps == 0:
         if len(table) >= len(state.allocation):
             raise ValueError(f"paged cache is full: {len(state.allocation)} pages of "
                              f"{ps} tokens hold {t} tokens")
         table = table + (state.allocation[len(table)],)
-    kp, vp = state.key_pages.copy(), state.value_pages.copy()
-    kp[table[-1], ..., t % ps, :], vp[table[-1], ..., t % ps, :] = k_t, v_t
-    idx = list(table)
-    keys = np.concatenate(list(kp[idx]), axis=-2)[..., :t + 1, :]
-    values = np.concatenate(list(vp[idx]), axis=-2)[..., :t + 1, :]
-    new = state.replace(position=t + 1, key_pages=kp, value_pages=vp, page_table=table)
+        page_k, page_v = (np.zeros(x.shape[:-1] + (ps, x.shape[-1])) for x in (k_t, v_t))
+    else:                                 # copy the last page only: old states keep theirs
+        page_k, page_v, kb, vb = kb[-1].copy(), vb[-1].copy(), kb[:-1], vb[:-1]
+    page_k[..., t % ps, :], page_v[..., t % ps, :] = k_t, v_t
+    kb, vb = kb + (page_k,), vb + (page_v,)
+    keys = np.concatenate(kb, axis=-2)[..., :t + 1, :]
+    values = np.concatenate(vb, axis=-2)[..., :t + 1, :]
+    new = state.replace(position=t + 1, key_blocks=kb, value_blocks=vb, page_table=table)
     return attend_token(q_t, keys, values, scale=state.scale), new
 
 

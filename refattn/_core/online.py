@@ -9,25 +9,13 @@ import threading
 
 import numpy as np
 
-from ..masks import FULL, PARTIAL
+from ..masks import FULL
+from ..masks.tile_rows import TileRows
 from .backward import head_summed_product
 from .softmax import finish_rows
 from .threads import run_items
 
 __all__ = ["online_softmax_tiles", "online_softmax_tiles_backward"]
-
-
-def _tile_lists(mask, n, m, block_q, block_k):
-    """``(indptr, key_tiles, labels)``: for query tile ``t`` the key tiles
-    ``key_tiles[indptr[t]:indptr[t+1]]`` to visit and their FULL/PARTIAL labels; only the
-    non-empty ones for an analytic mask, every tile otherwise (the mask then evaluated)."""
-    if mask is not None and mask.analytic:
-        return mask.tile_lists(n, m, block_q, block_k)
-    n_q_tiles, n_k_tiles = -(-n // block_q), -(-m // block_k)
-    indptr = np.arange(n_q_tiles + 1) * n_k_tiles
-    key_tiles = np.tile(np.arange(n_k_tiles), n_q_tiles)
-    return indptr, key_tiles, np.full(len(key_tiles), FULL if mask is None else PARTIAL,
-                                      np.int8)
 
 
 def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, workers=None):
@@ -38,8 +26,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
     ``out (B, Hq, N, Dv)`` and ``lse (B, Hq, N)``.
     """
     g, n, m = pb.group, pb.n, pb.m
-    n_q_tiles = -(-n // block_q)
-    indptr, key_tiles, labels = _tile_lists(logits.mask, n, m, block_q, block_k)
+    tiles = TileRows(logits.mask, n, m, block_q, block_k)     # classified lazily
 
     out, lse = pb.poisoned_outputs()
     local = threading.local()          # one reusable logit tile per worker thread
@@ -55,8 +42,7 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
         run_max = np.full((g, len(rows)), -np.inf)
         run_sum = np.zeros((g, len(rows)))
         acc = np.zeros((g, len(rows), pb.dv))
-        for kb, label in zip(key_tiles[indptr[qb]:indptr[qb + 1]],
-                             labels[indptr[qb]:indptr[qb + 1]]):
+        for kb, label in zip(*tiles.row(qb)):
             c0 = kb * block_k
             cols = np.arange(c0, min(c0 + block_k, m))
             s = logits.block(qt, k[b, hk, c0:c0 + len(cols)], b, heads, rows, cols,
@@ -74,9 +60,9 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
         finish_rows(acc, np.where(np.isneginf(run_max), 0.0, run_max), run_sum,
                 out[b, hs, r0:r0 + len(rows)], lse[b, hs, r0:r0 + len(rows)])
 
-    items = [(b, hk, hs, qb) for b, hk, hs in pb.kv_groups() for qb in range(n_q_tiles)]
-    visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
-    run_items(run, items, workers, visited)
+    items = [(b, hk, hs, qb) for b, hk, hs in pb.kv_groups() for qb in range(tiles.n_rows)]
+    work = float(tiles.grid_tiles) * block_q * block_k * pb.batch * pb.heads_q  # at most
+    run_items(run, items, workers, work)
     return out, lse
 
 
@@ -102,10 +88,8 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
     if dlse is not None:
         delta -= dlse
     lse = np.where(np.isneginf(lse), np.inf, lse)      # empty rows: P = exp(-inf) = 0
-    indptr, key_tiles, labels = _tile_lists(logits.mask, n, m, block_q, block_k)
-    query_tiles = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    by_key = np.argsort(key_tiles, kind="stable")       # the same pairs, key-major
-    key_ptr = np.searchsorted(key_tiles[by_key], np.arange(-(-m // block_k) + 1))
+    tiles = TileRows(logits.mask, n, m, block_q, block_k)
+    key_ptr, query_tiles, labels = tiles.columns()      # the visited tiles, key-major
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     lock = threading.Lock()
 
@@ -115,7 +99,7 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
         cols = np.arange(kb * block_k, min((kb + 1) * block_k, m))
         kt, vt = k[b, hk, cols[0]:cols[-1] + 1], v[b, hk, cols[0]:cols[-1] + 1]
         dkt, dvt = np.zeros(kt.shape), np.zeros(vt.shape)
-        for pair in by_key[key_ptr[kb]:key_ptr[kb + 1]]:
+        for pair in range(key_ptr[kb], key_ptr[kb + 1]):
             qb = query_tiles[pair]
             rs = slice(qb * block_q, min((qb + 1) * block_q, n))
             rows = np.arange(rs.start, rs.stop)
@@ -140,7 +124,7 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
         dk[b, hk, cols[0]:cols[-1] + 1], dv[b, hk, cols[0]:cols[-1] + 1] = dkt, dvt
 
     items = [(b, hk, hs, kb) for b, hk, hs in pb.kv_groups()
-             for kb in range(-(-m // block_k)) if key_ptr[kb + 1] > key_ptr[kb]]
-    visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
+             for kb in range(tiles.n_cols) if key_ptr[kb + 1] > key_ptr[kb]]
+    visited = float(len(query_tiles)) * block_q * block_k * pb.batch * pb.heads_q
     run_items(run, items, workers, visited)
     return dq, dk, dv

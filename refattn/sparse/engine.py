@@ -40,7 +40,7 @@ from .._core.online import online_softmax_tiles, online_softmax_tiles_backward
 from .._core.problem import prepare_qkv
 from .._core.softmax import finish_rows
 from .._core.threads import run_items
-from ..masks import FULL, PARTIAL
+from ..masks import FULL, PARTIAL, TileRows
 
 __all__ = ["sparse_attention", "sparse_attention_vjp", "SPARSE_BLOCK", "GATHER_BLOCK_Q", "GATHER_COST_RATIO"]
 
@@ -124,28 +124,29 @@ GATHER_COST_RATIO = 25
 
 def choose_method(mask, n, m, block, samples: int = 16) -> str:
     """``"gather"`` when the kept pairs fill less than ``1 / GATHER_COST_RATIO`` of the
-    tiles the tile path would visit, estimated from a few partial tiles (all tiles are
-    partial for masks without an analytic classification)."""
-    if mask.analytic:
-        indptr, key_tiles, labels = mask.tile_lists(n, m, block, block)
-        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    else:
-        grid = np.indices((-(-n // block), -(-m // block))).reshape(2, -1)
-        rows, key_tiles = grid
-        labels = np.full(len(rows), PARTIAL, np.int8)
-    if labels.size == 0:
+    tiles the tile path would visit, estimated from a few partial tiles of a few query-tile
+    rows spread over the grid (all tiles are partial for masks without an analytic
+    classification)."""
+    tiles = TileRows(mask, n, m, block, block)
+    picked = np.unique(np.linspace(0, tiles.n_rows - 1, min(samples, tiles.n_rows))
+                       .astype(int)) if tiles.n_rows else []
+    visited = full = 0
+    partial = []
+    for a in picked:
+        key_tiles, labels = tiles.row(a)
+        visited += len(labels)
+        full += int(np.sum(labels == FULL))
+        partial += [(a, kb) for kb in key_tiles[labels == PARTIAL]]
+    if not partial:
         return "tiles"
-    partial = np.flatnonzero(labels == PARTIAL)
-    if partial.size == 0:
-        return "tiles"
-    pick = partial[np.linspace(0, partial.size - 1, min(samples, partial.size)).astype(int)]
     kept = []
-    for t in pick:
-        qi = np.arange(rows[t] * block, min((rows[t] + 1) * block, n))
-        ki = np.arange(key_tiles[t] * block, min((key_tiles[t] + 1) * block, m))
+    for a, kb in (partial[i] for i in np.linspace(0, len(partial) - 1,
+                                                   min(samples, len(partial))).astype(int)):
+        qi = np.arange(a * block, min((a + 1) * block, n))
+        ki = np.arange(kb * block, min((kb + 1) * block, m))
         kept.append(np.mean(mask._eval(np.asarray(0), np.asarray(0), qi[:, None], ki[None, :],
                                        n, m)))
-    density = (np.mean(kept) * partial.size + (labels == FULL).sum()) / labels.size
+    density = (np.mean(kept) * len(partial) + full) / visited
     return "gather" if density * GATHER_COST_RATIO < 1 else "tiles"
 
 
@@ -153,21 +154,13 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
     """The CSR path: per query block, list the kept pairs, then a segment softmax."""
     g, n, m = pb.group, pb.n, pb.m
     mask = logits.mask
-    n_q_tiles = -(-n // block_q)
-    if mask.analytic:
-        indptr, key_tiles, labels = mask.tile_lists(n, m, block_q, block_k)
-    else:
-        n_k = -(-m // block_k)
-        indptr = np.arange(n_q_tiles + 1) * n_k
-        key_tiles = np.tile(np.arange(n_k), n_q_tiles)
-        labels = np.full(len(key_tiles), PARTIAL, np.int8)
+    tiles = TileRows(mask, n, m, block_q, block_k)
     out, lse = pb.poisoned_outputs()
 
     def run(item):
         b, h, qb = item
         rows = np.arange(qb * block_q, min((qb + 1) * block_q, n))
-        span = slice(indptr[qb], indptr[qb + 1])
-        r, c = _kept_pairs(mask, b, h, rows, n, m, block_k, (key_tiles[span], labels[span]))
+        r, c = _kept_pairs(mask, b, h, rows, n, m, block_k, tiles.row(qb))
         starts = np.searchsorted(r, rows[0] + np.arange(len(rows) + 1))  # CSR row pointers
         qh, kh, vh = q[b, h, rows[0]:rows[-1] + 1] * logits.scale, k[b, h // g], v[b, h // g]
         s = _pair_logits(qh, kh, r - rows[0], c)
@@ -182,9 +175,9 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
                 lse[b, h, rows[0]:rows[-1] + 1])
 
     items = [(b, h, qb) for b in range(pb.batch) for h in range(pb.heads_q)
-             for qb in range(n_q_tiles)]
-    visited = float(len(key_tiles)) * block_q * block_k * pb.batch * pb.heads_q
-    run_items(run, items, workers, visited)
+             for qb in range(tiles.n_rows)]
+    work = float(tiles.grid_tiles) * block_q * block_k * pb.batch * pb.heads_q  # at most
+    run_items(run, items, workers, work)
     return out, lse
 
 

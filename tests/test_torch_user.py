@@ -40,6 +40,7 @@ def test_float8_tensors_are_read_bit_exactly():
                                       refattn.attention(*(x.float() for x in (q8, k8, v8))))
 
 
+@pytest.mark.filterwarnings("ignore:Lower right causal bias will produce NaNs")
 @pytest.mark.parametrize("n, m", [(5, 9), (9, 5)])
 def test_causal_alignment_by_name_against_torch(n, m):
     from torch.nn.attention.bias import causal_lower_right
@@ -167,3 +168,49 @@ def test_no_framework_is_imported_by_refattn():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_flex_attention_mods_written_with_torch():
+    import warnings
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    slopes = torch.exp2(-torch.arange(1, 5) * 2.0)              # captured tensors
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 25, 31]))
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+
+    def same_doc_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    q, k, v = _qkv((2, 4, 96, 16), (2, 4, 96, 16), torch.float64, requires_grad=False)
+    block_mask = flex.create_block_mask(same_doc_causal, 2, 4, 96, 96, device="cpu",
+                                        BLOCK_SIZE=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # eager, without torch.compile
+        expected = flex.flex_attention(q, k, v, score_mod=alibi, block_mask=block_mask)
+    mine = refattn.attention(q, k, v, mask=same_doc_causal, bias=alibi)
+    assert_close(expected, mine, rtol=1e-13, atol=1e-13)
+
+
+def test_paged_cache_equals_the_contiguous_cache():
+    rng = np.random.default_rng(3)
+    block_size, hkv, d = 16, 2, 16
+    lengths = [1, 40, 300, 17, 64]
+    pool = sum(-(-n // block_size) for n in lengths) + 3
+    key_cache = torch.tensor(rng.standard_normal((pool, block_size, hkv, d)))
+    value_cache = torch.tensor(rng.standard_normal((pool, block_size, hkv, d)))
+    free = rng.permutation(pool)                              # blocks out of order
+    table = torch.full((len(lengths), 19), -1, dtype=torch.int32)
+    used = 0
+    for s, n in enumerate(lengths):
+        blocks = -(-n // block_size)
+        table[s, :blocks] = torch.tensor(free[used:used + blocks])
+        used += blocks
+    q = torch.tensor(rng.standard_normal((len(lengths), 8, d)))   # one decode token each
+    out = refattn.paged_attention(q, key_cache, value_cache, table,
+                                  torch.tensor(lengths, dtype=torch.int32))
+    for s, n in enumerate(lengths):
+        ids = table[s, :-(-n // block_size)].long()
+        k = key_cache[ids].reshape(-1, hkv, d)[:n].transpose(0, 1)
+        v = value_cache[ids].reshape(-1, hkv, d)[:n].transpose(0, 1)
+        np.testing.assert_array_equal(out[s], refattn.attention(q[s, :, None], k, v)[:, 0])

@@ -52,11 +52,14 @@ def fixed_attention(q, k, v, *, block, summary=1, **options):
 
 
 def _band_layout(n, block_size):
-    """Block layout for ``n`` positions: each block row keeps its diagonal block and the
-    blocks on either side (3 blocks, ~3·block_size keys per query)."""
+    """Block layout for ``n`` positions, sparse (SciPy CSR): each block row keeps its
+    diagonal block and the blocks on either side (3 blocks, ~3·block_size keys per
+    query)."""
+    import scipy.sparse
     blocks = -(-n // block_size)
-    i = np.arange(blocks)
-    return np.abs(i[:, None] - i[None, :]) <= 1
+    return scipy.sparse.diags_array([np.ones(max(blocks - abs(d), 0), np.int8)
+                                     for d in (-1, 0, 1)], offsets=[-1, 0, 1],
+                                    shape=(blocks, blocks), format="csr", dtype=np.int8)
 
 
 def _block_layout_mask(block_layout, block_size):
@@ -69,9 +72,9 @@ def _block_layout_mask(block_layout, block_size):
                                "block_size": max(1, b // 3)})
 def block_sparse_attention(q, k, v, *, block_layout, block_size, **options):
     """Block-sparse attention over an arbitrary boolean ``block_layout``
-    (:func:`refattn.masks.block_layout`; Child et al. 2019, Gray et al. 2017), the
-    ``(ceil(N / block_size), ceil(M / block_size))`` blocks kept. (``layout=`` is the
-    tensor layout every mechanism takes.)
+    (:func:`refattn.masks.block_layout`; Child et al. 2019, Gray et al. 2017): the kept
+    blocks of a ``(ceil(M / block_size), ceil(M / block_size))`` boolean array or SciPy
+    sparse array. (``layout=`` is the tensor layout every mechanism takes.)
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 8, 4))

@@ -5,8 +5,9 @@ For each mechanism and each N it runs one float64 call (batch 1, one head, D = 6
 fresh subprocess and prints wall time, the peak working memory beyond inputs and output
 (``tracemalloc``: NumPy reports its buffers; a second, traced call) and the RSS high-water
 growth (``ru_maxrss``, untraced call, fresh process), then the exponent ``p`` of a
-least-squares fit ``time ~ N^p`` over the sizes from ``--fit-from`` on: about 1 for
-sparse and linear mechanisms, 2 for exact attention.
+least-squares fit ``time ~ N^p`` (and of the traced memory) over the sizes from
+``--fit-from`` on: about 1 for sparse and linear mechanisms, 2 for exact attention's
+time.
 
 Run by hand, not by the test suite::
 
@@ -41,6 +42,21 @@ CASES = {
         lambda ra, q, k, v: ra.bigbird_attention(q, k, v, block_size=64, window_blocks=1,
                                                  global_blocks=2, random_blocks=3, rng=0),
         [4 * K, 16 * K, 64 * K, 256 * K]),
+    "block_sparse": (
+        "block-sparse, blocks of 64, a band of 3 blocks per block row (SciPy CSR layout)",
+        lambda ra, q, k, v: ra.block_sparse_attention(
+            q, k, v, block_layout=_band(q.shape[-2] // 64 + 1), block_size=64),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
+    "longformer": (
+        "Longformer, window 256 each side, 16 global tokens",
+        lambda ra, q, k, v: ra.longformer_attention(q, k, v, window=256,
+                                                    global_tokens=np.arange(16)),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
+    "lsh": (
+        "Reformer LSH, chunks of 64, buckets of ~64 keys, 1 hash round (rng=0)",
+        lambda ra, q, k, v: ra.lsh_attention(q, k, v, n_buckets=max(2, q.shape[-2] // 64),
+                                             chunk_size=64, rng=0),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "linear_causal": (
         "causal linear attention, elu+1 features, chunked (chunk 64)",
         lambda ra, q, k, v: ra.linear_attention(q, k, v, causal=True),
@@ -55,6 +71,13 @@ CASES = {
         lambda ra, q, k, v: ra.tiled_attention(q, k, v, causal=True),
         [4 * K, 8 * K, 16 * K, 32 * K, 64 * K]),
 }
+
+
+def _band(blocks: int):
+    """A sparse band layout: each block row keeps its block and both neighbours."""
+    import scipy.sparse
+    return scipy.sparse.diags_array([np.ones(blocks - abs(o), np.int8) for o in (-1, 0, 1)],
+                                    offsets=[-1, 0, 1], format="csr", dtype=np.int8)
 
 
 def measure(case: str, n: int, d: int) -> dict:
@@ -82,9 +105,9 @@ def measure(case: str, n: int, d: int) -> dict:
             "inputs_mib": 3 * q.nbytes / MiB}
 
 
-def fit_exponent(ns, seconds) -> float:
-    """Least-squares slope of log(time) against log(N)."""
-    return float(np.polyfit(np.log(ns), np.log(seconds), 1)[0])
+def fit_exponent(ns, values) -> float:
+    """Least-squares slope of log(value) against log(N)."""
+    return float(np.polyfit(np.log(ns), np.log(values), 1)[0])
 
 
 def main(argv=None) -> None:
@@ -122,8 +145,11 @@ def main(argv=None) -> None:
                   f"{r['inputs_mib']:>11.1f} {100 * r['other']:>6.0f}%", flush=True)
         fit = [r for r in rows if r["n"] >= args.fit_from]
         if len(fit) >= 2:
-            p = fit_exponent([r["n"] for r in fit], [r["seconds"] for r in fit])
-            print(f"fitted exponent time ~ N^{p:.2f} over N = {fit[0]['n']} .. {fit[-1]['n']}")
+            ns = [r["n"] for r in fit]
+            p = fit_exponent(ns, [r["seconds"] for r in fit])
+            pm = fit_exponent(ns, [max(r["traced_mib"], 1e-3) for r in fit])
+            print(f"fitted exponents over N = {fit[0]['n']} .. {fit[-1]['n']}: time ~ "
+                  f"N^{p:.2f}, traced memory ~ N^{pm:.2f}")
 
 
 if __name__ == "__main__":

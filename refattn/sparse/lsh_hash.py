@@ -27,12 +27,27 @@ def _rotations(rng, n_hashes: int, d: int, n_buckets: int) -> np.ndarray:
     return resolve_rng(rng, "LSH hashing").standard_normal((n_hashes, d, n_buckets // 2))
 
 
+#: Projections formed at once while hashing (elements): bounds its working memory.
+HASH_BLOCK_ELEMENTS = 2**20
+
+
 def _hash(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
     """Buckets ``argmax([xR; -xR])`` of ``x (..., L, D)`` for each of the rotations
-    ``rot (R, D, b/2)``: int64 ``(R, ..., L)``."""
+    ``rot (R, D, b/2)``: int64 ``(R, ..., L)``. The projections ``xR`` are formed a block
+    of vectors at a time (``HASH_BLOCK_ELEMENTS``), so memory does not grow with
+    ``L · b``; the first maximum of ``[xR; -xR]`` is taken without concatenating."""
     r, d, half = rot.shape
-    proj = np.matmul(x[None], rot.reshape((r,) + (1,) * (x.ndim - 2) + (d, half)))
-    return np.argmax(np.concatenate([proj, -proj], axis=-1), axis=-1)
+    flat = x.reshape(-1, d)
+    out = np.empty((r, flat.shape[0]), np.int64)
+    step = max(1, HASH_BLOCK_ELEMENTS // half)
+    for i in range(r):
+        for lo in range(0, flat.shape[0], step):
+            proj = flat[lo:lo + step] @ rot[i]
+            up, down = proj.argmax(axis=-1), proj.argmin(axis=-1)
+            rows = np.arange(len(proj))
+            out[i, lo:lo + step] = np.where(proj[rows, up] >= -proj[rows, down], up,
+                                            half + down)
+    return out.reshape((r,) + x.shape[:-1])
 
 
 # --------------------------------------------------------------------------- hash

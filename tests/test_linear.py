@@ -235,7 +235,7 @@ def test_validation_errors(rng):
             linear_attention(q, k, v, causal=True, chunk_size=bad)
     with pytest.raises(ValueError, match="method must be one of"):
         linear_attention(q, k, v, causal=True, method="parallel")
-    with pytest.raises(TypeError, match="causal must be True or False"):
+    with pytest.raises(ValueError, match="causal must be True, False or one of"):
         linear_attention(q, k, v, causal="yes")
     with pytest.raises(TypeError, match="allow_negative must be True or False"):
         linear_attention(q, k, v, allow_negative=1)

@@ -94,7 +94,7 @@ def test_gather_and_tiles_agree_at_moderate_size(rng):
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda x: ra.sliding_window_attention(x, x, x, window=-1), ValueError, "left must be"),
+    (lambda x: ra.sliding_window_attention(x, x, x, window=-1), ValueError, "window must be an integer >= 0"),
     (lambda x: ra.sliding_window_attention(x, x, x, window=2, dilation=[]), ValueError,
      "dilation must be"),
     (lambda x: ra.strided_attention(x, x, x, stride=0), ValueError, "stride must be"),

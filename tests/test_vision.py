@@ -546,7 +546,7 @@ def test_clear_errors(rng):
         neighborhood_attention(q, q, q, (3, 3), dilation=(1, 2, 3))
     with pytest.raises(ValueError, match="kernel_size must be >= 1"):
         neighborhood_attention(q, q, q, (0, 3))
-    with pytest.raises(TypeError, match="causal must be"):
+    with pytest.raises(ValueError, match="causal must be True, False or one of"):
         neighborhood_attention(q, q, q, (3, 3), causal="yes")
     with pytest.raises(ValueError, match=r"q and k must share the last dimension D; got "
                                          r"q \(1, 8, 6, 4\), k \(1, 8, 6, 3\)"):

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..boundary.arrays import to_float64
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "MemoryBudgetError", "check_memory", "is_int", "check_int",
+__all__ = ["DEFAULT_MEMORY_BUDGET", "MemoryBudgetError", "check_memory", "resolve_budget",
+           "is_int", "check_int",
            "check_count", "check_positive", "check_cotangent",
            "check_block", "check_bool", "check_choice", "resolve_scale",
            "resolve_softcap", "resolve_rng"]
@@ -25,9 +26,21 @@ class MemoryBudgetError(MemoryError):
     large allocation, with the name of the memory-bounded alternative."""
 
 
+def resolve_budget(budget) -> float:
+    """``memory_budget``: bytes, a positive number (None: :data:`DEFAULT_MEMORY_BUDGET`)."""
+    if budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, float, np.integer,
+                                                                       np.floating)):
+        raise TypeError(f"memory_budget must be a number of bytes, got {budget!r}")
+    if not budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {budget!r}")
+    return float(budget)
+
+
 def check_memory(nbytes: float, budget, what: str, alternative: str) -> None:
     """Raise :class:`MemoryBudgetError` before allocating ``nbytes`` beyond ``budget``."""
-    budget = DEFAULT_MEMORY_BUDGET if budget is None else budget
+    budget = resolve_budget(budget)
     if nbytes > budget:
         raise MemoryBudgetError(
             f"{what} needs about {nbytes / 2**30:.1f} GiB of working memory, over the "

@@ -29,6 +29,7 @@ import inspect
 
 import numpy as np
 
+from .._core.checks import resolve_budget
 from .arrays import host_array
 
 __all__ = ["with_boundary", "call_vjp", "BOUNDARY_PARAMS", "LAYOUTS", "CAUSAL_ALIGNMENTS"]
@@ -262,9 +263,18 @@ def with_boundary(fn, token_kwargs=(), takes_mask=False):
 
     @functools.wraps(fn)
     def mechanism(*args, **kwargs):
-        if not _needs_boundary(kwargs):
-            return fn(*args, **kwargs)
-        return _boundary_call(spec, fn, args, kwargs)
+        if kwargs.get("memory_budget") is not None:    # checked even where it goes unused
+            resolve_budget(kwargs["memory_budget"])
+        try:
+            if not _needs_boundary(kwargs):
+                result = fn(*args, **kwargs)
+            else:
+                result = _boundary_call(spec, fn, args, kwargs)
+        except FloatingPointError as exc:       # from a mechanism it calls: say whose
+            raise FloatingPointError(f"{spec.name}: {exc}") from exc
+        if kwargs.get("check_finite", True):
+            _check_finite_result(spec.name, result, args)
+        return result
 
     sig = inspect.signature(fn)
     new = [inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -277,11 +287,31 @@ def with_boundary(fn, token_kwargs=(), takes_mask=False):
     return mechanism
 
 
+def _check_finite_result(name, result, args, what="output"):
+    """Raise instead of returning non-finite values computed from finite inputs (the
+    inputs were checked): in practice logits that overflow float64."""
+    values = result.values() if isinstance(result, dict) else (
+        [result[0]] if isinstance(result, tuple) else [result])
+    for value in values:
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(
+                value).all():
+            sizes = [float(np.max(np.abs(host_array(x, "input")), initial=0.0))
+                     for x in args[:2]]
+            raise FloatingPointError(
+                f"{name}: its {what} has non-finite values although every input is finite: "
+                f"its scores (logits, features or states) overflow float64 (max |q| = "
+                f"{sizes[0]:.3g}, max |k| = {sizes[-1]:.3g}); rescale q or k")
+
+
 def call_vjp(mechanism, rule, inputs, kwargs) -> dict:
     """``rule(*inputs, **kwargs)``, the VJP of the registered ``mechanism`` (wrapped by
     :func:`with_boundary`), with the boundary arguments handled as for its forward:
     ``grad_out`` in the output's layout, gradients in their inputs' layouts."""
     spec = getattr(mechanism, "boundary", None)
     if spec is None or not _needs_boundary(kwargs):
-        return rule(*inputs, **kwargs)
-    return _boundary_call(spec, rule, inputs, dict(kwargs), grad=True)
+        grads = rule(*inputs, **kwargs)
+    else:
+        grads = _boundary_call(spec, rule, inputs, dict(kwargs), grad=True)
+    if spec is not None and kwargs.get("check_finite", True):
+        _check_finite_result(spec.name, grads, inputs, what="gradient")
+    return grads

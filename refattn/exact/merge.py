@@ -41,9 +41,13 @@ def merge_partials(outs, lses):
     if len(outs) != len(lses) or len(outs) == 0:
         raise ValueError(f"merge_partials needs one lse per output and at least one part; "
                          f"got {len(outs)} outputs and {len(lses)} lses")
-    o = np.stack([to_float64(x, f"outs[{i}]") for i, x in enumerate(outs)])
-    lse = np.stack([to_float64(x, f"lses[{i}]", check_finite=False)
-                    for i, x in enumerate(lses)])
+    outs = [to_float64(x, f"outs[{i}]") for i, x in enumerate(outs)]
+    lses = [to_float64(x, f"lses[{i}]", check_finite=False) for i, x in enumerate(lses)]
+    for name, parts in (("outs", outs), ("lses", lses)):
+        if len({x.shape for x in parts}) > 1:
+            raise ValueError(f"merge_partials: every part of {name} must have one shape "
+                             f"(the same queries), got {[x.shape for x in parts]}")
+    o, lse = np.stack(outs), np.stack(lses)
     if o.shape[:-1] != lse.shape:
         raise ValueError(f"each out must have shape lse.shape + (Dv,); got outs "
                          f"{[np.shape(x) for x in outs]} and lses {[np.shape(x) for x in lses]}")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import (check_cotangent, check_int, check_memory, resolve_rng,
-                            resolve_scale)
+from .._core.checks import (check_choice, check_cotangent, check_int, check_memory,
+                            resolve_rng, resolve_scale)
 from .._core.backward import head_summed_product
 from .._core.problem import prepare_qkv
 from .._core.select import topk_keep
@@ -43,6 +43,13 @@ def _setup(q, k, v, *, num_features, support, topk, n_buckets, n_hashes, kernel,
     if kernel == "trigonometric":
         raise ValueError("scatterbrain needs a kernel with positive features ('positive' or "
                          "'hyperbolic'); 'trigonometric' weights can be negative")
+    check_choice("kernel", kernel, ("positive", "hyperbolic"))
+    unused = {"topk": [("n_buckets", n_buckets, None), ("n_hashes", n_hashes, 1)],
+              "lsh": [("topk", topk, None)]}[support]
+    for name, value, default in unused:
+        if value is not default and value != default:
+            raise ValueError(f"{name}={value!r} has no effect with support={support!r}; "
+                             f"leave it unset")
     if support == "topk":
         topk = check_int("topk", topk, minimum=1, context=" (keys in each query's exact "
                           "support)")

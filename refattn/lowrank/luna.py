@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_cotangent, check_int, is_int, resolve_scale
+from .._core.checks import check_bool, check_cotangent, check_int, is_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
@@ -148,6 +148,7 @@ def luna_attention(q, k, v, *, packed, scale=None, return_packed=False,
     >>> bool(np.allclose(one, ctx))                             # for every query
     True
     """
+    return_packed = check_bool("return_packed", return_packed)
     pb, _, u, ck, cv, v = _luna(q, k, v, packed=packed, scale=scale,
                                 check_finite=check_finite)
     out = pb.unflatten(ungrouped(u @ cv, pb))

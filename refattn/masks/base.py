@@ -177,6 +177,9 @@ class Mask(abc.ABC):
         >>> indptr.tolist(), key_tiles.tolist(), labels.tolist()
         ([0, 1, 3, 6], [0, 0, 1, 0, 1, 2], [1, 2, 1, 2, 2, 1])
         """
+        for name, val in (("block_q", block_q), ("block_k", block_k)):
+            if not (is_int(val) and val > 0):
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
         rows = -(-n // block_q)
         step = max(1, strip_elements // max(1, -(-m // block_k)))
         counts, key_tiles, labels = [], [], []

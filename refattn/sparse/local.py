@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import masks
-from .._core.checks import check_int
+from .._core.checks import check_count, check_int
 from ..registry import attach
 from ..streaming import State, Window, attend_token, check_sizes, check_tokens
 from ._common import pattern
@@ -25,7 +25,8 @@ __all__ = ["sliding_window_attention", "sink_attention", "SinkWindowState", "sin
 
 
 def _window_mask(window, right=0, dilation=1):
-    return masks.sliding_window(window, right, dilation)
+    return masks.sliding_window(check_count("window", window), check_count("right", right),
+                                dilation)
 
 
 @pattern(_window_mask, time="O(N·w·D)", state="O(w·D) rolling KV cache",
@@ -50,7 +51,8 @@ def sliding_window_attention(q, k, v, *, window, right=0, dilation=1, **options)
 
 
 def _sink_mask(window, sinks=4):
-    return masks.sinks(sinks) | masks.sliding_window(window)
+    return masks.sinks(check_count("sinks", sinks)) | masks.sliding_window(
+        check_count("window", window))
 
 
 @pattern(_sink_mask, time="O(N·(w + s)·D)", state="O((w + s)·D)",

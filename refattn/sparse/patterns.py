@@ -93,8 +93,9 @@ def _bigbird_mask(block_size, window_blocks=1, global_blocks=1, random_blocks=2,
     if rng is None:
         raise TypeError("bigbird_attention needs rng (an int seed or a numpy Generator) "
                         "for its random blocks")
+    block_size = check_count("block_size", block_size, minimum=1)
     g = check_count("global_blocks", global_blocks) * block_size
-    return (masks.block_window(window_blocks, block_size)
+    return (masks.block_window(check_count("window_blocks", window_blocks), block_size)
             | masks.global_tokens(np.arange(g))
             | masks.random_blocks(random_blocks, block_size, rng))
 
@@ -126,8 +127,9 @@ def bigbird_attention(q, k, v, *, block_size, window_blocks=1, global_blocks=1,
 
 
 def _longformer_mask(window, global_tokens=(), dilation=1):
+    window = check_count("window", window)
     return masks.sliding_window(window, right=window, dilation=dilation) | \
-        masks.global_tokens(np.asarray(global_tokens, dtype=np.int64))
+        masks.global_tokens(global_tokens)
 
 
 @pattern(_longformer_mask, time="O(N·(w + g)·D)", state="O(N·D)",

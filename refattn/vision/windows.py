@@ -157,7 +157,7 @@ def _unpartition(x, window, padded):
     return x.transpose(perm).reshape((b, h) + tuple(padded) + (c,))
 
 
-def _swin_literal(q, k, v, window, shift, scale, softcap):
+def _swin_literal(q, k, v, window, shift, scale, softcap, check_finite=True):
     """Swin's SW-MSA on ``q (B, Hq, *S, D)``...: pad to whole windows, roll by
     ``-shift``, partition, mask pairs from different regions (and padded keys), attend
     per window, reverse, roll by ``+shift``, crop. Returns ``out, lse`` on the grid."""
@@ -186,7 +186,7 @@ def _swin_literal(q, k, v, window, shift, scale, softcap):
     mask = (lab_w[..., :, None] == lab_w[..., None, :]) & val_w[..., None, :]
     out, lse = attention(_partition(q, window), _partition(k, window),
                          _partition(v, window), mask=mask[..., None, :, :], scale=scale,
-                         softcap=softcap, return_lse=True)
+                         softcap=softcap, return_lse=True, check_finite=check_finite)
     out = _unpartition(out, window, padded)
     lse = _unpartition(lse[..., None], window, padded)[..., 0]
     if any(shift):
@@ -250,7 +250,7 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
         return x.reshape((-1,) + x.shape[-nd - 2:])
 
     out, lse = _swin_literal(batched(g.grid_q), batched(g.grid_k), batched(g.grid_v), win,
-                             sh, scale, softcap)
+                             sh, scale, softcap, check_finite)
     out = out.reshape(g.batch + out.shape[1:])
     lse = lse.reshape(g.batch + lse.shape[1:])
     if not g.num_global:

@@ -22,23 +22,27 @@ spills (``python -m refattn.gpu.compile_check``) and everything but the launch i
 on the CPU, but their results are **not verified**. ``gpu/run_on_device.sh`` runs the
 selfcheck, the device tests, compute-sanitizer and the benchmark in one go.
 
-Importing never needs CUDA; :func:`available` says whether a device is usable and why not.
+Importing never needs CUDA (nor CuPy); :func:`available` says whether a device is usable
+and why not, as a result that is false without one:
 
 >>> from refattn import gpu
->>> ok, reason = gpu.available()
->>> isinstance(ok, bool) and isinstance(reason, str)
+>>> found = gpu.available()
+>>> ok, reason = found                        # it also unpacks
+>>> bool(found) == ok and found.reason == reason != ""
 True
 >>> gpu.plan((8, 500, 64), (2, 700, 64), (2, 700, 64), "float16", causal=True).kernel
 'flash_fwd_fast<__half, 64, 64, 64, 4>'
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
 from .blockmask import BlockMask, build as build_block_mask
 
-__all__ = ["device_status", "require_device", "missing_device", "available", "flash_attention", "plan",
-           "Plan", "UNBOUNDED", "BlockMask", "build_block_mask", "dtype_name", "flops",
-           "reference_mask"]
+__all__ = ["device_status", "require_device", "missing_device", "available", "Availability",
+           "flash_attention", "plan", "Plan", "UNBOUNDED", "BlockMask", "build_block_mask",
+           "dtype_name", "flops", "reference_mask"]
 
 
 def device_status() -> str:
@@ -58,10 +62,32 @@ def device_status() -> str:
     return f"ok: {name}"
 
 
-def available() -> tuple[bool, str]:
-    """``(True, device name)`` when the kernels can run, else ``(False, why not)``."""
+class Availability(NamedTuple):
+    """Whether the kernels can run here: true when a CUDA device is usable, false
+    otherwise, so ``if refattn.gpu.available():`` takes the GPU branch only with a device.
+    ``reason`` is the device's name, or why none is usable. It unpacks as
+    ``ok, reason = refattn.gpu.available()``.
+
+    >>> found = Availability(False, "CuPy found no CUDA device")
+    >>> bool(found), found.reason
+    (False, 'CuPy found no CUDA device')
+    >>> found
+    Availability(ok=False, reason='CuPy found no CUDA device')
+    """
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:              # a tuple of two would always be true
+        return self.ok
+
+
+def available() -> Availability:
+    """:class:`Availability`: true with the device's name as ``reason`` when the kernels
+    can run, false with the reason why not (no CuPy, no driver, no device)."""
     status = device_status()
-    return (True, status[4:]) if status.startswith("ok") else (False, status)
+    return Availability(True, status[4:]) if status.startswith("ok") \
+        else Availability(False, status)
 
 
 def missing_device(program: str):
@@ -72,7 +98,8 @@ def missing_device(program: str):
 
 
 def require_device() -> None:
-    """Raise ``RuntimeError`` with :func:`device_status`'s reason when no device is usable."""
+    """Raise ``RuntimeError`` with :func:`device_status`'s reason when no device is
+    usable."""
     status = device_status()
     if not status.startswith("ok"):
         raise RuntimeError(f"refattn.gpu needs a CUDA device: {status}")

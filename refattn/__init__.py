@@ -73,6 +73,16 @@ for _old, _new in STABLE_PATHS.items():
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    """``refattn.gpu`` and ``refattn.analysis`` are imported on first use, so a plain
+    ``import refattn`` stays light (neither imports CuPy, and nothing here imports them)."""
+    if name in ("gpu", "analysis"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "attention", "attention_probs", "tiled_attention", "merge_partials", "paged_attention",
     "masks", "scores",

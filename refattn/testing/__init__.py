@@ -15,6 +15,8 @@ inputs live in :mod:`refattn.testing.strategies` (needs ``hypothesis``).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ..boundary.arrays import dtype_name, is_torch_tensor, to_float64
@@ -179,17 +181,77 @@ def round_to(x, dtype) -> np.ndarray:
     return np.asarray(x).astype(dt).astype(np.float64)
 
 
-def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
-    """Attention as a FlashAttention-style kernel in ``dtype`` computes it, emulated.
+def _precision(dtype) -> str:
+    """The name of a working precision given as a name or a NumPy/``ml_dtypes`` type."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
-    Inputs rounded to ``dtype``; logits and softmax exact (float32 in a kernel, far
-    below ``dtype``'s rounding); probabilities rounded to ``dtype`` before ``P @ V``
-    with wide accumulation; output rounded to ``dtype``. Returns float64 values on
-    ``dtype``'s grid. A same-precision baseline for :func:`assert_as_accurate_as`.
-    Takes :func:`refattn.attention`'s keyword arguments.
+
+def _to_float32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32, copy=False)
+
+
+def _float32_attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None,
+                       softcap=None, check_finite=True, memory_budget=None) -> np.ndarray:
+    """:func:`low_precision_attention`'s float32 model: the dense loop of
+    :func:`refattn.attention`, one ``(G, N, M)`` block per (batch, KV head), in float32."""
+    from .._core.checks import check_memory
+    from .._core.logits import make_logits
+    from .._core.problem import prepare_qkv
+    from .._core.softmax import finish_rows, softmax_rows
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
+                         softcap=softcap, check_finite=check_finite)
+    check_memory(pb.group * pb.n * pb.m * 12.0, memory_budget,
+                 "low_precision_attention(dtype='float32')",
+                 "refattn.tiled_attention as the oracle and a shorter problem for this "
+                 "baseline (it forms a head group's N x M logits)")
+    q_scaled = _to_float32(q) * np.float32(logits.scale)        # fl32(scale * q)
+    k, v = _to_float32(k), _to_float32(v)
+    rows, cols = np.arange(pb.n), np.arange(pb.m)
+    out = np.full((pb.batch, pb.heads_q, pb.n, pb.dv), np.nan, np.float32)
+    lse = np.empty((pb.batch, pb.heads_q, pb.n))                 # not returned
+    for b, hk, hs in pb.kv_groups():
+        heads = np.arange(hs.start, hs.stop)
+        s = _to_float32(logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols))
+        row_max, row_sum = softmax_rows(s)        # float32 row max, exp and row sum
+        finish_rows(s @ v[b, hk], row_max, row_sum, out[b, hs], lse[b, hs])
+    return pb.unflatten(out).astype(np.float64)
+
+
+def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
+    """Attention as a FlashAttention-style kernel working in ``dtype`` computes it,
+    emulated: the same-precision baseline for :func:`assert_as_accurate_as`.
+
+    ``q (..., Hq, N, D)``, ``k (..., Hkv, M, D)``, ``v (..., Hkv, M, Dv)`` and
+    :func:`refattn.attention`'s keyword arguments (``mask``, ``causal``, ``scale``,
+    ``bias``, ``softcap``, ...); returns ``O = softmax(S) V`` ``(..., Hq, N, Dv)`` as
+    float64 values on ``dtype``'s grid. Each precision is modelled on what its kernels
+    do, so the baseline makes the errors a correct kernel cannot avoid:
+
+    * ``"float32"``: every step in float32 arithmetic, as float32 kernels compute
+      (PyTorch's float32 SDPA, ``refattn.gpu``'s float32 kernel): inputs rounded to
+      float32; logits ``S = fl32(scale·Q) Kᵀ`` by a float32 matmul, softcap and mask
+      in float32 (a ``bias`` score modifier evaluated wide, rounded to float32);
+      softmax in float32 (row max, ``exp``, row sum ``l``); ``O = fl32(P̃ V) / l``
+      with float32 accumulation.
+    * 16-bit types (``"float16"``, ``"bfloat16"``) and narrower: inputs rounded to
+      ``dtype``; logits and softmax exact (a kernel keeps them in float32, far below
+      ``dtype``'s rounding); ``P`` rounded to ``dtype`` before ``P @ V``, accumulated
+      wide; the output rounded to ``dtype``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 64, 16))
+    >>> q, k, v = (x.astype(np.float32) for x in (q, k, v))
+    >>> oracle = ra.attention(q, k, v, causal=True)
+    >>> base = ra.testing.low_precision_attention(q, k, v, "float32", causal=True)
+    >>> 1e-8 < ra.testing.max_rel_error(base, oracle) < 1e-5     # float32 rounding
+    True
     """
+    if _precision(dtype) == "float32":
+        return _float32_attention(q, k, v, **kwargs)
     from ..exact.dense import attention_probs
-    q, k, v = (round_to(x, dtype) for x in (q, k, v))
+    q, k, v = (round_to(_as_array(x, name), dtype) for x, name in ((q, "q"), (k, "k"),
+                                                                  (v, "v")))
     probs = round_to(attention_probs(q, k, **kwargs), dtype)
     group = q.shape[-3] // k.shape[-3]
     v = np.repeat(v, group, axis=-3)
@@ -199,19 +261,41 @@ def low_precision_attention(q, k, v, dtype, **kwargs) -> np.ndarray:
 def low_precision_attention_vjp(q, k, v, grad_out, dtype, *, grad_lse=None, mask=None,
                                 causal=False, scale=None, bias=None, softcap=None) -> dict:
     """The gradients a FlashAttention-2-style backward in ``dtype`` computes, emulated:
-    ``q``, ``k``, ``v``, ``grad_out`` rounded to ``dtype``; logits and softmax exact (float32
-    in a kernel); ``O`` and ``P`` rounded before ``D = rowsum(dO ∘ O)`` and ``dV = PᵀdO``,
-    ``dS`` rounded before ``dQ = dS K`` and ``dK = dSᵀQ``, products accumulated wide; the
-    gradients rounded to ``dtype``. The same-precision baseline for
-    :func:`assert_as_accurate_as` on ``dq``, ``dk``, ``dv``, as
-    :func:`low_precision_attention` is for the output. Returns ``{"q", "k", "v"}``.
+    the same-precision baseline for :func:`assert_as_accurate_as` on ``dq``, ``dk``,
+    ``dv``, as :func:`low_precision_attention` is for the output. Returns
+    ``{"q", "k", "v"}`` (and ``"bias"`` for an array bias) as float64, in the inputs'
+    shapes; ``grad_out (..., Hq, N, Dv)``, ``grad_lse (..., Hq, N)`` or None.
+
+    * ``"float32"``: every step in float32 arithmetic: ``q``, ``k``, ``v``, ``grad_out``
+      rounded to float32; logits, softmax (a ``bias`` score modifier evaluated wide),
+      ``D = rowsum(dO ∘ O)``, ``dV = PᵀdO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dQ = dS K``
+      and ``dK = dSᵀQ`` as float32 products, summed over blocks of query rows wide.
+    * 16-bit types and narrower: inputs rounded to ``dtype``; logits and softmax exact
+      (float32 in a kernel); ``O`` and ``P`` rounded before ``D`` and ``dV``, ``dS``
+      rounded before ``dQ`` and ``dK``, products accumulated wide; the gradients
+      rounded to ``dtype``.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v, do = np.random.default_rng(0).standard_normal((4, 2, 32, 16))
+    >>> base = ra.testing.low_precision_attention_vjp(q, k, v, do, "float32")
+    >>> oracle = ra.vjp("attention", q, k, v, do)
+    >>> 1e-9 < ra.testing.max_rel_error(base["k"], oracle["k"]) < 1e-5
+    True
     """
     from .._core.backward import softmax_backward
     from ..exact.dense import dense_backward
-    q, k, v, grad_out = (round_to(_as_array(x, name), dtype)
-                         for x, name in ((q, "q"), (k, "k"), (v, "v"), (grad_out, "grad_out")))
-    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal, scale=scale,
-                          bias=bias, softcap=softcap, check_finite=True)
+    inputs = ((q, "q"), (k, "k"), (v, "v"), (grad_out, "grad_out"))
+    if _precision(dtype) == "float32":
+        bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                              scale=scale, bias=bias, softcap=softcap, check_finite=True)
+        narrow = {name: _to_float32(getattr(bw, name)) for name in ("q", "k", "v", "do")}
+        if bw.dlse is not None:
+            narrow["dlse"] = _to_float32(bw.dlse)
+        grads = dense_backward(dataclasses.replace(bw, **narrow), rounding=_to_float32)
+        return {name: g.astype(np.float64) for name, g in grads.items()}
+    q, k, v, grad_out = (round_to(_as_array(x, name), dtype) for x, name in inputs)
+    bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
+                          scale=scale, bias=bias, softcap=softcap, check_finite=True)
     return dense_backward(bw, rounding=lambda x: round_to(x, dtype))
 
 

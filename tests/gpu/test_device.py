@@ -9,4 +9,5 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not status.startswith("ok"), r
 
 def test_device_is_usable():
     refattn.gpu.require_device()
-    assert refattn.gpu.available()[0]
+    found = refattn.gpu.available()
+    assert found and found.reason == status[4:], found

@@ -254,7 +254,8 @@ def _round_softmax(s):
 def _unsort(x_sorted, qi, n):
     """Sorted-chunk layout ``(R, P, nc, C, ...)`` -> positions ``(R, P, N, ...)``."""
     r_count, p_count = qi.shape[:2]
-    flat = x_sorted.reshape((r_count, p_count, -1) + x_sorted.shape[4:])[:, :, :n]
+    flat = x_sorted.reshape((r_count, p_count, x_sorted.shape[2] * x_sorted.shape[3])
+                            + x_sorted.shape[4:])[:, :, :n]
     order = qi.reshape(r_count, p_count, -1)[:, :, :n]
     out = np.empty_like(flat)
     rr = np.arange(r_count)[:, None, None]

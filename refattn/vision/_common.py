@@ -88,6 +88,12 @@ class _RangeTable:
         return out
 
 
+def flatten_grid(x, nd: int):
+    """``(..., *S, C)`` with ``nd`` spatial axes -> ``(..., prod(S), C)`` (also when
+    something is empty, where ``reshape(-1)`` is ambiguous)."""
+    return x.reshape(x.shape[:-nd - 1] + (math.prod(x.shape[-nd - 1:-1]), x.shape[-1]))
+
+
 class _GridMask(Mask):
     """A mask over a grid of ``shape`` flattened in row-major order that factorizes over
     axes: keep key ``u`` for query ``t`` iff on every axis ``a`` the key coordinate
@@ -272,7 +278,7 @@ class _Grid:
         def flat(x):
             if x is None:
                 return None
-            x = x.reshape(x.shape[:-nd - 1] + (-1, x.shape[-1]))
+            x = flatten_grid(x, nd)
             return np.broadcast_to(x, self.batch + x.shape[-3:]) if cls is not None else x
         self.q, self.k, self.v = flat(q), flat(k), flat(v)
         if cls is not None:
@@ -356,7 +362,7 @@ class _Grid:
             grid = check_cotangent(grid, name, lead + self.q_grid + tail,
                                    check_finite=check_finite)
             if grid is not None:
-                grid = grid.reshape(lead + (-1,) + tail)
+                grid = grid.reshape(lead + (math.prod(self.q_grid),) + tail)
                 if g:
                     cls = check_cotangent(cls, f"{name}[1] (cls)", lead + (g,) + tail,
                                           check_finite=check_finite)

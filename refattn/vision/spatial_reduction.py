@@ -9,7 +9,7 @@ import numpy as np
 from ..exact.dense import attention_probs
 from ..exact.tiled import tiled_attention, tiled_attention_vjp
 from ..registry import attach, register
-from ._common import _Grid, _int_tuple
+from ._common import _Grid, _int_tuple, flatten_grid
 
 __all__ = ["spatial_reduction_attention", "spatial_reduction_attention_vjp"]
 
@@ -58,7 +58,7 @@ def _sra_probs(q, k, ratio, *, scale=None, softcap=None, check_finite=True):
     rt = _int_tuple("ratio", ratio, None)
     g = _Grid(q, k, None, len(rt), check_finite=check_finite, same_grid=False)
     pooled = _pool(g.grid_k, rt)
-    kp = pooled.reshape(pooled.shape[:-len(rt) - 1] + (-1, pooled.shape[-1]))
+    kp = flatten_grid(pooled, len(rt))
     return attention_probs(g.q, kp, scale=scale, softcap=softcap,
                            check_finite=check_finite) @ _pool_matrix(g.k_grid, rt)
 
@@ -106,8 +106,7 @@ def spatial_reduction_attention(q, k, v, ratio, *, cls_tokens=None, scale=None,
     g = _Grid(q, k, v, nd, check_finite=check_finite, cls_tokens=cls_tokens,
               same_grid=False)
     kp, vp = _pool(g.grid_k, rt), _pool(g.grid_v, rt)
-    kp = kp.reshape(kp.shape[:-nd - 1] + (-1, kp.shape[-1]))
-    vp = vp.reshape(vp.shape[:-nd - 1] + (-1, vp.shape[-1]))
+    kp, vp = flatten_grid(kp, nd), flatten_grid(vp, nd)
     qf = g.q
     if g.num_global:
         kp = np.concatenate([g.cls[1], np.broadcast_to(kp, g.batch + kp.shape[-3:])], -2)
@@ -152,8 +151,7 @@ def spatial_reduction_attention_vjp(q, k, v, grad_out, *, ratio, cls_tokens=None
     do, dlse = g.flat_cotangents(grad_out, grad_lse, check_finite)
     kp, vp = _pool(g.grid_k, rt), _pool(g.grid_v, rt)
     pooled = kp.shape, vp.shape
-    kp = kp.reshape(kp.shape[:-nd - 1] + (-1, kp.shape[-1]))
-    vp = vp.reshape(vp.shape[:-nd - 1] + (-1, vp.shape[-1]))
+    kp, vp = flatten_grid(kp, nd), flatten_grid(vp, nd)
     if g.num_global:                     # the same sequences as the forward
         kp = np.concatenate([g.cls[1], np.broadcast_to(kp, g.batch + kp.shape[-3:])], -2)
         vp = np.concatenate([g.cls[2], np.broadcast_to(vp, g.batch + vp.shape[-3:])], -2)

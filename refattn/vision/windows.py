@@ -247,7 +247,7 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
 
     def batched(x):     # (*batch, H, *S, C) -> (B, H, *S, C)
         x = np.broadcast_to(x, g.batch + x.shape[-nd - 2:])
-        return x.reshape((-1,) + x.shape[-nd - 2:])
+        return x.reshape((math.prod(x.shape[:-nd - 2]),) + x.shape[-nd - 2:])
 
     out, lse = _swin_literal(batched(g.grid_q), batched(g.grid_k), batched(g.grid_v), win,
                              sh, scale, softcap, check_finite)

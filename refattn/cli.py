@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"float64 state, Hq={args.heads_q}, Hkv={args.heads_kv}, D=Dv={args.d}, "
               f"batch 1; the registry's budget for 4096 keys per query (counted non-causally: "
               f"the sliding window keeps 2048 back), else its example parameters; "
-              f"linear_rnn and selective_scan (state 16) over Hq*D channels")
+              f"linear_rnn and selective_scan (state 16) over Hq*D channels; attention_mha / "
+              f"attention_mqa: the full cache with Hkv = Hq / 1; mla_attention: DeepSeek-V2's "
+              f"latent cache, 512 + 64 numbers per token")
         print(_format(rows))
         return 0
     if args.command == "list":

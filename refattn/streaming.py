@@ -167,20 +167,28 @@ def attend_token(q_t, keys, values, *, scale=None, mask=None) -> np.ndarray:
 
 
 def state_size_table(ns=(1_000, 16_000, 256_000, 1_000_000), *, batch_shape=(),
-                     heads_q=32, heads_kv=8, d=128, dv=128, budget=4096, ssm_state=16):
+                     heads_q=32, heads_kv=8, d=128, dv=128, budget=4096, ssm_state=16,
+                     mla_latent=512, mla_rope=64):
     """Bytes of state after each ``n`` in ``ns`` tokens for every registered streaming
     mechanism, from ``state.nbytes_after(n)`` where the state has it (else, for constant
     states, ``nbytes`` after one token). Parameters: ``spec.budget(max(ns), budget)``
-    where registered (a window of ``budget`` keys, ...), else ``spec.example``. Two
-    recurrences that are not attention are added for comparison, each with ``Hq·D``
-    channels (the width of the layer): ``linear_rnn`` (one number per channel) and
-    ``selective_scan`` (Mamba, ``ssm_state`` numbers per channel). Returns
-    ``{name: {n: bytes}}``.
+    where registered (a window of ``budget`` keys, ...), else ``spec.example``. Right
+    after ``attention`` (its full cache with ``heads_kv`` heads: GQA at the defaults)
+    come the same cache as MHA (``attention_mha``, ``Hkv = Hq``) and MQA
+    (``attention_mqa``, ``Hkv = 1``), and DeepSeek-V2's latent cache (``mla_attention``,
+    ``mla_latent + mla_rope`` numbers per token whatever the heads:
+    :func:`refattn.exact.mla_cache_nbytes`). Two recurrences that are not attention are
+    added for comparison, each with ``Hq·D`` channels (the width of the layer):
+    ``linear_rnn`` (one number per channel) and ``selective_scan`` (Mamba, ``ssm_state``
+    numbers per channel). Returns ``{name: {n: bytes}}``.
 
     >>> t = state_size_table((1000,), heads_q=4, heads_kv=1, d=8, dv=8)
     >>> t["attention"][1000], t["selective_scan"][1000]
     (128000, 4096)
+    >>> t["attention_mha"][1000], t["mla_attention"][1000]     # 4 x 16 vs 576 per token
+    (512000, 4608000)
     """
+    from .exact.mla import mla_cache_nbytes
     from .recurrent.linear_rnn import linear_rnn_init_state
     from .registry import mechanisms
     from .ssm import selective_scan_init_state
@@ -199,6 +207,14 @@ def state_size_table(ns=(1_000, 16_000, 256_000, 1_000_000), *, batch_shape=(),
             _, state = spec.step(state, np.zeros(tuple(batch_shape) + (heads_q, d)), token,
                                  np.zeros(tuple(batch_shape) + (heads_kv, dv)))
             table[name] = {n: state.nbytes for n in ns}
+        if name == "attention":
+            for label, hkv in (("attention_mha", heads_q), ("attention_mqa", 1)):
+                cache = spec.init_state(batch_shape=batch_shape, heads_q=heads_q,
+                                        heads_kv=hkv, d=d, dv=dv)
+                table[label] = {n: cache.nbytes_after(n) for n in ns}
+            table["mla_attention"] = {n: mla_cache_nbytes(n, batch_shape=batch_shape,
+                                                          d_latent=mla_latent,
+                                                          d_rope=mla_rope) for n in ns}
     width, batch = heads_q * d, int(np.prod(batch_shape, dtype=np.int64))
     rnn = linear_rnn_init_state(batch_shape=batch_shape, dim=width)
     scan = selective_scan_init_state(batch=batch, A=-np.ones((width, ssm_state)))

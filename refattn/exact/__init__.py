@@ -1,6 +1,7 @@
 """Exact softmax attention: dense, tiled (FlashAttention's online softmax), merging of
-partial results, quantized keys and values, KV-cache states for decoding, and attention
-over a paged KV cache in the vLLM / FlashInfer layout.
+partial results, quantized keys and values, KV-cache states for decoding, attention over
+a paged KV cache in the vLLM / FlashInfer layout, and DeepSeek-V2's multi-head latent
+attention (naive and absorbed forms, its latent KV cache).
 """
 from .dense import attention, attention_probs
 from .tiled import tiled_attention
@@ -8,13 +9,18 @@ from .merge import merge_partials, split_kv_decode
 from .quantize import dequantize, quantization_error, quantize
 from .paged import paged_attention
 from . import kvcache
+from .mla import (MLACacheState, mla_attention, mla_attention_absorbed, mla_cache_from,
+                  mla_cache_nbytes, mla_init_state, mla_step)
 
 __all__ = ["attention", "attention_probs", "tiled_attention", "merge_partials",
            "split_kv_decode", "quantize", "dequantize", "quantization_error", "kvcache",
-           "paged_attention"]
+           "paged_attention", "mla_attention", "mla_attention_absorbed", "MLACacheState",
+           "mla_init_state", "mla_cache_from", "mla_step", "mla_cache_nbytes"]
 
 # gradients (refattn.vjp finds them through the registry)
 from .dense import attention_vjp
 from .tiled import tiled_attention_vjp
 from .paged import paged_attention_vjp
-__all__ += ["attention_vjp", "tiled_attention_vjp", "paged_attention_vjp"]
+from .mla import mla_attention_vjp
+__all__ += ["attention_vjp", "tiled_attention_vjp", "paged_attention_vjp",
+            "mla_attention_vjp"]

@@ -29,7 +29,7 @@ import inspect
 
 import numpy as np
 
-from .._core.checks import resolve_budget
+from .._core.checks import MemoryBudgetError, is_int, resolve_budget
 from .arrays import host_array
 
 __all__ = ["with_boundary", "call_vjp", "BOUNDARY_PARAMS", "LAYOUTS", "CAUSAL_ALIGNMENTS"]
@@ -272,6 +272,10 @@ def with_boundary(fn, token_kwargs=(), takes_mask=False):
                 result = _boundary_call(spec, fn, args, kwargs)
         except FloatingPointError as exc:       # from a mechanism it calls: say whose
             raise FloatingPointError(f"{spec.name}: {exc}") from exc
+        except (MemoryError, ValueError) as exc:
+            if isinstance(exc, MemoryBudgetError) or not _out_of_memory(exc):
+                raise
+            raise _too_big(spec.name, kwargs, exc) from exc
         if kwargs.get("check_finite", True):
             _check_finite_result(spec.name, result, args)
         return result
@@ -285,6 +289,24 @@ def with_boundary(fn, token_kwargs=(), takes_mask=False):
     mechanism.__doc__ = (fn.__doc__ or "").rstrip() + "\n" + DOC
     mechanism.boundary = spec
     return mechanism
+
+
+def _out_of_memory(exc) -> bool:
+    """NumPy's ways of refusing an allocation."""
+    return isinstance(exc, MemoryError) or any(
+        text in str(exc) for text in ("array is too big", "Maximum allowed size exceeded",
+                                      "Unable to allocate"))
+
+
+def _too_big(name, kwargs, exc) -> MemoryBudgetError:
+    """A :class:`MemoryBudgetError` for an allocation NumPy refused, naming the integer
+    arguments most likely to blame (the largest ones given)."""
+    sizes = sorted(((v, k) for k, v in kwargs.items() if is_int(v) and v > 1),
+                   reverse=True)[:3]
+    shown = ", ".join(f"{k}={v:,}" for v, k in sizes) or "the input shapes"
+    return MemoryBudgetError(
+        f"{name}: an array it needs is larger than this machine can allocate ({exc}); the "
+        f"sizes come from {shown}: reduce them (or the sequence length)")
 
 
 def _check_finite_result(name, result, args, what="output"):

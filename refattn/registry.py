@@ -15,6 +15,7 @@ name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -76,6 +77,9 @@ class Mechanism:
     example: dict = field(default_factory=dict)
     doc: str = ""
 
+
+#: The options a mechanism taking ``**options`` passes to the exact/sparse engine.
+ENGINE_OPTIONS = COMMON_PARAMS | {"method", "block_q", "block_k", "workers"}
 
 _REGISTRY: dict[str, dict] = {}
 
@@ -142,8 +146,44 @@ def attach(mechanism, *, implied=None, init_state=None, step=None, vjp=None,
             raise ValueError(f"attach({name}): {form} is already attached "
                              f"({entry[form].__name__})")
         entry[form] = fn
+    if init_state is not None:
+        entry["init_state"], entry["step"] = _checked_stream(name, entry["fn"], init_state,
+                                                             step)
     if constant_state is not None:
         entry["constant_state"] = bool(constant_state)
+
+
+def _checked_stream(name, forward, init_state, step):
+    """The streaming pair as the registry hands it out: ``init_state`` takes the forward's
+    keyword arguments too (those with no streaming meaning, such as ``method``, are
+    dropped; anything else unknown is a ``TypeError``), and ``step`` refuses what is not a
+    state of this mechanism."""
+    from .streaming import State
+    own = {p for p, spec in inspect.signature(init_state).parameters.items()
+           if spec.kind is not spec.VAR_KEYWORD}
+    forward_sig = inspect.signature(forward).parameters
+    forward_params = set(forward_sig) | (ENGINE_OPTIONS if any(   # **options: the engine's
+        p.kind is p.VAR_KEYWORD for p in forward_sig.values()) else set())
+    classes: set = set()
+
+    @functools.wraps(init_state)
+    def checked_init_state(**kwargs):
+        unknown = sorted(k for k in kwargs if k not in own and k not in forward_params)
+        if unknown:
+            raise TypeError(f"{name}'s init_state got unknown keyword(s) {unknown}; it "
+                            f"takes {sorted(own)} and {name}'s own options")
+        state = init_state(**{k: v for k, v in kwargs.items() if k in own})
+        classes.add(type(state))
+        return state
+
+    @functools.wraps(step)
+    def checked_step(state, *tokens, **kwargs):
+        if not isinstance(state, State) or (classes and type(state) not in classes
+                                            and not isinstance(state, tuple(classes))):
+            raise TypeError(f"{name}'s step needs the state its init_state returned, got "
+                            f"{type(state).__name__}")
+        return step(state, *tokens, **kwargs)
+    return checked_init_state, checked_step
 
 
 def mechanisms() -> dict[str, Mechanism]:

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from ._core.checks import check_int, resolve_scale
+from ._core.checks import check_int, is_int, resolve_scale
 from .boundary.arrays import to_float64
 
 __all__ = ["State", "Window", "check_token", "check_tokens", "check_sizes", "attend_token",
@@ -118,10 +118,21 @@ def check_tokens(q_t, k_t, v_t, batch_shape, heads_q, heads_kv, d, dv, *,
             check_token(v_t, "v_t", bs + (heads_kv, dv), check_finite=check_finite))
 
 
+def check_batch_shape(batch_shape) -> tuple:
+    """``batch_shape`` as a tuple of positive ints (an int ``b`` is ``(b,)``); a
+    ``TypeError``/``ValueError`` naming it otherwise."""
+    if is_int(batch_shape):
+        batch_shape = (batch_shape,)
+    if not isinstance(batch_shape, (tuple, list)):
+        raise TypeError(f"batch_shape must be a tuple of positive integers, got "
+                        f"{batch_shape!r}")
+    return tuple(check_int("batch_shape entries", b, minimum=1) for b in batch_shape)
+
+
 def check_sizes(batch_shape, heads_q, heads_kv, d, dv, *, min_dv: int = 1):
     """Validate the sizes an ``init_state`` receives; returns them as
     ``(batch_shape tuple, heads_q, heads_kv, d, dv)`` ints."""
-    batch_shape = tuple(check_int("batch_shape entries", b, minimum=1) for b in batch_shape)
+    batch_shape = check_batch_shape(batch_shape)
     heads_q = check_int("heads_q", heads_q, minimum=1)
     heads_kv = check_int("heads_kv", heads_kv, minimum=1)
     if heads_q % heads_kv:

@@ -111,7 +111,7 @@ class ChunkState(State):
 
 
 def chunked_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, chunk_size, overlap=0,
-                       scale=None, **_ignored):
+                       scale=None):
     """Empty streaming state of :func:`chunked_attention` with ``causal=True``.
 
     >>> import numpy as np, refattn as ra

@@ -147,12 +147,12 @@ def sink_step(state, q_t, k_t, v_t):
 
 
 def ring_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, right=0, dilation=1,
-              scale=None, **_ignored):
+              scale=None):
     """Sliding-window ring buffer of ``window + 1`` slots: the streaming form of
     :func:`refattn.sliding_window_attention` with ``causal=True`` (keys
     ``t - window <= j <= t`` with ``(t - j) % dilation == 0``; ``dilation`` one number or
     one per query head). Causality cuts every look-ahead key, so ``right`` changes
-    nothing here. ``_ignored``: the parallel form's options (``method`` etc.).
+    nothing here.
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 9, 4))

@@ -143,8 +143,7 @@ def test_varlen_gradients_against_torch_per_sequence():
 
 def test_varlen_errors_name_the_argument():
     q, k, v, cu_q, cu_k = _packed_batch([3, 4], [3, 4])
-    with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0 to the packed "
-                                         "length 7"):
+    with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0 to total_q = 7"):
         refattn.attention(q, k, v, cu_seqlens_q=torch.tensor([0, 3, 6]), cu_seqlens_k=cu_k)
     with pytest.raises(ValueError, match="give both cu_seqlens_q and cu_seqlens_k"):
         refattn.attention(q, k, v, cu_seqlens_q=cu_q)

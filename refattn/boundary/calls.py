@@ -30,6 +30,7 @@ import inspect
 import numpy as np
 
 from .._core.checks import MemoryBudgetError, is_int, resolve_budget
+from .._core.varlen import check_cu_seqlens
 from .arrays import host_array
 
 __all__ = ["with_boundary", "call_vjp", "BOUNDARY_PARAMS", "LAYOUTS", "CAUSAL_ALIGNMENTS"]
@@ -124,8 +125,8 @@ def _call(spec, fn, args, kwargs, layout):
                              f"layout='bnhd' is not supported")
         args = tuple(_to_heads_first(x, name, spec) if i < 3 or name == "grad_out" else x
                      for i, (x, name) in enumerate(zip(args, _arg_names(args))))
-        kwargs = {key: _to_heads_first(val, key, spec)
-                  if key in spec.token_kwargs and val is not None else val
+        kwargs = {key: _to_heads_first(val, key, spec)    # (lower ranks broadcast as is)
+                  if key in spec.token_kwargs and np.ndim(val) >= 3 else val
                   for key, val in kwargs.items()}
     if isinstance(kwargs.get("causal"), str):
         kwargs = _resolve_causal(spec, kwargs, *_lengths(*args[:2]))
@@ -133,8 +134,9 @@ def _call(spec, fn, args, kwargs, layout):
     if layout == "bhnd":
         return result
     if isinstance(result, dict):                      # a VJP: gradients of the inputs
-        return {key: np.swapaxes(g, -3, -2) if key in _INPUTS + spec.token_kwargs
-                else g for key, g in result.items()}
+        return {key: np.swapaxes(g, -3, -2) if key in _INPUTS or (
+            key in spec.token_kwargs and np.ndim(kwargs.get(key)) >= 3) else g
+                for key, g in result.items()}
     if isinstance(result, tuple):                     # (out, lse, ...): out only
         return (np.swapaxes(result[0], -3, -2),) + result[1:]
     return np.swapaxes(result, -3, -2)
@@ -143,20 +145,6 @@ def _call(spec, fn, args, kwargs, layout):
 def _arg_names(args):
     """Names of the positional arrays: ``q, k, v`` then (a VJP) ``grad_out``."""
     return list(_INPUTS[:min(3, len(args))]) + ["grad_out"] * max(0, len(args) - 3)
-
-
-def check_cu_seqlens(cu, name, total):
-    """``cu`` as an int64 vector ``0 = cu[0] <= cu[1] <= ... <= cu[-1] = total``."""
-    arr = host_array(cu, name)
-    if arr.ndim != 1 or arr.size < 2 or arr.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be a 1-D integer array (S + 1,) for S >= 1 "
-                         f"sequences, got "
-                         f"{arr.dtype} of shape {arr.shape}")
-    arr = arr.astype(np.int64)
-    if arr[0] != 0 or arr[-1] != total or np.any(np.diff(arr) < 0):
-        raise ValueError(f"{name} must rise from 0 to the packed length {total} without "
-                         f"decreasing, got {arr.tolist() if arr.size <= 12 else arr}")
-    return arr
 
 
 def _packed(spec, x, what):
@@ -194,8 +182,8 @@ def _varlen(spec, fn, args, kwargs, cu_q, cu_k, grad):
                          f"sequences; give a score modifier (refattn.masks.scores)")
     names = _arg_names(args)
     q, k, v = (_packed(spec, x, what) for x, what in zip(args[:3], names))
-    cq = check_cu_seqlens(cu_q, "cu_seqlens_q", q.shape[0])
-    ck = check_cu_seqlens(cu_k, "cu_seqlens_k", k.shape[0])
+    cq = check_cu_seqlens(cu_q, q.shape[0], "cu_seqlens_q", what="total_q")
+    ck = check_cu_seqlens(cu_k, k.shape[0], "cu_seqlens_k", what="total_k")
     if cq.size != ck.size:
         raise ValueError(f"cu_seqlens_q {cq.shape} and cu_seqlens_k {ck.shape} must "
                          f"describe the same number of sequences")

@@ -66,6 +66,22 @@ group.
 **Streaming.** :func:`linear_attention_init_state` / :func:`linear_attention_step`
 (:mod:`refattn.streaming`) carry :math:`S` ``(*batch, Hkv, F, Dv)`` and :math:`z`
 ``(*batch, Hkv, F)``: constant memory however many tokens are consumed.
+
+**States and packed sequences** (flash-linear-attention's conventions). The state is the
+streaming form's pair ``(S, z)``: ``initial_state=(S_0, z_0)`` stands for the keys
+before the first one, summed (``S_0 (..., Hkv, F, Dv)``, ``z_0 (..., Hkv, F)``), so
+:math:`S_i = S_0 + \sum_{j \in V_i} \phi(k_j) v_j^\top`, :math:`z_i = z_0 + \sum_{j
+\in V_i} \phi(k_j)` in the definition above (non-causal: every query sees the initial
+state and every key); ``return_final_state=True`` also returns :math:`(S_0 + \sum_j
+\phi(k_j) v_j^\top, z_0 + \sum_j \phi(k_j))` over all keys. The normalizer state
+:math:`z` is refattn's (flash-linear-attention's ``naive_recurrent_linear_attn`` keeps it
+only with ``normalize=True``, as the pair ``(kv, z)``; it has no feature map and adds
+``1e-10`` to the denominator). ``cu_seqlens`` (``(num_seqs + 1,)`` integers, 0 first,
+``N`` last) packs sequences along the tokens of a batch of one, ``q (1, Hq, N, D)``,
+``k (1, Hkv, N, D)``: each sequence attends within itself (causal or not) from its own
+initial state, states are ``(num_seqs, Hkv, F, Dv)`` and ``(num_seqs, Hkv, F)``, and
+each sequence is computed exactly as a call of its own. A query that sees no key
+(causal with ``N > M``) gives 0, whatever the state.
 """
 from __future__ import annotations
 
@@ -76,13 +92,15 @@ import numpy as np
 
 from .._core.checks import check_bool, check_int
 from .._core.problem import prepare_qkv
+from .._core.varlen import check_packed, over_sequences, split_cotangent
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import check_sizes
 from ..gradients import check_cotangent
 from ._common import (METHODS, FeatureState, check_gradients_finite, check_method,
                       feature_attention, feature_attention_matrix, feature_attention_vjp,
-                      input_gradients, output_cotangents, read_state, step_tokens)
+                      input_gradients, output_cotangents, read_state, state_out, state_pair,
+                      step_tokens)
 
 __all__ = ["linear_attention", "linear_attention_matrix", "linear_attention_init_state",
            "linear_attention_step", "linear_attention_vjp", "LinearAttentionState",
@@ -160,7 +178,8 @@ def _feature_pair(feature_map, q, k, pb, *, allow_negative, check_finite):
           supports_gqa=True, position_free=True, row_stochastic=True, constant_state=True,
           example={"feature_map": "elu"})
 def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
-                     chunk_size=64, allow_negative=False, check_finite=True,
+                     chunk_size=64, allow_negative=False, initial_state=None,
+                     return_final_state=False, cu_seqlens=None, check_finite=True,
                      memory_budget=None):
     r"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
 
@@ -185,12 +204,20 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
         rounding.
     chunk_size : int >= 1, keys per chunk of the ``"chunkwise"`` form.
     allow_negative : accept signed features from a callable (see the module docs).
+    initial_state : the pair ``(S_0, z_0)`` of :func:`linear_attention_step`'s state,
+        ``S_0 (..., Hkv, F, Dv)`` and ``z_0 (..., Hkv, F)`` (``(num_seqs, ...)`` with
+        ``cu_seqlens``; a part None: zero): keys before the first one, summed. Default 0.
+    return_final_state : also return the state after the last key, ``(S, z)``, likewise
+        shaped.
+    cu_seqlens : ``(num_seqs + 1,)`` integers ``[0, ..., N]``: sequences packed along the
+        tokens of ``q (1, Hq, N, D)``, ``k (1, Hkv, N, D)`` (batch size 1, ``N = M``;
+        flash-linear-attention's convention), each attending within itself.
     check_finite : raise on non-finite ``q``, ``k``, ``v`` (and callable features).
     memory_budget : bytes allowed for the ``N x M`` matrix of ``method="quadratic"``.
 
     Returns
     -------
-    float64 ``(..., Hq, N, Dv)``.
+    float64 ``(..., Hq, N, Dv)``, or ``(out, (S, z))`` with ``return_final_state``.
 
     Example
     -------
@@ -207,6 +234,11 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
     ...          for m in ("quadratic", "recurrent", "chunkwise")]
     >>> all(np.allclose(f, out, rtol=1e-13) for f in forms)
     True
+    >>> x, state = linear_attention(q[:, :2], k[:, :2], v[:, :2], causal=True,
+    ...                             return_final_state=True)   # state = (S, z)
+    >>> y = linear_attention(q[:, 2:], k[:, 2:], v[:, 2:], causal=True, initial_state=state)
+    >>> bool(np.allclose(np.concatenate([x, y], -2), out))     # the state carries over
+    True
     """
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     feature_map = _check_feature_map(feature_map)
@@ -214,11 +246,21 @@ def linear_attention(q, k, v, *, feature_map="elu", causal=False, method=None,
     allow_negative = check_bool("allow_negative", allow_negative)
     method = check_method(method, causal)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    return_final_state = check_bool("return_final_state", return_final_state)
+    cu = check_packed(pb, cu_seqlens)
     fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
                            check_finite=check_finite)
-    out = feature_attention(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
-                memory_budget=memory_budget, what="linear_attention")
-    return pb.unflatten(out)
+    s0, z0 = state_pair(initial_state, "initial_state", pb, cu, fk.shape[-1], check_finite)
+
+    def run(p, tokens, states):
+        return feature_attention(*tokens, p, causal=causal, method=method,
+                                 chunk_size=chunk_size, memory_budget=memory_budget,
+                                 what="linear_attention", s0=states[0], z0=states[1],
+                                 return_state=True)
+
+    out, sf, zf = over_sequences(cu, pb, run, [fq, fk, v], [s0, z0], (2, 0, 0))
+    out = pb.unflatten(out)
+    return (out, state_out(sf, zf, pb, cu)) if return_final_state else out
 
 
 def linear_attention_matrix(q, k, *, feature_map="elu", causal=False, method=None,
@@ -370,8 +412,9 @@ def _feature_map_vjp(feature_map, x, grad_phi, batch_shape, name, check_finite):
 
 
 def linear_attention_vjp(q, k, v, grad_out, *, feature_map="elu", causal=False, method=None,
-                         chunk_size=64, allow_negative=False, check_finite=True,
-                         memory_budget=None):
+                         chunk_size=64, allow_negative=False, initial_state=None,
+                         return_final_state=False, grad_final_state=None, cu_seqlens=None,
+                         check_finite=True, memory_budget=None):
     r"""Gradients of :func:`linear_attention` for the cotangent ``grad_out`` of its output.
 
     With :math:`n_i = \phi(q_i)^\top S_i`, :math:`d_i = \phi(q_i)^\top z_i`,
@@ -403,11 +446,22 @@ def linear_attention_vjp(q, k, v, grad_out, *, feature_map="elu", causal=False, 
     attribute ``feature_map.vjp(x, grad_phi) -> grad_x`` (``x (..., H, L, D)``,
     ``grad_phi (..., H, L, F)``); otherwise ``TypeError``.
 
+    With an initial state :math:`(S_0, z_0)` (in :math:`S_i`, :math:`z_i` above) and the
+    final state's cotangent :math:`(\bar S_f, \bar z_f)` (``grad_final_state``, a pair
+    whose parts may be None), every key also gets :math:`\overline{\phi(k_j)}
+    \mathrel{+}= \bar S_f v_j + \bar z_f`, :math:`\bar v_j \mathrel{+}= \bar S_f^\top
+    \phi(k_j)`, and :math:`\bar S_0 = \bar S_f + \sum_i \phi(q_i) \bar n_i^\top`,
+    :math:`\bar z_0 = \bar z_f + \sum_i \phi(q_i) \bar d_i` (the reverse scan's
+    :math:`R`, :math:`r` started from :math:`\bar S_f`, :math:`\bar z_f` end there).
+    With ``cu_seqlens``, each packed sequence separately.
+
     Arguments are :func:`linear_attention`'s plus ``grad_out (..., Hq, N, Dv)``, the
-    output's shape (``ValueError`` naming it otherwise). Returns ``{"q", "k", "v"}``,
-    float64, each of its input's shape. With ``check_finite``, a non-finite gradient
-    (a denominator below float64's normal range, where ``1/d_i`` overflows) raises a
-    ``ValueError`` naming it.
+    output's shape (``ValueError`` naming it otherwise; ``None``: zero; or the pair
+    ``(grad_out, grad_final_state)``); ``return_final_state`` is accepted and changes
+    nothing. Returns ``{"q", "k", "v"}`` (and ``"initial_state"``, the pair
+    ``(dS_0, dz_0)``, when one is given), float64, each of its input's shape. With
+    ``check_finite``, a non-finite gradient (a denominator below float64's normal range,
+    where ``1/d_i`` overflows) raises a ``ValueError`` naming it.
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 5, 4))
@@ -417,6 +471,10 @@ def linear_attention_vjp(q, k, v, grad_out, *, feature_map="elu", causal=False, 
     [(2, 5, 4), (2, 5, 4), (2, 5, 4)]
     >>> bool(np.allclose(grads["v"].sum(-2), 5.0))   # each query's weights sum to 1
     True
+    >>> state = (np.ones((2, 4, 4)), np.ones((2, 4)))              # (S_0, z_0)
+    >>> grads = ra.vjp("linear_attention", q, k, v, g, causal=True, initial_state=state)
+    >>> [x.shape for x in grads["initial_state"]]
+    [(2, 4, 4), (2, 4)]
     """
     shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
@@ -426,34 +484,54 @@ def linear_attention_vjp(q, k, v, grad_out, *, feature_map="elu", causal=False, 
     allow_negative = check_bool("allow_negative", allow_negative)
     method = check_method(method, causal)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
-    g = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
-                        check_finite=check_finite).reshape((pb.batch, pb.heads_q, pb.n, pb.dv))
+    check_bool("return_final_state", return_final_state)
+    cu = check_packed(pb, cu_seqlens)
+    grad_out, grad_final_state = split_cotangent(grad_out, grad_final_state)
+    out_shape = (pb.batch, pb.heads_q, pb.n, pb.dv)
+    g = np.zeros(out_shape) if grad_out is None else check_cotangent(
+        grad_out, "grad_out", pb.batch_shape + out_shape[1:],
+        check_finite=check_finite).reshape(out_shape)
     fq, fk = _feature_pair(feature_map, q, k, pb, allow_negative=allow_negative,
                            check_finite=check_finite)
+    nf = fk.shape[-1]
+    s0, z0 = state_pair(initial_state, "initial_state", pb, cu, nf, check_finite)
+    dsf, dzf = state_pair(grad_final_state, "grad_final_state", pb, cu, nf, check_finite)
+
+    def run(p, tokens, states):
+        return feature_attention_vjp(*tokens, p, causal=causal, method=method,
+                                     chunk_size=chunk_size, memory_budget=memory_budget,
+                                     what="linear_attention", s0=states[0], z0=states[1],
+                                     dsf=states[2], dzf=states[3], return_state=True)
+
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        dfq, dfk, dv = feature_attention_vjp(fq, fk, v, g, pb, causal=causal, method=method,
-                                             chunk_size=chunk_size,
-                                             memory_budget=memory_budget,
-                                             what="linear_attention")
+        dfq, dfk, dv, ds0, dz0 = over_sequences(cu, pb, run, [fq, fk, v, g],
+                                                [s0, z0, dsf, dzf], (2, 2, 2, 0, 0))
         dq = _feature_map_vjp(feature_map, q, dfq, pb.batch_shape, "q", check_finite)
         dk = _feature_map_vjp(feature_map, k, dfk, pb.batch_shape, "k", check_finite)
     grads = input_gradients(pb, shapes, q=dq, k=dk, v=dv)
-    return check_gradients_finite(grads, "linear_attention") if check_finite else grads
+    if initial_state is not None:
+        grads.update({"initial_state S": ds0, "initial_state z": dz0})
+    if check_finite:
+        check_gradients_finite(grads, "linear_attention")
+    if initial_state is not None:
+        grads["initial_state"] = state_out(grads.pop("initial_state S"),
+                                           grads.pop("initial_state z"), pb, cu)
+    return grads
 
 
 def linear_attention_step_vjp(state, q_t, k_t, v_t, grad_out, *, grad_state=None):
     r"""Gradients of one :func:`linear_attention_step` (the streaming state's gradient, for
     training through a recurrent state or checking a decoding kernel's backward).
 
-    With :math:`S' = S + \phi(k)v^	op`, :math:`z' = z + \phi(k)`,
-    :math:`o = \phi(q)^	op S' / \phi(q)^	op z'`, the cotangent :math:`g` of ``o``
-    (``grad_out (*batch, Hq, Dv)``) and :math:`ar S', ar z'` of the new state
+    With :math:`S' = S + \phi(k)v^\top`, :math:`z' = z + \phi(k)`,
+    :math:`o = \phi(q)^\top S' / \phi(q)^\top z'`, the cotangent :math:`g` of ``o``
+    (``grad_out (*batch, Hq, Dv)``) and :math:`\bar S', \bar z'` of the new state
     (``grad_state``: ``{"s", "z"}`` of the state's shapes, or None):
-    :math:`ar n = g/d`, :math:`ar d = -(g\cdot o)/d`,
-    :math:`\overline{\phi(q)} = S'ar n + z'ar d`,
-    :math:`ar S = ar S' + \sum_{heads} \phi(q)ar n^	op`,
-    :math:`ar z = ar z' + \sum_{heads} \phi(q)ar d`,
-    :math:`\overline{\phi(k)} = ar S v + ar z`, :math:`ar v = ar S^	op\phi(k)`;
+    :math:`\bar n = g/d`, :math:`\bar d = -(g\cdot o)/d`,
+    :math:`\overline{\phi(q)} = S'\bar n + z'\bar d`,
+    :math:`\bar S = \bar S' + \sum_{heads} \phi(q)\bar n^\top`,
+    :math:`\bar z = \bar z' + \sum_{heads} \phi(q)\bar d`,
+    :math:`\overline{\phi(k)} = \bar S v + \bar z`, :math:`\bar v = \bar S^\top\phi(k)`;
     then through ``φ`` as :func:`linear_attention_vjp`. Returns ``{"state": {"s", "z"},
     "q_t", "k_t", "v_t"}``, float64 in their shapes.
 

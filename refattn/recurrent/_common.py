@@ -1,9 +1,9 @@
 """What the attention-like recurrences share: the three forms ``method=`` selects
 (``"parallel"``: the masked ``N x M`` matrix; ``"recurrent"``: one token at a time;
 ``"chunkwise"``: parallel inside chunks, the state carried between them), run by one
-dispatcher that checks the choice and the parallel form's memory, for the forward
-(:func:`run_form`) and for the backward (:func:`run_vjp_form`), and the bookkeeping of
-their VJPs (input shapes, GQA sums, query rows at key positions).
+dispatcher that checks the choice and the parallel form's memory (:func:`choose_form`,
+for the forward and the backward, run once or per packed sequence), and the bookkeeping
+of their VJPs (input shapes, GQA sums, query rows at key positions).
 """
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from ..gradients import check_cotangent, sum_to_shape
 METHODS = ("parallel", "recurrent", "chunkwise")
 
 
-def _choose(method, chunk_size, memory_budget, what, parallel_bytes, parallel, recurrent,
-            chunkwise):
+def choose_form(method, chunk_size, memory_budget, what, parallel_bytes, parallel,
+                recurrent, chunkwise):
+    """Check ``method`` and return the chosen form's result as it is: ``parallel()``
+    after checking its ``parallel_bytes`` against ``memory_budget``, ``recurrent()``, or
+    ``chunkwise(chunk_size)`` (``chunk_size`` checked)."""
     method = check_choice("method", method, METHODS, none="chunkwise")
     if method == "parallel":
         check_memory(parallel_bytes, memory_budget, f"parallel {what}", "method='chunkwise'")
@@ -25,25 +28,6 @@ def _choose(method, chunk_size, memory_budget, what, parallel_bytes, parallel, r
     if method == "recurrent":
         return recurrent()
     return chunkwise(check_int("chunk_size", chunk_size, minimum=1))
-
-
-def run_form(method, chunk_size, pb, memory_budget, *, what: str, parallel_bytes: float,
-             parallel, recurrent, chunkwise):
-    """Check ``method`` and run its form: ``parallel()`` after checking its
-    ``parallel_bytes`` against ``memory_budget``, ``recurrent()``, or
-    ``chunkwise(chunk_size)``. Their ``(B, Hkv, G, N, Dv)`` result is returned as
-    ``(..., Hq, N, Dv)``."""
-    out = _choose(method, chunk_size, memory_budget, what, parallel_bytes, parallel,
-                  recurrent, chunkwise)
-    return pb.unflatten(out.reshape(pb.batch, pb.heads_q, pb.n, pb.dv))
-
-
-def run_vjp_form(method, chunk_size, memory_budget, *, what: str, parallel_bytes: float,
-                 parallel, recurrent, chunkwise):
-    """The backward's :func:`run_form`: the same choice and memory check, the chosen
-    form's result (a tuple of flat gradients) returned as it is."""
-    return _choose(method, chunk_size, memory_budget, f"{what} backward", parallel_bytes,
-                   parallel, recurrent, chunkwise)
 
 
 def shape_of(x) -> tuple:

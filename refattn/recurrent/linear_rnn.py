@@ -28,6 +28,16 @@ Three equal forms (``method=``):
   non-positive number: nothing overflows, nothing is divided, and gates near 1 over a
   million steps stay accurate. Memory O(chunk² · D) per chunk, processed in blocks.
 
+States and packed sequences (flash-linear-attention's conventions, as its HGRN's
+``fused_recurrent_hgrn(x, g, initial_state, output_final_state, cu_seqlens)`` with
+``a = exp(g)``, ``b = 1``): ``initial_state`` is :math:`h_{-1}` (``h0`` is its older
+name), ``return_final_state=True`` (or ``return_last_state``) also returns
+:math:`h_{L-1}`. ``cu_seqlens`` (``(num_seqs + 1,)`` integers, 0 first, ``L`` last)
+packs sequences along the time axis of a batch of one, ``(1, ..., L, D)`` (or
+``(L, D)``): the state restarts at every sequence start (from that sequence's initial
+state), the states are ``(num_seqs, ..., D)``, and each sequence is computed exactly as
+a call of its own.
+
 Streaming: :func:`linear_rnn_init_state` / :func:`linear_rnn_step` carry ``h``
 ``(..., D)``, constant size (the protocol of :mod:`refattn.streaming`, with the token
 ``(a_t, b_t, x_t)`` in place of ``(q_t, k_t, v_t)``). This is not a q/k/v attention
@@ -51,7 +61,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .._core.checks import check_choice, check_int, check_memory
+from .._core.checks import check_bool, check_choice, check_int, check_memory
+from .._core.varlen import check_cu_seqlens, run_packed, split_cotangent
 from ..boundary.arrays import to_float64
 from ..gradients import check_cotangent, sum_to_shape
 from ..streaming import State
@@ -125,7 +136,19 @@ def _check_gate(a: np.ndarray, name: str = "a") -> None:
                          f"{a[idx]!r} at index {idx}")
 
 
-def _prepare(a, b, x, h0, check_finite):
+def _initial(h0, initial_state):
+    """``(value, name)`` of the initial state given as ``h0`` or ``initial_state``
+    (the same argument by two names; not both)."""
+    if h0 is not None and initial_state is not None:
+        raise TypeError("give the initial state as initial_state= or as h0= (its older "
+                        "name), not both")
+    return (h0, "h0") if initial_state is None else (initial_state, "initial_state")
+
+
+def _prepare(a, b, x, h0, check_finite, cu_seqlens=None, h0_name="h0"):
+    """Flat ``a, b, x (nb, L, D)``, the initial states ``(nb, D)`` (``(num_seqs, nb,
+    D)`` with ``cu_seqlens``), and ``(batch_shape, length, dim, cu, lead)``: ``lead`` the
+    states' leading dimensions (the batch's, or ``(num_seqs, *batch_shape[1:])``)."""
     a = to_float64(a, "a", check_finite=check_finite)
     b = to_float64(b, "b", check_finite=check_finite)
     x = to_float64(x, "x", check_finite=check_finite)
@@ -139,22 +162,32 @@ def _prepare(a, b, x, h0, check_finite):
                          f"dimensions; got a {a.shape}, b {b.shape}, x {x.shape}")
     _check_gate(a)
     batch_shape, (length, dim) = shape[:-2], shape[-2:]
+    cu, lead = None, batch_shape
+    if cu_seqlens is not None:
+        if batch_shape[:1] not in ((), (1,)):
+            raise ValueError(f"with cu_seqlens the sequences are packed along L in a batch "
+                             f"of one (flash-linear-attention's convention): a, b, x must "
+                             f"broadcast to (1, ..., L, D) or (L, D); got a {a.shape}, b "
+                             f"{b.shape}, x {x.shape}")
+        cu = check_cu_seqlens(cu_seqlens, length, what="L")
+        lead = (cu.size - 1,) + batch_shape[1:]
+    text = "(num_seqs, ..., D)" if cu is not None else "(..., D)"
     if h0 is None:
-        h0 = np.zeros(batch_shape + (dim,))
+        h0 = np.zeros(lead + (dim,))
     else:
-        h0 = to_float64(h0, "h0", check_finite=check_finite)
+        h0 = to_float64(h0, h0_name, check_finite=check_finite)
         try:
-            h0 = np.broadcast_to(h0, batch_shape + (dim,))
+            h0 = np.broadcast_to(h0, lead + (dim,))
         except ValueError:
-            raise ValueError(f"h0 must broadcast to (..., D) = {batch_shape + (dim,)}; "
-                             f"got h0 {h0.shape} for a, b, x of shape {shape}") from None
+            raise ValueError(f"{h0_name} must broadcast to {text} = {lead + (dim,)}; got "
+                             f"{h0_name} {h0.shape} for a, b, x of shape {shape}") from None
     nb = math.prod(batch_shape)
 
     def flat(arr):
         return np.ascontiguousarray(np.broadcast_to(arr, shape)).reshape(nb, length, dim)
 
-    return (flat(a), flat(b), flat(x), np.ascontiguousarray(h0).reshape(nb, dim),
-            batch_shape, length, dim)
+    h0 = np.ascontiguousarray(h0).reshape((-1, nb, dim) if cu is not None else (nb, dim))
+    return flat(a), flat(b), flat(x), h0, (batch_shape, length, dim, cu, lead)
 
 
 # --------------------------------------------------------------------------- forms
@@ -226,8 +259,24 @@ def _states(method, a, b, x, h0, chunk, memory_budget):
     return _chunkwise_form(a, b * x, h0, chunk)
 
 
+def _per_sequence(cu, run, arrays, states, axes):
+    """``run(arrays, states)`` on the whole sequence (``cu`` None), or on each packed
+    sequence: the flat arrays cut to its steps (axis 1), each of ``states`` (``(num_seqs,
+    nb, D)``) given as its ``(nb, D)``; the results joined, along axis 1 for those with
+    ``axes`` 1, stacked per sequence for those with 0."""
+    if cu is None:
+        return run(arrays, states)
+
+    def one(n, pieces, rows):
+        out = run(pieces, [r[0] for r in rows])
+        return tuple(r[None] if ax == 0 else r for r, ax in zip(out, axes))
+
+    return run_packed(cu, one, [(arr, 1) for arr in arrays], states, axes)
+
+
 def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
-               return_last_state=False, check_finite=True, memory_budget=None):
+               return_last_state=False, initial_state=None, return_final_state=False,
+               cu_seqlens=None, check_finite=True, memory_budget=None):
     r"""All states of :math:`h_t = a_t \odot h_{t-1} + b_t \odot x_t` (module docstring).
 
     Parameters
@@ -235,12 +284,18 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
     a : gates in ``(0, 1]``, broadcastable to ``(..., L, D)``.
     b, x : input scale and input, broadcastable with ``a`` to ``(..., L, D)`` (``b=1.0``
         for the plain form :math:`h_t = a_t h_{t-1} + x_t`).
-    h0 : initial state ``(..., D)`` (broadcast), default 0.
+    h0, initial_state : the initial state :math:`h_{-1}` ``(..., D)`` (broadcast;
+        ``(num_seqs, ..., D)`` with ``cu_seqlens``), default 0; two names for one
+        argument (``initial_state``, flash-linear-attention's; give at most one).
     method : ``"recurrent"`` (Numba loop, default), ``"scan"`` (parallel associative
         scan) or ``"chunkwise"`` (log-space chunks of ``chunk`` steps). ``"scan"`` holds
         O(L·D) and ``"chunkwise"`` O(chunk²·D) per chunk; both check ``memory_budget``
         (bytes; default :data:`refattn._inputs.DEFAULT_MEMORY_BUDGET`).
-    return_last_state : also return ``h_{L-1}`` ``(..., D)`` (``h0`` when ``L = 0``).
+    return_last_state, return_final_state : also return ``h_{L-1}`` ``(..., D)``
+        (``h0`` when ``L = 0``; per sequence with ``cu_seqlens``); either name.
+    cu_seqlens : ``(num_seqs + 1,)`` integers ``[0, ..., L]``: sequences packed along
+        ``L`` of a batch of one, ``(1, ..., L, D)`` or ``(L, D)``; the state restarts
+        from each sequence's initial state at its start.
 
     Returns float64 ``(..., L, D)`` (and the last state).
 
@@ -248,14 +303,26 @@ def linear_rnn(a, b, x, *, h0=None, method="recurrent", chunk=64,
     >>> a = np.full((5, 1), 0.5)
     >>> linear_rnn(a, 1.0, np.ones((5, 1)), method="chunkwise", chunk=2)[:, 0].tolist()
     [1.0, 1.5, 1.75, 1.875, 1.9375]
+    >>> h, last = linear_rnn(a, 1.0, np.ones((5, 1)), cu_seqlens=[0, 2, 5],
+    ...                      initial_state=[[0.0], [2.0]], return_final_state=True)
+    >>> h[:, 0].tolist(), last[:, 0].tolist()      # restarts at step 2, from 2.0
+    ([1.0, 1.5, 2.0, 2.0, 2.0], [1.5, 2.0])
     """
     method = check_choice("method", method, METHODS)
-    a, b, x, h0, batch_shape, length, dim = _prepare(a, b, x, h0, check_finite)
-    out = _states(method, a, b, x, h0, chunk, memory_budget)
-    last = out[:, -1] if length else h0.copy()
+    h0, h0_name = _initial(h0, initial_state)
+    a, b, x, h0, (batch_shape, length, dim, cu, lead) = _prepare(
+        a, b, x, h0, check_finite, cu_seqlens, h0_name)
+    want_last = check_bool("return_last_state", return_last_state) | check_bool(
+        "return_final_state", return_final_state)
+
+    def run(arrays, states):
+        out = _states(method, *arrays, states[0], chunk, memory_budget)
+        return out, (out[:, -1] if out.shape[1] else states[0].copy())
+
+    out, last = _per_sequence(cu, run, [a, b, x], [h0], (1, 0))
     out = out.reshape(batch_shape + (length, dim))
-    if return_last_state:
-        return out, last.reshape(batch_shape + (dim,))
+    if want_last:
+        return out, last.reshape(lead + (dim,))
     return out
 
 
@@ -314,15 +381,36 @@ def linear_rnn_step(state: LinearRNNState, a_t, b_t, x_t, *, check_finite=True):
 
 
 # --------------------------------------------------------------------------- backward
+def _vjp_core(method, a, b, x, h0, dh, dlast, chunk, memory_budget):
+    """Flat gradients ``(da, db, dx)`` ``(nb, L, D)`` and ``dh0 (nb, D)`` of one
+    sequence: ``dh`` the states' cotangent, ``dlast`` the last state's."""
+    nb, length, dim = a.shape
+    if length == 0:
+        return dh, dh, dh, dlast.copy()
+    dh = dh.copy()
+    dh[:, -1] += dlast
+    h = _states(method, a, b, x, h0, chunk, memory_budget)
+    rev = np.empty_like(a)                    # a_{t+1} in reversed time, then a 1
+    rev[:, 0], rev[:, 1:] = 1.0, a[:, :0:-1]
+    lam = _states(method, rev, np.ones_like(a), np.ascontiguousarray(dh[:, ::-1]),
+                  np.zeros((nb, dim)), chunk, memory_budget)[:, ::-1]
+    prev = np.concatenate([h0[:, None], h[:, :-1]], axis=1)
+    return lam * prev, lam * x, lam * b, a[:, 0] * lam[:, 0]
+
+
 def linear_rnn_vjp(a, b, x, grad_out, *, h0=None, method="recurrent", chunk=64,
-                   return_last_state=False, grad_last_state=None, check_finite=True,
-                   memory_budget=None):
+                   return_last_state=False, grad_last_state=None, initial_state=None,
+                   return_final_state=False, grad_final_state=None, cu_seqlens=None,
+                   check_finite=True, memory_budget=None):
     r"""Gradients of :func:`linear_rnn` for the cotangent ``grad_out`` of its states
-    ``(..., L, D)`` (``None``: zero) and ``grad_last_state`` of the last state
-    ``(..., D)`` (``None``: zero; ``return_last_state`` is accepted and changes nothing).
-    Returns ``{"a", "b", "x"}``, plus ``"h0"`` when ``h0`` is given, each float64 in its
+    ``(..., L, D)`` (``None``: zero) and ``grad_last_state`` (or ``grad_final_state``,
+    its other name) of the last state ``(..., D)`` (``(num_seqs, ..., D)`` with
+    ``cu_seqlens``; ``None``: zero; or ``grad_out=(grad_out, grad_last_state)``;
+    ``return_last_state``/``return_final_state`` are accepted and change nothing).
+    Returns ``{"a", "b", "x"}``, plus the initial state's gradient when one is given,
+    under the name it was given by (``"h0"`` or ``"initial_state"``), each float64 in its
     input's shape (broadcast dimensions summed). The other arguments are the forward's,
-    validated alike.
+    validated alike; with ``cu_seqlens``, each packed sequence separately.
 
     The state gradient :math:`\lambda_t = \partial L / \partial h_t` runs backwards in
     time, itself a linear RNN over the reversed sequence:
@@ -354,31 +442,36 @@ def linear_rnn_vjp(a, b, x, grad_out, *, h0=None, method="recurrent", chunk=64,
     """
     method = check_choice("method", method, METHODS)
     shapes = {"a": shape_of(a), "b": shape_of(b), "x": shape_of(x)}
+    h0, h0_name = _initial(h0, initial_state)
     h0_shape = None if h0 is None else shape_of(h0)
-    a, b, x, h0, batch_shape, length, dim = _prepare(a, b, x, h0, check_finite)
+    if grad_last_state is not None and grad_final_state is not None:
+        raise TypeError("give the last state's cotangent as grad_final_state= or as "
+                        "grad_last_state= (its older name), not both")
+    dlast_name = "grad_final_state" if grad_last_state is None else "grad_last_state"
+    grad_out, dlast = split_cotangent(
+        grad_out, grad_final_state if grad_last_state is None else grad_last_state)
+    a, b, x, h0, (batch_shape, length, dim, cu, lead) = _prepare(
+        a, b, x, h0, check_finite, cu_seqlens, h0_name)
+    check_bool("return_last_state", return_last_state)
+    check_bool("return_final_state", return_final_state)
     nb = a.shape[0]
     dh = check_cotangent(grad_out, "grad_out", batch_shape + (length, dim),
                          check_finite=check_finite)
-    dlast = check_cotangent(grad_last_state, "grad_last_state", batch_shape + (dim,),
+    dlast = check_cotangent(dlast, dlast_name, lead + (dim,),
                             check_finite=check_finite)
-    dh = np.zeros((nb, length, dim)) if dh is None else dh.reshape(nb, length, dim).copy()
-    dlast = np.zeros((nb, dim)) if dlast is None else dlast.reshape(nb, dim)
-    if length == 0:
-        lam, prev, dh0 = dh, dh, dlast.copy()
-    else:
-        dh[:, -1] += dlast
-        h = _states(method, a, b, x, h0, chunk, memory_budget)
-        rev = np.empty_like(a)                    # a_{t+1} in reversed time, then a 1
-        rev[:, 0], rev[:, 1:] = 1.0, a[:, :0:-1]
-        lam = _states(method, rev, np.ones_like(a), np.ascontiguousarray(dh[:, ::-1]),
-                      np.zeros((nb, dim)), chunk, memory_budget)[:, ::-1]
-        prev = np.concatenate([h0[:, None], h[:, :-1]], axis=1)
-        dh0 = a[:, 0] * lam[:, 0]
+    dh = np.zeros((nb, length, dim)) if dh is None else dh.reshape(nb, length, dim)
+    dlast = np.zeros(h0.shape) if dlast is None else dlast.reshape(h0.shape)
+
+    def run(arrays, states):
+        (sa, sb, sx, sdh), (start, slast) = arrays, states
+        return _vjp_core(method, sa, sb, sx, start, sdh, slast, chunk, memory_budget)
+
+    da, db, dx, dh0 = _per_sequence(cu, run, [a, b, x, dh], [h0, dlast], (1, 1, 1, 0))
     full = batch_shape + (length, dim)
     grads = {name: sum_to_shape(g.reshape(full), shapes[name])
-             for name, g in (("a", lam * prev), ("b", lam * x), ("x", lam * b))}
+             for name, g in (("a", da), ("b", db), ("x", dx))}
     if h0_shape is not None:
-        grads["h0"] = sum_to_shape(dh0.reshape(batch_shape + (dim,)), h0_shape)
+        grads[h0_name] = sum_to_shape(dh0.reshape(lead + (dim,)), h0_shape)
     return grads
 
 

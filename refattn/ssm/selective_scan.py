@@ -34,12 +34,13 @@ import numpy as np
 from numba import njit, prange
 
 from .._core.checks import check_bool, check_choice, check_int
+from .._core.varlen import check_cu_seqlens, sequence_starts
 from ..boundary.arrays import to_float64
 from ..gradients import check_cotangent
 from ..recurrent.linear_rnn import associative_scan
 from ..streaming import State
 from ._common import (BLOCK_ELEMENTS, TILE, check_shape, dsilu, number_array, scan_vjp,
-                      seq_resets, silu, silu_np, softplus_np)
+                      silu, silu_np, softplus_np)
 
 __all__ = ["selective_scan", "selective_scan_init_state", "selective_scan_step",
            "SelectiveScanState", "SELECTIVE_SCAN_METHODS", "selective_scan_vjp"]
@@ -52,6 +53,14 @@ _BLOCK_ELEMENTS = BLOCK_ELEMENTS
 
 
 # --------------------------------------------------------------------------- selective
+def _resets(cu_seqlens, length):
+    """Boolean ``(L,)`` marking where a packed sequence starts (the state restarts), or
+    None without ``cu_seqlens`` (checked as every recurrent mechanism checks it)."""
+    if cu_seqlens is None:
+        return None
+    return sequence_starts(check_cu_seqlens(cu_seqlens, length, what="L"), length)
+
+
 def _variable(X, name, a_complex, batch, dim, nstate, length, check_finite):
     """``B`` or ``C`` as ``(batch | 1, groups, N, L | 1)`` in ``A``'s dtype."""
     if X is None:
@@ -286,7 +295,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, check_finite)
     return_last_state = check_bool("return_last_state", return_last_state)
     batch, dim, length = u.shape
-    reset = seq_resets(cu_seqlens, length)
+    reset = _resets(cu_seqlens, length)
     state = np.zeros((batch, dim, A.shape[1]), dtype=A.dtype)
     if method == "recurrent":
         out = np.full((batch, dim, length), np.nan)
@@ -386,7 +395,7 @@ def selective_scan_vjp(u, delta, A, B, C, grad_out, *, D=None, z=None, delta_bia
                           allow_complex=a_complex)
         check_shape(gl, "grad_last_state", glast.shape, "(batch, dim, N), the last state")
         glast[...] = gl
-    reset = seq_resets(cu_seqlens, length)
+    reset = _resets(cu_seqlens, length)
     x = delta if delta_bias is None else delta + delta_bias[:, None]
     dt = softplus_np(x) if softplus else x
     gy = g if z is None else g * silu_np(z)

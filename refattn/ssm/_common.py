@@ -69,23 +69,6 @@ def dsilu(z):
     return sig * (1.0 + z * (1.0 - sig))
 
 
-def seq_resets(cu_seqlens, length):
-    """Boolean ``(L,)`` marking the starts ``cu_seqlens[1:-1]`` (None if no packing)."""
-    if cu_seqlens is None:
-        return None
-    cu = np.asarray(cu_seqlens)
-    if cu.ndim != 1 or cu.size < 2 or cu.dtype.kind not in "iu":
-        raise TypeError(f"cu_seqlens must be a 1-D integer array [0, ..., L] of at least "
-                        f"2 entries, got {cu.dtype} with shape {cu.shape}")
-    if cu[0] != 0 or cu[-1] != length or (np.diff(cu) < 0).any():
-        raise ValueError(f"cu_seqlens must rise from 0 to L = {length} (cumulative "
-                         f"sequence lengths), got {cu.tolist()}")
-    reset = np.zeros(length, dtype=bool)
-    starts = cu[1:-1]
-    reset[starts[starts < length]] = True
-    return reset
-
-
 def two_level_scan(a, c, state, chunk):
     """``h_t = a_t h_{t-1} + c_t`` along axis 0 of time-major ``(T, ...)`` arrays from
     ``h_{-1} = state``, in two levels as the chunkwise forms do: associative scans inside

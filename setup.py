@@ -19,13 +19,14 @@ setup(
     python_requires=">=3.10",
     # refattn's family packages (found), then the two trees mapped into it
     packages=["refattn"] + [f"refattn.{p}" for p in find_packages("refattn")]
-    + ["refattn.analysis", "refattn.gpu"],
+    + ["refattn.analysis", "refattn.gpu", "refattn.gpu.emulator"],
     package_dir={
         "refattn": "refattn",
         "refattn.analysis": "analysis",
         "refattn.gpu": "gpu",
     },
-    package_data={"refattn.gpu": ["kernels/*.cu", "kernels/*.cuh"]},
+    package_data={"refattn.gpu": ["kernels/*.cu", "kernels/*.cuh"],
+                  "refattn.gpu.emulator": ["*.h", "*.cpp", "README.md"]},
     include_package_data=False,
     install_requires=[
         "numpy>=1.24",

@@ -108,16 +108,19 @@ def build(mask, n: int, m: int, block_q: int, block_k: int, *, batch: int = 1,
             keep = np.broadcast_to(keep, inside.shape) & inside
             bits[sel] = _pack_bits(keep)
             if s == 0 and (batch > 1 or heads > 1):
-                _check_shared(bound, rows[:8], cols[:8], inside[:8], keep[:8], batch, heads)
+                _check_shared(bound, rows[:8], cols[:8], inside[:8], keep[:8], batch, heads,
+                              n, m)
     return BlockMask(n, m, block_q, block_k, indptr.astype(np.int32),
                      tile_k.astype(np.int32), tile_bits, bits, getattr(mask, "name", "mask"))
 
 
-def _check_shared(bound, rows, cols, inside, keep0, batch, heads):
-    """Raise if the mask differs between batches or heads on these tiles."""
+def _check_shared(bound, rows, cols, inside, keep0, batch, heads, n, m):
+    """Raise if the mask differs between batches or heads on these tiles (positions past
+    ``N``/``M`` clamped inside, as for the bitmaps: masks may index arrays of length N)."""
     b = np.arange(batch).reshape(-1, 1, 1, 1, 1)
     h = np.arange(heads).reshape(1, -1, 1, 1, 1)
-    keep = np.asarray(bound(b, h, np.minimum(rows, rows.max()), cols))
+    keep = np.asarray(bound(b, h, np.minimum(rows, max(n - 1, 0)),
+                            np.minimum(cols, max(m - 1, 0))))
     if keep.ndim == 5 and (keep.shape[0] > 1 or keep.shape[1] > 1):
         if not (np.broadcast_to(keep, keep.shape[:2] + inside.shape) & inside
                 == keep0).all():

@@ -234,3 +234,14 @@ def test_selfcheck_cases_cover_every_instantiation_and_feature():
     for c in cs:
         if c.mask:
             selfcheck.block_mask_for(c).materialize(c.n, c.m)
+
+
+def test_block_mask_of_an_array_indexing_mask_with_heads_and_ragged_tiles():
+    """A document mask indexes arrays of length N: the shared-mask check must clamp
+    positions past N and M as the bitmaps do (it read index N before)."""
+    import refattn as ra
+    from refattn.gpu import blockmask
+    doc = ra.masks.document(np.repeat(np.arange(4), 70)) & ra.masks.causal()
+    built = blockmask.build(doc, 280, 280, 64, 64, batch=2, heads=2)
+    one = blockmask.build(doc, 280, 280, 64, 64)
+    np.testing.assert_array_equal(built.tile_bits, one.tile_bits)

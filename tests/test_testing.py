@@ -185,3 +185,27 @@ def test_assert_close_cannot_pass_a_mismatched_infinity(actual, expected):
     with pytest.raises(AssertionError, match="not close to expected"):
         assert_close(np.array([actual]), np.array([expected]), rtol=1e300, atol=1e300)
     assert_close(np.array([-np.inf, 2.0]), np.array([-np.inf, 2.0]))
+
+
+@pytest.mark.parametrize("actual, expected", [(np.inf, -np.inf), (np.nan, 1.0), (1.0, np.inf)])
+def test_flash_rule_cannot_pass_a_mismatched_infinity_or_nan(actual, expected):
+    baseline = np.array([expected, 1.0])
+    with pytest.raises(AssertionError, match="dq"):
+        assert_as_accurate_as(np.array([actual, 1.0]), baseline, np.array([expected, 1.0]),
+                              atol=1e300, name="dq")
+
+
+def test_flash_rule_matches_equal_infinities():
+    lse = np.array([-np.inf, 0.5])
+    assert_as_accurate_as(lse, lse, lse, name="lse")
+
+
+@pytest.mark.parametrize("bad", [np.array(["a", "b"]), np.array([1 + 1j, 2.0])])
+def test_helpers_refuse_non_real_arrays_naming_them(bad):
+    good = np.ones(2)
+    with pytest.raises(TypeError, match="dq must have a real numeric dtype"):
+        assert_close(bad, good, name="dq")
+    with pytest.raises(TypeError, match="dq must have a real numeric dtype"):
+        assert_as_accurate_as(bad, good, good, name="dq")
+    with pytest.raises(AssertionError, match="dq has shape"):
+        assert_close(good[:1], good, name="dq")

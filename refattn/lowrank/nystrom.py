@@ -22,36 +22,49 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_cotangent, check_int, resolve_scale
+from .._core.checks import check_choice, check_cotangent, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
 from ._common import (grouped, implied_memory, segment_means, segment_means_vjp, softmax,
                       softmax_vjp, ungrouped)
 
-__all__ = ["nystrom_attention", "nystrom_attention_matrix", "nystrom_attention_vjp",
+__all__ = ["PINV_INITS", "nystrom_attention", "nystrom_attention_matrix",
+           "nystrom_attention_vjp",
            "iterative_pinv", "iterative_pinv_vjp", "iterative_pinv_backward",
            "pinv_backward"]
 
 
-def _check_pinv(a, iters):
-    """``a`` as float64 square matrices ``(..., c, c)`` and ``iters`` checked."""
+#: Where the start ``Z_0 = Aᵀ / (‖A‖₁‖A‖∞)`` takes its norms: each matrix's own
+#: ("per_matrix", the paper) or their maxima over the whole batch ("batch", the official
+#: code and HuggingFace's Nyströmformer).
+PINV_INITS = ("per_matrix", "batch")
+
+
+def _check_pinv(a, iters, init="per_matrix"):
+    """``a`` as float64 square matrices ``(..., c, c)``, ``iters`` and ``init`` checked."""
     a = np.asarray(a, dtype=np.float64)
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
                          f"{a.shape}")
+    check_choice("init", init, PINV_INITS)
     return a, check_int("iters", iters, minimum=0)
 
 
-def iterative_pinv(a, iters: int):
+def iterative_pinv(a, iters: int, *, init: str = "per_matrix"):
     r"""Nyströmformer's iterative Moore-Penrose pseudoinverse of ``a`` ``(..., c, c)``.
 
     .. math:: Z_0 = \frac{A^\top}{\|A\|_1 \|A\|_\infty}, \qquad
               Z_{j+1} = \tfrac14 Z_j\big(13 I - A Z_j (15 I - A Z_j (7 I - A Z_j))\big)
 
     (Xiong et al. 2021, after Razavi et al. 2014). ``‖A‖₁`` is the largest absolute
-    column sum and ``‖A‖∞`` the largest absolute row sum, **per matrix** (the paper's
-    definition; the official code takes the maxima over the whole batch and all heads,
-    which changes ``Z_0`` and so every finite iterate, but not the limit). The error
+    column sum and ``‖A‖∞`` the largest absolute row sum, **per matrix** with
+    ``init="per_matrix"`` (the paper's definition), or their maxima over every matrix of
+    ``a`` with ``init="batch"``: one scale :math:`1 / (\max \text{col sum} \cdot \max
+    \text{row sum})` for the whole batch and all heads, as the official code and
+    HuggingFace's ``NystromformerSelfAttention.iterative_inv`` take it (HF's default
+    ``"original"`` start divides by the largest column sum only: its matrices are
+    softmaxes, whose row sums are 1). The start changes every finite iterate, not the
+    limit, and makes one matrix's result depend on the others in the batch. The error
     :math:`E_j = I - A Z_j` obeys :math:`E_{j+1} = \tfrac34 E_j^3 + \tfrac14 E_j^4`, so
     the iteration converges with third order to :math:`A^{+}` once
     :math:`\|E_j\| < 1`; with an ill-conditioned ``a`` it first spends about
@@ -68,20 +81,29 @@ def iterative_pinv(a, iters: int):
     >>> a = np.array([[0.7, 0.3], [0.2, 0.8]])
     >>> bool(np.allclose(ra.lowrank.iterative_pinv(a, 6), np.linalg.inv(a), rtol=1e-12))
     True
+    >>> b = np.stack([a, 3 * a])          # batch: one scale, set by the larger matrix
+    >>> z1 = ra.lowrank.iterative_pinv(b, 1, init="batch")
+    >>> z2 = ra.lowrank.iterative_pinv(b, 1)
+    >>> bool(np.allclose(z1[1], z2[1])), bool(np.allclose(z1[0], z2[0]))
+    (True, False)
     """
-    a, iters = _check_pinv(a, iters)
-    z = _pinv_start(a)[0]
+    a, iters = _check_pinv(a, iters, init)
+    z = _pinv_start(a, init)[0]
     eye = np.eye(a.shape[-1])
     for _ in range(iters):
         z = _pinv_step(a, z, eye)
     return z
 
 
-def _pinv_start(a):
-    """``(Z_0, ‖A‖₁, ‖A‖∞, ‖A‖₁‖A‖∞)`` of :func:`iterative_pinv` (norms ``(..., 1, 1)``;
-    ``Z_0 = 0`` where the product is 0)."""
+def _pinv_start(a, init="per_matrix"):
+    """``(Z_0, ‖A‖₁, ‖A‖∞, ‖A‖₁‖A‖∞)`` of :func:`iterative_pinv` (norms ``(..., 1, 1)``,
+    the batch's maxima everywhere with ``init="batch"``; ``Z_0 = 0`` where the product
+    is 0)."""
     norm1 = np.abs(a).sum(axis=-2).max(axis=-1, initial=0.0)[..., None, None]
     norm_inf = np.abs(a).sum(axis=-1).max(axis=-1, initial=0.0)[..., None, None]
+    if init == "batch":
+        norm1 = np.full(norm1.shape, norm1.max(initial=0.0))
+        norm_inf = np.full(norm_inf.shape, norm_inf.max(initial=0.0))
     denom = norm1 * norm_inf
     z = np.divide(a.swapaxes(-1, -2), denom, out=np.zeros_like(a), where=denom > 0)
     return z, norm1, norm_inf, denom
@@ -110,27 +132,36 @@ def _pinv_step_vjp(a, z, eye, g):
     return dx @ z.swapaxes(-1, -2), dz
 
 
-def _pinv_start_vjp(a, norm1, norm_inf, denom, g):
+def _pinv_start_vjp(a, norm1, norm_inf, denom, g, init="per_matrix"):
     """``dA`` of ``Z_0 = Aᵀ / (‖A‖₁‖A‖∞)`` for the cotangent ``g``; the norms' maxima
-    differentiate through the first maximal column (row) sum, ``|x|`` as ``sign(x)``."""
+    differentiate through the first maximal column (row) sum -- of each matrix, or of
+    the whole batch with ``init="batch"`` (whose one denominator collects every
+    matrix's cotangent) -- ``|x|`` as ``sign(x)``."""
     safe = np.where(denom > 0, denom, 1.0)
     ddenom = np.where(denom > 0, -np.einsum("...ij,...ji->...", g, a)[..., None, None]
                       / safe ** 2, 0.0)
+    col_sums, row_sums = np.abs(a).sum(axis=-2), np.abs(a).sum(axis=-1)     # (..., c)
+    if init == "batch":
+        ddenom = np.full(ddenom.shape, ddenom.sum())
+        at_col, at_row = np.zeros(col_sums.shape, bool), np.zeros(row_sums.shape, bool)
+        if a.size:
+            at_col.flat[np.argmax(col_sums)] = at_row.flat[np.argmax(row_sums)] = True
+    else:
+        idx = np.arange(a.shape[-1])
+        at_col = idx == col_sums.argmax(axis=-1)[..., None]
+        at_row = idx == row_sums.argmax(axis=-1)[..., None]
     sign = np.sign(a)
-    cols = np.abs(a).sum(axis=-2).argmax(axis=-1)[..., None, None]       # (..., 1, 1)
-    rows = np.abs(a).sum(axis=-1).argmax(axis=-1)[..., None, None]
-    idx = np.arange(a.shape[-1])
     da = np.where(denom > 0, g.swapaxes(-1, -2) / safe, 0.0)
-    da = da + (ddenom * norm_inf) * sign * (idx[None, :] == cols)
-    return da + (ddenom * norm1) * sign * (idx[:, None] == rows)
+    da = da + (ddenom * norm_inf) * sign * at_col[..., None, :]
+    return da + (ddenom * norm1) * sign * at_row[..., :, None]
 
 
-def iterative_pinv_backward(a, grad_z, iters: int):
-    r"""``dA`` of ``Z = iterative_pinv(a, iters)`` for the cotangent ``grad_z``: the
-    iterates are recomputed and the cotangent runs back through each step
+def iterative_pinv_backward(a, grad_z, iters: int, init: str = "per_matrix"):
+    r"""``dA`` of ``Z = iterative_pinv(a, iters, init=init)`` for the cotangent
+    ``grad_z``: the iterates are recomputed and the cotangent runs back through each step
     (:func:`_pinv_step_vjp`) and the start ``Z_0``. ``a`` float64 ``(..., c, c)``."""
     eye = np.eye(a.shape[-1])
-    z0, norm1, norm_inf, denom = _pinv_start(a)
+    z0, norm1, norm_inf, denom = _pinv_start(a, init)
     zs = [z0]
     for _ in range(iters - 1):
         zs.append(_pinv_step(a, zs[-1], eye))
@@ -139,7 +170,7 @@ def iterative_pinv_backward(a, grad_z, iters: int):
     for z in reversed(zs[:iters]):
         step_da, g = _pinv_step_vjp(a, z, eye, g)
         da += step_da
-    return da + _pinv_start_vjp(a, norm1, norm_inf, denom, g)
+    return da + _pinv_start_vjp(a, norm1, norm_inf, denom, g, init)
 
 
 def pinv_backward(a, z, grad_z):
@@ -158,7 +189,7 @@ def pinv_backward(a, z, grad_z):
             + (zt @ z) @ gt @ (eye - z @ a))
 
 
-def iterative_pinv_vjp(a, grad_out, *, iters):
+def iterative_pinv_vjp(a, grad_out, *, iters, init="per_matrix"):
     r"""Gradient of :func:`iterative_pinv` for the cotangent ``grad_out`` of its result
     (``a``'s shape): ``{"a": dA}``, float64.
 
@@ -175,7 +206,9 @@ def iterative_pinv_vjp(a, grad_out, *, iters):
     chained from the last iteration back to
     :math:`Z_0 = A^\top / (\|A\|_1 \|A\|_\infty)`, whose norms differentiate
     through their maximal column and row sums (the first one on a tie, where the norm
-    has no derivative: a subgradient) with :math:`d|x| = \operatorname{sign}(x)\,dx`.
+    has no derivative: a subgradient) with :math:`d|x| = \operatorname{sign}(x)\,dx`;
+    with ``init="batch"`` through the batch's maximal ones (one matrix's), the shared
+    denominator collecting the cotangent of every matrix.
     The iterates are recomputed (``iters`` matrices of ``a``'s size are kept).
 
     >>> import numpy as np, refattn as ra
@@ -187,14 +220,16 @@ def iterative_pinv_vjp(a, grad_out, *, iters):
     >>> bool(np.allclose(da, -(inv @ inv).T))
     True
     """
-    a, iters = _check_pinv(a, iters)
+    a, iters = _check_pinv(a, iters, init)
     g = check_cotangent(grad_out, "grad_out", a.shape)
-    return {"a": iterative_pinv_backward(a, g, iters)}
+    return {"a": iterative_pinv_backward(a, g, iters, init)}
 
 
-def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite, parts=False):
+def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite, pinv_init,
+             parts=False):
     """Validate; return ``(pb, f (B,Hkv,G,N,c), z (B,Hkv,G,c,c), b (B,Hkv,G,c,M), v)``,
     and with ``parts`` also ``(qg, k, q_land, k_land, a, s, pinv_iters)``."""
+    check_choice("pinv_init", pinv_init, PINV_INITS)
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     seen = f"q {pb.batch_shape + (pb.heads_q, pb.n, pb.d)}, k " \
            f"{pb.batch_shape + (pb.heads_kv, pb.m, pb.d)}"
@@ -213,7 +248,8 @@ def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite, parts=F
     f = softmax(s * (qg @ k_land.swapaxes(-1, -2)))
     a = softmax(s * (q_land @ k_land.swapaxes(-1, -2)))
     b = softmax(s * (q_land @ k[:, :, None].swapaxes(-1, -2)))
-    z = np.linalg.pinv(a) if pinv_iters is None else iterative_pinv(a, pinv_iters)
+    z = np.linalg.pinv(a) if pinv_iters is None else iterative_pinv(a, pinv_iters,
+                                                                    init=pinv_init)
     if parts:
         return pb, f, z, b, v, (qg, k, q_land, k_land, a, s, pinv_iters)
     return pb, f, z, b, v
@@ -224,8 +260,8 @@ def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite, parts=F
           supports_mask=False, supports_gqa=True, position_free=False,
           row_stochastic=False,
           example={"num_landmarks": 1}, budget=lambda n, b: {"num_landmarks": b})
-def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, scale=None,
-                      check_finite=True):
+def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, pinv_init="per_matrix",
+                      scale=None, check_finite=True):
     r"""Nyströmformer attention: the Nyström approximation of ``softmax(s Q K^T)``
     through ``num_landmarks`` segment-mean landmarks.
 
@@ -253,6 +289,11 @@ def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, scale=None,
         None for the exact pseudoinverse (``np.linalg.pinv``). Six iterations are not
         converged when :math:`\tilde A` is ill-conditioned (small logits, many landmarks);
         that is the paper's operator, not a defect of the reference.
+    pinv_init : ``"per_matrix"`` (default, the paper: each head's ``Z_0`` from its own
+        norms) or ``"batch"`` (the official code and HuggingFace: one scale
+        :math:`1 / (\max \text{col sum} \cdot \max \text{row sum})` over the whole
+        batch and every head, so a sequence's result depends on the others in the call);
+        see :func:`iterative_pinv`. No effect with ``pinv_iters=None``.
     scale : float, default ``1/sqrt(D)``.
     check_finite : raise on non-finite inputs.
 
@@ -275,13 +316,13 @@ def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, scale=None,
     True
     """
     pb, f, z, b, v = _nystrom(q, k, v, num_landmarks=num_landmarks, pinv_iters=pinv_iters,
-                              scale=scale, check_finite=check_finite)
+                              scale=scale, check_finite=check_finite, pinv_init=pinv_init)
     bv = b @ v[:, :, None]                                  # (B, Hkv, G, c, Dv)
     return pb.unflatten(ungrouped(f @ (z @ bv), pb))
 
 
-def nystrom_attention_matrix(q, k, *, num_landmarks, pinv_iters=6, scale=None,
-                             check_finite=True, memory_budget=None):
+def nystrom_attention_matrix(q, k, *, num_landmarks, pinv_iters=6, pinv_init="per_matrix",
+                             scale=None, check_finite=True, memory_budget=None):
     r"""The implied matrix :math:`\tilde F \tilde A^{+} \tilde B` ``(..., Hq, N, M)`` of
     :func:`nystrom_attention` (same arguments), so that ``nystrom_attention(q, k, v) ==
     A @ v``. Not row-stochastic in general (:math:`\tilde A^{+}` has negative entries).
@@ -296,13 +337,14 @@ def nystrom_attention_matrix(q, k, *, num_landmarks, pinv_iters=6, scale=None,
     (True, True)
     """
     pb, f, z, b, _ = _nystrom(q, k, None, num_landmarks=num_landmarks,
-                              pinv_iters=pinv_iters, scale=scale, check_finite=check_finite)
+                              pinv_iters=pinv_iters, scale=scale, check_finite=check_finite,
+                              pinv_init=pinv_init)
     implied_memory(pb, memory_budget, "nystrom_attention")
     return pb.unflatten(ungrouped(f @ (z @ b), pb))
 
 
-def nystrom_attention_vjp(q, k, v, grad_out, *, num_landmarks, pinv_iters=6, scale=None,
-                          check_finite=True):
+def nystrom_attention_vjp(q, k, v, grad_out, *, num_landmarks, pinv_iters=6,
+                          pinv_init="per_matrix", scale=None, check_finite=True):
     r"""Gradients of :func:`nystrom_attention` for the cotangent ``grad_out``
     ``(..., Hq, N, Dv)`` of its output (same keyword arguments, validated alike).
 
@@ -325,7 +367,8 @@ def nystrom_attention_vjp(q, k, v, grad_out, *, num_landmarks, pinv_iters=6, sca
 
     **The pseudoinverse.** ``pinv_iters`` an int: the gradient of the iterative form
     itself, backpropagated through every iteration and the start
-    :math:`Z_0 = A^\top / (\|A\|_1 \|A\|_\infty)` (:func:`iterative_pinv_vjp`), not
+    :math:`Z_0 = A^\top / (\|A\|_1 \|A\|_\infty)` (:func:`iterative_pinv_vjp`; with
+    ``pinv_init="batch"`` through the batch's norms), not
     the derivative of :math:`A^{+}` (they differ as much as the iterate differs from
     :math:`A^{+}`). ``pinv_iters=None``: the derivative of the exact pseudoinverse
     (Golub & Pereyra 1973, :func:`pinv_backward`),
@@ -354,7 +397,7 @@ def nystrom_attention_vjp(q, k, v, grad_out, *, num_landmarks, pinv_iters=6, sca
     shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
     pb, f, z, b, v, (qg, k, q_land, k_land, a, s, iters) = _nystrom(
         q, k, v, num_landmarks=num_landmarks, pinv_iters=pinv_iters, scale=scale,
-        check_finite=check_finite, parts=True)
+        check_finite=check_finite, pinv_init=pinv_init, parts=True)
     do = check_cotangent(grad_out, "grad_out", pb.batch_shape + (pb.heads_q, pb.n, pb.dv),
                          check_finite=check_finite)
     do = grouped(do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv), pb)   # (B, Hkv, G, N, Dv)
@@ -365,7 +408,8 @@ def nystrom_attention_vjp(q, k, v, grad_out, *, num_landmarks, pinv_iters=6, sca
     dz = dw @ bv.swapaxes(-1, -2)                           # (B, Hkv, G, c, c)
     dbv = z.swapaxes(-1, -2) @ dw
     dv = (b.swapaxes(-1, -2) @ dbv).sum(axis=2)             # (B, Hkv, M, Dv)
-    da = pinv_backward(a, z, dz) if iters is None else iterative_pinv_backward(a, dz, iters)
+    da = pinv_backward(a, z, dz) if iters is None else \
+        iterative_pinv_backward(a, dz, iters, pinv_init)
     dsf = softmax_vjp(f, df)
     dsa = softmax_vjp(a, da)
     dsb = softmax_vjp(b, dbv @ vg.swapaxes(-1, -2))         # (B, Hkv, G, c, M)

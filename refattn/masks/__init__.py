@@ -9,12 +9,13 @@ signature) that compose with ``&``, ``|``, ``~`` and classify tiles
 from .base import EMPTY, FULL, Mask, PARTIAL, Tiles, as_mask, from_array, from_function
 from .bands import block_window, causal, chunks, sliding_window, strided
 from .tokens import document, fixed, global_tokens, prefix_lm, sinks
-from .layouts import block_layout, random_blocks
+from .layouts import bigbird_layout, block_layout, random_blocks
 from .tile_rows import TileRows
 from . import scores
 from . import drawing
 
-__all__ = ["EMPTY", "FULL", "Mask", "PARTIAL", "Tiles", "as_mask", "block_layout",
+__all__ = ["EMPTY", "FULL", "Mask", "PARTIAL", "Tiles", "as_mask", "bigbird_layout",
+           "block_layout",
            "block_window", "causal", "chunks", "document", "fixed", "from_array",
            "from_function", "global_tokens", "prefix_lm", "random_blocks", "sinks",
            "sliding_window", "strided", "scores", "drawing", "TileRows"]

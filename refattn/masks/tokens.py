@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_count
+from .._core.checks import check_bool, check_count
 from .bands import _BlockBand, causal
 from .base import EMPTY, FULL, PARTIAL, Mask, _Named, _offset
 
@@ -89,18 +89,23 @@ def prefix_lm(prefix: int) -> Mask:
 class _GlobalTokens(Mask):
     analytic = True
 
-    def __init__(self, indices):
+    def __init__(self, indices, queries=True, keys=True):
         idx = np.unique(np.asarray(indices).reshape(-1))
         if idx.size and (idx.dtype.kind not in "iu" or idx.min() < 0):
             raise ValueError(f"global_tokens indices must be non-negative integer "
                              f"positions, got {np.asarray(indices)!r}")
         self.indices = idx.astype(np.int64)
+        self.queries, self.keys = queries, keys
         shown = ", ".join(map(str, self.indices[:6])) + (", ..." if idx.size > 6 else "")
-        self.name = f"global_tokens([{shown}])"
+        self.name = f"global_tokens([{shown}]" + ("" if queries else ", queries=False") + (
+            "" if keys else ", keys=False") + ")"
 
     def _eval(self, b, h, q_idx, kv_idx, n, m):
         pos = q_idx + _offset("bottom_right", n, m)
-        return np.isin(pos, self.indices) | np.isin(kv_idx, self.indices)
+        rows = np.isin(pos, self.indices) if self.queries else np.zeros(np.shape(pos), bool)
+        cols = np.isin(kv_idx, self.indices) if self.keys else \
+            np.zeros(np.shape(kv_idx), bool)
+        return rows | cols
 
     def _classify(self, t):
         n, m = t.n, t.m
@@ -114,17 +119,24 @@ class _GlobalTokens(Mask):
             lo, hi = np.clip(lo, 0, size), np.clip(hi + 1, 0, size)
             return cum[hi] - cum[lo]
 
-        cq = count(t.q_lo + off, t.q_hi + off)[:, None]
-        ck = count(t.k_lo, t.k_hi)[None, :]
-        full = ((cq == (t.q_hi - t.q_lo + 1)[:, None])
-                | (ck == (t.k_hi - t.k_lo + 1)[None, :]))
+        cq = count(t.q_lo + off, t.q_hi + off)[:, None] * int(self.queries)
+        ck = count(t.k_lo, t.k_hi)[None, :] * int(self.keys)
+        full = (((cq == (t.q_hi - t.q_lo + 1)[:, None]) & self.queries)
+                | ((ck == (t.k_hi - t.k_lo + 1)[None, :]) & self.keys))
         return np.where(full, FULL, np.where((cq == 0) & (ck == 0), EMPTY, PARTIAL))
 
 
-def global_tokens(indices) -> Mask:
+def global_tokens(indices, *, queries: bool = True, keys: bool = True) -> Mask:
     """Global tokens (Longformer, BigBird): the positions in ``indices`` attend to every
-    key and every query attends to them: keep iff ``i' in G`` or ``j in G``."""
-    return _GlobalTokens(indices)
+    key and every query attends to them: keep iff ``i' in G`` or ``j in G``.
+    ``queries=False`` drops the first part (keep iff ``j in G``), ``keys=False`` the
+    second (keep iff ``i' in G``: the rows of global queries only).
+
+    >>> import refattn as ra
+    >>> ra.masks.global_tokens([1], keys=False).materialize(3, 3).astype(int).tolist()
+    [[0, 0, 0], [1, 1, 1], [0, 0, 0]]
+    """
+    return _GlobalTokens(indices, check_bool("queries", queries), check_bool("keys", keys))
 
 
 # ----------------------------------------------------------------------- documents

@@ -333,7 +333,8 @@ class _Grid:
                    check_finite, method, block_q, block_k, workers):
         """Gradients of :meth:`attend`, by the sparse engine's tiled backward:
         ``{"q", "k", "v"}`` in the grid inputs' shapes, and ``"cls_tokens"`` (a triple in
-        theirs) with CLS tokens. Cotangents as :meth:`flat_cotangents` takes them."""
+        theirs) with CLS tokens, and ``"bias"`` for a bias with parameters (an array, in
+        its shape). Cotangents as :meth:`flat_cotangents` takes them."""
         do, dlse = self.flat_cotangents(grad_out, grad_lse, check_finite)
         grads = sparse_attention_vjp(
             self.q, self.k, self.v, do, mask=with_global(pattern, self.num_global),
@@ -344,6 +345,8 @@ class _Grid:
                for name, x in (("q", self.grid_q), ("k", self.grid_k), ("v", self.grid_v))}
         if self.num_global:
             out["cls_tokens"] = self.cls_gradients(grads["q"], grads["k"], grads["v"])
+        if "bias" in grads:             # a bias array's (on the flattened sequence)
+            out["bias"] = grads["bias"]
         return out
 
     def flat_cotangents(self, grad_out, grad_lse, check_finite):

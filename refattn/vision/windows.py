@@ -13,6 +13,7 @@ import numpy as np
 from ..exact.dense import attention, attention_probs
 from ..exact.merge import merge_partials
 from ..masks import Mask
+from ..masks.scores import ScoreMod, as_score_mod
 from ..registry import attach, register
 from ._common import _Grid, _grid_shape, _GridMask, _int_tuple
 
@@ -157,10 +158,34 @@ def _unpartition(x, window, padded):
     return x.transpose(perm).reshape((b, h) + tuple(padded) + (c,))
 
 
-def _swin_literal(q, k, v, window, shift, scale, softcap, check_finite=True):
+class _Reindexed(ScoreMod):
+    """A score modifier of the whole flattened sequence (``total`` tokens, CLS first)
+    seen from a part of it: the windows of the literal form (batch ``b = b0 * windows +
+    w``, window token ``t`` is grid token ``index[w, t]``, -1 for padding) or the CLS
+    rows / columns (``row_offset``, ``col_offset``)."""
+
+    def __init__(self, inner, total, *, index=None, first=0, row_offset=0, col_offset=0):
+        self.inner, self.total, self.index, self.first = inner, total, index, first
+        self.row_offset, self.col_offset = row_offset, col_offset
+        self.additive, self.name = inner.additive, inner.name
+
+    def _apply(self, score, b, h, q_idx, kv_idx, n, m):
+        b, q_idx, kv_idx = np.asarray(b), np.asarray(q_idx), np.asarray(kv_idx)
+        if self.index is not None:
+            b, w = np.divmod(b, self.index.shape[0])
+            q_idx = self.first + np.maximum(self.index[w, q_idx], 0)    # padding: any
+            kv_idx = self.first + np.maximum(self.index[w, kv_idx], 0)  # (masked, cropped)
+        return self.inner._apply(score, b, h, q_idx + self.row_offset,
+                                 kv_idx + self.col_offset, self.total, self.total)
+
+
+def _swin_literal(q, k, v, window, shift, scale, softcap, check_finite=True, bias=None,
+                  first=0):
     """Swin's SW-MSA on ``q (B, Hq, *S, D)``...: pad to whole windows, roll by
     ``-shift``, partition, mask pairs from different regions (and padded keys), attend
-    per window, reverse, roll by ``+shift``, crop. Returns ``out, lse`` on the grid."""
+    per window (adding ``bias``, a modifier of the flattened sequence whose grid starts at
+    token ``first``, at each pair's grid tokens, as Swin adds its relative position bias
+    per window), reverse, roll by ``+shift``, crop. Returns ``out, lse`` on the grid."""
     nd = len(window)
     grid = q.shape[2:2 + nd]
     padded = tuple(-(-s // w) * w for s, w in zip(grid, window))
@@ -177,16 +202,24 @@ def _swin_literal(q, k, v, window, shift, scale, softcap, check_finite=True):
             lab[p - s:] = 2
         region = region * 3 + lab.reshape((1,) * a + (p,) + (1,) * (nd - a - 1))
     spatial = tuple(range(2, 2 + nd))
+    index = np.full(padded, -1, np.int64)          # the grid token at each position
+    index[tuple(slice(0, s) for s in grid)] = np.arange(math.prod(grid)).reshape(grid)
     if any(shift):   # torch.roll(x, shifts=(-s1, -s2), dims=(1, 2))
         q, k, v = (np.roll(x, tuple(-s for s in shift), axis=spatial) for x in (q, k, v))
         valid = np.roll(valid, tuple(-s for s in shift), axis=tuple(range(nd)))
+        index = np.roll(index, tuple(-s for s in shift), axis=tuple(range(nd)))
     # region labels are defined on the rolled map already (no roll)
     lab_w = _partition(region[None, None, ..., None], window)[0, ..., 0, :, 0]
     val_w = _partition(valid[None, None, ..., None], window)[0, ..., 0, :, 0]
     mask = (lab_w[..., :, None] == lab_w[..., None, :]) & val_w[..., None, :]
+    if bias is not None:
+        idx_w = _partition(index[None, None, ..., None], window)[0, ..., 0, :, 0]
+        bias = _Reindexed(bias, first + math.prod(grid), first=first,
+                          index=idx_w.reshape(-1, idx_w.shape[-1]))
     out, lse = attention(_partition(q, window), _partition(k, window),
                          _partition(v, window), mask=mask[..., None, :, :], scale=scale,
-                         softcap=softcap, return_lse=True, check_finite=check_finite)
+                         bias=bias, softcap=softcap, return_lse=True,
+                         check_finite=check_finite)
     out = _unpartition(out, window, padded)
     lse = _unpartition(lse[..., None], window, padded)[..., 0]
     if any(shift):
@@ -196,13 +229,14 @@ def _swin_literal(q, k, v, window, shift, scale, softcap, check_finite=True):
     return out[crop], lse[crop]
 
 
-def _shifted_probs(q, k, window, *, shift=None, scale=None, softcap=None,
+def _shifted_probs(q, k, window, *, shift=None, scale=None, bias=None, softcap=None,
                    check_finite=True):
     """Dense attention matrix of :func:`shifted_window_attention` (flattened grid)."""
     win = _int_tuple("window", window, None)
     g = _Grid(q, k, None, len(win), check_finite=check_finite)
     return attention_probs(g.q, g.k, mask=shifted_window_mask(g.q_grid, win, shift),
-                           scale=scale, softcap=softcap, check_finite=check_finite)
+                           scale=scale, bias=bias, softcap=softcap,
+                           check_finite=check_finite)
 
 
 @register(family="vision", exact=False, time="O(N·w^d·D)", state="O(N·D)",
@@ -210,7 +244,7 @@ def _shifted_probs(q, k, window, *, shift=None, scale=None, softcap=None,
           position_free=False, row_stochastic=True, self_attention_only=True,
           example={"window": (1,)})
 def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, scale=None,
-                             softcap=None, return_lse=False, check_finite=True):
+                             bias=None, softcap=None, return_lse=False, check_finite=True):
     r"""Shifted-window attention (Swin SW-MSA), computed literally as Swin does.
 
     The grid is padded to whole windows, cyclically shifted by ``-shift``
@@ -228,8 +262,14 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
     (``<= S``). shift : int or tuple, default ``window // 2``; ``0 <= shift < window``.
     cls_tokens : global tokens: the grid's window result is merged with attention to
     the CLS keys by log-sum-exp (:func:`refattn.merge_partials`); CLS queries attend to
-    every token. scale, softcap, return_lse, check_finite : as
-    :func:`refattn.attention`. Dense per window: memory ``O(N w^d)``.
+    every token. bias : as :func:`window_attention` takes it, on the flattened sequence
+    (CLS tokens first): an array broadcastable to ``(..., Hq, N, N)`` or a score
+    modifier (e.g. Swin's relative position bias, ``B[h, t, u]`` from the relative
+    coordinates of tokens ``t`` and ``u``); each window adds it at its pairs' original
+    tokens, as Swin adds its bias table per window after the roll (for a pair in one
+    region, relative coordinates are the same before and after the roll). scale,
+    softcap, return_lse, check_finite : as :func:`refattn.attention`. Dense per window:
+    memory ``O(N w^d)``.
 
     >>> import numpy as np
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 9, 10, 4))
@@ -237,10 +277,16 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
     >>> b = window_attention(q, k, v, 4, shift=2)
     >>> bool(np.allclose(a, b, rtol=1e-12, atol=0))
     True
+    >>> bias = np.random.default_rng(1).standard_normal((2, 90, 90))   # (Hq, N, N)
+    >>> a = shifted_window_attention(q, k, v, 4, bias=bias)
+    >>> bool(np.allclose(a, window_attention(q, k, v, 4, shift=2, bias=bias), rtol=1e-12))
+    True
     """
     win = _int_tuple("window", window, None)
     nd = len(win)
     g = _Grid(q, k, v, nd, check_finite=check_finite, cls_tokens=cls_tokens)
+    mod = as_score_mod(bias, g.batch, check_finite=check_finite)
+    total = g.num_global + math.prod(g.q_grid)
     sh = tuple(w // 2 for w in win) if shift is None else _int_tuple("shift", shift, nd,
                                                                      minimum=0)
     window_mask(g.q_grid, win, sh)        # the same checks (window fits, shift < window)
@@ -250,7 +296,7 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
         return x.reshape((math.prod(x.shape[:-nd - 2]),) + x.shape[-nd - 2:])
 
     out, lse = _swin_literal(batched(g.grid_q), batched(g.grid_k), batched(g.grid_v), win,
-                             sh, scale, softcap, check_finite)
+                             sh, scale, softcap, check_finite, mod, g.num_global)
     out = out.reshape(g.batch + out.shape[1:])
     lse = lse.reshape(g.batch + lse.shape[1:])
     if not g.num_global:
@@ -260,12 +306,14 @@ def shifted_window_attention(q, k, v, window, *, shift=None, cls_tokens=None, sc
     flat_out = out.reshape(g.batch + (g.heads_q, n, out.shape[-1]))
     flat_lse = lse.reshape(g.batch + (g.heads_q, n))
     # grid queries: their window, merged with the CLS keys by log-sum-exp
-    to_cls, to_cls_lse = attention(g.q[..., gc:, :], kc, vc, scale=scale, softcap=softcap,
-                                   return_lse=True)
+    to_cls, to_cls_lse = attention(
+        g.q[..., gc:, :], kc, vc, scale=scale, softcap=softcap, return_lse=True,
+        bias=None if mod is None else _Reindexed(mod, total, row_offset=gc))
     merged, merged_lse = merge_partials([flat_out, to_cls], [flat_lse, to_cls_lse])
     # CLS queries attend to every token
     cls_out, cls_lse = attention(qc, g.k, g.v, scale=scale, softcap=softcap,
-                                 return_lse=True)
+                                 return_lse=True,
+                                 bias=None if mod is None else _Reindexed(mod, total))
     grid_out = merged.reshape(out.shape)
     grid_lse = merged_lse.reshape(lse.shape)
     return (grid_out, grid_lse, cls_out, cls_lse) if return_lse else (grid_out, cls_out)
@@ -291,7 +339,7 @@ def window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, shift=0,
 
 
 def shifted_window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, shift=None,
-                                 cls_tokens=None, scale=None, softcap=None,
+                                 cls_tokens=None, scale=None, bias=None, softcap=None,
                                  check_finite=True):
     """Gradients of :func:`shifted_window_attention`: its mask form
     (:func:`shifted_window_mask`, the same function as Swin's literal roll form) through
@@ -300,7 +348,7 @@ def shifted_window_attention_vjp(q, k, v, grad_out, *, window, grad_lse=None, sh
     win = _int_tuple("window", window, None)
     g = _Grid(q, k, v, len(win), check_finite=check_finite, cls_tokens=cls_tokens)
     return g.attend_vjp(shifted_window_mask(g.q_grid, win, shift), grad_out, grad_lse,
-                        scale=scale, bias=None, softcap=softcap, check_finite=check_finite,
+                        scale=scale, bias=bias, softcap=softcap, check_finite=check_finite,
                         method="auto", block_q=None, block_k=None, workers=None)
 
 

@@ -78,9 +78,14 @@ def main(argv=None) -> None:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--mechanisms", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--limit-gib", type=float, default=16.0,
+                    help="address-space limit of each run (default 16 GiB)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
+        import resource            # a ceiling, so a runaway allocation fails in this process
+        limit = int(args.limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         print(json.dumps(one(args.one, args.n, args.d, args.seconds)), flush=True)
         os._exit(0)                      # do not wait for a call that is still running
     import refattn as ra
@@ -91,7 +96,8 @@ def main(argv=None) -> None:
     print(f"{'mechanism':<30} {'inputs MiB':>10} {'peak MiB':>10} {'x inputs':>9}  status")
     for name in names:
         done = subprocess.run([sys.executable, __file__, "--one", name, "--n", str(args.n),
-                               "--d", str(args.d), "--seconds", str(args.seconds)],
+                               "--d", str(args.d), "--seconds", str(args.seconds),
+                               "--limit-gib", str(args.limit_gib)],
                               capture_output=True, text=True)
         if done.returncode != 0 or not done.stdout.strip():
             tail = (done.stderr.strip().splitlines() or ["?"])[-1]

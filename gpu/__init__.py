@@ -39,10 +39,11 @@ from typing import NamedTuple
 
 from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
 from .blockmask import BlockMask, build as build_block_mask
+from .paged import paged_decode
 
 __all__ = ["device_status", "require_device", "missing_device", "available", "Availability",
            "flash_attention", "plan", "Plan", "UNBOUNDED", "BlockMask", "build_block_mask",
-           "dtype_name", "flops", "reference_mask"]
+           "dtype_name", "flops", "reference_mask", "paged_decode"]
 
 
 def device_status() -> str:

@@ -1,6 +1,7 @@
 """Compile-only check of every kernel instantiation with NVRTC, no GPU needed.
 
-``python -m refattn.gpu.compile_check`` compiles each kernel source once per
+``python -m refattn.gpu.compile_check`` compiles each kernel source (the forward kernels
+and the paged decode pair, :func:`~refattn.gpu.kernels_spec.all_instantiations`) once per
 architecture (:data:`~refattn.gpu.kernels_spec.ARCHS`, sm_80 and sm_90) with all its
 template instantiations as NVRTC name expressions, straight to CUBIN with
 ``-Xptxas=-v``, and reads ptxas' report: registers, barriers, stack frame, spill stores
@@ -132,7 +133,7 @@ def compile_source(kernel: str, arch: str, names: list[str]) -> Result:
     """Compile ``kernel``'s source for ``arch`` with ``names`` as name expressions."""
     from cuda.bindings import nvrtc
     src = ks.source(kernel).encode()
-    prog = _check(nvrtc.nvrtcCreateProgram(src, f"{ks.SOURCES[kernel]}".encode(), 0, [], []),
+    prog = _check(nvrtc.nvrtcCreateProgram(src, ks.ALL_SOURCES[kernel].encode(), 0, [], []),
                   "nvrtcCreateProgram")
     try:
         for name in names:
@@ -162,7 +163,7 @@ def compile_source(kernel: str, arch: str, names: list[str]) -> Result:
 def run(archs=ks.ARCHS, workers: int = 4) -> list[Result]:
     """Compile every source for every architecture (in parallel threads)."""
     by_kernel = {}
-    for inst in ks.instantiations():
+    for inst in ks.all_instantiations():
         by_kernel.setdefault(inst.kernel, []).append(inst.name)
     jobs = [(kern, arch, names) for kern, names in by_kernel.items() for arch in archs]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -184,7 +185,7 @@ def problems(results: list[Result]) -> list[str]:
 
 def table(results: list[Result]) -> str:
     """One line per instantiation and architecture."""
-    dyn = {i.name: ks.shared_memory_bytes(i.kernel, i.dtype, i.d) for i in ks.instantiations()}
+    dyn = {i.name: ks.launch_shared_bytes(i) for i in ks.all_instantiations()}
     lines = [f"{'instantiation':48} {'arch':6} {'regs':>4} {'smem st':>7} {'smem dyn':>8} "
              f"{'stack':>5} {'spill st/ld':>11}"]
     for r in results:

@@ -5,11 +5,13 @@ checkout first and calls it with ``--out $OUT``) runs, each step under a time li
 all under one deadline:
 
 1. the NVRTC compile check (where ``cuda.bindings`` is installed);
-2. the selfcheck, every case (``selfcheck-*.json``);
+2. the selfcheck, every case, the paged decode kernels' too (``selfcheck-*.json``);
 3. ``pytest tests/gpu`` (``pytest-gpu.xml``, ``pytest-gpu.txt``);
 4. ``compute-sanitizer`` memcheck and racecheck on a small selfcheck
    (``sanitizer-memcheck.txt``, ``sanitizer-racecheck.txt``);
-5. ``benchmarks/gpu_attention.py`` (``bench-*.json``);
+5. ``benchmarks/gpu_attention.py`` (``bench-*.json``), then the paged split-KV decode
+   bandwidth (``paged-bench-*.json``): bytes of K and V read per second against the
+   device's copy bandwidth (``python -m refattn.gpu.device_run --benchmarks``);
 
 then writes ``device-run.json`` (each step's status, seconds and record files) and
 prints a short table last. Exit status 0 only when every step that ran passed.
@@ -36,7 +38,12 @@ __all__ = ["Step", "steps", "main"]
 DEADLINE_S = 570
 #: A small selfcheck for the sanitizers: fast fp16/bf16 kernels with masks, GQA, tails.
 SANITIZER_MATCH = (r"^(fast float16 d64 B2|fast bfloat16 d128 B2|fast bfloat16 d64 .*"
-                   r"(N150 M61|window|bigbird|H6/2)|simple float16 d64 .*bigbird)")
+                   r"(N150 M61|window|bigbird|H6/2)|simple float16 d64 .*bigbird|"
+                   r"paged bfloat16 d(64|128) H4/2 n1 bs16 L\(1, 37, 300\)|"
+                   r"paged float16 d64 .*(n3|S16))")
+#: Paged decode benchmark: (B, L, Hq, Hkv, D, block_size), bf16, every sequence L long.
+PAGED_CONFIGS = ((64, 4096, 32, 8, 128, 16), (8, 32768, 32, 8, 128, 16),
+                 (128, 1024, 64, 8, 128, 16), (32, 8192, 32, 4, 64, 16))
 
 
 @dataclass
@@ -73,10 +80,88 @@ def steps(out: str) -> list[Step]:
         Step("racecheck", [san, "--tool", "racecheck", "--error-exitcode", "3",
                            "--racecheck-report", "all", *sc], 60,
              "sanitizer-racecheck.txt"),
-        Step("benchmark", [py, os.path.join(_repo(), "benchmarks", "gpu_attention.py"),
-                           "--out", out, "--budget-s", "{budget}"], 140, "benchmark.txt",
-             "bench-*.json"),
+        Step("benchmark", [py, "-m", "refattn.gpu.device_run", "--benchmarks", "--out", out,
+                           "--budget-s", "{budget}"], 140, "benchmark.txt",
+             "*bench-*.json"),
     ]
+
+
+def _events_ms(fn, repeat: int = 5) -> float:
+    """Median milliseconds of ``fn()`` by CUDA events, after a warm-up call."""
+    import cupy
+    fn()
+    cupy.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end))
+    return sorted(times)[len(times) // 2]
+
+
+def paged_bandwidth(out: str) -> dict:
+    """Time the paged decode kernels (split + merge) on :data:`PAGED_CONFIGS` and a 1 GiB
+    device-to-device copy; write ``paged-bench-<date>.json``. Achieved bandwidth counts
+    the K and V bytes the split kernel reads (:func:`refattn.gpu.paged.kv_bytes`) over
+    both launches' time; the copy counts 2 bytes moved per byte copied."""
+    import datetime
+
+    import cupy
+    import numpy as np
+
+    from . import device_status, kernels_spec, paged
+    src = cupy.ones(1 << 30, cupy.uint8)
+    dst = cupy.empty_like(src)
+    copy_gbps = 2 * src.nbytes / _events_ms(lambda: dst.__setitem__(Ellipsis, src)) / 1e6
+    src = dst = None   # free the 2 GiB before the decode pools
+    rows = []
+    cupy.random.seed(0)
+    for b, length, hq, hkv, d, bs in PAGED_CONFIGS:
+        pages = -(-length // bs)
+        pool_shape = (b * pages, bs, hkv, d)
+        bits = lambda shape: (cupy.random.standard_normal(shape, dtype=cupy.float32)  # noqa
+                              .view(cupy.uint32) >> 16).astype(cupy.uint16)  # bf16 bits
+        kc, vc, q = bits(pool_shape), bits(pool_shape), bits((b, hq, d))
+        table = cupy.random.permutation(b * pages).astype(cupy.int32).reshape(b, pages)
+        lens = cupy.full(b, length, cupy.int32)
+        p = paged.plan(q.shape, kc.shape, vc.shape, table.shape, lens.shape, "bfloat16",
+                       max_len=length)
+        ms = _events_ms(lambda: paged.run(p, q, kc, vc, table, lens))
+        gbps = paged.kv_bytes(p, np.full(b, length)) / ms / 1e6
+        rows.append({"config": f"B{b} L{length} H{hq}/{hkv} d{d} bs{bs}",
+                     "kernel": p.kernel, "num_splits": p.num_splits, "ms": round(ms, 4),
+                     "kv_gbps": round(gbps, 1), "copy_gbps": round(copy_gbps, 1),
+                     "fraction_of_copy": round(gbps / copy_gbps, 3)})
+        print(f"paged decode {rows[-1]['config']}: S={p.num_splits}, {ms:.3f} ms, "
+              f"{gbps:.0f} GB/s of K/V read = {gbps / copy_gbps:.2f} x copy "
+              f"({copy_gbps:.0f} GB/s)", flush=True)
+        kc = vc = q = table = None
+        cupy.get_default_memory_pool().free_all_blocks()
+    rec = {"what": "refattn.gpu paged decode bandwidth", "device": device_status(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="seconds"),
+           "kernel_sources_sha256": kernels_spec.sources_sha256(), "rows": rows}
+    stamp = rec["date"].replace(":", "").replace("-", "")
+    with open(os.path.join(out, f"paged-bench-{stamp}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def benchmarks(out: str, budget_s: float) -> int:
+    """The benchmark step: ``benchmarks/gpu_attention.py`` with all but 45 s of the
+    budget, then :func:`paged_bandwidth`. Exit status 1 if either fails."""
+    cmd = [sys.executable, os.path.join(_repo(), "benchmarks", "gpu_attention.py"),
+           "--out", out, "--budget-s", str(max(5, int(budget_s) - 45))]
+    rc = subprocess.run(cmd, cwd=_repo()).returncode
+    try:
+        paged_bandwidth(out)
+    except Exception as exc:   # report, and let the step fail
+        print(f"paged decode benchmark failed: {type(exc).__name__}: {exc}", flush=True)
+        return 1
+    return 1 if rc else 0
 
 
 def _run(step: Step, out: str, remaining: float) -> dict:
@@ -143,6 +228,15 @@ def _summary_lines(out: str, results: dict) -> list[str]:
                 f"{row.get('ratio_fast_to_torch') or float('nan'):6.2f} "
                 f"{row.get('fast_err') or float('nan'):9.2e} "
                 f"{row.get('torch_err') or float('nan'):9.2e}")
+    paged_recs = sorted(glob.glob(os.path.join(out, "paged-bench-*.json")))
+    if paged_recs:
+        with open(paged_recs[-1]) as f:
+            rows = json.load(f)["rows"]
+        lines += ["", f"{'paged decode (bf16)':34} {'splits':>6} {'ms':>8} {'KV GB/s':>8} "
+                      f"{'copy GB/s':>9} {'fraction':>8}"]
+        lines += [f"{r['config']:34} {r['num_splits']:6d} {r['ms']:8.3f} "
+                  f"{r['kv_gbps']:8.0f} {r['copy_gbps']:9.0f} {r['fraction_of_copy']:8.2f}"
+                  for r in rows]
     return lines
 
 
@@ -151,9 +245,14 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu-run"))
     ap.add_argument("--only", nargs="*", default=None, help="step names to run")
+    ap.add_argument("--benchmarks", action="store_true",
+                    help="only the benchmark step's work (see benchmarks())")
+    ap.add_argument("--budget-s", type=float, default=140)
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
+    if args.benchmarks:
+        return benchmarks(out, args.budget_s)
     start = time.time()
     results = {}
     for step in steps(out):

@@ -10,6 +10,12 @@ Two kernels, both templated on the element type, the head dimension ``D`` and th
   row, float32 arithmetic; ``T`` is ``float``, ``__half`` or ``__nv_bfloat16``. It is
   also the float32 path of ``variant="fast"``.
 
+and the paged split-KV decode pair in ``kernels/paged_decode.cu``
+(:mod:`refattn.gpu.paged`), ``paged_decode_split<T, D, ROWS>`` and
+``paged_decode_merge<T, D>`` for every dtype and head dim: :func:`paged_instantiations`
+(:func:`instantiations` stays the forward list; :func:`all_instantiations` is both, what
+the compile check builds).
+
 >>> from refattn.gpu import kernels_spec as ks
 >>> ks.tiles(128)
 (64, 64, 4)
@@ -19,6 +25,10 @@ Two kernels, both templated on the element type, the head dimension ``D`` and th
 'flash_fwd_simple<float, 64, 64, 64>'
 >>> len(ks.instantiations())
 25
+>>> ks.paged_kernel_names("bfloat16", 128)
+('paged_decode_split<__nv_bfloat16, 128, 8>', 'paged_decode_merge<__nv_bfloat16, 128>')
+>>> len(ks.all_instantiations())
+55
 """
 from __future__ import annotations
 
@@ -29,7 +39,10 @@ from importlib import resources
 
 __all__ = ["HEAD_DIMS", "DTYPES", "VARIANTS", "ARCHS", "NVRTC_OPTIONS", "Instantiation", "tiles",
            "kernel_name", "instantiations", "source", "sources_sha256",
-           "shared_memory_bytes"]
+           "shared_memory_bytes", "PAGED", "ALL_SOURCES", "paged_rows",
+           "paged_kernel_names", "paged_instantiations", "all_instantiations",
+           "paged_shared_memory_bytes",
+           "launch_shared_bytes"]
 
 #: Head dimensions with a compiled kernel (``D`` of q and k, equal to ``Dv`` of v).
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -42,6 +55,10 @@ ARCHS = ("sm_80", "sm_90")
 #: architecture).
 NVRTC_OPTIONS = ("--std=c++17",)
 SOURCES = {"simple": "flash_simple.cu", "fast": "flash_fast.cu"}
+#: The paged split-KV decode kernels' source key (not a forward variant).
+PAGED = "paged"
+#: Every kernel source: the forward variants' and the paged decode pair's.
+ALL_SOURCES = {**SOURCES, PAGED: "paged_decode.cu"}
 HEADERS = ("common.cuh",)
 
 
@@ -77,7 +94,7 @@ class Instantiation:
 
     @property
     def source(self) -> str:
-        return SOURCES[self.kernel]
+        return ALL_SOURCES[self.kernel]
 
 
 def instantiations() -> list[Instantiation]:
@@ -92,16 +109,80 @@ def instantiations() -> list[Instantiation]:
     return out
 
 
+def _paged_lanes(dtype: str, d: int) -> tuple[int, int]:
+    """``(LPK, E)`` of ``PagedLanes<T, D>``: lanes per key row (16 bytes each per load) and
+    elements per lane."""
+    vec = 4 if dtype == "float32" else 8
+    chunks = d // vec
+    lpk = next(p for p in (32, 16, 8, 4, 2, 1) if chunks % p == 0)
+    return lpk, chunks // lpk * vec
+
+
+def paged_rows(dtype: str, d: int) -> int:
+    """Query rows per block of ``paged_decode_split`` (query heads sharing a KV head,
+    times query tokens, are tiled by this): at most 8, and at most 64 accumulators per
+    lane.
+
+    >>> paged_rows("float16", 128), paged_rows("float16", 96), paged_rows("float32", 96)
+    (8, 2, 5)
+    """
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype {dtype!r} has no kernel; supported: {sorted(DTYPES)}")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dimension D={d} has no kernel; supported: {HEAD_DIMS}")
+    return min(8, 64 // _paged_lanes(dtype, d)[1])
+
+
+def paged_kernel_names(dtype: str, d: int) -> tuple[str, str]:
+    """``(split, merge)`` name expressions of the paged decode pair for ``(dtype, d)``."""
+    rows, t = paged_rows(dtype, d), DTYPES[dtype]
+    return f"paged_decode_split<{t}, {d}, {rows}>", f"paged_decode_merge<{t}, {d}>"
+
+
+def paged_instantiations() -> list[Instantiation]:
+    """The paged decode pair for every dtype and head dim."""
+    return [Instantiation(PAGED, dtype, d, name) for dtype in DTYPES for d in HEAD_DIMS
+            for name in paged_kernel_names(dtype, d)]
+
+
+def all_instantiations() -> list[Instantiation]:
+    """The forward kernels' and the paged decode kernels' instantiations."""
+    return instantiations() + paged_instantiations()
+
+
+def paged_shared_memory_bytes(dtype: str, d: int) -> int:
+    """Dynamic shared memory of ``paged_decode_split``: Q rows as float, then per key
+    group and row ``m``, ``l`` and a float accumulator row (the merge kernel: none).
+
+    >>> paged_shared_memory_bytes("bfloat16", 128)    # 4 (8 x 128 + 8 groups x 8 x 130)
+    37376
+    """
+    lpk, _ = _paged_lanes(dtype, d)
+    rows, groups = paged_rows(dtype, d), 4 * (32 // lpk)
+    return 4 * (rows * d + groups * rows * (d + 2))
+
+
+def launch_shared_bytes(inst: Instantiation) -> int:
+    """Dynamic shared memory a launch of ``inst`` asks for."""
+    if inst.kernel == PAGED:
+        return paged_shared_memory_bytes(inst.dtype, inst.d) \
+            if inst.name.startswith("paged_decode_split") else 0
+    return shared_memory_bytes(inst.kernel, inst.dtype, inst.d)
+
+
 def _read(name: str) -> str:
     return resources.files("refattn.gpu").joinpath("kernels", name).read_text(
         encoding="utf-8")
 
 
 def source(kernel: str) -> str:
-    """The self-contained source of ``kernel`` ("simple" or "fast"): the ``.cu`` file with
+    """The self-contained source of ``kernel`` ("simple", "fast" or "paged"): the ``.cu``
+    file with
     its ``#include "common.cuh"`` replaced by the header (NVRTC and CuPy then need no
     include path for it)."""
-    text = _read(SOURCES[kernel])
+    if kernel not in ALL_SOURCES:
+        raise ValueError(f"kernel must be one of {sorted(ALL_SOURCES)}, got {kernel!r}")
+    text = _read(ALL_SOURCES[kernel])
     for header in HEADERS:
         text = re.sub(rf'^#include "{re.escape(header)}"\s*$',
                       lambda _: _read(header), text, flags=re.M)
@@ -112,7 +193,7 @@ def sources_sha256() -> str:
     """sha256 over every kernel source file (name and bytes), in a fixed order: the
     identity a selfcheck record is tied to."""
     h = hashlib.sha256()
-    for name in sorted(set(SOURCES.values()) | set(HEADERS)):
+    for name in sorted(set(ALL_SOURCES.values()) | set(HEADERS)):
         h.update(name.encode() + b"\0" + _read(name).encode("utf-8") + b"\0")
     return h.hexdigest()
 

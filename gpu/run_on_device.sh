@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the checkout root:  OUT=/some/dir bash gpu/run_on_device.sh
 # Installs this checkout (no dependencies, no network) and runs refattn.gpu.device_run:
-# compile check, selfcheck, pytest tests/gpu, compute-sanitizer memcheck + racecheck,
-# benchmark. JSON records and logs land in $OUT; a short table is printed last.
+# compile check, selfcheck (forward and paged decode kernels), pytest tests/gpu,
+# compute-sanitizer memcheck + racecheck (paged decode cases included), benchmark (forward
+# TFLOP/s vs PyTorch SDPA, then paged decode KV-read GB/s vs the device's copy bandwidth). JSON records and logs land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-run}"

@@ -12,6 +12,13 @@ followed by NaN in memory, and compares with :func:`refattn.attention` (float64)
   ``atol`` the dtype's table atol;
 * the log-sum-exp within ``1e-3`` (``-inf`` exactly where the oracle has it).
 
+The paged split-KV decode kernels (:mod:`refattn.gpu.paged`) run on
+:func:`paged_cases` (every dtype and head dim; out-of-order block tables with NaN in the
+unread blocks and block tails, lengths 0..300 not multiples of the block size, GQA / MQA,
+several query tokens, more splits than keys) into NaN-poisoned outputs and partials,
+against :func:`refattn.paged_attention` (float64) under the same rules, the baseline being
+:func:`~refattn.testing.low_precision_attention` on each sequence's gathered keys.
+
 The record carries the device, driver, CuPy version, commit, the sha256 of the kernel
 sources (:func:`refattn.gpu.kernels_spec.sources_sha256`), the seed, and each case's
 errors and pass/fail. Exit status 0 only when every case passes.
@@ -21,6 +28,9 @@ The case list is built without a device:
 >>> cs = cases(quick=True)
 >>> len(cs) > 10, {c.variant for c in cs} == {"simple", "fast"}
 (True, True)
+>>> paged_cases(quick=True)[0].label
+'paged float32 d64 H4/2 n1 bs16 L(1, 37, 300) S3'
+
 """
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ import numpy as np
 from . import kernels_spec as ks
 
 __all__ = ["Case", "cases", "make_inputs", "block_mask_for", "run_case", "diagnose", "record",
-           "main"]
+           "main", "PagedCase", "paged_cases", "make_paged_inputs", "run_paged_case"]
 
 LSE_ATOL = 1e-3
 
@@ -232,6 +242,147 @@ def diagnose(out, oracle, lse, oracle_lse, block_q: int, tol: float) -> dict:
             "lse_bad_rows": np.flatnonzero(lse_bad.any(axis=(0, 1)))[:20].tolist()}
 
 
+@dataclass(frozen=True)
+class PagedCase:
+    """One paged decode check: sequence lengths, query tokens per sequence, splits."""
+
+    dtype: str
+    d: int
+    hq: int = 4
+    hkv: int = 2
+    lens: tuple = (1, 37, 300)
+    n: int = 1              # query tokens per sequence (1: q is (B, Hq, D))
+    block_size: int = 16
+    splits: int | None = 3  # None: the default
+    softcap: float | None = None
+    scale: float | None = None
+    variant: str = "paged"
+
+    @property
+    def label(self) -> str:
+        parts = ["paged", self.dtype, f"d{self.d}", f"H{self.hq}/{self.hkv}", f"n{self.n}",
+                 f"bs{self.block_size}", f"L{self.lens}", f"S{self.splits}"]
+        if self.softcap:
+            parts.append(f"softcap{self.softcap}")
+        return " ".join(parts)
+
+
+def paged_cases(quick: bool = False) -> list[PagedCase]:
+    """Every paged instantiation on three sequences, then the features at D = 64."""
+    out = []
+    dims = (64, 128) if quick else ks.HEAD_DIMS
+    for dtype in ks.DTYPES:
+        out += [PagedCase(dtype, d) for d in dims]
+        out += [
+            PagedCase(dtype, 64, lens=(5, 20, 0), splits=16),             # splits > keys
+            PagedCase(dtype, 64, hq=16, hkv=1, lens=(129, 64), splits=2),   # MQA, 2 tiles
+            PagedCase(dtype, 64, hq=6, hkv=2, n=3, lens=(3, 50, 161)),      # 3 tokens
+            PagedCase(dtype, 64, hkv=4, lens=(7, 33, 300), block_size=1, splits=5),
+            PagedCase(dtype, 64, lens=(250, 31), block_size=32, splits=None, softcap=5.0,
+                      scale=0.5),
+        ]
+    return out
+
+
+def make_paged_inputs(case: PagedCase, rng) -> tuple:
+    """``q, key_cache, value_cache, block_table, seq_lens`` (NumPy; bfloat16 via
+    ml_dtypes): the pages of all sequences in a shuffled pool with 3 spare blocks, NaN in
+    every slot no sequence reads, block tables padded with -1."""
+    import ml_dtypes
+    dt = ml_dtypes.bfloat16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    bs, lens = case.block_size, np.array(case.lens, np.int32)
+    pages = [-(-int(n) // bs) for n in lens]
+    width = max(pages) + 1
+    order = rng.permutation(sum(pages) + 3)
+    table = np.full((len(lens), width), -1, np.int32)
+    pool = np.full((2, len(order), bs, case.hkv, case.d), np.nan)
+    used = 0
+    for b, (n_pages, length) in enumerate(zip(pages, lens)):
+        table[b, :n_pages] = order[used:used + n_pages]
+        used += n_pages
+        t = np.arange(length)
+        pool[:, table[b, t // bs], t % bs] = rng.standard_normal(
+            (2, length, case.hkv, case.d))
+    shape = (len(lens), case.hq, case.d) if case.n == 1 else (len(lens), case.n, case.hq,
+                                                                case.d)
+    q = rng.standard_normal(shape).astype(dt)
+    return q, pool[0].astype(dt), pool[1].astype(dt), table, lens
+
+
+def _paged_reference(case: PagedCase, q, kc, vc, table, lens):
+    """Oracle ``(out, lse)`` in the kernel's shapes, and the low-precision baseline."""
+    import refattn as ra
+    from refattn.testing import low_precision_attention
+    batch, n = len(lens), case.n
+    qq = q.reshape(batch * n, case.hq, case.d)
+    cu = np.arange(0, batch * n + 1, n) if n > 1 else None
+    kw = dict(scale=case.scale, softcap=case.softcap)
+    o, lse = ra.paged_attention(qq, kc, vc, table, lens, cu_seqlens_q=cu, return_lse=True,
+                                **kw)
+    base = np.zeros_like(o)
+    if case.dtype != "float32":
+        for b, length in enumerate(lens):
+            if length == 0:
+                continue
+            t = np.arange(length)
+            k, v = (pool[table[b, t // case.block_size], t % case.block_size].transpose(
+                1, 0, 2) for pool in (kc, vc))
+            qb = qq[b * n:(b + 1) * n].transpose(1, 0, 2)
+            base[b * n:(b + 1) * n] = low_precision_attention(
+                qb, k, v, case.dtype, causal=True, **kw).transpose(1, 0, 2)
+    return o.reshape(q.shape), lse.T.reshape(q.shape[:-1]), base.reshape(q.shape)
+
+
+def run_paged_case(case: PagedCase, rng) -> dict:
+    """Run one paged decode case (split + merge launches) on the device."""
+    import cupy
+    import ml_dtypes
+
+    from refattn.testing import tolerance
+
+    from . import paged
+    q, kc, vc, table, lens = make_paged_inputs(case, rng)
+    p = paged.plan(q.shape, kc.shape, vc.shape, table.shape, lens.shape, case.dtype,
+                   num_splits=case.splits, scale=case.scale, softcap=case.softcap,
+                   max_len=int(lens.max()))
+    paged.check_indices(p, table, lens)
+    qd, kd, vd = (_poisoned_device(x) for x in (q, kc, vc))
+    elem = np.uint16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    host_dt = ml_dtypes.bfloat16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    nan = np.array(np.nan, np.float32).astype(host_dt).view(elem).item()
+    out = cupy.full(p.out_shape(), nan, dtype=elem)
+    lse = cupy.full(p.lse_shape(), np.nan, dtype=cupy.float32)
+    partials = tuple(cupy.full(s, np.nan, dtype=cupy.float32) for s in p.partial_shapes())
+    paged.run(p, qd, kd, vd, cupy.asarray(table), cupy.asarray(lens), out, lse, partials)
+    cupy.cuda.Device().synchronize()
+    out_h = out.get()
+    if case.dtype == "bfloat16":
+        out_h = out_h.view(ml_dtypes.bfloat16)
+    out64, lse_h = out_h.astype(np.float64), lse.get().astype(np.float64)
+    oracle, oracle_lse, base = _paged_reference(case, q, kc, vc, table, lens)
+    entry = {"case": case.label, **{k_: (list(v_) if isinstance(v_, tuple) else v_)
+                                   for k_, v_ in asdict(case).items()},
+             "kernel": f"{p.kernel} + {p.merge_kernel}", "num_splits": p.num_splits}
+    nan_count = int(np.isnan(out64).sum() + np.isnan(lse_h).sum())
+    err = float(np.abs(out64 - oracle).max())
+    same_inf = np.array_equal(np.isneginf(lse_h), np.isneginf(oracle_lse))
+    fin = np.isfinite(oracle_lse)
+    lse_err = float(np.abs(lse_h[fin] - oracle_lse[fin]).max()) if fin.any() else 0.0
+    rtol, atol = tolerance(case.dtype)
+    if case.dtype == "float32":
+        ok_out = bool((np.abs(out64 - oracle) <= atol + rtol * np.abs(oracle)).all())
+        entry.update(max_abs_err=err, rule=f"float32 table (rtol, atol) = ({rtol:g}, "
+                     f"{atol:g})")
+    else:
+        base_err = float(np.abs(base - oracle).max())
+        ok_out = err <= 2 * base_err + atol
+        entry.update(max_abs_err=err, baseline_err=base_err,
+                     rule=f"err <= 2 x baseline + {atol:g}")
+    entry.update(lse_err=lse_err, lse_inf_match=bool(same_inf), nan_count=nan_count)
+    entry["passed"] = bool(ok_out and nan_count == 0 and same_inf and lse_err <= LSE_ATOL)
+    return entry
+
+
 def _commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -281,11 +432,12 @@ def main(argv=None) -> int:
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
     rng = np.random.default_rng(seed)
     entries = []
-    todo = [c for c in cases(args.quick) if args.match is None
-            or re.search(args.match, c.label)]
-    for case in todo:
+    todo = [(run_case, c) for c in cases(args.quick)]
+    todo += [(run_paged_case, c) for c in paged_cases(args.quick)]
+    todo = [(f, c) for f, c in todo if args.match is None or re.search(args.match, c.label)]
+    for run_one, case in todo:
         try:
-            e = run_case(case, rng)
+            e = run_one(case, rng)
         except Exception as exc:  # a launch or compile failure is a failed case
             e = {"case": case.label, "passed": False, "error": f"{type(exc).__name__}: {exc}"}
         entries.append(e)

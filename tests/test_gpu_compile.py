@@ -1,5 +1,6 @@
-"""The kernels' compile-only check: every instantiation, sm_80 and sm_90, NVRTC, no
-spills and no local memory. Runs without a GPU; skips only without NVRTC or headers."""
+"""The kernels' compile-only check: every instantiation (forward and paged decode), sm_80
+and sm_90, NVRTC, no spills and no local memory. Runs without a GPU; skips only without
+NVRTC or headers."""
 import pytest
 
 from refattn.gpu import compile_check, kernels_spec as ks
@@ -17,8 +18,9 @@ def results():
 def test_every_instantiation_compiles_without_spills(results):
     assert compile_check.problems(results) == []
     built = {(name, r.arch) for r in results for name, f in r.kernels.items() if f}
-    want = {(i.name, arch) for i in ks.instantiations() for arch in ks.ARCHS}
+    want = {(i.name, arch) for i in ks.all_instantiations() for arch in ks.ARCHS}
     assert built == want
+    assert {i.name for i in ks.paged_instantiations()} < {name for name, _ in built}
 
 
 def test_fast_kernel_fits_the_register_file(results):

@@ -14,6 +14,9 @@ import numpy as np
 from .._core.checks import check_count, is_int
 from .base import EMPTY, FULL, PARTIAL, Mask, _offset
 
+#: Per-block-row counts formed at once while classifying tiles (elements).
+CLASSIFY_ELEMENTS = 2**20
+
 __all__ = ["block_layout", "random_blocks", "bigbird_layout"]
 
 
@@ -112,17 +115,24 @@ class _BlockLayout(Mask):
         r0 = np.clip((t.q_lo + off) // bs, 0, rows)
         r1 = np.clip((t.q_hi + off) // bs + 1, 0, rows)
         c0, c1 = t.k_lo // bs, np.minimum(t.k_hi // bs + 1, ncols)
-        lo, hi = int(r0.min(initial=0)), int(r1.max(initial=0))
-        base = (np.arange(lo, hi) * ncols)[:, None]
 
         def count(keys):
-            """Kept blocks of each tile: per block row lo + r the kept blocks among key
-            blocks [c0[c], c1[c]), summed over the tile's block rows."""
-            kept = (np.searchsorted(keys, base + c1[None, :])
-                    - np.searchsorted(keys, base + np.minimum(c0, ncols)[None, :]))
-            cum = np.zeros((hi - lo + 1, len(c0)), np.int64)
-            np.cumsum(kept, axis=0, out=cum[1:])
-            return cum[(r1 - lo)] - cum[(r0 - lo)]
+            """Kept blocks of each tile: per block row the kept blocks among key blocks
+            [c0[c], c1[c]), summed over the tile's block rows; a group of tile rows at a
+            time, so that the per-block-row counts stay about CLASSIFY_ELEMENTS."""
+            out = np.empty((len(r0), len(c0)), np.int64)
+            step = max(1, CLASSIFY_ELEMENTS // max(1, len(c0) * max(
+                1, int((r1 - r0).max(initial=1)))))
+            for a in range(0, len(r0), step):
+                g0, g1 = r0[a:a + step], r1[a:a + step]
+                lo, hi = int(g0.min()), int(g1.max())        # g0 is never empty
+                base = (np.arange(lo, hi) * ncols)[:, None]
+                kept = (np.searchsorted(keys, base + c1[None, :])
+                        - np.searchsorted(keys, base + np.minimum(c0, ncols)[None, :]))
+                cum = np.zeros((hi - lo + 1, len(c0)), np.int64)
+                np.cumsum(kept, axis=0, out=cum[1:])
+                out[a:a + step] = cum[g1 - lo] - cum[g0 - lo]
+            return out
 
         total = count(self._keys(m))           # any head (the union)
         common = total if not self.per_head else count(self._common_keys(m))

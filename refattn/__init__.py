@@ -16,8 +16,10 @@ from ._core.checks import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
 from .masks import scores
 from .registry import Mechanism, mechanisms
 from .gradients import vjp
-from .exact import (attention, attention_probs, merge_partials, mla_attention,
-                    mla_attention_absorbed, paged_attention, tiled_attention)
+from .exact import (attention, attention_probs, differential_attention,
+                    forgetting_attention, merge_partials, mla_attention,
+                    mla_attention_absorbed, paged_attention, sigmoid_attention,
+                    tiled_attention)
 from .sparse import (sparse_attention, sliding_window_attention, strided_attention,
                      fixed_attention, block_sparse_attention, bigbird_attention,
                      longformer_attention, sink_attention, chunked_attention, topk_attention,
@@ -85,7 +87,8 @@ def __getattr__(name):
 
 __all__ = [
     "attention", "attention_probs", "tiled_attention", "merge_partials", "paged_attention",
-    "mla_attention", "mla_attention_absorbed", "masks", "scores",
+    "mla_attention", "mla_attention_absorbed", "differential_attention", "sigmoid_attention",
+    "forgetting_attention", "masks", "scores",
     "mechanisms", "Mechanism", "vjp", "testing", "MemoryBudgetError", "DEFAULT_MEMORY_BUDGET",
     "sparse_attention", "sliding_window_attention", "strided_attention", "fixed_attention",
     "block_sparse_attention", "bigbird_attention", "longformer_attention", "sink_attention",

@@ -15,7 +15,7 @@ from .logits import Logits, make_logits
 from .problem import Problem, prepare_qkv
 
 __all__ = ["SoftmaxBackward", "softmax_backward", "head_summed_product",
-           "softmax_block_vjp"]
+           "softmax_block_vjp", "sink_gradient"]
 
 
 @dataclass
@@ -51,25 +51,45 @@ class SoftmaxBackward:
         return (out.reshape(pb.batch, pb.heads_q, pb.n, pb.dv),
                 lse.reshape(pb.batch, pb.heads_q, pb.n))
 
-    def gradients(self, dq, dk, dv) -> dict:
-        """The flat gradients as ``{"q", "k", "v"}`` (and ``"bias"``) in the caller's
-        shapes."""
+    def gradients(self, dq, dk, dv, dsinks=None) -> dict:
+        """The flat gradients as ``{"q", "k", "v"}`` (and ``"bias"``, and ``"sinks"``
+        ``(Hq,)`` when the call has sink logits) in the caller's shapes."""
         grads = {name: self.pb.input_gradient(g, shape)
                  for name, g, shape in zip("qkv", (dq, dk, dv), self.shapes)}
         if self.parameter is not None:
             grad, _, result = self.parameter
             grads["bias"] = result(grad, self.pb.batch_shape)
+        if self.logits.sinks is not None:
+            grads["sinks"] = np.zeros(self.pb.heads_q) if dsinks is None else dsinks
         return grads
 
 
+def sink_gradient(sinks: np.ndarray, lse: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    r"""The gradient of the sink logits ``sinks (H,)`` from ``lse (..., H, r)`` (which
+    includes the sinks) and ``delta = rowsum(dO ∘ O) - dlse`` of the same shape:
+    ``P_sink = exp(s_h - lse)`` is the probability the sink takes, and since
+    ``∂O_i/∂s_h = -P_sink,i O_i`` and ``∂lse_i/∂s_h = P_sink,i``,
+
+    .. math:: rac{\partial L}{\partial s_h} = -\sum_i P_{	ext{sink},i} D_i
+
+    summed over every row of head ``h``. Rows with lse ``-inf`` (no key, no sink)
+    contribute 0."""
+    with np.errstate(invalid="ignore"):
+        p_sink = np.exp(sinks[:, None] - lse)
+    p_sink[np.isneginf(lse)] = 0.0
+    p_sink *= delta
+    return -p_sink.reshape(-1, *lse.shape[-2:]).sum(axis=(0, 2))
+
+
 def softmax_backward(q, k, v, grad_out, grad_lse, *, mask, causal, scale, bias, softcap,
-                     check_finite) -> SoftmaxBackward:
+                     check_finite, sinks=None) -> SoftmaxBackward:
     """Validate a softmax backward call (inputs first, then ``grad_out`` of shape
-    ``(..., Hq, N, Dv)`` and ``grad_lse`` of shape ``(..., Hq, N)``)."""
+    ``(..., Hq, N, Dv)`` and ``grad_lse`` of shape ``(..., Hq, N)``; ``sinks`` the
+    learned sink logits ``(Hq,)`` or None)."""
     shapes = tuple(np.shape(x) for x in (q, k, v))
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
+                         softcap=softcap, check_finite=check_finite, sinks=sinks)
     lead = pb.batch_shape + (pb.heads_q, pb.n)
     do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,), check_finite=check_finite)
     dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)

@@ -11,8 +11,8 @@ import numpy as np
 
 from ..masks import FULL
 from ..masks.tile_rows import TileRows
-from .backward import head_summed_product
-from .softmax import finish_rows
+from .backward import head_summed_product, sink_gradient
+from .softmax import finish_rows, merge_sinks
 from .threads import run_items
 
 __all__ = ["online_softmax_tiles", "online_softmax_tiles_backward"]
@@ -22,8 +22,9 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
     """The tiled online-softmax engine on validated inputs (``q (B, Hq, N, D)`` ...).
 
     Visits, for each query tile, the key tiles that the mask does not classify as empty
-    (every tile for masks without an analytic classification). Returns flat
-    ``out (B, Hq, N, Dv)`` and ``lse (B, Hq, N)``.
+    (every tile for masks without an analytic classification), then adds the call's sink
+    logits (``logits.sinks``) to the denominator. Returns flat ``out (B, Hq, N, Dv)`` and
+    ``lse (B, Hq, N)``.
     """
     g, n, m = pb.group, pb.n, pb.m
     tiles = TileRows(logits.mask, n, m, block_q, block_k)     # classified lazily
@@ -57,7 +58,10 @@ def online_softmax_tiles(q, k, v, pb, logits, block_q: int, block_k: int, worker
             acc *= alpha[..., None]
             acc += s @ v[b, hk, c0:c0 + len(cols)]
             run_max = new_max
-        finish_rows(acc, np.where(np.isneginf(run_max), 0.0, run_max), run_sum,
+        run_max = np.where(np.isneginf(run_max), 0.0, run_max)
+        if logits.sinks is not None:
+            run_max, run_sum = merge_sinks(acc, run_max, run_sum, logits.sinks[hs, None])
+        finish_rows(acc, run_max, run_sum,
                 out[b, hs, r0:r0 + len(rows)], lse[b, hs, r0:r0 + len(rows)])
 
     items = [(b, hk, hs, qb) for b, hk, hs in pb.kv_groups() for qb in range(tiles.n_rows)]
@@ -78,8 +82,11 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
     ``dV += Pᵀ dO``, ``dS = P ∘ (dO Vᵀ - D)``, ``dK += dXᵀ Q``, ``dQ += dX K`` (under a
     lock, as the atomic adds of the GPU kernel), ``dX = dS ∘ ∂S/∂X``. ``parameter``: a
     score modifier's ``(grad, add, result)`` accumulator (:meth:`ScoreMod
-    ._parameter_gradient`). Working memory: a few ``(G, block_q, block_k)`` tiles per
-    worker beyond inputs, outputs and gradients. Returns flat ``dq, dk, dv``.
+    ._parameter_gradient`). With sink logits (``logits.sinks``, included in ``lse``) the
+    loop is unchanged and ``dsinks = -Σ_i exp(s_h - lse_i) D_i``
+    (:func:`refattn._core.backward.sink_gradient`). Working memory: a few
+    ``(G, block_q, block_k)`` tiles per worker beyond inputs, outputs and gradients.
+    Returns flat ``dq, dk, dv`` and ``dsinks (Hq,)`` (None without sinks).
     """
     n, m = pb.n, pb.m
     out, lse = saved or online_softmax_tiles(q, k, v, pb, logits, block_q, block_k, workers)
@@ -87,6 +94,7 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
     del out
     if dlse is not None:
         delta -= dlse
+    dsinks = None if logits.sinks is None else sink_gradient(logits.sinks, lse, delta)
     lse = np.where(np.isneginf(lse), np.inf, lse)      # empty rows: P = exp(-inf) = 0
     tiles = TileRows(logits.mask, n, m, block_q, block_k)
     key_ptr, query_tiles, labels = tiles.columns()      # the visited tiles, key-major
@@ -127,4 +135,4 @@ def online_softmax_tiles_backward(q, k, v, do, dlse, pb, logits, block_q: int,
              for kb in range(tiles.n_cols) if key_ptr[kb + 1] > key_ptr[kb]]
     visited = float(len(query_tiles)) * block_q * block_k * pb.batch * pb.heads_q
     run_items(run, items, workers, visited)
-    return dq, dk, dv
+    return dq, dk, dv, dsinks

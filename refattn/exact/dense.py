@@ -11,29 +11,42 @@ r"""Exact softmax attention, dense: the oracle every other mechanism is measured
 ``(G, N, M)`` block per batch element and KV head, so the working memory is that of one
 head group's score matrix; beyond the memory budget use
 :func:`refattn.tiled_attention`.
+
+Learned attention sinks (``sinks=``, gpt-oss; FlashAttention 3's and FlashInfer's
+``sinks``): a logit :math:`s_h` per query head joins the denominator only,
+
+.. math::
+
+    P_{ij} = \frac{e^{S_{ij}}}{e^{s_h} + \sum_l e^{S_{il}}}, \qquad
+    \text{lse}_i = \log\big(e^{s_h} + \textstyle\sum_l e^{S_{il}}\big),
+
+the sink having no value (gpt-oss's reference appends :math:`s_h` as one more column of
+the logits, takes the softmax and drops the column). Rows then sum to less than 1, and a
+row that keeps no key gives output 0 and lse :math:`s_h`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .._core.backward import head_summed_product, softmax_backward
+from .._core.backward import head_summed_product, sink_gradient, softmax_backward
 from .._core.checks import check_memory
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
 from .._core.select import block_rows
-from .._core.softmax import finish_rows, normalize_rows, softmax_rows
+from .._core.softmax import finish_rows, merge_sinks, normalize_rows, softmax_rows
 from ..registry import attach, register
 
 __all__ = ["attention", "attention_probs", "attention_vjp"]
 
 
 def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
-                  memory_budget, what):
+                  memory_budget, what, sinks=None):
     """Validate, then yield ``(b, head_slice, p, v_block, row_max, row_sum)`` per
-    (batch, KV head), where ``p = exp(s - rowmax)`` has shape ``(G, N, M)``."""
+    (batch, KV head), where ``p = exp(s - rowmax)`` has shape ``(G, N, M)``; with
+    ``sinks``, ``row_max`` and ``row_sum`` include the sink (``p`` rescaled to match)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
+                         softcap=softcap, check_finite=check_finite, sinks=sinks)
     check_memory(pb.group * pb.n * pb.m * 17.0, memory_budget, what,
                  "refattn.tiled_attention(q, k, v, ...)")
     q_scaled = q * logits.scale
@@ -44,6 +57,8 @@ def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
             heads = np.arange(hs.start, hs.stop)
             s = logits.block(q_scaled[b, hs], k[b, hk], b, heads, rows, cols)
             row_max, row_sum = softmax_rows(s)
+            if logits.sinks is not None:
+                row_max, row_sum = merge_sinks(s, row_max, row_sum, logits.sinks[hs, None])
             yield b, hs, s, (None if v is None else v[b, hk]), row_max, row_sum
             del s   # one (G, N, M) block alive at a time
     return pb, blocks()
@@ -52,7 +67,7 @@ def _dense_blocks(q, k, v, *, mask, causal, scale, bias, softcap, check_finite,
 @register(family="exact", exact=True, time="O(N·M·D)", state="O(M·D) KV cache",
           supports_causal=True, supports_mask=True, supports_gqa=True)
 def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softcap=None,
-              return_lse=False, check_finite=True, memory_budget=None):
+              sinks=None, return_lse=False, check_finite=True, memory_budget=None):
     """Exact softmax attention (dense reference).
 
     Parameters
@@ -68,7 +83,9 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softca
     bias : additive array broadcastable to ``(..., Hq, N, M)`` or a score modifier
         ``score_mod(score, b, h, q_idx, kv_idx)`` (:mod:`refattn.scores`).
     softcap : float, logits become ``softcap * tanh(s / softcap)`` before ``bias``.
-    return_lse : also return the log-sum-exp ``(..., Hq, N)`` of the logits.
+    sinks : array ``(Hq,)``, learned sink logits in the softmax denominator (gpt-oss;
+        module docstring); ``-inf`` for a head without one.
+    return_lse : also return the log-sum-exp ``(..., Hq, N)`` of the logits (and sinks).
     check_finite : raise on non-finite ``q``, ``k``, ``v`` (default).
     memory_budget : bytes of working memory allowed (default
         ``refattn.DEFAULT_MEMORY_BUDGET``); larger requests raise
@@ -89,10 +106,15 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softca
     ((2, 5, 8), (2, 5))
     >>> bool(np.allclose(out[:, 0], v[:, 0]))    # the first query sees only key 0
     True
+    >>> _, lse = ra.attention(q, k, v, causal=True, sinks=np.zeros(2), return_lse=True)
+    >>> p = ra.attention_probs(q, k, causal=True, sinks=np.zeros(2))  # sink logits 0
+    >>> bool(np.allclose(p.sum(-1) + np.exp(0.0 - lse), 1.0))  # the sink takes e^(s - lse)
+    True
     """
     pb, blocks = _dense_blocks(q, k, v, mask=mask, causal=causal, scale=scale, bias=bias,
                                softcap=softcap, check_finite=check_finite,
-                               memory_budget=memory_budget, what="dense attention")
+                               memory_budget=memory_budget, what="dense attention",
+                               sinks=sinks)
     out, lse = pb.poisoned_outputs()
     for b, hs, p, vb, row_max, row_sum in blocks:
         finish_rows(p @ vb, row_max, row_sum, out[b, hs], lse[b, hs])
@@ -102,10 +124,10 @@ def attention(q, k, v, *, mask=None, causal=False, scale=None, bias=None, softca
 
 
 def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, softcap=None,
-                    check_finite=True, memory_budget=None):
+                    sinks=None, check_finite=True, memory_budget=None):
     """The attention matrix ``P = softmax(S)`` of :func:`attention`, float64
-    ``(..., Hq, N, M)``; rows that keep no key are 0. Same arguments as
-    :func:`attention`.
+    ``(..., Hq, N, M)``; rows that keep no key are 0 (with ``sinks``, rows sum to
+    ``1 - P_sink``). Same arguments as :func:`attention`.
 
     >>> import numpy as np, refattn as ra
     >>> q = k = np.eye(3)[None]            # one head, orthogonal queries and keys
@@ -116,7 +138,8 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
     """
     pb, blocks = _dense_blocks(q, k, None, mask=mask, causal=causal, scale=scale, bias=bias,
                                softcap=softcap, check_finite=check_finite,
-                               memory_budget=memory_budget, what="attention_probs")
+                               memory_budget=memory_budget, what="attention_probs",
+                               sinks=sinks)
     pb.check_matrix_memory(memory_budget, "the attention matrix of attention_probs",
                            "refattn.tiled_attention")
     probs = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
@@ -131,9 +154,11 @@ def attention_probs(q, k, *, mask=None, causal=False, scale=None, bias=None, sof
 
 
 def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, scale=None,
-                  bias=None, softcap=None, check_finite=True, memory_budget=None):
-    r"""Gradients of :func:`attention` (dense reference): ``{"q", "k", "v"}`` and
-    ``"bias"`` for an array bias (its shape) or a relative-position table (the table's).
+                  bias=None, softcap=None, sinks=None, check_finite=True,
+                  memory_budget=None):
+    r"""Gradients of :func:`attention` (dense reference): ``{"q", "k", "v"}``,
+    ``"bias"`` for an array bias (its shape) or a relative-position table (the table's),
+    and ``"sinks"`` ``(Hq,)`` with sink logits.
 
     With ``P = softmax(S)``, ``O = P V``, ``lse = logsumexp(S)`` and cotangents ``dO``
     (``grad_out``, ``(..., Hq, N, Dv)``) and ``dlse`` (``grad_lse``, ``(..., Hq, N)``):
@@ -151,6 +176,9 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
     An additive bias gets ``dS`` summed over its broadcast dimensions; ALiBi and relative
     tables pass ``dS`` through; a user ``score_mod`` needs its ``derivative``
     (:func:`refattn.scores.from_function`). GQA: a KV head sums over its query heads.
+    Sinks: ``P`` and ``lse`` include them and the equations above are unchanged;
+    ``dsinks_h = -Σ_i P_sink,i D_i`` with ``P_sink,i = exp(s_h - lse_i)``, summed over
+    the batch and the rows of head ``h``.
     Masked pairs and fully masked rows get zero gradients. Working memory: a few
     ``(G, r, M)`` blocks of query rows (``memory_budget`` is accepted for uniformity).
 
@@ -161,7 +189,8 @@ def attention_vjp(q, k, v, grad_out, *, grad_lse=None, mask=None, causal=False, 
     True
     """
     bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
-                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+                          scale=scale, bias=bias, softcap=softcap, sinks=sinks,
+                          check_finite=check_finite)
     return dense_backward(bw)
 
 
@@ -183,18 +212,22 @@ def dense_backward(bw, *, select=None, block_q=None, rounding=None) -> dict:
     q_scaled = q * logits.scale
     cols = np.arange(pb.m)
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    sinks = logits.sinks
+    dsinks = None if sinks is None else np.zeros(pb.heads_q)
     for b, hk, hs, rs in pb.query_blocks(block_rows(block_q, pb.group, pb.n, pb.m)):
         heads, rows = np.arange(hs.start, hs.stop), np.arange(rs.start, rs.stop)
         p, chain = logits.block(q_scaled[b, hs, rs], k[b, hk], b, heads, rows, cols,
                                 derivative=True)
         if select is not None:
             p[~select(p)] = -np.inf
-        normalize_rows(p)
+        lse = normalize_rows(p, None if sinks is None else sinks[hs, None])
         dob = do[b, hs, rs]
         dv[b, hk] += head_summed_product(keep(p), dob)
         delta = np.einsum("gnd,gnd->gn", dob, keep(p @ v[b, hk]))
         if dlse is not None:
             delta -= dlse[b, hs, rs]
+        if sinks is not None:
+            dsinks[hs] += sink_gradient(sinks[hs], lse, delta)
         ds = dob @ v[b, hk].T                                  # dP, then dS in place
         ds -= delta[..., None]
         ds *= p
@@ -206,7 +239,7 @@ def dense_backward(bw, *, select=None, block_q=None, rounding=None) -> dict:
         ds = keep(ds)
         dq[b, hs, rs] = (ds @ k[b, hk]) * logits.scale
         dk[b, hk] += head_summed_product(ds, q_scaled[b, hs, rs])
-    return bw.gradients(*(keep(x) for x in (dq, dk, dv)))
+    return bw.gradients(*(keep(x) for x in (dq, dk, dv)), dsinks)
 
 
 attach(attention, implied=attention_probs, vjp=attention_vjp)

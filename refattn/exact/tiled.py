@@ -9,7 +9,9 @@ running maximum :math:`m`, normaliser :math:`\ell` and unnormalised output :math
     \ell' = e^{m - m'} \ell + \sum_j e^{S_{ij} - m'}, \quad
     a' = e^{m - m'} a + \sum_j e^{S_{ij} - m'} v_j,
 
-and finally :math:`o = a / \ell`, :math:`\text{lse} = m + \log \ell`. The result equals
+and finally :math:`o = a / \ell`, :math:`\text{lse} = m + \log \ell` (learned sink
+logits, ``sinks=``, join :math:`m` and :math:`\ell` once the key blocks are done,
+as one more key without a value: :func:`refattn.attention`). The result equals
 dense attention up to float64 rounding, while the working memory is a few
 ``(block_q, block_k)`` tiles per worker thread, independent of ``N`` and ``M``. Tiles
 that the mask classifies as empty are skipped; full tiles skip mask evaluation.
@@ -35,7 +37,7 @@ DEFAULT_BLOCK_K = 1024
           supports_causal=True, supports_mask=True, supports_gqa=True,
           example={"block_q": 3, "block_k": 5})
 def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=False,
-                    scale=None, bias=None, softcap=None, return_lse=False,
+                    scale=None, bias=None, softcap=None, sinks=None, return_lse=False,
                     check_finite=True, workers=None):
     """Exact softmax attention with O(block) working memory (FlashAttention's algorithm).
 
@@ -61,7 +63,7 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
     """
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
+                         softcap=softcap, check_finite=check_finite, sinks=sinks)
     block_q, block_k = default_blocks(pb, logits.mask is not None, block_q, block_k)
     out, lse = online_softmax_tiles(q, k, v, pb, logits, block_q, block_k,
                                     check_block("workers", workers))
@@ -71,7 +73,7 @@ def tiled_attention(q, k, v, *, block_q=None, block_k=None, mask=None, causal=Fa
 
 def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block_k=None,
                         mask=None, causal=False, scale=None, bias=None, softcap=None,
-                        check_finite=True, workers=None, out=None, lse=None):
+                        sinks=None, check_finite=True, workers=None, out=None, lse=None):
     """Gradients of :func:`tiled_attention` by FlashAttention-2's backward (Dao 2023,
     Algorithm 2): the forward again for ``O`` and ``lse``, ``D = rowsum(dO ∘ O) - dlse``,
     then per key tile over the non-empty query tiles ``P = exp(S - lse)``,
@@ -81,7 +83,8 @@ def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block
     threads work on different key tiles. Arguments as :func:`tiled_attention`, plus
     ``grad_out`` ``(..., Hq, N, Dv)`` and ``grad_lse`` ``(..., Hq, N)``; ``out`` and
     ``lse``, the forward's results (``return_lse=True``), skip recomputing them, as a
-    kernel that saved them does (give both or neither).
+    kernel that saved them does (give both or neither). With ``sinks``, also
+    ``"sinks"``: ``-Σ_i exp(s_h - lse_i) D_i`` per head.
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 50, 8))
@@ -92,7 +95,8 @@ def tiled_attention_vjp(q, k, v, grad_out, *, grad_lse=None, block_q=None, block
     True
     """
     bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
-                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+                          scale=scale, bias=bias, softcap=softcap, sinks=sinks,
+                          check_finite=check_finite)
     block_q, block_k = default_blocks(bw.pb, bw.logits.mask is not None, block_q, block_k)
     return bw.gradients(*online_softmax_tiles_backward(
         bw.q, bw.k, bw.v, bw.do, bw.dlse, bw.pb, bw.logits, block_q, block_k,

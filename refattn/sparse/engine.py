@@ -18,7 +18,9 @@ two paths:
   kept pairs are scattered (strided, dilated, random) so that tiles are mostly empty
   inside.
 
-Working memory is bounded by the block sizes, never by ``N x M``.
+Working memory is bounded by the block sizes, never by ``N x M``. Learned sink logits
+(``sinks=``, gpt-oss: :func:`refattn.attention`) join each row's denominator on both
+paths.
 
 >>> import numpy as np, refattn as ra
 >>> rng = np.random.default_rng(0)
@@ -38,11 +40,12 @@ from .._core.checks import check_block, check_choice
 from .._core.logits import make_logits
 from .._core.online import online_softmax_tiles, online_softmax_tiles_backward
 from .._core.problem import prepare_qkv
-from .._core.softmax import finish_rows
+from .._core.softmax import finish_rows, merge_sinks
 from .._core.threads import run_items
 from ..masks import FULL, PARTIAL, TileRows
 
-__all__ = ["sparse_attention", "sparse_attention_vjp", "SPARSE_BLOCK", "GATHER_BLOCK_Q", "GATHER_COST_RATIO"]
+__all__ = ["sparse_attention", "sparse_attention_vjp", "SPARSE_BLOCK", "GATHER_BLOCK_Q",
+           "GATHER_COST_RATIO"]
 
 #: Default tile for the ``"tiles"`` path: small enough that a narrow band wastes little.
 SPARSE_BLOCK = 128
@@ -52,8 +55,8 @@ _METHODS = ("auto", "tiles", "gather")
 
 
 def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, softcap=None,
-                     return_lse=False, check_finite=True, method="auto", block_q=None,
-                     block_k=None, workers=None):
+                     sinks=None, return_lse=False, check_finite=True, method="auto",
+                     block_q=None, block_k=None, workers=None):
     """Exact attention over the keys ``mask`` keeps, in time proportional to them.
 
     Arguments and result as :func:`refattn.attention` (``mask`` is required), plus:
@@ -71,7 +74,7 @@ def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, soft
     check_choice("method", method, _METHODS)
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     logits = make_logits(pb, mask=mask, causal=causal, scale=scale, bias=bias,
-                         softcap=softcap, check_finite=check_finite)
+                         softcap=softcap, check_finite=check_finite, sinks=sinks)
     block_k = check_block("block_k", block_k) or SPARSE_BLOCK
     workers = check_block("workers", workers)
     if method == "auto":
@@ -87,7 +90,7 @@ def sparse_attention(q, k, v, mask, *, causal=False, scale=None, bias=None, soft
 
 
 def sparse_attention_vjp(q, k, v, grad_out, *, mask, grad_lse=None, causal=False,
-                         scale=None, bias=None, softcap=None, check_finite=True,
+                         scale=None, bias=None, softcap=None, sinks=None, check_finite=True,
                          method="auto", block_q=None, block_k=None, workers=None):
     """Gradients of :func:`sparse_attention`: FlashAttention-2's backward
     (:func:`refattn.exact.tiled.tiled_attention_vjp`) over the tiles the mask leaves
@@ -109,7 +112,8 @@ def sparse_attention_vjp(q, k, v, grad_out, *, mask, grad_lse=None, causal=False
                          "refattn.attention or refattn.tiled_attention")
     check_choice("method", method, _METHODS)
     bw = softmax_backward(q, k, v, grad_out, grad_lse, mask=mask, causal=causal,
-                          scale=scale, bias=bias, softcap=softcap, check_finite=check_finite)
+                          scale=scale, bias=bias, softcap=softcap, sinks=sinks,
+                          check_finite=check_finite)
     block_q = check_block("block_q", block_q) or SPARSE_BLOCK
     block_k = check_block("block_k", block_k) or SPARSE_BLOCK
     return bw.gradients(*online_softmax_tiles_backward(
@@ -152,25 +156,21 @@ def choose_method(mask, n, m, block, samples: int = 16) -> str:
 
 def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
     """The CSR path: per query block, list the kept pairs, then a segment softmax."""
-    g, n, m = pb.group, pb.n, pb.m
-    mask = logits.mask
-    tiles = TileRows(mask, n, m, block_q, block_k)
+    g, n = pb.group, pb.n
+    tiles = TileRows(logits.mask, n, pb.m, block_q, block_k)
     out, lse = pb.poisoned_outputs()
 
     def run(item):
         b, h, qb = item
         rows = np.arange(qb * block_q, min((qb + 1) * block_q, n))
-        r, c = _kept_pairs(mask, b, h, rows, n, m, block_k, tiles.row(qb))
+        r, c = logits.kept_pairs(b, h, rows, block_k, tiles.row(qb))
         starts = np.searchsorted(r, rows[0] + np.arange(len(rows) + 1))  # CSR row pointers
         qh, kh, vh = q[b, h, rows[0]:rows[-1] + 1] * logits.scale, k[b, h // g], v[b, h // g]
-        s = _pair_logits(qh, kh, r - rows[0], c)
-        if logits.softcap is not None:
-            s = logits.softcap * np.tanh(s / logits.softcap)
-        if logits.score_mod is not None:
-            s = np.array(np.broadcast_to(logits.score_mod._apply(
-                s, np.asarray(b), np.asarray(h), r, c, n, m), s.shape), dtype=np.float64)
+        s = logits.pairs(qh, kh, b, h, r, c, rows[0])
         acc = np.zeros((len(rows), pb.dv))
         row_max, row_sum = _segment_softmax_values(s, starts, c, vh, acc)
+        if logits.sinks is not None:
+            row_max, row_sum = merge_sinks(acc, row_max, row_sum, logits.sinks[h])
         finish_rows(acc, row_max, row_sum, out[b, h, rows[0]:rows[-1] + 1],
                 lse[b, h, rows[0]:rows[-1] + 1])
 
@@ -179,43 +179,6 @@ def _gather_attention(q, k, v, pb, logits, block_q, block_k, workers):
     work = float(tiles.grid_tiles) * block_q * block_k * pb.batch * pb.heads_q  # at most
     run_items(run, items, workers, work)
     return out, lse
-
-
-def _kept_pairs(mask, b, h, rows, n, m, block_k, tiles):
-    """Row-major ``(row, col)`` index arrays of the pairs ``mask`` keeps among the
-    consecutive query ``rows`` of batch ``b``, query head ``h``; ``tiles`` is
-    ``(key tile indices, labels)`` of the key tiles to look at."""
-    found_r, found_c = [], []
-    for kb, label in zip(*tiles):
-        cols = np.arange(kb * block_k, min((kb + 1) * block_k, m))
-        if label == FULL:
-            rr, cc = np.meshgrid(rows, cols, indexing="ij")
-        else:
-            keep = np.broadcast_to(mask._eval(np.asarray(b), np.asarray(h), rows[:, None],
-                                              cols[None, :], n, m), (len(rows), len(cols)))
-            i, j = np.nonzero(keep)
-            rr, cc = rows[i], cols[j]
-        found_r.append(rr.ravel())
-        found_c.append(cc.ravel())
-    if not found_r:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    r, c = np.concatenate(found_r), np.concatenate(found_c)
-    order = np.lexsort((c, r))
-    return r[order], c[order]
-
-
-
-
-@njit(cache=True, nogil=True)
-def _pair_logits(q, k, rows, cols):  # pragma: no cover - compiled
-    """``s[p] = q[rows[p]] . k[cols[p]]`` for each listed pair."""
-    s = np.empty(len(rows))
-    for p in range(len(rows)):
-        total = 0.0
-        for d in range(q.shape[1]):
-            total += q[rows[p], d] * k[cols[p], d]
-        s[p] = total
-    return s
 
 
 @njit(cache=True, nogil=True)

@@ -24,7 +24,8 @@ from .sparse import (sparse_attention, sliding_window_attention, strided_attenti
                      fixed_attention, block_sparse_attention, bigbird_attention,
                      longformer_attention, sink_attention, chunked_attention, topk_attention,
                      routing_attention, clustered_attention, improved_clustered_attention,
-                     lsh_attention, lsh_buckets, reversible)
+                     lsh_attention, lsh_buckets, reversible, nsa_attention, moba_attention,
+                     dsa_attention)
 from .linear import (linear_attention, performer_attention, performer_features,
                      softmax_kernel_estimate, scatterbrain_attention)
 from .lowrank import linformer_attention, nystrom_attention, luna_attention
@@ -32,7 +33,9 @@ from .compression import (pooled_attention, strided_kv_attention, landmark_atten
                           kmeans_kv_attention)
 from .memory import (transformer_xl_attention, compressive_attention,
                      persistent_memory_attention, knn_memory_attention)
-from .recurrent import retention, gated_linear_attention, linear_rnn, associative_scan
+from .recurrent import (retention, gated_linear_attention, linear_rnn, associative_scan,
+                        deltanet, gated_deltanet, kimi_delta_attention,
+                        generalized_delta_rule, ssd)
 from .ssm import s4d, s4d_kernel, selective_scan
 from .vision import (window_attention, shifted_window_attention, neighborhood_attention,
                      spatial_reduction_attention, patch_merging)
@@ -102,5 +105,6 @@ __all__ = [
     "window_attention", "shifted_window_attention", "neighborhood_attention",
     "spatial_reduction_attention", "patch_merging", "kvcache", "retention",
     "gated_linear_attention", "chunked_attention", "linear_rnn", "associative_scan", "s4d",
-    "s4d_kernel", "selective_scan",
+    "s4d_kernel", "selective_scan", "deltanet", "gated_deltanet", "kimi_delta_attention",
+    "generalized_delta_rule", "ssd", "nsa_attention", "moba_attention", "dsa_attention",
 ]

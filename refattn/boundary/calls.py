@@ -109,6 +109,19 @@ def _to_heads_first(x, what, spec):
     return np.swapaxes(arr, -3, -2)
 
 
+def _token_axes(value, rank):
+    """The axes ``layout='bnhd'`` swaps in a token-aligned argument: ``(-3, -2)`` when it
+    has ``q``'s rank ``(..., N, H, C)``, ``(-2, -1)`` one rank less ``(..., N, H)`` (a gate
+    per head and token), none otherwise (it broadcasts as it is)."""
+    ndim = np.ndim(value)
+    return (-3, -2) if ndim == rank and ndim >= 3 else (-2, -1) if (
+        ndim == rank - 1 and ndim >= 2) else None
+
+
+def _swap_token(value, axes):
+    return value if axes is None else np.swapaxes(value, *axes)
+
+
 def _lengths(q, k):
     """``(N, M)`` of heads-first ``q``, ``k`` (None when not arrays of rank >= 3)."""
     shapes = [np.shape(x) for x in (q, k)]
@@ -125,18 +138,19 @@ def _call(spec, fn, args, kwargs, layout):
                              f"layout='bnhd' is not supported")
         args = tuple(_to_heads_first(x, name, spec) if i < 3 or name == "grad_out" else x
                      for i, (x, name) in enumerate(zip(args, _arg_names(args))))
-        kwargs = {key: _to_heads_first(val, key, spec)    # (lower ranks broadcast as is)
-                  if key in spec.token_kwargs and np.ndim(val) >= 3 else val
-                  for key, val in kwargs.items()}
+        rank = np.ndim(args[0])
+        token_axes = {key: _token_axes(kwargs[key], rank) for key in spec.token_kwargs
+                      if kwargs.get(key) is not None}
+        kwargs = {key: _swap_token(host_array(val, key), token_axes[key])
+                  if token_axes.get(key) else val for key, val in kwargs.items()}
     if isinstance(kwargs.get("causal"), str):
         kwargs = _resolve_causal(spec, kwargs, *_lengths(*args[:2]))
     result = fn(*args, **kwargs)
     if layout == "bhnd":
         return result
     if isinstance(result, dict):                      # a VJP: gradients of the inputs
-        return {key: np.swapaxes(g, -3, -2) if key in _INPUTS or (
-            key in spec.token_kwargs and np.ndim(kwargs.get(key)) >= 3) else g
-                for key, g in result.items()}
+        return {key: np.swapaxes(g, -3, -2) if key in _INPUTS
+                else _swap_token(g, token_axes.get(key)) for key, g in result.items()}
     if isinstance(result, tuple):                     # (out, lse, ...): out only
         return (np.swapaxes(result[0], -3, -2),) + result[1:]
     return np.swapaxes(result, -3, -2)

@@ -1,0 +1,223 @@
+r"""MoBA, Mixture of Block Attention (Lu et al. 2025, "MoBA: Mixture of Block Attention
+for Long-Context LLMs", Moonshot AI): the keys are cut into blocks of ``B`` positions and
+each query attends to the ``topk`` blocks its gate picks.
+
+For query ``t`` of query head ``h`` (bottom-right aligned position ``t' = t + M - N``),
+with block ``c`` covering keys ``[c B, min((c+1) B, M))``:
+
+.. math::
+
+    s_c = q_t \cdot \operatorname{mean}_{j \in c} k_j, \qquad
+    I_t = \{\lfloor t'/B \rfloor\} \cup \operatorname{top}_{k-1}\{ c < \lfloor t'/B
+    \rfloor : s_c \}, \qquad
+    o_t = \operatorname{softmax}_{j \in I_t,\ j \le t'}(s\, q_t k_j^\top)\, v_j :
+
+the query's **current block is always kept** (and causally masked inside), the other
+``topk - 1`` are the best-scoring blocks **before** it (future blocks are never routed
+to); ties go to the lower block index; a query with fewer earlier blocks keeps them all.
+The gate uses the unscaled ``q`` (a positive scale changes no ranking) and has no
+parameters; the kept keys are attended exactly, so the output equals
+:func:`refattn.attention` under the selection's mask. GQA: every query head chooses its
+own blocks, scoring them with its KV head's block means.
+
+The paper's models are decoders: ``causal=True`` is MoBA as published. ``causal=False``
+(refattn's default, as everywhere) lets a query pick among all blocks but its own, which
+it keeps whole. A query before the first key (``t' < 0``, only when ``N > M``) sees
+nothing when causal and has no current block otherwise.
+
+flash-linear-attention ships MoBA only as ``parallel_moba``, a flash-attn (CUDA)
+kernel; with ``topk = 1`` it falls back to full causal attention, where MoBA's definition
+(and this reference) attends to the current block alone
+(:func:`refattn.chunked_attention` with ``chunk_size = B``).
+
+**Gradients** (:func:`moba_attention_vjp`): the selection held fixed, as MoBA trains
+(the gate has no parameters, and top-k is not differentiable): the softmax backward over
+each query's kept keys.
+
+**Memory.** One block of query rows of a KV head at a time, never ``N x M``: the
+``G x rows x M/B`` gate scores, and each row's ``topk·B`` keys either gathered or, when
+that is more than ``M / GATHER_COST`` (:mod:`refattn.sparse._common`), attended densely
+under a mask over the span of keys the block's rows keep.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
+from .._core.problem import prepare_qkv
+from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
+from ..registry import attach, register
+from ._common import (block_keys, dense_is_cheaper, gather_attention,
+                      gather_attention_vjp, ranked_indices, spread_rows)
+
+__all__ = ["moba_attention", "moba_attention_matrix", "moba_attention_vjp"]
+
+
+class _Plan:
+    """Blocks, their mean keys and the query positions of one call."""
+
+    def __init__(self, k, pb, block_size, topk, causal, block_q):
+        ctx = f" (k has M={pb.m} keys)"
+        self.size = check_int("block_size", block_size, minimum=1, context=ctx)
+        self.topk = check_int("topk", topk, minimum=1,
+                              context=" (blocks kept per query, counting its own)")
+        self.causal = check_bool("causal", causal)
+        self.m = pb.m
+        starts = np.arange(0, pb.m, self.size)
+        self.nb = len(starts)
+        if self.nb:
+            sizes = np.minimum(starts + self.size, pb.m) - starts
+            self.means = np.add.reduceat(k, starts, axis=2) / sizes[:, None]
+        else:
+            self.means = k[:, :, :0]
+        self.pos = np.arange(pb.n) + (pb.m - pb.n)
+        width = self.topk * self.size
+        per_key = 3 if dense_is_cheaper(width, pb.m) else pb.d + pb.dv + 3
+        per_row = pb.group * (self.nb * 2 + min(width, pb.m) * per_key)
+        self.rows = (block_rows(block_q, 1, 1, 1) if block_q is not None
+                     else max(1, BLOCK_ELEMENTS // max(per_row, 1)))
+
+    def choose(self, qb, means, pos):
+        """``(G, r, nb)``: the blocks kept by the unscaled query block ``qb (G, r, D)``
+        scoring its KV head's block ``means (nb, D)``."""
+        c = np.arange(self.nb)[None, :]
+        own = np.where(pos >= 0, np.floor_divide(pos, self.size), -1)[:, None]
+        cand = (c < own) if self.causal else (c != own)
+        g, r, d = qb.shape
+        score = np.where(cand, (qb.reshape(g * r, d) @ means.T).reshape(g, r, -1), -np.inf)
+        score = np.where(c == own, np.inf, score)           # the current block, always
+        return topk_keep(score, self.topk)
+
+    def keys(self, qb, means, rows):
+        """``(chosen, cols, keep)``: the kept blocks ``(G, r, nb)`` and their keys."""
+        pos = self.pos[rows]
+        chosen = self.choose(qb, means, pos)
+        return (chosen,) + block_keys(chosen, self.size, self.m, pos, self.causal,
+                                      self.topk)
+
+
+def _run(q, k, v, pb, plan, scale):
+    """Yield ``(b, hk, heads, rows, chosen, (p, lse, out, kg, vg), cols)`` per block."""
+    for b, hk, hs, rows in pb.query_blocks(plan.rows):
+        qb = q[b, hs, rows]
+        chosen, cols, keep = plan.keys(qb, plan.means[b, hk], rows)
+        res = gather_attention(qb * scale, k[b, hk], None if v is None else v[b, hk],
+                               cols, keep)
+        yield b, hk, hs, rows, chosen, res, cols
+
+
+@register(family="sparse", exact=False, time="O(N·(M/B + topk·B)·D)",
+          state="O(M·D) KV cache", supports_causal=True, supports_mask=False,
+          supports_gqa=True, position_free=False,
+          example={"block_size": 3, "topk": 2},
+          budget=lambda n, b: {"block_size": max(1, b // 4), "topk": 4})
+def moba_attention(q, k, v, *, block_size, topk, causal=False, scale=None,
+                   return_lse=False, return_selection=False, check_finite=True,
+                   block_q=None):
+    r"""MoBA: each query attends to its current key block and the ``topk - 1`` earlier
+    blocks whose mean key scores highest (module docstring; Lu et al. 2025).
+
+    Parameters
+    ----------
+    q : ``(..., Hq, N, D)``; k : ``(..., Hkv, M, D)``; v : ``(..., Hkv, M, Dv)``; ``Hq`` a
+        multiple of ``Hkv`` (each query head selects its own blocks).
+    block_size : ``B``, keys per block (the last block may be shorter).
+    topk : blocks kept per query, counting its current block (``topk >= M/B``: all
+        earlier blocks, i.e. exact attention when causal).
+    causal : MoBA as published (see the module docstring for ``False``).
+    scale : logit scale (default ``1/sqrt(D)``); the gate is unscaled.
+    return_lse : also return the ``(..., Hq, N)`` log-sum-exp over the kept keys.
+    return_selection : also return the kept blocks, int64 ``(..., Hq, N, topk)``
+        ascending, ``-1`` padded (heads-first in any layout).
+    block_q : query rows per block (default: by memory).
+
+    Returns
+    -------
+    float64 ``(..., Hq, N, Dv)`` (then the lse, then the selection, as asked).
+
+    Example
+    -------
+    >>> import numpy as np, refattn as ra
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 12, 4))             # 2 heads, 12 tokens
+    >>> out, sel = ra.sparse.moba_attention(q, k, v, block_size=3, topk=2, causal=True,
+    ...                                     return_selection=True)
+    >>> sel[0, 11].tolist()                           # its own block 3 and one earlier
+    [1, 3]
+    >>> keep = np.zeros((12, 12), bool); keep[11, [3, 4, 5, 9, 10, 11]] = True
+    >>> bool(np.allclose(out[0, 11], ra.attention(q[:1], k[:1], v[:1], mask=keep)[0, 11]))
+    True
+    """
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    plan = _Plan(k, pb, block_size, topk, causal, block_q)
+    out, lse = pb.poisoned_outputs()
+    sel = np.full((pb.batch, pb.heads_q, pb.n, plan.topk), -2, dtype=np.int64)
+    for b, _, hs, rows, chosen, (_, l, o, _, _), _ in _run(q, k, v, pb, plan,
+                                                          resolve_scale(scale, pb.d)):
+        out[b, hs, rows], lse[b, hs, rows] = o, l
+        sel[b, hs, rows] = ranked_indices(chosen, plan.topk)
+    result = pb.unflatten(out)
+    extra = ((pb.unflatten(lse),) if return_lse else ()) + (
+        (pb.unflatten(sel),) if return_selection else ())
+    return (result,) + extra if extra else result
+
+
+def moba_attention_matrix(q, k, *, block_size, topk, causal=False, scale=None,
+                          check_finite=True, block_q=None, memory_budget=None):
+    """The implied matrix ``(..., Hq, N, M)`` of :func:`moba_attention` (same
+    arguments): the softmax over each query's kept keys, 0 elsewhere; row-stochastic
+    (rows that see nothing are 0).
+
+    >>> import numpy as np, refattn as ra
+    >>> q = k = np.zeros((1, 4, 2))                   # ties: the lowest block wins
+    >>> ra.sparse.moba_attention_matrix(q, k, block_size=1, topk=2, causal=True)[0, 3]
+    array([0.5, 0. , 0. , 0.5])
+    """
+    q, k, _, pb = prepare_qkv(q, k, None, check_finite=check_finite, need_v=False)
+    plan = _Plan(k, pb, block_size, topk, causal, block_q)
+    pb.check_matrix_memory(memory_budget, "the implied matrix of moba_attention",
+                           "refattn.sparse.moba_attention", copies=2)
+    a = np.full((pb.batch, pb.heads_q, pb.n, pb.m), np.nan)
+    for b, _, hs, rows, _, (p, *_), cols in _run(q, k, None, pb, plan,
+                                                 resolve_scale(scale, pb.d)):
+        block = np.zeros((len(p), rows.stop - rows.start, pb.m))
+        spread_rows(block, cols, p)
+        a[b, hs, rows] = block
+    return pb.unflatten(a)
+
+
+def moba_attention_vjp(q, k, v, grad_out, *, block_size, topk, grad_lse=None,
+                       causal=False, scale=None, return_lse=False, return_selection=False,
+                       check_finite=True, block_q=None):
+    """Gradients ``{"q", "k", "v"}`` of :func:`moba_attention` with the block selection
+    held fixed: the softmax backward (FlashAttention-2's equations) over each query's kept
+    keys; keys outside them get nothing from that query. ``grad_lse``: the cotangent of
+    the returned lse.
+
+    >>> import numpy as np, refattn as ra
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 8, 4))
+    >>> do = np.ones((1, 8, 4))
+    >>> g = ra.vjp("moba_attention", q, k, v, do, block_size=2, topk=4, causal=True)
+    >>> ref = ra.vjp("attention", q, k, v, do, causal=True)    # every block kept: exact
+    >>> all(np.allclose(g[x], ref[x]) for x in "qkv")
+    True
+    """
+    shapes = tuple(np.shape(x) for x in (q, k, v))
+    q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
+    plan = _Plan(k, pb, block_size, topk, causal, block_q)
+    lead = pb.batch_shape + (pb.heads_q, pb.n)
+    do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,), check_finite=check_finite)
+    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    do = do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv)
+    dlse = None if dlse is None else dlse.reshape(pb.batch, pb.heads_q, pb.n)
+    s = resolve_scale(scale, pb.d)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b, hk, hs, rows, _, (p, _, out, kg, vg), cols in _run(q, k, v, pb, plan, s):
+        dq[b, hs, rows] = s * gather_attention_vjp(
+            q[b, hs, rows] * s, p, out, kg, vg, cols, do[b, hs, rows],
+            None if dlse is None else dlse[b, hs, rows], dk[b, hk], dv[b, hk])
+    return {name: pb.input_gradient(x, shape)
+            for name, x, shape in zip("qkv", (dq, dk, dv), shapes)}
+
+
+attach(moba_attention, implied=moba_attention_matrix, vjp=moba_attention_vjp)

@@ -1,0 +1,153 @@
+"""Gated DeltaNet (refattn.recurrent.gated_deltanet): forms, implied matrix and streaming
+agree (<= 1e-11, float64), also with gates near 0 and near 1; packed sequences equal
+their own calls bit for bit; the VJP matches central finite differences (<= 1e-7) and
+PyTorch float64 autograd through the gated delta rule as written (<= 1e-12);
+flash-linear-attention's naive recurrent and chunked references agree at their float32
+accuracy (they cast with ``.to(torch.float32)``, which cannot be redirected to float64);
+a million tokens run in the recurrent form (slow)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import refattn as ra
+from refattn.recurrent import deltanet, gated_deltanet
+from refattn.testing import strategies as rst
+
+import delta_rule_checks as chk
+
+GATES = {"normal": (0.05, 1.0), "near0": (30.0, 700.0), "near1": (1e-12, 1e-7)}
+
+
+def _make(rng, shape, d, regime):
+    lo, hi = GATES[regime]
+    return {"beta": rng.uniform(0, 1, shape), "log_gates": -rng.uniform(lo, hi, shape)}
+
+
+def _update(torch, s, k, v, ins):
+    s = torch.exp(ins["log_gates"])[..., None, None] * s
+    beta = ins["beta"][..., None]
+    return s + k[..., :, None] * (beta * (v - torch.einsum("...de,...d->...e", s, k)))[
+        ..., None, :]
+
+
+MECH = chk.Mech("gated_deltanet", _make, _update, {"normalize_qk": True})
+NAMES = {"beta": "beta_t", "log_gates": "log_gates_t"}
+
+
+@pytest.mark.parametrize("regime", list(GATES))
+@pytest.mark.parametrize("n, m", [(9, 9), (4, 11), (11, 6), (40, 40)])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_forms_agree(rng, regime, n, m, chunk):
+    chk.forms_agree(MECH, rng, n=n, m=m, chunk=chunk, regime=regime)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), seed=st.integers(0, 2 ** 32 - 1),
+       regime=st.sampled_from(list(GATES)))
+def test_forms_agree_on_random_shapes(data, seed, regime):
+    sh = data.draw(rst.shapes(max_batch_dims=1, max_len=24, max_dim=8))
+    chk.forms_agree(MECH, np.random.default_rng(seed), n=sh.n, m=sh.m,
+                    chunk=data.draw(st.integers(1, 30)), batch=sh.batch or (1,), hq=sh.hq,
+                    hkv=sh.hkv, d=sh.d, dv=sh.dv, regime=regime)
+
+
+def test_limits(rng):
+    """Gates of 1 give DeltaNet; gates of exactly 0 (log -inf, unchecked) forget all but
+    the current token; huge negative log-gates give the same exactly."""
+    q, k, v = chk.qkv(rng)
+    beta = rng.uniform(0, 1, (2, 2, 9))
+    np.testing.assert_array_equal(
+        gated_deltanet(q, k, v, beta=beta, log_gates=0.0, normalize_qk=True,
+                       method="recurrent"),
+        deltanet(q, k, v, beta=beta, normalize_qk=True, method="recurrent"))
+    for method in chk.FORMS:
+        forget = gated_deltanet(q, k, v, beta=beta, log_gates=-1e4, normalize_qk=True,
+                                method=method, chunk_size=4)
+        single = np.concatenate([deltanet(q[..., i:i + 1, :], k[..., i:i + 1, :],
+                                          v[..., i:i + 1, :], beta=beta[..., i:i + 1],
+                                          normalize_qk=True) for i in range(9)], axis=-2)
+        assert chk.err(forget, single) <= 1e-14, method
+
+
+def test_streaming_equals_the_forward(rng):
+    chk.streaming_equals_forward(MECH, rng, NAMES)
+
+
+@pytest.mark.parametrize("method", chk.FORMS)
+def test_packed_batch_equals_its_sequences(rng, method):
+    chk.packed_equals_sequences(MECH, rng, method)
+
+
+def test_initial_states_chain(rng):
+    chk.states_chain(MECH, rng)
+
+
+@pytest.mark.parametrize("n, m", [(6, 6), (4, 7), (7, 5)])
+def test_vjp_matches_finite_differences(rng, n, m):
+    chk.vjp_matches_finite_differences(MECH, rng, n=n, m=m)
+
+
+@pytest.mark.parametrize("n, m", [(8, 8), (5, 9), (9, 5)])
+def test_vjp_matches_torch_autograd(rng, n, m):
+    torch = pytest.importorskip("torch")
+    chk.vjp_matches_torch_autograd(torch, MECH, rng, n=n, m=m)
+
+
+def test_scalar_gates_get_summed_gradients(rng):
+    q, k, v = chk.qkv(rng)
+    do = rng.standard_normal((2, 4, 9, 2))
+    full = ra.vjp("gated_deltanet", q, k, v, do, beta=0.5,
+                  log_gates=np.full((2, 2, 9), -0.3))
+    one = ra.vjp("gated_deltanet", q, k, v, do, beta=0.5, log_gates=-0.3)
+    assert one["log_gates"].shape == () and one["beta"].shape == ()
+    assert abs(one["log_gates"] - full["log_gates"].sum()) <= 1e-12 * np.abs(
+        full["log_gates"]).sum()
+
+
+def test_bad_gates_name_themselves(rng):
+    q, k, v = chk.qkv(rng)
+    with pytest.raises(ValueError, match=r"log_gates must be <= 0"):
+        gated_deltanet(q, k, v, beta=0.5, log_gates=0.1)
+    with pytest.raises(ValueError, match=r"log_gates must broadcast to \(\.\.\., Hkv, M\)"):
+        gated_deltanet(q, k, v, beta=0.5, log_gates=-np.ones((2, 2, 9, 3)))
+
+
+# --------------------------------------------------------------------------- FLA
+def _bthd(torch, x):
+    return torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 1, 2)))
+
+
+def test_matches_flash_linear_attention_naive_references(rng):
+    """float32 arithmetic in their code: agreement at float32 accuracy (<= 1e-5
+    normwise), a 1% change in one gate failing it."""
+    torch = pytest.importorskip("torch")
+    naive = pytest.importorskip("fla.ops.gated_delta_rule.naive",
+                                reason="flash-linear-attention is not installed")
+    q, k, v = rng.standard_normal((3, 2, 3, 70, 8))
+    q, k = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+    beta = rng.uniform(0, 1, (2, 3, 70))
+    g = -rng.uniform(0.0, 0.3, (2, 3, 70))
+    s0 = rng.standard_normal((2, 3, 8, 8)).astype(np.float32).astype(np.float64)
+    ours, final = gated_deltanet(q, k, v, beta=beta, log_gates=g, initial_state=s0,
+                                 return_final_state=True)
+    args = [_bthd(torch, x) for x in (q, k, v)]
+    gb = [torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 1, 2))) for x in (beta, g)]
+    o, s = naive.naive_recurrent_gated_delta_rule(*args, gb[0], gb[1],
+                                                  initial_state=torch.from_numpy(s0),
+                                                  output_final_state=True)
+    theirs = np.swapaxes(o.double().numpy(), 1, 2)
+    assert chk.err(ours, theirs) <= 1e-5 and chk.err(final, s.double().numpy()) <= 1e-5
+    o, s = naive.naive_chunk_gated_delta_rule(*args, gb[1], gb[0], chunk_size=16,
+                                              initial_state=torch.from_numpy(s0),
+                                              output_final_state=True)
+    assert chk.err(ours, np.swapaxes(o.double().numpy(), 1, 2)) <= 1e-5
+    assert chk.err(final, s.double().numpy()) <= 1e-5
+    g2 = g.copy()
+    g2[0, 0, 5] *= 1.01
+    assert chk.err(gated_deltanet(q, k, v, beta=beta, log_gates=g2, initial_state=s0),
+                   theirs) > 1e-5
+
+
+@pytest.mark.slow
+def test_a_million_tokens_in_the_recurrent_form(rng):
+    chk.long_recurrent(MECH, rng)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._core.backward import head_summed_product
+from .._core.checks import check_cotangent
 from .._core.logits import make_logits
 from .._core.select import block_rows
 from .._core.softmax import normalize_rows
@@ -221,3 +222,22 @@ def spread_rows(a, cols, p):
     g = np.arange(a.shape[0])[:, None, None]
     r = np.arange(a.shape[1])[None, :, None]
     np.add.at(a, (g, r, np.broadcast_to(cols, p.shape)), p)
+
+
+def selection_vjp(blocks, q, k, v, pb, grad_out, grad_lse, scale, shapes, check_finite):
+    """Gradients of an attention over held-fixed selections (MoBA, DSA): ``blocks`` yields
+    the forward's ``(b, hk, heads, rows, _, (p, _, out, keys, values), cols)`` of each
+    block of query rows (``gather_attention``'s pieces); returns ``{"q", "k", "v"}`` in
+    the inputs' ``shapes``."""
+    lead = pb.batch_shape + (pb.heads_q, pb.n)
+    do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,), check_finite=check_finite)
+    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
+    do = do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv)
+    dlse = None if dlse is None else dlse.reshape(pb.batch, pb.heads_q, pb.n)
+    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+    for b, hk, hs, rows, _, (p, _, out, kg, vg), cols in blocks:
+        dq[b, hs, rows] = scale * gather_attention_vjp(
+            q[b, hs, rows] * scale, p, out, kg, vg, cols, do[b, hs, rows],
+            None if dlse is None else dlse[b, hs, rows], dk[b, hk], dv[b, hk])
+    return {name: pb.input_gradient(x, shape)
+            for name, x, shape in zip("qkv", (dq, dk, dv), shapes)}

@@ -352,7 +352,9 @@ def improved_clustered_attention(q, k, v, *, n_clusters, topk, n_iters=10, mask=
     >>> bool(err_i < err_c)
     True
     """
-    check_int("topk", topk, minimum=1, context=" (improved clustered attention needs it)")
+    if topk is None:
+        raise TypeError("improved clustered attention needs topk (an integer >= 1: the "
+                        "keys recomputed exactly per query)")
     pb, v, blocks = _clustered_blocks(q, k, v, n_clusters=n_clusters, n_iters=n_iters,
                                       topk=topk, mask=mask, causal=causal, scale=scale,
                                       bias=bias, softcap=softcap, rng=rng,
@@ -375,7 +377,9 @@ def improved_clustered_attention_matrix(q, k, *, n_clusters, topk, n_iters=10, m
     >>> bool(np.allclose(a, ra.attention_probs(q, k)))
     True
     """
-    check_int("topk", topk, minimum=1, context=" (improved clustered attention needs it)")
+    if topk is None:
+        raise TypeError("improved clustered attention needs topk (an integer >= 1: the "
+                        "keys recomputed exactly per query)")
     pb, _, blocks = _clustered_blocks(q, k, None, n_clusters=n_clusters, n_iters=n_iters,
                                       topk=topk, mask=mask, causal=causal, scale=scale,
                                       bias=bias, softcap=softcap, rng=rng,
@@ -587,7 +591,9 @@ otin T_i \end{cases}, \quad
     >>> all(np.allclose(full[x], ra.vjp("attention", q, k, v, g)[x]) for x in "qkv")
     True
     """
-    check_int("topk", topk, minimum=1, context=" (improved clustered attention needs it)")
+    if topk is None:
+        raise TypeError("improved clustered attention needs topk (an integer >= 1: the "
+                        "keys recomputed exactly per query)")
     return _clustered_vjp(q, k, v, grad_out, grad_lse, n_clusters=n_clusters,
                           n_iters=n_iters, topk=topk, mask=mask, causal=causal, scale=scale,
                           bias=bias, softcap=softcap, rng=rng, check_finite=check_finite,

@@ -45,12 +45,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
+from .._core.checks import check_bool, check_int, resolve_scale
 from .._core.problem import Problem, prepare_qkv
 from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
-from ._common import (dense_is_cheaper, gather_attention, gather_attention_vjp,
+from ._common import (dense_is_cheaper, gather_attention, selection_vjp,
                       key_lists, ranked_indices, spread_rows)
 
 __all__ = ["dsa_attention", "dsa_attention_matrix", "dsa_attention_vjp",
@@ -294,19 +294,9 @@ def dsa_attention_vjp(q, k, v, grad_out, *, topk, q_index=None, k_index=None,
     shapes = tuple(np.shape(x) for x in (q, k, v))
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     plan = _Plan(q, k, pb, topk, q_index, k_index, weights, causal, check_finite, block_q)
-    lead = pb.batch_shape + (pb.heads_q, pb.n)
-    do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,), check_finite=check_finite)
-    dlse = check_cotangent(grad_lse, "grad_lse", lead, check_finite=check_finite)
-    do = do.reshape(pb.batch, pb.heads_q, pb.n, pb.dv)
-    dlse = None if dlse is None else dlse.reshape(pb.batch, pb.heads_q, pb.n)
     s = resolve_scale(scale, pb.d)
-    dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
-    for b, hk, hs, rows, _, (p, _, out, kg, vg), cols in _run(q, k, v, pb, plan, s):
-        dq[b, hs, rows] = s * gather_attention_vjp(
-            q[b, hs, rows] * s, p, out, kg, vg, cols, do[b, hs, rows],
-            None if dlse is None else dlse[b, hs, rows], dk[b, hk], dv[b, hk])
-    return {name: pb.input_gradient(x, shape)
-            for name, x, shape in zip("qkv", (dq, dk, dv), shapes)}
+    return selection_vjp(_run(q, k, v, pb, plan, s), q, k, v, pb, grad_out, grad_lse, s,
+                         shapes, check_finite)
 
 
 attach(dsa_attention, implied=dsa_attention_matrix, vjp=dsa_attention_vjp)

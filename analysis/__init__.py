@@ -9,7 +9,11 @@ from . import minilm  # noqa: E402,F401  (safetensors/tokenizers load lazily)
 
 # --- issue #6: measures and sweeps (inputs, metrics, spectrum, kernel_fidelity, facts,
 # sweep); loaded on first attribute access so importing the package stays light ---
-_MEASURE_MODULES = ("inputs", "metrics", "spectrum", "kernel_fidelity", "facts", "sweep")
+_MEASURE_MODULES = ("inputs", "metrics", "spectrum", "kernel_fidelity", "facts", "sweep",
+                    # issue #18: real attention, a real model, one cost axis, honest fits
+                    "work", "fits", "tasks", "retrieval", "minilm_swap", "model_quality",
+                    "real_attention", "state_sizes", "cost_axis", "real_sections",
+                    "scaling_section")
 __all__ += list(_MEASURE_MODULES)
 
 

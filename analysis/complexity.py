@@ -5,9 +5,11 @@ For each mechanism and each ``N`` in ``ns`` it runs one self-attention call (bat
 head, ``D`` = ``d``) on seeded Gaussian inputs, with the registry's ``budget(N, budget)``
 parameters where the mechanism has them (a fixed number of keys, features or landmarks
 per query, so a sub-quadratic mechanism should scale like ``N``) and its ``example``
-parameters otherwise. It records the best wall time of ``repeats`` calls and the peak
-traced memory of one more call (``tracemalloc``: NumPy's buffers; memory that Numba's
-compiled code allocates itself is not traced), then fits exponents ``p`` of
+parameters otherwise. After one untimed warm-up call per mechanism (Numba compilation
+would otherwise land in the smallest ``N``'s time), it records the best wall time of
+``repeats`` calls and the peak traced memory of one more call (``tracemalloc``: NumPy's
+buffers; memory that Numba's compiled code allocates itself is not traced), then fits
+exponents ``p`` of
 ``time ~ N^p`` and ``memory ~ N^p`` by least squares in log-log space.
 
 Times depend on the machine and its load; the memory figures and exponents depend only
@@ -93,6 +95,10 @@ def measure_scaling(names=None, ns=(256, 512, 1024, 2048), *, d=32, budget=32, r
     peaks = np.full((len(names), len(ns)), np.nan)
     for a, name in enumerate(names):
         spec = specs[name]
+        try:          # untimed warm-up at the smallest N: Numba compiles, caches fill
+            spec.fn(*inputs[ns[0]], **scaling_params(spec, ns[0], budget))
+        except MemoryBudgetError:
+            pass
         for b, n in enumerate(ns):
             if progress is not None:
                 progress(name, n)

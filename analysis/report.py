@@ -1,24 +1,34 @@
 """``refattn report``: measure every registered mechanism and write a report.
 
 :func:`build_report` writes ``DIR/index.md`` with PNG figures beside it and the data of
-every figure and table as netCDF (``*.nc``):
+every figure and table as netCDF (``*.nc``). It opens with a **summary** computed from the
+data (which mechanism loses least at ``headline_budget`` keys per query on real
+attention, and at what work), then:
 
-1. **Error vs cost** (``pareto.*``): each approximation that registers a ``budget`` is
-   swept over keys/features per query; output error against wall time, one panel per
-   family, on clustered and temperature-1 Gaussian inputs.
-2. **Error vs attention entropy** (``entropy.*``): sparse (top-k), low-rank (Nyström,
-   Performer) and sparse + low-rank (Scatterbrain) at one budget across temperatures:
-   Scatterbrain's claim that sparse wins at low entropy, low-rank at high, and the
-   combination across the middle -- checked, not assumed.
-3. **Spectrum of real attention** (``minilm_spectrum.*``): singular values of every
-   head's attention in the pretrained MiniLM-L6 on English text (Linformer's Fig. 1 on a
-   model anyone can install), with stable and effective ranks per layer.
-4. **Performer kernel fidelity** (``kernel_fidelity.*``): Monte Carlo MSE of the
-   trigonometric, positive and hyperbolic softmax-kernel estimators against Lemma 2.
-5. **Complexity, measured** (``complexity.*``): fitted exponents of time and traced
-   memory against ``N`` for every registered mechanism, and streaming state sizes.
-6. **Published facts**: rank closed forms, Nyström's third-order convergence, the LSH
-   collision law.
+1. **Error vs cost on one axis** (``cost_axis.png``): every family's output error
+   against its work per query (key-equivalents counted from the mechanism's definition,
+   :mod:`refattn.analysis.work`), synthetic regimes beside real attention, with spread.
+2. **Error on real attention** (``real_attention.*``): every budgeted mechanism on
+   MiniLM-L6's own Q, K, V, every layer and head, several texts
+   (:mod:`refattn.analysis.real_attention`).
+3. **Quality a real model loses** (``model_quality.*``): MiniLM-L6 with every layer's
+   attention replaced, retrieval accuracy on standard-library docstrings and embedding
+   cosine to the exact model (:mod:`refattn.analysis.model_quality`).
+4. **Error vs cost per family** (``pareto.*``): the synthetic sweep in detail, with the
+   NumPy references' time ratios labelled as such.
+5. **Error vs attention entropy** (``entropy.*``): sparse (top-k), low-rank (Nyström,
+   Performer) and sparse + low-rank (Scatterbrain) at one budget across temperatures.
+6. **Spectrum of real attention** (``minilm_spectrum.*``): singular values of every
+   head's attention in MiniLM-L6 on English text, stable and effective ranks per layer.
+7. **Performer kernel fidelity** (``kernel_fidelity.*``): Monte Carlo MSE of the
+   trigonometric, positive and hyperbolic estimators against Lemma 2.
+8. **Complexity, measured** (``complexity.*``): time and traced memory against ``N``,
+   fits with their interval and R², flagged where poor or contradicting the stated
+   complexity (:mod:`refattn.analysis.scaling_section`).
+9. **State sizes** in the dtype a model keeps them (bf16 by default), MHA/GQA/MQA/MLA
+   first (:mod:`refattn.analysis.state_sizes`).
+10. **Published facts**: rank closed forms, Nyström's third-order convergence, the LSH
+    collision law.
 
 Everything but wall times and traced memory is a deterministic function of the preset
 and the seed (timings depend on the machine; traced peaks vary by a few hundred bytes
@@ -47,13 +57,29 @@ class ReportError(RuntimeError):
     """A report could not be written (bad preset, unwritable directory...)."""
 
 
+#: The mechanisms the quick preset puts into MiniLM-L6 (the full preset: every one that
+#: applies): masks, top-k, LSH, clustering, kernels, low rank, pooling, k-means.
+QUICK_MODEL_MECHANISMS = (
+    "sliding_window_attention", "longformer_attention", "block_sparse_attention",
+    "topk_attention", "lsh_attention", "clustered_attention", "performer_attention",
+    "nystrom_attention", "linformer_attention", "luna_attention", "pooled_attention",
+    "kmeans_kv_attention")
+
+
 @dataclasses.dataclass(frozen=True)
 class Preset:
     """Sizes of one report. ``n``: sequence length of the accuracy sweeps; ``budgets``:
     keys/features per query swept for the Pareto plot; ``entropy_budget`` and
     ``temperatures`` for the entropy study; ``minilm_tokens``: text length for the
     spectrum; ``kernel_ms``/``kernel_trials``: Performer features and Monte Carlo trials;
-    ``complexity_ns``: lengths of the scaling fits."""
+    ``complexity_ns``/``complexity_repeats``: lengths and timed calls of the scaling fits.
+
+    Real attention (``real_*``): texts of ``real_tokens`` positions, budgets, seeds of
+    randomized mechanisms. Real model (``quality_*``): retrieval documents, query and
+    passage word pieces, budgets, and the mechanisms put into MiniLM-L6 (None: every one
+    that applies). ``left_out``: mechanisms whose NumPy reference is too slow for this
+    preset's real-attention and real-model studies (the report lists them).
+    ``headline_budget``: keys per query the summary answers for."""
 
     n: int
     budgets: tuple
@@ -65,18 +91,35 @@ class Preset:
     kernel_trials: int
     complexity_ns: tuple
     d: int = 32
+    complexity_repeats: int = 1
+    real_tokens: int = 256
+    real_texts: int = 2
+    real_budgets: tuple = (16, 32, 64, 128)
+    real_seeds: tuple = (0, 1)
+    quality_docs: int = 32
+    quality_query_tokens: int = 16
+    quality_passage_tokens: int = 64
+    quality_budgets: tuple = (8, 16, 32)
+    quality_mechanisms: tuple | None = QUICK_MODEL_MECHANISMS
+    left_out: tuple = ("bigbird_attention",)
+    headline_budget: int = 64
 
 
 PRESETS = {
     "quick": Preset(n=512, budgets=(8, 16, 32, 64, 128), seeds=(0, 1, 2), entropy_budget=16,
                     temperatures=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0), minilm_tokens=512,
                     kernel_ms=(8, 32, 128, 512), kernel_trials=10000,
-                    complexity_ns=(512, 1024, 2048)),
+                    complexity_ns=(256, 512, 1024, 2048), real_seeds=(0,)),
     "full": Preset(n=1024, budgets=(8, 16, 32, 64, 128, 256), seeds=(0, 1, 2, 3),
                    entropy_budget=32, temperatures=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0,
                                                     1.4, 2.0, 4.0, 8.0, 16.0),
                    minilm_tokens=512, kernel_ms=(4, 8, 16, 32, 64, 128, 256, 512, 1024),
-                   kernel_trials=20000, complexity_ns=(1024, 2048, 4096, 8192, 16384)),
+                   kernel_trials=20000, complexity_ns=(256, 512, 1024, 2048, 4096, 8192,
+                                                       16384),
+                   complexity_repeats=3, real_tokens=512, real_texts=4,
+                   real_budgets=(8, 16, 32, 64, 128, 256), real_seeds=(0, 1, 2),
+                   quality_docs=150, quality_passage_tokens=128,
+                   quality_budgets=(8, 16, 32, 64), quality_mechanisms=None, left_out=()),
 }
 
 #: Representatives of Scatterbrain's three regimes (all at the same budget).
@@ -104,7 +147,8 @@ def _fmt(x, digits=3) -> str:
 
 def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |"
+              for r in rows]
     return "\n".join(lines)
 
 
@@ -141,25 +185,39 @@ def _pareto(out, p: Preset, seed, sweep_kw, only):
                measure=("output", "cost", "input"), d=p.d, on_error="record", **sweep_kw)
     ds = ds.assign_coords(budget=("parameter", list(p.budgets)))
     save(ds, out / "pareto.nc")
+    from .work import work_per_query
+    work = {x: np.array([work_per_query(x, params[x][j], p.n, p.d)
+                         for j in range(len(p.budgets))]) for x in names}
     plt = _plt()
     families = sorted({specs[n].family for n in names})
     cols = 3
     rows_ = -(-len(families) // cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4 * cols, 3.2 * rows_), squeeze=False)
-    err = ds.output_rel_fro.sel(input_kind="clustered").mean("seed").isel(n=0)
     for ax, fam in zip(axes.flat, families):
-        for name in (n for n in names if specs[n].family == fam):
-            e = err.sel(mechanism=name).values
-            ok = np.isfinite(e)
-            ax.loglog(np.asarray(p.budgets)[ok], e[ok], "o-", ms=3,
-                      label=name.replace("_attention", ""))
-        ax.set(title=fam, xlabel="budget: keys / features per query",
+        members = [n for n in names if specs[n].family == fam]
+        colors = plt.cm.tab20(np.arange(len(members)) % 20)
+        for name, color in zip(members, colors):
+            for kind, style in (("clustered", "o-"), ("temperature 1", "s--")):
+                e = ds.output_rel_fro.sel(mechanism=name, input_kind=kind).isel(n=0)
+                med, lo, hi = (e.median("seed").values, e.min("seed").values,
+                               e.max("seed").values)
+                ok = np.isfinite(med) & (med > 0) & np.isfinite(work[name])
+                if not ok.any():
+                    continue
+                ax.errorbar(work[name][ok], med[ok], yerr=np.vstack(
+                    [med[ok] - lo[ok], hi[ok] - med[ok]]), fmt=style, ms=3, lw=0.8,
+                    capsize=1.5, color=color, label=name.replace("_attention", "")
+                    if kind == "clustered" else None)
+        ax.set(xscale="log", yscale="log", title=fam,
+               xlabel="work per query (key-equivalents)",
                ylabel="output rel. Frobenius error")
+        ax.axvline(p.n, color="k", lw=0.6, ls=":")
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(families):]:
         ax.axis("off")
-    fig.suptitle(f"Error vs cost (keys or features per query; exact attention uses all "
-                 f"N = {p.n}), clustered inputs, D = {p.d}")
+    fig.suptitle(f"Per family: error vs work per query (exact = N = {p.n}, dotted); solid: "
+                 f"clustered, dashed: temperature 1; median and min-max over "
+                 f"{len(seeds)} seeds, D = {p.d}")
     fig.tight_layout()
     png = _save(fig, out / "pareto.png")
     times = ds.wall_time_s.sel(input_kind="clustered").median("seed").isel(n=0)
@@ -167,7 +225,7 @@ def _pareto(out, p: Preset, seed, sweep_kw, only):
     table_rows = []
     for name in names:
         t = times.sel(mechanism=name).values
-        row = [name, specs[name].family]
+        row = [name, specs[name].family, " / ".join(_fmt(w, 3) for w in work[name])]
         for kind in ("clustered", "temperature 1"):
             e = ds.output_rel_fro.sel(mechanism=name, input_kind=kind).mean("seed")
             row.append(" / ".join(_fmt(float(x)) for x in e.isel(n=0).values))
@@ -176,16 +234,22 @@ def _pareto(out, p: Preset, seed, sweep_kw, only):
         row.append(next((str(x)[:60] for x in errs if str(x)), ""))
         table_rows.append(row)
     budgets = "/".join(str(b) for b in p.budgets)
-    text = [f"![error vs cost]({png})", "",
+    text = [f"![error vs cost per family]({png})", "",
             f"Output relative Frobenius error (mean over {len(seeds)} seeds) at budgets "
-            f"{budgets} keys/features per query (the registry's `budget(n, b)`), N={p.n}:",
-            "", _table(["mechanism", "family", "error, clustered", "error, temperature 1",
-                        "time / exact (machine-dependent)", "failed"], table_rows), "",
-            "Errors above 1 are worse than outputting zeros: with these inputs exact "
-            "attention averages many values (a small output), which a few kept keys do not "
-            "reproduce. Performer's positive features barely improve with m here: their "
-            "variance grows like exp(|q + k|^2) / m (Lemma 2, section 4), and these inputs "
-            "have |q| / D^(1/4) around 2.5."]
+            f"{budgets} keys/features per query (the registry's `budget(n, b)`), N={p.n}, "
+            f"with the work per query those settings really cost (key-equivalents, "
+            f"`refattn.analysis.work`):", "",
+            _table(["mechanism", "family", "work / query", "error, clustered",
+                    "error, temperature 1",
+                    "NumPy reference time / exact reference time (this machine)",
+                    "failed"], table_rows), "",
+            "The time ratio compares the NumPy references' wall times: it says how fast "
+            "this oracle runs, not how fast the mechanism is. Errors above 1 are worse "
+            "than outputting zeros: with these inputs exact attention averages many "
+            "values (a small output), which a few kept keys do not reproduce. "
+            "Performer's positive features barely improve with m here: their variance "
+            "grows like exp(|q + k|^2) / m (Lemma 2, section 4), and these inputs have "
+            "|q| / D^(1/4) around 2.5."]
     return ds, "\n".join(text)
 
 
@@ -356,61 +420,6 @@ def _kernel(out, p: Preset, seed):
     return ds, "\n".join(body)
 
 
-# ------------------------------------------------------------- 5. complexity
-def _complexity(out, p: Preset, seed, progress, only):
-    from refattn.streaming import state_size_table
-
-    from .complexity import measure_scaling
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(only) * len(p.complexity_ns), desc="complexity")
-    try:
-        ds = measure_scaling(list(only), ns=p.complexity_ns, rng=seed, repeats=1,
-                             progress=(lambda name, n: bar.update()) if bar else None)
-    finally:
-        if bar is not None:
-            bar.close()
-    states = state_size_table((1_000, 1_000_000), heads_q=8, heads_kv=8, d=64, dv=64)
-    ds["state_bytes_1k"] = ("mechanism", [float(states[m][1_000]) if m in states else np.nan
-                                          for m in ds.mechanism.values])
-    ds["state_bytes_1m"] = ("mechanism", [float(states[m][1_000_000]) if m in states
-                                          else np.nan for m in ds.mechanism.values])
-    ds.to_netcdf(out / "complexity.nc", engine="scipy")
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    families = sorted(set(ds.family.values))
-    colors = dict(zip(families, plt.cm.tab20(np.arange(len(families)) % 20)))
-    for name in ds.mechanism.values:
-        sel = ds.sel(mechanism=name)
-        ax.loglog(ds.n, sel.peak_bytes / 2**20, "o-", ms=2, lw=0.8,
-                  color=colors[str(sel.family.values)])
-    for fam in families:
-        ax.plot([], [], color=colors[fam], label=fam)
-    ax.set(xlabel="N", ylabel="peak traced memory (MiB)",
-           title=f"Memory vs N, D={ds.attrs['d']}, budget {ds.attrs['budget']} per query")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    png = _save(fig, out / "complexity.png")
-    big = ds.n.values[-1]
-    rows = [[name, str(ds.family.sel(mechanism=name).values),
-             str(ds.complexity.sel(mechanism=name).values),
-             _fmt(float(ds.memory_exponent.sel(mechanism=name)), 2),
-             _fmt(float(ds.peak_bytes.sel(mechanism=name, n=big)) / 2**20),
-             _fmt(float(ds.time_exponent.sel(mechanism=name)), 2),
-             _fmt(float(ds.state_bytes_1m.sel(mechanism=name)) / 2**20)]
-            for name in ds.mechanism.values]
-    body = [f"![memory vs N]({png})", "",
-            f"Fitted exponents p of `memory ~ N^p` (traced NumPy memory, repeatable to a few "
-            f"hundred bytes) and `time ~ N^p` (machine-dependent) over N = "
-            f"{', '.join(map(str, ds.n.values))}; "
-            f"streaming state after 1M tokens for Hq = Hkv = 8, D = 64 (the full KV cache "
-            f"grows with every token, the others stay fixed):", "",
-            _table(["mechanism", "family", "stated time", "memory exp.", f"MiB at N={big}",
-                    "time exp.", "state MiB at 1M"], rows)]
-    return ds, "\n".join(body)
-
-
 # ----------------------------------------------------------------- 6. facts
 def _facts(seed) -> str:
     from .facts import (convergence_order, lsh_collision_rate, lsh_collision_theory,
@@ -438,15 +447,18 @@ def _facts(seed) -> str:
 
 # ------------------------------------------------------------------ the report
 def build_report(out="report", *, preset="quick", seed=0, mechanisms=None, scheduler=None,
-                 workers=None, progress=False) -> Path:
+                 workers=None, progress=False, state_dtype="bf16") -> Path:
     """Run every study of ``preset`` (``"quick"``, ``"full"`` or a :class:`Preset`) with
     ``seed`` and write ``out/index.md``, its PNGs and netCDF data; returns the index path.
 
     ``mechanisms``: registered names to restrict the sweeps and the complexity table to
     (default: all; an unknown name raises :class:`ReportError` listing the known ones).
     ``scheduler``: a Dask scheduler address for the sweeps (default: local processes,
-    ``workers`` of them); ``progress``: progress bars and messages on stderr.
-    Raises :class:`ReportError` for an unknown preset or an unwritable ``out``, and
+    ``workers`` of them); ``progress``: progress bars and messages on stderr;
+    ``state_dtype``: the dtype state sizes are given in (``"bf16"``, ``"fp8"``,
+    ``"f32"``, ...: :data:`refattn.analysis.state_sizes.DTYPE_BYTES`).
+    Raises :class:`ReportError` for an unknown preset, state dtype or an unwritable
+    ``out``, and
     ``ConnectionError`` for an unreachable scheduler.
     """
     if isinstance(preset, str):
@@ -464,20 +476,35 @@ def build_report(out="report", *, preset="quick", seed=0, mechanisms=None, sched
     unknown = [x for x in only if x not in known]
     if unknown or not only:
         raise ReportError(f"unknown mechanism(s) {unknown}; registered: {sorted(known)}")
+    from .state_sizes import DTYPE_BYTES
+    if state_dtype not in DTYPE_BYTES:
+        raise ReportError(f"unknown state dtype {state_dtype!r}; choose one of "
+                          f"{sorted(DTYPE_BYTES)}")
     out = _writable(out)
     sweep_kw = dict(scheduler=scheduler, workers=workers, progress=progress)
     start = time.perf_counter()
-    sections = []
-
-    def section(title, body):
-        sections.append(f"## {title}\n\n{body}\n")
-
-    section("1. Error vs cost", _pareto(out, p, seed, sweep_kw, only)[1])
-    section("2. Error vs attention entropy", _entropy(out, p, seed, sweep_kw, only)[1])
-    section("3. Spectrum of real attention (MiniLM-L6)", _spectrum(out, p, seed)[1])
-    section("4. Performer softmax-kernel fidelity", _kernel(out, p, seed)[1])
-    section("5. Complexity, measured", _complexity(out, p, seed, progress, only)[1])
-    section("6. Published facts", _facts(seed))
+    from .real_sections import (cost_axis_section, leaders, model_quality_section,
+                                real_attention_section, summary)
+    from .scaling_section import complexity_section, state_size_section
+    pareto, pareto_text = _pareto(out, p, seed, sweep_kw, only)
+    real, real_text = real_attention_section(out, p, seed, sweep_kw, only)
+    quality, quality_text = model_quality_section(         # + the summary's leaders
+        out, p, seed, sweep_kw, only, also=leaders(real, p.headline_budget))
+    sections = [
+        ("Summary", summary(real, quality, p.headline_budget)),
+        ("1. Error vs cost: every family on one axis, synthetic and real attention",
+         cost_axis_section(out, pareto, real)),
+        ("2. Error on real attention (MiniLM-L6's Q, K, V)", real_text),
+        ("3. Quality a real model loses (MiniLM-L6, attention replaced in every layer)",
+         quality_text),
+        ("4. Error vs cost per family, synthetic inputs (detail)", pareto_text),
+        ("5. Error vs attention entropy", _entropy(out, p, seed, sweep_kw, only)[1]),
+        ("6. Spectrum of real attention (MiniLM-L6)", _spectrum(out, p, seed)[1]),
+        ("7. Performer softmax-kernel fidelity", _kernel(out, p, seed)[1]),
+        ("8. Complexity, measured", complexity_section(out, p, seed, progress, only)[1]),
+        (f"9. Streaming state sizes in {state_dtype}", state_size_section(state_dtype)),
+        ("10. Published facts", _facts(seed)),
+    ]
     chosen = "" if mechanisms is None else f" --mechanisms {','.join(only)}"
     head = [f"# refattn report ({name} preset, seed {seed})", "",
             f"Made by `refattn report --preset {name} --seed {seed}{chosen}` with refattn "
@@ -485,8 +512,9 @@ def build_report(out="report", *, preset="quick", seed=0, mechanisms=None, sched
             f"{platform.python_version()}. Every number except wall times, traced memory "
             f"and their exponents is a deterministic function of the preset and the seed; the "
             f"data of each figure is in the `.nc` file of the same name.", ""]
+    body = [f"## {title}\n\n{text}\n" for title, text in sections]
     index = out / "index.md"
-    index.write_text("\n".join(head + sections))
+    index.write_text("\n".join(head + body))
     if progress:
         print(f"report written to {index} in {time.perf_counter() - start:.0f} s",
               file=sys.stderr)

@@ -1,6 +1,5 @@
 """refattn report: deterministic for a seed, reproduces the committed report, and fails
 clearly on bad presets, unwritable directories and unreachable schedulers."""
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +13,17 @@ from refattn.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 TINY = Preset(n=32, budgets=(4, 8), seeds=(0,), entropy_budget=8,
               temperatures=(0.1, 1.0, 8.0), minilm_tokens=24, kernel_ms=(8,),
-              kernel_trials=300, complexity_ns=(64, 128))
+              kernel_trials=300, complexity_ns=(64, 128), real_tokens=16, real_texts=1,
+              real_budgets=(4, 8), real_seeds=(0,), quality_docs=4,
+              quality_query_tokens=4, quality_passage_tokens=8, quality_budgets=(2, 4, 8),
+              quality_mechanisms=("sliding_window_attention", "topk_attention",
+                                  "performer_attention"), headline_budget=8)
 #: Variables measuring the machine and the run (timings; traced memory varies by a few
-#: hundred bytes from run to run), not the preset and seed.
-MACHINE = set(COST_VARIABLES) | {"time_s", "time_exponent", "peak_bytes",
-                                 "memory_exponent"}
+#: hundred bytes from run to run), not the preset and seed: the fits of both and their
+#: verdicts.
+MACHINE = set(COST_VARIABLES) | {"time_s", "peak_bytes"} | {
+    f"{what}_{part}" for what in ("time", "memory")
+    for part in ("exponent", "ci_low", "ci_high", "r2", "flag", "text")}
 
 
 def _data(directory):
@@ -47,10 +52,13 @@ def test_the_report_is_deterministic_for_a_seed(tmp_path):
     first = build_report(tmp_path / "a", preset=TINY, seed=3, workers=1)
     build_report(tmp_path / "b", preset=TINY, seed=3, workers=1)
     text = first.read_text()
-    for section in ("Error vs cost", "entropy", "MiniLM", "Performer", "Complexity",
-                    "Published facts"):
+    for section in ("Summary", "Error vs cost", "Error on real attention",
+                    "Quality a real model loses", "entropy", "MiniLM", "Performer",
+                    "Complexity", "state sizes in bf16", "Published facts"):
         assert section in text
-    for png in ("pareto", "entropy", "minilm_spectrum", "kernel_fidelity", "complexity"):
+    assert "**Chance accuracy: 25.0%;**" in text and "| exact (MiniLM-L6) | all |" in text
+    for png in ("cost_axis", "pareto", "entropy", "minilm_spectrum", "kernel_fidelity",
+                "complexity"):
         assert (tmp_path / "a" / f"{png}.png").stat().st_size > 10_000
     _same(_data(tmp_path / "a"), _data(tmp_path / "b"), rtol=0)
     other = build_report(tmp_path / "c", preset=TINY, seed=4, workers=1,
@@ -75,7 +83,8 @@ def test_regenerating_the_committed_quick_report_reproduces_its_numbers(tmp_path
     new, old = _data(tmp_path), _data(committed)
     if old["minilm_spectrum.nc"].attrs["text"] != new["minilm_spectrum.nc"].attrs["text"]:
         # the text is the stdlib's docstrings: another Python version reads other text
-        del new["minilm_spectrum.nc"], old["minilm_spectrum.nc"]
+        for name in ("minilm_spectrum.nc", "real_attention.nc", "model_quality.nc"):
+            new.pop(name, None), old.pop(name, None)
     _same(new, old, rtol=1e-9)     # BLAS may round differently on another CPU
 
 

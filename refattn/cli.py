@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .registry import mechanisms
+from .registry import QKV, mechanisms
 
 
 def _yes(flag: bool) -> str:
@@ -18,15 +18,23 @@ def _yes(flag: bool) -> str:
 
 
 def registry_table() -> list[list[str]]:
-    """Rows of ``refattn list``: a header, then one row per registered mechanism."""
+    """Rows of ``refattn list``: a header, then one row per registered mechanism (a ``*``
+    after the name: its inputs are not ``q, k, v``; see :func:`other_inputs`)."""
     rows = [["name", "family", "kind", "time", "state", "causal", "masks", "GQA",
              "streaming"]]
-    for spec in mechanisms().values():
-        rows.append([spec.name, spec.family, "exact" if spec.exact else "approximate",
+    for spec in mechanisms(all_inputs=True).values():
+        rows.append([spec.name + ("" if spec.inputs == QKV else "*"), spec.family, "exact" if spec.exact else "approximate",
                      spec.time, spec.state, _yes(spec.supports_causal),
                      _yes(spec.supports_mask), _yes(spec.supports_gqa),
                      _yes(spec.supports_streaming)])
     return rows
+
+
+def other_inputs() -> list[str]:
+    """Footnotes of ``refattn list``: the mechanisms whose inputs are not ``q, k, v``."""
+    return [f"* {spec.name}({', '.join(spec.inputs)}): outside the registry's q, k, v "
+            f"property tests and the report's sweeps; checked by its own tests"
+            for spec in mechanisms(all_inputs=True).values() if spec.inputs != QKV]
 
 
 def _format(rows: list[list[str]]) -> str:
@@ -105,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "list":
         print(_format(registry_table()))
-        print(f"\n{len(mechanisms())} mechanisms registered.")
+        print("\n".join([""] + other_inputs()))
+        print(f"\n{len(mechanisms(all_inputs=True))} mechanisms registered.")
         return 0
     if args.command == "mask":
         from .masks.drawing import draw_mask, parse_mask

@@ -22,11 +22,13 @@ from typing import Callable
 
 from .boundary.calls import with_boundary
 
-__all__ = ["Mechanism", "register", "attach", "mechanisms"]
+__all__ = ["Mechanism", "register", "attach", "mechanisms", "QKV"]
 
 #: Keyword arguments every softmax-style mechanism shares; ``params`` lists the others.
 COMMON_PARAMS = frozenset({"mask", "causal", "scale", "bias", "softcap", "return_lse",
                            "check_finite", "memory_budget", "rng"})
+#: The positional inputs of a mechanism the property tests and the analysis can call.
+QKV = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Mechanism:
     cost; None: the mechanism is analysed at ``example`` only, or is not such an
     approximation (retention, memories).
     ``vjp``: its gradient (vector-Jacobian product), where one is attached.
+    ``inputs``: its positional inputs; :data:`QKV` for every mechanism that
+    :func:`mechanisms` returns by default. Others (MLA: queries, a latent cache and the
+    up-projections) are listed with ``mechanisms(all_inputs=True)``.
     """
 
     name: str
@@ -76,6 +81,7 @@ class Mechanism:
     vjp: Callable | None = None
     example: dict = field(default_factory=dict)
     doc: str = ""
+    inputs: tuple = QKV
 
 
 #: The options a mechanism taking ``**options`` passes to the exact/sparse engine.
@@ -85,13 +91,15 @@ _REGISTRY: dict[str, dict] = {}
 
 
 def register(*, family: str, exact: bool, time: str, state: str, example=None, tokens=(),
-             **flags):
+             inputs=QKV, **flags):
     """Decorator that registers ``fn`` under ``fn.__name__``.
 
     ``family``: the package the mechanism lives in (``"sparse"``, ``"linear"``, ...);
     ``time``, ``state``: its asymptotic cost; ``example``: keyword arguments of a small
     valid call; ``tokens``: its keyword arrays laid out like ``q`` (``(B, H, N, *)``,
-    moved with it by ``layout=``); ``flags``: the other :class:`Mechanism` fields. Forms
+    moved with it by ``layout=``); ``inputs``: its positional inputs when they are not
+    ``(q, k, v)`` (such a mechanism handles its boundary arguments itself);
+    ``flags``: the other :class:`Mechanism` fields. Forms
     defined after the forward (its implied matrix, streaming pair, VJP) are given with
     :func:`attach`. The registered function takes the boundary arguments as well
     (``layout``, ``causal`` by name, ``cu_seqlens_q``/``cu_seqlens_k``:
@@ -107,8 +115,10 @@ def register(*, family: str, exact: bool, time: str, state: str, example=None, t
         unknown = set(flags) - {f.name for f in dataclasses.fields(Mechanism)}
         if unknown:
             raise TypeError(f"register({fn.__name__}): unknown fields {sorted(unknown)}")
-        wrapped = with_boundary(fn, tokens, flags.get("supports_mask", False))
-        _REGISTRY[fn.__name__] = dict(
+        inputs_ = tuple(inputs)
+        wrapped = (with_boundary(fn, tokens, flags.get("supports_mask", False))
+                   if inputs_ == QKV else fn)
+        _REGISTRY[fn.__name__] = dict(inputs=inputs_,
             name=fn.__name__, family=family, exact=exact, fn=wrapped, time=time, state=state,
             params=params, randomized="rng" in sig.parameters,
             example=dict(example or {}), doc=(inspect.getdoc(fn) or "").split("\n")[0],
@@ -186,10 +196,19 @@ def _checked_stream(name, forward, init_state, step):
     return checked_init_state, checked_step
 
 
-def mechanisms() -> dict[str, Mechanism]:
-    """All registered mechanisms, name -> :class:`Mechanism`, in registration order."""
+def mechanisms(*, all_inputs: bool = False) -> dict[str, Mechanism]:
+    """The registered mechanisms called as ``fn(q, k, v, ...)``, name ->
+    :class:`Mechanism`, in registration order; ``all_inputs=True``: every registered
+    mechanism, also those with other inputs (``spec.inputs``, e.g. MLA's latent cache).
+
+    >>> import refattn as ra
+    >>> "mla_attention" in ra.mechanisms(), "mla_attention" in ra.mechanisms(all_inputs=True)
+    (False, True)
+    """
     out = {}
     for name, entry in _REGISTRY.items():
+        if not all_inputs and entry["inputs"] != QKV:
+            continue
         fields = dict(entry)
         fields["implied_matrix"] = fields.pop("implied", None)
         fields.setdefault("supports_streaming", fields.get("init_state") is not None)

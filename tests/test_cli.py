@@ -12,10 +12,14 @@ def test_list_prints_every_registered_mechanism(capsys):
     header = out.splitlines()[0].split()
     assert header == ["name", "family", "kind", "time", "state", "causal", "masks", "GQA",
                       "streaming"]
-    for name, spec in ra.mechanisms().items():
-        row = next(line for line in out.splitlines() if line.startswith(name + " "))
+    every = ra.mechanisms(all_inputs=True)
+    for name, spec in every.items():
+        mark = "" if spec.inputs == ("q", "k", "v") else "*"
+        row = next(line for line in out.splitlines() if line.startswith(name + mark + " "))
         assert spec.family in row and ("exact" if spec.exact else "approximate") in row
-    assert f"{len(ra.mechanisms())} mechanisms registered." in out
+    assert f"{len(every)} mechanisms registered." in out
+    assert len(every) > len(ra.mechanisms())           # MLA: inputs other than q, k, v
+    assert "* mla_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv)" in out
 
 
 def test_no_command_prints_help_and_fails(capsys):

@@ -391,3 +391,12 @@ def test_bad_decoding_inputs_name_the_argument():
             mla_step(s, *wrong)
     with pytest.raises(ValueError, match="n must be an integer >= 0"):
         mla_cache_nbytes(-1)
+
+
+def test_registered_with_its_own_inputs_and_forms():
+    spec = ra.mechanisms(all_inputs=True)["mla_attention"]
+    assert "mla_attention" not in ra.mechanisms()       # the q, k, v tests cannot call it
+    assert spec.inputs == NAMES and spec.fn is mla_attention
+    assert spec.vjp is mla_attention_vjp and spec.supports_streaming
+    with pytest.raises(TypeError, match="unknown keyword"):
+        spec.init_state(w_uk=np.zeros((2, 3, 4)), w_uv=None, d_rope=2, windw=3)

@@ -44,9 +44,11 @@ in HuggingFace's ``DeepseekV2Attention`` / DeepSeek-V3's inference ``MLA``:
 * output ``(..., H, N, d_v)``, before ``o_proj``.
 
 Leading batch dimensions broadcast; ``layout="bnhd"`` takes ``q_nope``, ``q_rope`` (and
-gives the output) as ``(..., N, H, d)``, FlashMLA's query layout. MLA is not in the
-registry: the registry's property tests call every mechanism as ``fn(q, k, v)`` with
-``k``, ``v`` per KV head, and MLA's keys and values exist only through its weights.
+gives the output) as ``(..., N, H, d)``, FlashMLA's query layout. MLA is registered with
+its own inputs (``refattn.mechanisms(all_inputs=True)``, ``refattn list``): the
+registry's q, k, v property tests cannot call it, since its keys and values exist only
+through its weights; its own tests check each form against the others, HuggingFace's
+``DeepseekV2Attention`` and torch autograd.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ from .._core.checks import check_choice, check_cotangent, check_int, resolve_sca
 from .._core.problem import sum_to_shape
 from ..boundary.arrays import to_float64
 from ..boundary.calls import LAYOUTS, call_vjp
+from ..registry import attach, register
 from ..streaming import State, Window
 from .dense import attention, attention_vjp
 
@@ -152,6 +155,12 @@ def _expanded(p: _Inputs):
             np.concatenate([k_nope, k_rope], axis=-1), v)
 
 
+_INPUTS = ("q_nope", "q_rope", "c_kv", "k_rope", "w_uk", "w_uv")
+
+
+@register(family="exact", exact=True, time="O(N·M·H·(d_nope + d_rope + d_v))",
+          state="O(M·(d_c + d_rope)) latent cache", inputs=_INPUTS, supports_causal=True,
+          supports_mask=True, supports_gqa=False)
 def mla_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, *, mask=None, causal=False,
                   scale=None, bias=None, softcap=None, return_lse=False, layout="bhnd",
                   check_finite=True, memory_budget=None):
@@ -310,6 +319,7 @@ def mla_attention_vjp(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, grad_out, *, gra
 
 
 mla_attention.vjp = mla_attention_vjp
+attach(mla_attention, vjp=mla_attention_vjp)
 
 
 # ------------------------------------------------------------------ decoding
@@ -453,3 +463,6 @@ def mla_step(state: MLACacheState, q_nope_t, q_rope_t, c_kv_t, k_rope_t):
     o_lat = (weights @ c) / weights.sum(axis=-1, keepdims=True)   # (*b, H, d_c)
     out = (state.w_uv @ o_lat[..., None])[..., 0]                 # (*b, H, d_v)
     return out, new
+
+
+attach(mla_attention, init_state=mla_init_state, step=mla_step)

@@ -3,6 +3,8 @@ logit per query head in the softmax denominator only. The dense, tiled and spars
 and gather) paths against each other, gpt-oss's reference transcribed in torch float64,
 flash-linear-attention's naive reference, and the VJP against finite differences."""
 import numpy as np
+import inspect
+
 import pytest
 
 import refattn as ra
@@ -58,13 +60,35 @@ def test_every_path_agrees(case):
         assert max_rel_error(lse, ref_lse) <= 1e-12, name
 
 
-def test_the_mask_defined_mechanisms_take_sinks():
+#: Those passing the sparse engine's options (``**options``, sinks among them) through;
+#: sink_attention's own ``sinks`` counts StreamingLLM's sink tokens.
+MASK_DEFINED = [s for s in ra.mechanisms().values() if s.mask is not None
+                and "sinks" not in s.params and any(
+                    p.kind is p.VAR_KEYWORD
+                    for p in inspect.signature(s.fn).parameters.values())]
+
+
+@pytest.mark.parametrize("spec", MASK_DEFINED, ids=lambda s: s.name)
+def test_the_mask_defined_mechanisms_take_sinks_in_every_form(spec):
+    """Forward, implied matrix and VJP of each mask-defined mechanism equal dense
+    attention with the same sinks under the mechanism's own mask."""
     rng = np.random.default_rng(1)
     q, k, v = _inputs(rng, n=20, m=20)
     sinks = _sinks(rng)
-    out = ra.sliding_window_attention(q, k, v, window=4, causal=True, sinks=sinks)
-    ref = ra.attention(q, k, v, mask=ra.masks.sliding_window(4), causal=True, sinks=sinks)
-    assert max_rel_error(out, ref) <= 1e-12
+    params = dict(spec.example, **({"rng": 3} if spec.randomized else {}))
+    kw = dict(params, causal=True, sinks=sinks)
+    mask = spec.mask(**params)
+    ref, ref_lse = ra.attention(q, k, v, mask=mask, causal=True, sinks=sinks,
+                                return_lse=True)
+    out, lse = spec.fn(q, k, v, return_lse=True, **kw)
+    assert max_rel_error(out, ref) <= 1e-12 and max_rel_error(lse, ref_lse) <= 1e-12
+    p = ra.attention_probs(q, k, mask=mask, causal=True, sinks=sinks)
+    assert max_rel_error(spec.implied_matrix(q, k, **kw), p) <= 1e-12
+    g = rng.standard_normal(out.shape)
+    grads = ra.vjp(spec.name, q, k, v, g, **kw)
+    dense = ra.vjp("attention", q, k, v, g, mask=mask, causal=True, sinks=sinks)
+    for name in ("q", "k", "v", "sinks"):
+        assert max_rel_error(grads[name], dense[name]) <= 1e-11, name
 
 
 def test_no_sink_changes_nothing_bit_for_bit():

@@ -20,19 +20,20 @@ def pattern(factory, **register_kwargs):
     ``sparse_attention(q, k, v, factory(<params>), **options)``; its implied matrix is
     the dense attention matrix under the same mask, its VJP the sparse engine's
     (:func:`refattn.sparse.engine.sparse_attention_vjp`), and ``fn.mask`` is
-    ``factory``."""
+    ``factory``. All three take the engine's ``sinks=`` (learned sink logits)."""
     def deco(fn):
         def implied(q, k, *, causal=False, scale=None, bias=None, softcap=None,
-                    check_finite=True, method=None, block_q=None, block_k=None,
+                    sinks=None, check_finite=True, method=None, block_q=None, block_k=None,
                     workers=None, **params):
             return attention_probs(q, k, mask=factory(**params), causal=causal, scale=scale,
-                                   bias=bias, softcap=softcap, check_finite=check_finite)
+                                   bias=bias, softcap=softcap, sinks=sinks,
+                                   check_finite=check_finite)
         def vjp(q, k, v, grad_out, *, grad_lse=None, causal=False, scale=None, bias=None,
-                softcap=None, check_finite=True, method="auto", block_q=None, block_k=None,
-                workers=None, **params):
+                softcap=None, sinks=None, check_finite=True, method="auto", block_q=None,
+                block_k=None, workers=None, **params):
             return sparse_attention_vjp(q, k, v, grad_out, mask=factory(**params),
                                         grad_lse=grad_lse, causal=causal, scale=scale,
-                                        bias=bias, softcap=softcap,
+                                        bias=bias, softcap=softcap, sinks=sinks,
                                         check_finite=check_finite, method=method,
                                         block_q=block_q, block_k=block_k, workers=workers)
         fn.mask = factory

@@ -139,20 +139,20 @@ def _bigbird_heads(q, params):
 
 
 def _bigbird_matrix(q, k, *, causal=False, scale=None, bias=None, softcap=None,
-                    check_finite=True, memory_budget=None, method=None, block_q=None,
-                    block_k=None, workers=None, **params):
+                    sinks=None, check_finite=True, memory_budget=None, method=None,
+                    block_q=None, block_k=None, workers=None, **params):
     return attention_probs(q, k, mask=_bigbird_heads(q, params), causal=causal,
-                           scale=scale, bias=bias, softcap=softcap,
+                           scale=scale, bias=bias, softcap=softcap, sinks=sinks,
                            check_finite=check_finite, memory_budget=memory_budget)
 
 
 def _bigbird_vjp(q, k, v, grad_out, *, grad_lse=None, causal=False, scale=None, bias=None,
-                 softcap=None, check_finite=True, method="auto", block_q=None,
+                 softcap=None, sinks=None, check_finite=True, method="auto", block_q=None,
                  block_k=None, workers=None, **params):
     block = params.get("block_size")
     return sparse_attention_vjp(q, k, v, grad_out, mask=_bigbird_heads(q, params),
                                 grad_lse=grad_lse, causal=causal, scale=scale, bias=bias,
-                                softcap=softcap, check_finite=check_finite, method=method,
+                                softcap=softcap, sinks=sinks, check_finite=check_finite, method=method,
                                 block_q=block_q or block, block_k=block_k or block,
                                 workers=workers)
 
@@ -253,10 +253,10 @@ def _projections(params):
 
 
 def _longformer_matrix(q, k, *, causal=False, scale=None, bias=None, softcap=None,
-                       check_finite=True, memory_budget=None, method=None, block_q=None,
-                       block_k=None, workers=None, **params):
+                       sinks=None, check_finite=True, memory_budget=None, method=None,
+                       block_q=None, block_k=None, workers=None, **params):
     found = _projections(params)
-    opts = dict(causal=causal, scale=scale, bias=bias, softcap=softcap,
+    opts = dict(causal=causal, scale=scale, bias=bias, softcap=softcap, sinks=sinks,
                 check_finite=check_finite, memory_budget=memory_budget)
     if found is None:
         return attention_probs(q, k, mask=_longformer_mask(**params), **opts)
@@ -270,9 +270,9 @@ def _longformer_matrix(q, k, *, causal=False, scale=None, bias=None, softcap=Non
 
 
 def _longformer_vjp(q, k, v, grad_out, *, grad_lse=None, causal=False, scale=None,
-                    bias=None, softcap=None, check_finite=True, method="auto",
+                    bias=None, softcap=None, sinks=None, check_finite=True, method="auto",
                     block_q=None, block_k=None, workers=None, **params):
-    opts = dict(causal=causal, scale=scale, bias=bias, softcap=softcap,
+    opts = dict(causal=causal, scale=scale, bias=bias, softcap=softcap, sinks=sinks,
                 check_finite=check_finite, method=method, block_q=block_q,
                 block_k=block_k, workers=workers)
     found = _projections(params)

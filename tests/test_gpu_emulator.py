@@ -133,6 +133,8 @@ def test_launch_arguments_are_checked_like_a_gpu_would_read_them(cp):
     args = _args(cp, p)
     rec = fn(p.grid, p.block, tuple(args), shared_mem=p.shared_bytes)
     assert rec.completed and rec.diagnostics == []
+    assert rec.buffers == tuple((a.data.ptr, a.nbytes) for a in args
+                                if isinstance(a, cp.ndarray))
     bad = list(args)
     bad[5] = np.int64(1)                         # B is an int: 8 bytes would be misread
     with pytest.raises(emulator.EmulatorLaunchError, match=r"argument 5 \(int\).*int32"):
@@ -151,8 +153,16 @@ def test_launch_arguments_are_checked_like_a_gpu_would_read_them(cp):
     with pytest.raises(emulator.EmulatorLaunchError,
                        match="argument 2 .* not C-contiguous"):
         fn(p.grid, p.block, tuple(bad), shared_mem=p.shared_bytes)
+    bad = list(args)
+    bad[3] = cp.zeros(2 * 2 * 40 * 128 + 1, np.uint8)[1:].view(np.float16).reshape(
+        1, 2, 40, 128)                           # an odd address: every store faults
+    with pytest.raises(emulator.EmulatorLaunchError,
+                       match=r"argument 3 \(__half\*\).*not a multiple of 2"):
+        fn(p.grid, p.block, tuple(bad), shared_mem=p.shared_bytes)
     with pytest.raises(emulator.EmulatorLaunchError, match="takes 19 arguments"):
         fn(p.grid, p.block, tuple(args[:-1]), shared_mem=p.shared_bytes)
+    with pytest.raises(emulator.EmulatorLaunchError, match="takes 19 arguments"):
+        fn(p.grid, p.block, tuple(args) + (np.int32(0),), shared_mem=p.shared_bytes)
     fresh = cp.RawModule(code=ks.source("fast"), options=ks.NVRTC_OPTIONS,
                          name_expressions=[p.kernel]).get_function(p.kernel)
     with pytest.raises(emulator.EmulatorLaunchError, match="max_dynamic_shared_size_bytes"):
@@ -164,9 +174,10 @@ def _read(name):
 
 
 def test_the_emulator_compiles_exactly_the_kernel_source():
-    """The emulated text is kernels_spec.source() plus #line directives; every asm
-    statement is rewritten, on its own line, and each PTX site names that line."""
-    for kind, name in ks.SOURCES.items():
+    """The emulated text of every kernel source is kernels_spec.source() plus #line
+    directives; every asm statement is rewritten, on its own line, and each PTX site
+    names that line."""
+    for kind, name in ks.ALL_SOURCES.items():
         text = emulator.kernel_source(kind)
         assert "\n".join(ln for ln in text.split("\n") if not ln.startswith("#line")) \
             == ks.source(kind)
@@ -176,7 +187,9 @@ def test_the_emulator_compiles_exactly_the_kernel_source():
         cu = _read(name).split("\n")
         for s in sites:
             assert s.file == name and "asm" in cu[s.line - 1], (s, cu[s.line - 1])
-        assert len(sites) == {"simple": 0, "fast": 7}[kind]
+        assert len(sites) == len(re.findall(r"\basm\b", code_mask(
+            "\n".join(_read(f) for f in (name, *ks.HEADERS)))))
+    assert len(emulator.rewrite_asm(emulator.kernel_source("fast"))[1]) == 7
     sites = emulator.rewrite_asm(emulator.kernel_source("fast"), "flash_fast.cu")[1]
     assert {s.ptx.split()[0].rstrip(";") for s in sites} == {
         "cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group",
@@ -184,6 +197,39 @@ def test_the_emulator_compiles_exactly_the_kernel_source():
         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"}
+
+
+def test_raw_module_knows_every_kernel_source(monkeypatch):
+    """``RawModule(code=kernels_spec.source(kind))`` for every key of ALL_SOURCES compiles
+    that file (``#line`` directives name it; ``sources`` overrides it) with all of its
+    instantiations in one build; any other code is compiled as given (no build here: the
+    build function is replaced by one that records its arguments)."""
+    import importlib
+    mod = importlib.import_module("refattn.gpu.emulator.cupy_like")
+    built = []
+    monkeypatch.setattr(mod, "build", lambda code, names, include=(), file="": built.append(
+        (code, names, file)) or object())
+    for kind, name in ks.ALL_SOURCES.items():
+        every = [i.name for i in ks.all_instantiations() if i.kernel == kind]
+        first = every[0] if every else "some_kernel<1>"
+        cp = emulator.cupy_like()
+        cp.RawModule(code=ks.source(kind), options=ks.NVRTC_OPTIONS,
+                     name_expressions=[first])
+        code, names, file = built[-1]
+        assert (code, file) == (emulator.kernel_source(kind), name)
+        assert names == (every or [first]) and len(cp.builds) == 1
+        emulator.cupy_like(prebuild=False).RawModule(code=ks.source(kind),
+                                                     name_expressions=[first])
+        assert built[-1][1] == [first]
+        text = f"// planted\n{_read(name)}"
+        emulator.cupy_like(sources={kind: text}).RawModule(code=ks.source(kind))
+        assert built[-1][0] == emulator.kernel_source(kind, text)
+        assert f'#line 1 "{name}"\n// planted\n' in built[-1][0]
+    emulator.cupy_like().RawModule(code="__global__ void k() {}", name_expressions=["k"])
+    assert built[-1] == ("__global__ void k() {}", ["k"], "<cupy source>")
+    with pytest.raises(ValueError, match="unknown kernels"):
+        emulator.cupy_like(sources={"nope": ""})
+    assert {i.kernel for i in ks.all_instantiations()} <= set(ks.ALL_SOURCES)
 
 
 # ------------------------------------------------ the emulator's own semantics and checks

@@ -1,6 +1,6 @@
 """refattn.gpu.emulator: the real CUDA kernel sources run on the CPU, with checks.
 
-The unmodified ``flash_simple.cu`` / ``flash_fast.cu`` (as
+The unmodified kernel sources (every file of ``kernels_spec.ALL_SOURCES``, as
 :func:`refattn.gpu.kernels_spec.source` assembles them) are compiled by g++ against a CUDA
 emulation header (``cuda_emu.h``; ``cuda_fp16.h`` / ``cuda_bf16.h`` from the CUDA toolkit,
 compiled for the host) and run one block at a time, each CUDA thread a fiber:

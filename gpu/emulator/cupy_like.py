@@ -7,7 +7,10 @@
 :func:`refattn.gpu.flash_attention`, :func:`refattn.gpu.launch.run` and the selfcheck
 launch the real kernel sources exactly as they would with CuPy: ``RawModule(code=...,
 options=..., name_expressions=[...])`` compiles ``code`` with g++ against the emulation
-header, and a launch checks its arguments against the kernel's parameter types.
+header, and a launch checks its arguments against the kernel's parameter types. A
+``code`` equal to :func:`refattn.gpu.kernels_spec.source` of any key of
+``kernels_spec.ALL_SOURCES`` is compiled as that file (with ``#line`` directives, so
+diagnostics name it), with all of its instantiations in one build.
 
 Every launch is recorded (``cp.launches``: kernel, grid, block, shared memory, whether it
 completed, its :class:`~refattn.gpu.emulator.native.Diagnostic` list); with
@@ -61,6 +64,14 @@ class ndarray(np.ndarray):
     """An emulator device array: a NumPy array posing as a CuPy one (``.get()``,
     ``.data.ptr``), in memory followed by a guard page (see ``_alloc``)."""
 
+    def copy(self, order="C"):
+        """A C-contiguous copy in fresh emulator memory (guard pages, 16-byte aligned),
+        as ``cupy.ndarray.copy`` gives a fresh device allocation."""
+        if order not in ("C", "A", "K"):
+            raise ValueError(f"the emulator's ndarray.copy makes C-contiguous copies "
+                             f"only, got order={order!r}")
+        return _device(np.asarray(self))
+
     def get(self, stream=None, order="C", out=None):
         host = np.array(np.asarray(self), order=order)
         if out is not None:
@@ -104,24 +115,48 @@ def _device(a, dtype=None) -> ndarray:
 
 
 def kernel_source(kind: str, cu_text: str | None = None) -> str:
-    """The source of kernel ``kind`` ("simple" or "fast") as the emulator compiles it:
-    the ``.cu`` file (or ``cu_text``, e.g. a mutated copy) with its headers inlined as
-    :func:`refattn.gpu.kernels_spec.source` does, plus ``#line`` directives."""
-    read = lambda name: resources.files("refattn.gpu").joinpath(  # noqa: E731
-        "kernels", name).read_text(encoding="utf-8")
-    name = ks.SOURCES[kind]
-    return assemble(read(name) if cu_text is None else cu_text, name,
-                    {h: read(h) for h in ks.HEADERS})
+    """The source of kernel source ``kind`` (a key of
+    :data:`refattn.gpu.kernels_spec.ALL_SOURCES`: "simple", "fast", "paged", ...) as the
+    emulator compiles it: the ``.cu`` file (or ``cu_text``, e.g. a mutated copy) with its
+    headers inlined as :func:`refattn.gpu.kernels_spec.source` does, plus ``#line``
+    directives."""
+    if kind not in ks.ALL_SOURCES:
+        raise ValueError(f"kind must be one of {sorted(ks.ALL_SOURCES)}, got {kind!r}")
+    name = ks.ALL_SOURCES[kind]
+    return assemble(_read(name) if cu_text is None else cu_text, name,
+                    {h: _read(h) for h in ks.HEADERS})
+
+
+def _read(name: str) -> str:
+    return resources.files("refattn.gpu").joinpath("kernels", name).read_text(
+        encoding="utf-8")
+
+
+def _known_source(code) -> str | None:
+    """The key of :data:`~refattn.gpu.kernels_spec.ALL_SOURCES` whose assembled source
+    (:func:`refattn.gpu.kernels_spec.source`) is ``code``, else None. A key whose file
+    does not exist (yet) cannot be ``code``."""
+    if not isinstance(code, str):
+        return None
+    for kind in ks.ALL_SOURCES:
+        try:
+            if code == ks.source(kind):
+                return kind
+        except OSError:
+            continue
+    return None
 
 
 def cupy_like(*, prebuild: bool = True, sources: dict | None = None, strict: bool = False):
     """A new CuPy-like module (see the module docstring).
 
     prebuild : when ``RawModule`` gets one of refattn's kernel sources, compile every
-        instantiation of that source (:func:`refattn.gpu.kernels_spec.instantiations`)
-        at once: one build per source instead of one per kernel.
-    sources : ``{"fast": cu_text}``: when ``RawModule`` gets that kernel's source, compile
-        ``cu_text`` instead (the mutation tests plant bugs this way).
+        instantiation of that source (those of
+        :func:`refattn.gpu.kernels_spec.all_instantiations` with its key) at once: one
+        build per source instead of one per kernel.
+    sources : ``{"fast": cu_text}``: when ``RawModule`` gets that kernel source (any key
+        of :data:`~refattn.gpu.kernels_spec.ALL_SOURCES`), compile ``cu_text`` instead
+        (the mutation tests plant bugs this way).
     strict : raise :class:`EmulatorDiagnosticsError` after a launch with diagnostics.
     """
     cp = types.ModuleType("cupy")
@@ -131,10 +166,10 @@ def cupy_like(*, prebuild: bool = True, sources: dict | None = None, strict: boo
     cp.launches = []
     cp.builds = []
     overrides = dict(sources or {})
-    unknown = set(overrides) - set(ks.SOURCES)
+    unknown = set(overrides) - set(ks.ALL_SOURCES)
     if unknown:
         raise ValueError(f"sources: unknown kernels {sorted(unknown)}; known "
-                         f"{sorted(ks.SOURCES)}")
+                         f"{sorted(ks.ALL_SOURCES)}")
 
     def record(rec):
         cp.launches.append(rec)
@@ -147,14 +182,13 @@ def cupy_like(*, prebuild: bool = True, sources: dict | None = None, strict: boo
         def __init__(self, code=None, *, options=(), name_expressions=None, **_):
             names = list(name_expressions or [])
             file = "<cupy source>"
-            for kind in ks.SOURCES:
-                if code == ks.source(kind):
-                    file = ks.SOURCES[kind]
-                    code = kernel_source(kind, overrides.get(kind))
-                    if prebuild:   # the same list for every kernel of the source: one build
-                        every = [i.name for i in ks.instantiations() if i.kernel == kind]
-                        names = every + [n for n in names if n not in every]
-                    break
+            kind = _known_source(code)
+            if kind is not None:
+                file = ks.ALL_SOURCES[kind]
+                code = kernel_source(kind, overrides.get(kind))
+                if prebuild:   # the same list for every kernel of the source: one build
+                    every = [i.name for i in ks.all_instantiations() if i.kernel == kind]
+                    names = every + [n for n in names if n not in every]
             incs = [o[2:] for o in options if o.startswith("-I")]
             self._module = build(code, names, include=incs, file=file)
             cp.builds.append(self._module)

@@ -267,7 +267,10 @@ class Diagnostic:
 
 @dataclass
 class LaunchRecord:
-    """A launch: kernel, configuration, whether it ran to the end, its diagnostics."""
+    """A launch: kernel, configuration, whether it ran to the end, its diagnostics, and
+    ``buffers``: ``(address, nbytes)`` of each pointer argument, in parameter order (which
+    device memory the kernel got: tests check that arrays stayed where they were and
+    that every buffer is 16-byte aligned)."""
 
     kernel: str
     grid: tuple
@@ -276,6 +279,7 @@ class LaunchRecord:
     completed: bool
     diagnostics: list
     seconds: float
+    buffers: tuple = ()
 
 
 class Module:
@@ -333,8 +337,9 @@ def _addr2line(path: Path, offsets: list[int]) -> dict:
 class Kernel:
     """One kernel of a :class:`Module`, launched like ``cupy.RawKernel``:
     ``kernel(grid, block, args, shared_mem=0)``. Arguments are checked against the
-    kernel's parameter types (device arrays of the right dtype for pointers, NumPy scalars
-    of the exact type for scalars) as a GPU would misread anything else. Returns the
+    kernel's parameter list as g++ instantiated it (count; C-contiguous device arrays of
+    the right dtype, aligned to their element, for pointers; NumPy scalars of the exact
+    type for scalars) as a GPU would misread anything else. Returns the
     :class:`LaunchRecord` (CuPy returns None)."""
 
     def __init__(self, module: Module, name: str):
@@ -367,6 +372,11 @@ class Kernel:
                     raise EmulatorLaunchError(f"argument {i} ({ptype}) of {self.name} is "
                                               f"not C-contiguous (strides {arg.strides}): "
                                               f"the kernel would read it as contiguous")
+                if arg.data.ptr % want.alignment:
+                    raise EmulatorLaunchError(
+                        f"argument {i} ({ptype}) of {self.name} is at address "
+                        f"{arg.data.ptr:#x}, not a multiple of {want.alignment}: a GPU "
+                        f"faults on the first access (misaligned address)")
                 p = ctypes.c_void_p(arg.data.ptr)
                 lo.append(arg.data.ptr)
                 hi.append(arg.data.ptr + arg.nbytes)
@@ -417,7 +427,8 @@ class Kernel:
             raise EmulatorLaunchError(f"{self.name}: the emulator refused the launch grid "
                                       f"{grid} block {block} shared {shared_mem}")
         record = LaunchRecord(self.name, grid, block, int(shared_mem), rc == 0,
-                              self._diagnostics(buf.value.decode()), seconds)
+                              self._diagnostics(buf.value.decode()), seconds,
+                              tuple((a, b - a) for a, b in zip(lo, hi)))
         if self.on_launch is not None:
             self.on_launch(record)
         return record

@@ -275,8 +275,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         ``"chunkwise"`` (two-level parallel scan over chunks of ``chunk`` steps, NumPy,
         processed in bounded blocks).
     cu_seqlens : optional cumulative lengths ``[0, l_1, l_1 + l_2, ..., L]`` of
-        sequences packed along ``L`` (the reference's ``cu_seqlens``): the state
-        restarts from 0 at each start ``cu_seqlens[1:-1]``, in every batch row.
+        sequences packed along ``L`` (flash-linear-attention's varlen convention;
+        mamba's ``selective_scan_ref`` takes no such argument): the state restarts
+        from 0 at each start ``cu_seqlens[1:-1]``, in every batch row.
 
     Returns ``out`` float64 ``(batch, dim, L)`` (and the last state).
 

@@ -506,6 +506,7 @@ def build_report(out="report", *, preset="quick", seed=0, mechanisms=None, sched
         ("10. Published facts", _facts(seed)),
     ]
     chosen = "" if mechanisms is None else f" --mechanisms {','.join(only)}"
+    chosen += "" if state_dtype == "bf16" else f" --state-dtype {state_dtype}"
     head = [f"# refattn report ({name} preset, seed {seed})", "",
             f"Made by `refattn report --preset {name} --seed {seed}{chosen}` with refattn "
             f"{refattn.__version__}, NumPy {np.__version__}, Python "

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                         "sweeps (default: local processes)")
     report.add_argument("--workers", type=int, default=None,
                         help="local processes for the sweeps (default: all cores)")
+    report.add_argument("--state-dtype", default="bf16", help="dtype the state sizes are "
+                        "given in: bf16 (default, as models keep their caches), fp8, fp16, "
+                        "f32, f64")
     report.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     if args.command == "report":
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 x.strip() for x in args.mechanisms.split(",") if x.strip()]
             index = build_report(args.out, preset=args.preset, seed=args.seed,
                                  mechanisms=chosen, scheduler=args.scheduler,
-                                 workers=args.workers,
+                                 workers=args.workers, state_dtype=args.state_dtype,
                                  progress=not args.quiet)
         except (ReportError, ConnectionError) as exc:
             print(f"refattn report: {exc}", file=sys.stderr)

@@ -99,6 +99,9 @@ def test_bad_preset_and_directory_are_reported(tmp_path):
     with pytest.raises(ReportError, match=r"unknown mechanism\(s\) \['flash'\]; registered"):
         build_report(tmp_path, preset=TINY, mechanisms=["attention", "flash"])
     assert main(["report", "--mechanisms", "attention,flash", "--out", str(tmp_path)]) == 2
+    with pytest.raises(ReportError, match="unknown state dtype 'int4'; choose one of"):
+        build_report(tmp_path, preset=TINY, state_dtype="int4")
+    assert main(["report", "--state-dtype", "int4", "--out", str(tmp_path)]) == 2
     assert set(PRESETS) == {"quick", "full"}
 
 

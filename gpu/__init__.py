@@ -11,6 +11,10 @@ the GPU, with two kernels behind one function:
 * ``variant="simple"``: one warp per query row, float32 arithmetic, no shared memory —
   written to be obviously correct.
 
+:func:`flash_attention_backward` computes ``dq, dk, dv`` from the forward's output and
+log-sum-exp (FlashAttention-2's backward, :mod:`refattn.gpu.backward`): tensor cores for
+fp16/bf16 at D <= 128 (``variant="fast"``), float32 arithmetic otherwise.
+
 Both support head dims 32, 64, 96, 128, 256, causal masks and sliding windows
 (bottom-right aligned), GQA/MQA, softcap, any N and M, the log-sum-exp, and block masks
 (any refattn mask, classified into the kernel's tiles; empty tiles are skipped).
@@ -40,10 +44,12 @@ from typing import NamedTuple
 from .host import plan, Plan, UNBOUNDED, dtype_name, flops, reference_mask
 from .blockmask import BlockMask, build as build_block_mask
 from .paged import paged_decode
+from .backward import flash_attention_backward
 
 __all__ = ["device_status", "require_device", "missing_device", "available", "Availability",
            "flash_attention", "plan", "Plan", "UNBOUNDED", "BlockMask", "build_block_mask",
-           "dtype_name", "flops", "reference_mask", "paged_decode"]
+           "dtype_name", "flops", "reference_mask", "paged_decode",
+           "flash_attention_backward"]
 
 
 def device_status() -> str:

@@ -1,7 +1,8 @@
 """Compile-only check of every kernel instantiation with NVRTC, no GPU needed.
 
-``python -m refattn.gpu.compile_check`` compiles each kernel source (the forward kernels
-and the paged decode pair, :func:`~refattn.gpu.kernels_spec.all_instantiations`) once per
+``python -m refattn.gpu.compile_check`` compiles each kernel source (the forward kernels,
+the paged decode pair and the backward,
+:func:`~refattn.gpu.kernels_spec.all_instantiations`) once per
 architecture (:data:`~refattn.gpu.kernels_spec.ARCHS`, sm_80 and sm_90) with all its
 template instantiations as NVRTC name expressions, straight to CUBIN with
 ``-Xptxas=-v``, and reads ptxas' report: registers, barriers, stack frame, spill stores

@@ -5,13 +5,15 @@ checkout first and calls it with ``--out $OUT``) runs, each step under a time li
 all under one deadline:
 
 1. the NVRTC compile check (where ``cuda.bindings`` is installed);
-2. the selfcheck, every case, the paged decode kernels' too (``selfcheck-*.json``);
+2. the selfcheck, every case, the paged decode and backward kernels' too
+   (``selfcheck-*.json``);
 3. ``pytest tests/gpu`` (``pytest-gpu.xml``, ``pytest-gpu.txt``);
 4. ``compute-sanitizer`` memcheck and racecheck on a small selfcheck
    (``sanitizer-memcheck.txt``, ``sanitizer-racecheck.txt``);
 5. ``benchmarks/gpu_attention.py`` (``bench-*.json``), then the paged split-KV decode
    bandwidth (``paged-bench-*.json``): bytes of K and V read per second against the
-   device's copy bandwidth (``python -m refattn.gpu.device_run --benchmarks``);
+   device's copy bandwidth, then the backward against PyTorch SDPA's flash backward
+   (``backward-bench-*.json``) (``python -m refattn.gpu.device_run --benchmarks``);
 
 then writes ``device-run.json`` (each step's status, seconds and record files) and
 prints a short table last. Exit status 0 only when every step that ran passed.
@@ -40,7 +42,11 @@ DEADLINE_S = 570
 SANITIZER_MATCH = (r"^(fast float16 d64 B2|fast bfloat16 d128 B2|fast bfloat16 d64 .*"
                    r"(N150 M61|window|bigbird|H6/2)|simple float16 d64 .*bigbird|"
                    r"paged bfloat16 d(64|128) H4/2 n1 bs16 L\(1, 37, 300\)|"
-                   r"paged float16 d64 .*(n3|S16))")
+                   r"paged float16 d64 .*(n3|S16)|bwd simple float16 d64 B2|"
+                   r"bwd fast (float16 d64 B1 H3/1|bfloat16 d64 .*longformer))")
+#: Backward benchmark: (B, H, N = M, D, causal), bf16.
+BACKWARD_CONFIGS = ((4, 16, 4096, 128, False), (4, 16, 4096, 128, True),
+                    (8, 16, 2048, 64, False))
 #: Paged decode benchmark: (B, L, Hq, Hkv, D, block_size), bf16, every sequence L long.
 PAGED_CONFIGS = ((64, 4096, 32, 8, 128, 16), (8, 32768, 32, 8, 128, 16),
                  (128, 1024, 64, 8, 128, 16), (32, 8192, 32, 4, 64, 16))
@@ -69,11 +75,11 @@ def steps(out: str) -> list[Step]:
     return [
         Step("compile_check", [py, "-m", "refattn.gpu.compile_check"], 60,
              "compile-check.txt", optional=True),
-        Step("selfcheck", [py, "-m", "refattn.gpu.selfcheck", "--out", out], 150,
+        Step("selfcheck", [py, "-m", "refattn.gpu.selfcheck", "--out", out], 170,
              "selfcheck.txt", "selfcheck-2*.json"),
         Step("pytest_gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             os.path.join(_repo(), "tests", "gpu"),
-                            f"--junitxml={os.path.join(out, 'pytest-gpu.xml')}"], 100,
+                            f"--junitxml={os.path.join(out, 'pytest-gpu.xml')}"], 80,
              "pytest-gpu.txt"),
         Step("memcheck", [san, "--tool", "memcheck", "--error-exitcode", "3",
                           "--leak-check", "no", *sc], 60, "sanitizer-memcheck.txt"),
@@ -150,17 +156,101 @@ def paged_bandwidth(out: str) -> dict:
     return rec
 
 
+def _torch_ms(fn, repeat: int = 5) -> float:
+    """Median milliseconds of ``fn()`` by torch CUDA events, after a warm-up call."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def backward_bench(out: str) -> dict:
+    """Time the backward (:mod:`refattn.gpu.backward`, bf16, ``variant="fast"``: the
+    three launches) against PyTorch SDPA's flash backend's backward on
+    :data:`BACKWARD_CONFIGS`; write ``backward-bench-<date>.json``. TFLOP/s count the
+    backward as ``2.5 x`` the forward's ``4 B H N M D`` (five matrix products of the
+    forward's two), halved for causal; ``max_diff_*`` compare our gradients with
+    PyTorch's (both bf16)."""
+    import datetime
+
+    import cupy
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from . import backward, device_status, host, kernels_spec, launch
+    rows = []
+    cupy.random.seed(1)
+    for b, h, n, d, causal in BACKWARD_CONFIGS:
+        row = {"config": f"B{b} H{h} N{n} d{d}{' causal' if causal else ''}"}
+        try:
+            q, k, v, do = ((cupy.random.standard_normal((b, h, n, d), dtype=cupy.float32)
+                            .view(cupy.uint32) >> 16).astype(cupy.uint16)   # bf16 bits
+                           for _ in range(4))
+            fp = host.plan(q.shape, k.shape, v.shape, "bfloat16", causal=causal)
+            o, lse = launch.run(fp, q, k, v)
+            p = backward.plan(q.shape, k.shape, v.shape, "bfloat16", causal=causal)
+            ms = _events_ms(lambda: backward.run(p, q, k, v, o, do, lse))
+            ours = backward.run(p, q, k, v, o, do, lse)
+            flop = 2.5 * host.flops(b, h, n, n, d, causal)
+            tq, tk, tv, tdo = (torch.from_dlpack(x).view(torch.bfloat16)
+                               for x in (q, k, v, do))
+            tq, tk, tv = (x.detach().requires_grad_() for x in (tq, tk, tv))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                tout = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv,
+                                                                        is_causal=causal)
+            grads = lambda: torch.autograd.grad(tout, (tq, tk, tv), tdo,  # noqa: E731
+                                                retain_graph=True)
+            tms = _torch_ms(grads)
+            for name, mine, theirs in zip(("dq", "dk", "dv"), ours, grads()):
+                mine_t = torch.from_dlpack(mine).view(torch.bfloat16).float()
+                row[f"max_diff_{name}"] = float((mine_t - theirs.float()).abs().max())
+            row.update(kernels=f"{p.dkdv_kernel} + {p.dq_kernel}", ms=round(ms, 4),
+                       tflops=round(flop / ms / 1e9, 1), torch_ms=round(tms, 4),
+                       torch_tflops=round(flop / tms / 1e9, 1),
+                       ratio_to_torch=round(tms / ms, 3))
+            print(f"backward {row['config']}: {row['tflops']} TFLOP/s vs torch "
+                  f"{row['torch_tflops']} (max |dq - torch| {row['max_diff_dq']:.3g})",
+                  flush=True)
+        except Exception as exc:   # report the config, go on with the others
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            print(f"backward {row['config']} failed: {row['error']}", flush=True)
+        rows.append(row)
+        q = k = v = do = o = lse = ours = tq = tk = tv = tdo = tout = None
+        cupy.get_default_memory_pool().free_all_blocks()
+        torch.cuda.empty_cache()
+    rec = {"what": "refattn.gpu backward vs torch SDPA flash backward",
+           "device": device_status(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+               timespec="seconds"),
+           "kernel_sources_sha256": kernels_spec.sources_sha256(), "rows": rows}
+    stamp = rec["date"].replace(":", "").replace("-", "")
+    with open(os.path.join(out, f"backward-bench-{stamp}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
 def benchmarks(out: str, budget_s: float) -> int:
-    """The benchmark step: ``benchmarks/gpu_attention.py`` with all but 45 s of the
-    budget, then :func:`paged_bandwidth`. Exit status 1 if either fails."""
+    """The benchmark step: ``benchmarks/gpu_attention.py`` with all but 75 s of the
+    budget, then :func:`paged_bandwidth` and :func:`backward_bench`. Exit status 1 if
+    any fails."""
     cmd = [sys.executable, os.path.join(_repo(), "benchmarks", "gpu_attention.py"),
-           "--out", out, "--budget-s", str(max(5, int(budget_s) - 45))]
+           "--out", out, "--budget-s", str(max(5, int(budget_s) - 75))]
     rc = subprocess.run(cmd, cwd=_repo()).returncode
-    try:
-        paged_bandwidth(out)
-    except Exception as exc:   # report, and let the step fail
-        print(f"paged decode benchmark failed: {type(exc).__name__}: {exc}", flush=True)
-        return 1
+    for name, fn in (("paged decode", paged_bandwidth), ("backward", backward_bench)):
+        try:
+            fn(out)
+        except Exception as exc:   # report, and let the step fail
+            print(f"{name} benchmark failed: {type(exc).__name__}: {exc}", flush=True)
+            rc = 1
     return 1 if rc else 0
 
 
@@ -228,6 +318,15 @@ def _summary_lines(out: str, results: dict) -> list[str]:
                 f"{row.get('ratio_fast_to_torch') or float('nan'):6.2f} "
                 f"{row.get('fast_err') or float('nan'):9.2e} "
                 f"{row.get('torch_err') or float('nan'):9.2e}")
+    bwd = sorted(glob.glob(os.path.join(out, "backward-bench-*.json")))
+    if bwd:
+        with open(bwd[-1]) as f:
+            rows = json.load(f)["rows"]
+        lines += ["", f"{'backward (bf16)':34} {'ours':>7} {'torch':>7} {'ratio':>6} "
+                      f"{'|dq-torch|':>10}"]
+        lines += [f"{r['config']:34} " + (r["error"][:50] if "error" in r else
+                  f"{r['tflops']:7.1f} {r['torch_tflops']:7.1f} {r['ratio_to_torch']:6.2f} "
+                  f"{r['max_diff_dq']:10.2e}") for r in rows]
     paged_recs = sorted(glob.glob(os.path.join(out, "paged-bench-*.json")))
     if paged_recs:
         with open(paged_recs[-1]) as f:

@@ -16,6 +16,13 @@ and the paged split-KV decode pair in ``kernels/paged_decode.cu``
 (:func:`instantiations` stays the forward list; :func:`all_instantiations` is both, what
 the compile check builds).
 
+The backward (:mod:`refattn.gpu.backward`, ``kernels/flash_bwd.cu``):
+``flash_bwd_preprocess<T, D>`` (``delta = rowsum(dO * O)``), then
+``flash_bwd_dkdv_fast<T, D, BM, BN>`` and ``flash_bwd_dq_fast<T, D, BM, BN, WARPS>``
+(tensor cores, fp16/bf16, D <= 128) or ``flash_bwd_dkdv_simple<T, D, BM, BN>`` and
+``flash_bwd_dq_simple<T, D, BM, BN>`` (float32 arithmetic, every dtype):
+:func:`backward_instantiations`.
+
 >>> from refattn.gpu import kernels_spec as ks
 >>> ks.tiles(128)
 (64, 64, 4)
@@ -27,8 +34,12 @@ the compile check builds).
 25
 >>> ks.paged_kernel_names("bfloat16", 128)
 ('paged_decode_split<__nv_bfloat16, 128, 8>', 'paged_decode_merge<__nv_bfloat16, 128>')
->>> len(ks.all_instantiations())
-55
+>>> ks.backward_kernel_names("simple", "float16", 64)[1]
+'flash_bwd_dkdv_simple<__half, 64, 64, 64>'
+>>> ks.backward_kernel_names("fast", "bfloat16", 128)[2]
+'flash_bwd_dq_fast<__nv_bfloat16, 128, 64, 64, 4>'
+>>> len(ks.backward_instantiations()), len(ks.all_instantiations())
+(61, 116)
 """
 from __future__ import annotations
 
@@ -41,7 +52,8 @@ __all__ = ["HEAD_DIMS", "DTYPES", "VARIANTS", "ARCHS", "NVRTC_OPTIONS", "Instant
            "kernel_name", "instantiations", "source", "sources_sha256",
            "shared_memory_bytes", "PAGED", "ALL_SOURCES", "paged_rows",
            "paged_kernel_names", "paged_instantiations", "all_instantiations",
-           "paged_shared_memory_bytes",
+           "paged_shared_memory_bytes", "BACKWARD", "BACKWARD_FAST_DIMS",
+           "backward_kernel_names", "backward_shared_bytes", "backward_instantiations",
            "launch_shared_bytes"]
 
 #: Head dimensions with a compiled kernel (``D`` of q and k, equal to ``Dv`` of v).
@@ -57,8 +69,10 @@ NVRTC_OPTIONS = ("--std=c++17",)
 SOURCES = {"simple": "flash_simple.cu", "fast": "flash_fast.cu"}
 #: The paged split-KV decode kernels' source key (not a forward variant).
 PAGED = "paged"
-#: Every kernel source: the forward variants' and the paged decode pair's.
-ALL_SOURCES = {**SOURCES, PAGED: "paged_decode.cu"}
+#: The backward kernels' source key.
+BACKWARD = "backward"
+#: Every kernel source: the forward variants', the paged decode pair's, the backward's.
+ALL_SOURCES = {**SOURCES, PAGED: "paged_decode.cu", BACKWARD: "flash_bwd.cu"}
 HEADERS = ("common.cuh",)
 
 
@@ -145,9 +159,57 @@ def paged_instantiations() -> list[Instantiation]:
             for name in paged_kernel_names(dtype, d)]
 
 
+#: Head dims of the backward's tensor-core kernels (at D = 256 ptxas spills the dk/dv
+#: kernel's 2 x 256 accumulators per 16 keys: it runs the simple kernels).
+BACKWARD_FAST_DIMS = (32, 64, 96, 128)
+
+
+def backward_kernel_names(variant: str, dtype: str, d: int) -> tuple[str, str, str]:
+    """``(preprocess, dkdv, dq)`` name expressions of the backward for a call: the
+    tensor-core kernels for ``variant="fast"`` with fp16/bf16 and D <= 128, else the
+    simple (float32-arithmetic) ones."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if dtype not in DTYPES:
+        raise TypeError(f"dtype {dtype!r} has no kernel; supported: {sorted(DTYPES)}")
+    bm, bn, warps = tiles(d)
+    t = DTYPES[dtype]
+    pre = f"flash_bwd_preprocess<{t}, {d}>"
+    if variant == "fast" and dtype != "float32" and d in BACKWARD_FAST_DIMS:
+        return (pre, f"flash_bwd_dkdv_fast<{t}, {d}, {bm}, {bn}>",
+                f"flash_bwd_dq_fast<{t}, {d}, {bm}, {bn}, {warps}>")
+    return (pre, f"flash_bwd_dkdv_simple<{t}, {d}, {bm}, {bn}>",
+            f"flash_bwd_dq_simple<{t}, {d}, {bm}, {bn}>")
+
+
+def backward_shared_bytes(name: str) -> int:
+    """Dynamic shared memory of a backward kernel: the tensor-core dq kernel holds Q and
+    dO tiles and two stages of K and V, the dk/dv kernel K and V tiles and two stages of
+    Q and dO (rows padded per ``SmemRows``); the others none.
+
+    >>> backward_shared_bytes("flash_bwd_dkdv_fast<__half, 128, 64, 64>")  # 384 x 256
+    98304
+    """
+    if "_fast<" not in name:
+        return 0
+    d = int(name.split(",")[1])
+    bm, bn, _ = tiles(d)
+    c = d // 8
+    stride = c if (c % 8 == 0 or c == 4) else (c + 1 if c % 2 == 0 else c)
+    rows = 2 * bm + 4 * bn if name.startswith("flash_bwd_dq") else 2 * bn + 4 * bm
+    return rows * stride * 16
+
+
+def backward_instantiations() -> list[Instantiation]:
+    """Every backward kernel for every dtype and head dim."""
+    names = {n: (dtype, d) for dtype in DTYPES for d in HEAD_DIMS for variant in VARIANTS
+             for n in backward_kernel_names(variant, dtype, d)}
+    return [Instantiation(BACKWARD, dtype, d, n) for n, (dtype, d) in names.items()]
+
+
 def all_instantiations() -> list[Instantiation]:
-    """The forward kernels' and the paged decode kernels' instantiations."""
-    return instantiations() + paged_instantiations()
+    """The forward, paged decode and backward kernels' instantiations."""
+    return instantiations() + paged_instantiations() + backward_instantiations()
 
 
 def paged_shared_memory_bytes(dtype: str, d: int) -> int:
@@ -164,6 +226,8 @@ def paged_shared_memory_bytes(dtype: str, d: int) -> int:
 
 def launch_shared_bytes(inst: Instantiation) -> int:
     """Dynamic shared memory a launch of ``inst`` asks for."""
+    if inst.kernel == BACKWARD:
+        return backward_shared_bytes(inst.name)
     if inst.kernel == PAGED:
         return paged_shared_memory_bytes(inst.dtype, inst.d) \
             if inst.name.startswith("paged_decode_split") else 0
@@ -176,8 +240,8 @@ def _read(name: str) -> str:
 
 
 def source(kernel: str) -> str:
-    """The self-contained source of ``kernel`` ("simple", "fast" or "paged"): the ``.cu``
-    file with
+    """The self-contained source of ``kernel`` ("simple", "fast", "paged" or
+    "backward"): the ``.cu`` file with
     its ``#include "common.cuh"`` replaced by the header (NVRTC and CuPy then need no
     include path for it)."""
     if kernel not in ALL_SOURCES:

@@ -19,6 +19,13 @@ several query tokens, more splits than keys) into NaN-poisoned outputs and parti
 against :func:`refattn.paged_attention` (float64) under the same rules, the baseline being
 :func:`~refattn.testing.low_precision_attention` on each sequence's gathered keys.
 
+The backward kernels (:mod:`refattn.gpu.backward`) run on :func:`backward_cases`
+(every instantiation, then causal with rows with no key, windows, GQA / MQA, softcap,
+block masks) from the oracle's ``o`` (rounded to the dtype) and float32 ``lse`` into
+NaN-poisoned ``dq, dk, dv`` and ``delta``, against :func:`refattn.vjp` ``("attention")``
+(float64) by the same 2x rule for every dtype, the baseline being
+:func:`~refattn.testing.low_precision_attention_vjp`.
+
 The record carries the device, driver, CuPy version, commit, the sha256 of the kernel
 sources (:func:`refattn.gpu.kernels_spec.sources_sha256`), the seed, and each case's
 errors and pass/fail. Exit status 0 only when every case passes.
@@ -30,6 +37,8 @@ The case list is built without a device:
 (True, True)
 >>> paged_cases(quick=True)[0].label
 'paged float32 d64 H4/2 n1 bs16 L(1, 37, 300) S3'
+>>> backward_cases(quick=True)[0].label
+'bwd simple float32 d64 B2 H4/2 N37 M45'
 
 """
 from __future__ import annotations
@@ -49,7 +58,8 @@ import numpy as np
 from . import kernels_spec as ks
 
 __all__ = ["Case", "cases", "make_inputs", "block_mask_for", "run_case", "diagnose", "record",
-           "main", "PagedCase", "paged_cases", "make_paged_inputs", "run_paged_case"]
+           "main", "PagedCase", "paged_cases", "make_paged_inputs", "run_paged_case",
+           "BackwardCase", "backward_cases", "run_backward_case"]
 
 LSE_ATOL = 1e-3
 
@@ -383,6 +393,87 @@ def run_paged_case(case: PagedCase, rng) -> dict:
     return entry
 
 
+@dataclass(frozen=True)
+class BackwardCase(Case):
+    """One backward check (the forward case's fields)."""
+
+    @property
+    def label(self) -> str:
+        return "bwd " + super().label
+
+
+def backward_cases(quick: bool = False) -> list[BackwardCase]:
+    """Every backward instantiation on a GQA case, then the features at D = 64."""
+    out, C = [], BackwardCase
+    dims = (64, 128) if quick else ks.HEAD_DIMS
+    for dtype in ks.DTYPES:
+        out += [C(variant, dtype, d, batch=2, hq=4, hkv=2, n=37, m=45) for d in dims
+                for variant in ks.VARIANTS if variant == "simple" or (
+                    dtype != "float32" and d in ks.BACKWARD_FAST_DIMS)]
+        for variant in ks.VARIANTS:
+            out += [
+                C(variant, dtype, 64, causal=True, hq=3, hkv=1, n=90, m=41),  # empty rows
+                C(variant, dtype, 64, window=(9, 4), softcap=4.0, scale=0.4, n=70, m=83),
+                C(variant, dtype, 64, mask="longformer", hq=4, hkv=2, n=130, m=130),
+            ]
+        if not quick:
+            out += [C("fast", dtype, 128, mask="bigbird", causal=True, n=150, m=150),
+                    C("fast", dtype, 32, mask="document", n=100, m=100)]
+    return out
+
+
+def run_backward_case(case: BackwardCase, rng) -> dict:
+    """Run one backward case (preprocess, dk/dv and dq launches) on the device."""
+    import cupy
+    import ml_dtypes
+
+    import refattn as ra
+    from refattn.testing import low_precision_attention_vjp, tolerance
+
+    from . import backward, host
+
+    q, k, v = make_inputs(case, rng)
+    do = rng.standard_normal(q.shape).astype(q.dtype)
+    bmask = block_mask_for(case)
+    p = backward.plan(q.shape, k.shape, v.shape, case.dtype, causal=case.causal,
+                      window=case.window, scale=case.scale, softcap=case.softcap,
+                      block_mask=bmask, variant=case.variant)
+    mask = host.reference_mask(case.causal, case.window, bmask, case.n, case.m)
+    kwargs = dict(mask=mask, scale=case.scale, softcap=case.softcap)
+    o, lse = ra.attention(q, k, v, return_lse=True, **kwargs)
+    o = o.astype(q.dtype)
+    elem = np.uint16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    host_dt = ml_dtypes.bfloat16 if case.dtype == "bfloat16" else np.dtype(case.dtype)
+    nan = np.array(np.nan, np.float32).astype(host_dt).view(elem).item()
+    outs = [cupy.full(s, nan, dtype=elem) for s in p.grad_shapes()]
+    delta = cupy.full(p.lse_shape(), np.nan, dtype=cupy.float32)
+    backward.run(p, *(_poisoned_device(x) for x in (q, k, v, o, do)),
+                 cupy.asarray(lse.astype(np.float32)), *outs, delta)
+    cupy.cuda.Device().synchronize()
+    got = [x.get().view(ml_dtypes.bfloat16) if case.dtype == "bfloat16" else x.get()
+           for x in outs]
+    oracle = ra.vjp("attention", q, k, v, do, **kwargs)
+    base = low_precision_attention_vjp(q, k, v, do, case.dtype, **kwargs)
+    atol = tolerance(case.dtype)[1]
+    entry = {"case": case.label, **{k_: (list(v_) if isinstance(v_, tuple) else v_)
+                                   for k_, v_ in asdict(case).items()},
+             "kernel": f"{p.preprocess_kernel} + {p.dkdv_kernel} + {p.dq_kernel}",
+             "rule": f"err <= 2 x baseline + {atol:g} per gradient"}
+    ok, nan_count = True, 0
+    for name, g in zip("qkv", got):
+        g64 = g.astype(np.float64)
+        nan_count += int(np.isnan(g64).sum())
+        err = float(np.abs(g64 - oracle[name]).max()) if g64.size else 0.0
+        base_err = float(np.abs(base[name] - oracle[name]).max()) if g64.size else 0.0
+        entry.update({f"d{name}_err": err, f"d{name}_baseline_err": base_err})
+        ok = ok and err <= 2 * base_err + atol
+    entry.update(max_abs_err=max(entry[f"d{n}_err"] for n in "qkv"),
+                 baseline_err=max(entry[f"d{n}_baseline_err"] for n in "qkv"),
+                 nan_count=nan_count)
+    entry["passed"] = bool(ok and nan_count == 0)
+    return entry
+
+
 def _commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -434,6 +525,7 @@ def main(argv=None) -> int:
     entries = []
     todo = [(run_case, c) for c in cases(args.quick)]
     todo += [(run_paged_case, c) for c in paged_cases(args.quick)]
+    todo += [(run_backward_case, c) for c in backward_cases(args.quick)]
     todo = [(f, c) for f, c in todo if args.match is None or re.search(args.match, c.label)]
     for run_one, case in todo:
         try:
@@ -444,8 +536,8 @@ def main(argv=None) -> int:
         print(f"{'ok  ' if e['passed'] else 'FAIL'} {e['case']}: "
               + (f"err {e.get('max_abs_err', float('nan')):.3g}"
                  f" (base {e.get('baseline_err', float('nan')):.3g})"
-                 f" lse {e.get('lse_err', float('nan')):.3g}" if "error" not in e
-                 else e["error"]), flush=True)
+                 + (f" lse {e['lse_err']:.3g}" if "lse_err" in e else "")
+                 if "error" not in e else e["error"]), flush=True)
     rec = record(entries, seed)
     os.makedirs(args.out, exist_ok=True)
     stamp = rec["date"].replace(":", "").replace("-", "")

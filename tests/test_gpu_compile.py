@@ -1,6 +1,6 @@
-"""The kernels' compile-only check: every instantiation (forward and paged decode), sm_80
-and sm_90, NVRTC, no spills and no local memory. Runs without a GPU; skips only without
-NVRTC or headers."""
+"""The kernels' compile-only check: every instantiation (forward, paged decode and
+backward), sm_80 and sm_90, NVRTC, no spills and no local memory. Runs without a GPU;
+skips only without NVRTC or headers."""
 import pytest
 
 from refattn.gpu import compile_check, kernels_spec as ks
@@ -21,6 +21,7 @@ def test_every_instantiation_compiles_without_spills(results):
     want = {(i.name, arch) for i in ks.all_instantiations() for arch in ks.ARCHS}
     assert built == want
     assert {i.name for i in ks.paged_instantiations()} < {name for name, _ in built}
+    assert {i.name for i in ks.backward_instantiations()} < {name for name, _ in built}
 
 
 def test_fast_kernel_fits_the_register_file(results):

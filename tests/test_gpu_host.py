@@ -236,6 +236,18 @@ def test_selfcheck_cases_cover_every_instantiation_and_feature():
             selfcheck.block_mask_for(c).materialize(c.n, c.m)
 
 
+def test_selfcheck_covers_every_backward_instantiation_and_feature():
+    cs = selfcheck.backward_cases()
+    run = {n for c in cs for n in ks.backward_kernel_names(c.variant, c.dtype, c.d)}
+    assert run == {i.name for i in ks.backward_instantiations()}
+    for feature in ("causal", "window", "softcap", "bigbird", "longformer", "document"):
+        assert any(feature in c.label and c.variant == "fast" and c.dtype != "float32"
+                   for c in cs), feature
+    assert any(c.hkv == 1 and c.hq > 1 for c in cs) and any(1 < c.hkv < c.hq for c in cs)
+    assert any(c.causal and c.n > c.m for c in cs)           # rows with no key
+    assert all(c.label.startswith("bwd ") for c in cs)
+
+
 def test_block_mask_of_an_array_indexing_mask_with_heads_and_ragged_tiles():
     """A document mask indexes arrays of length N: the shared-mask check must clamp
     positions past N and M as the bitmaps do (it read index N before)."""

@@ -5,7 +5,8 @@ Two kernels, both templated on the element type, the head dimension ``D`` and th
 
 * ``flash_fwd_fast<T, D, BM, BN, WARPS>`` in ``kernels/flash_fast.cu`` — tensor cores
   (``mma.sync`` m16n8k16), ``ldmatrix``, ``cp.async`` double buffering, swizzled shared
-  memory; ``T`` is ``__half`` or ``__nv_bfloat16``.
+  memory (the building blocks in ``kernels/mma.cuh``, shared with the backward's
+  tensor-core kernels); ``T`` is ``__half`` or ``__nv_bfloat16``.
 * ``flash_fwd_simple<T, D, BM, BN>`` in ``kernels/flash_simple.cu`` — one warp per query
   row, float32 arithmetic; ``T`` is ``float``, ``__half`` or ``__nv_bfloat16``. It is
   also the float32 path of ``variant="fast"``.
@@ -73,7 +74,12 @@ PAGED = "paged"
 BACKWARD = "backward"
 #: Every kernel source: the forward variants', the paged decode pair's, the backward's.
 ALL_SOURCES = {**SOURCES, PAGED: "paged_decode.cu", BACKWARD: "flash_bwd.cu"}
-HEADERS = ("common.cuh",)
+#: The headers the ``.cu`` files include (``kernels/``): ``mma.cuh``, the tensor-core
+#: building blocks of the fast kernels (``SmemRows``, ``load_tile``, ``cp.async``,
+#: ``ldmatrix``, ``Mma<T>``; included by flash_fast.cu and flash_bwd.cu), and
+#: ``common.cuh`` (every kernel). :func:`source` inlines them at their ``#include`` lines;
+#: they include none of each other.
+HEADERS = ("common.cuh", "mma.cuh")
 
 
 def tiles(d: int) -> tuple[int, int, int]:
@@ -241,9 +247,9 @@ def _read(name: str) -> str:
 
 def source(kernel: str) -> str:
     """The self-contained source of ``kernel`` ("simple", "fast", "paged" or
-    "backward"): the ``.cu`` file with
-    its ``#include "common.cuh"`` replaced by the header (NVRTC and CuPy then need no
-    include path for it)."""
+    "backward"): the ``.cu`` file with each ``#include`` of a :data:`HEADERS` file
+    (``common.cuh``, ``mma.cuh``) replaced by the header (NVRTC and CuPy then need no
+    include path for them)."""
     if kernel not in ALL_SOURCES:
         raise ValueError(f"kernel must be one of {sorted(ALL_SOURCES)}, got {kernel!r}")
     text = _read(ALL_SOURCES[kernel])

@@ -1,9 +1,10 @@
 """Planted bugs in the backward source (gpu/kernels/flash_bwd.cu) must be caught by the
 CPU emulator.
 
-Each mutation is a string replacement applied at test time to a copy of the source (the
-replaced text must occur exactly once, so a mutation that no longer applies fails loudly
-instead of testing nothing). The mutant is compiled by the emulator (only the case's
+Each mutation is a string replacement applied at test time to a copy of the source or of
+a header it includes (``mma.cuh``'s tensor-core helpers, ``common.cuh``): the replaced
+text must occur exactly once in those files, so a mutation that no longer applies fails
+loudly instead of testing nothing. The mutant is compiled by the emulator (only the case's
 instantiations), launched through the selfcheck's path (``backward.plan``, poisoned
 buffers, ``backward.run``) and must be caught the way the table says:
 
@@ -16,13 +17,13 @@ The simple kernels' bugs run on float32 cases, the tensor-core kernels' on fp16/
 The unmutated source passes every mutation case with no diagnostics (the control).
 """
 from dataclasses import dataclass, field
-from importlib import resources
 
 import numpy as np
 import pytest
 
 from refattn.gpu import emulator, kernels_spec as ks, launch, selfcheck
 from refattn.testing import tolerance
+from test_gpu_emulator_mutations import assembled, kernel_files
 
 STATUS = emulator.status()
 pytestmark = [pytest.mark.slow,   # a build per mutant: a few seconds each
@@ -115,14 +116,12 @@ MUTATIONS = [
 ]
 
 
-def _source() -> str:
-    return resources.files("refattn.gpu").joinpath("kernels", "flash_bwd.cu").read_text()
+def _files(old: str = "", new: str = "") -> dict:
+    return kernel_files("flash_bwd.cu", old, new)
 
 
-def _run(text: str, case):
-    folder = resources.files("refattn.gpu").joinpath("kernels")
-    code = emulator.assemble(text, "flash_bwd.cu",
-                             {h: folder.joinpath(h).read_text() for h in ks.HEADERS})
+def _run(files: dict, case):
+    code = assembled("flash_bwd.cu", files)
     cp = emulator.cupy_like(prebuild=False)
     with emulator.installed(cp):
         names = list(ks.backward_kernel_names(case.variant, case.dtype, case.d))
@@ -141,7 +140,7 @@ def _allowed(entry, dtype):
 
 @pytest.mark.parametrize("case", sorted({m.case for m in MUTATIONS}, key=str), ids=str)
 def test_control_the_real_source_passes_every_mutation_case(case):
-    entry, recs = _run(_source(), case)
+    entry, recs = _run(_files(), case)
     assert len(recs) == 3 and all(r.completed and r.diagnostics == [] for r in recs)
     assert entry["passed"], entry
 
@@ -153,16 +152,15 @@ def test_there_are_enough_planted_bugs_of_both_kinds():
 
 @pytest.mark.parametrize("mut", MUTATIONS, ids=lambda m: m.name)
 def test_planted_bug_is_caught(mut):
-    real = _source()
-    assert real.count(mut.old) == 1, f"{mut.name}: the mutation no longer applies"
-    entry, recs = _run(real.replace(mut.old, mut.new), mut.case)
+    files = _files(mut.old, mut.new)
+    entry, recs = _run(files, mut.case)
     diags = [d for r in recs for d in r.diagnostics]
     kinds = {d.kind for d in diags}
     report = "\n".join(str(d) for d in diags)
     assert not entry["passed"] or kinds, f"{mut.name} was not caught: {entry}"
     if mut.caught_by == "diagnostic":
         assert mut.kinds <= kinds, f"{mut.name}: expected {set(mut.kinds)}, got:\n{report}"
-        assert {d.file for d in diags} <= {"", "flash_bwd.cu"}, report
+        assert {d.file for d in diags} <= {"", *files}, report
     else:
         assert kinds == set(), f"{mut.name} should break no rule, got:\n{report}"
         assert all(r.completed for r in recs)

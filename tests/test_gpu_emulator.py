@@ -184,11 +184,12 @@ def test_the_emulator_compiles_exactly_the_kernel_source():
         out, sites = emulator.rewrite_asm(text, name)
         assert out.count("\n") == text.count("\n")
         assert not re.search(r"\basm\b", code_mask(out))
-        cu = _read(name).split("\n")
-        for s in sites:
-            assert s.file == name and "asm" in cu[s.line - 1], (s, cu[s.line - 1])
+        files = [name] + [h for h in ks.HEADERS if f'#include "{h}"' in _read(name)]
+        lines = {f: _read(f).split("\n") for f in files}
+        for s in sites:                        # each site names its own file and line
+            assert s.file in lines and "asm" in lines[s.file][s.line - 1], s
         assert len(sites) == len(re.findall(r"\basm\b", code_mask(
-            "\n".join(_read(f) for f in (name, *ks.HEADERS)))))
+            "\n".join(_read(f) for f in files))))
     assert len(emulator.rewrite_asm(emulator.kernel_source("fast"))[1]) == 7
     sites = emulator.rewrite_asm(emulator.kernel_source("fast"), "flash_fast.cu")[1]
     assert {s.ptx.split()[0].rstrip(";") for s in sites} == {

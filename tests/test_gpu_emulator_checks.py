@@ -1,9 +1,10 @@
 """Checks that outlived the NumPy transliterations of the kernels, on the CPU emulator.
 
 * the shared-memory swizzle of ``flash_fwd_fast``: ``refattn::SmemRows<D>`` itself (the
-  device struct in gpu/kernels/flash_fast.cu, compiled by the emulator with a small probe
-  kernel appended) is a bijection onto 16-byte slots and bank-conflict free for the
-  8-row phases of ``ldmatrix``, and the plan's shared-memory byte count agrees with it;
+  device struct in gpu/kernels/mma.cuh, compiled by the emulator in flash_fast.cu's
+  source with a small probe kernel appended) is a bijection onto 16-byte slots and
+  bank-conflict free for the 8-row phases of ``ldmatrix``, and the plan's shared-memory
+  byte count agrees with it;
 * ``flash_attention`` refuses inf and NaN (``launch.check_finite``) before any launch,
   for NumPy and device arrays;
 * device arrays stay on the device: the kernels get the caller's own buffers (by

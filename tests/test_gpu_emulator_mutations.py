@@ -1,10 +1,12 @@
 """Planted bugs in the real kernel sources must be caught by the CPU emulator.
 
 Each mutation is a string replacement applied at test time to a copy of
-``gpu/kernels/flash_fast.cu`` or ``flash_simple.cu`` (the replaced text must occur exactly
-once, so a mutation that no longer applies fails loudly instead of testing nothing). The
-mutant is compiled by the emulator, launched through the selfcheck's path (plan, poisoned
-buffers, launch.run) on a small case, and must be caught the way the table says:
+``gpu/kernels/flash_fast.cu`` or ``flash_simple.cu`` or of a header they include
+(``mma.cuh``'s tensor-core helpers, ``common.cuh``): the replaced text must occur exactly
+once in the kernel's files, so a mutation that no longer applies fails loudly instead of
+testing nothing. The mutant is compiled by the emulator, launched through the selfcheck's
+path (plan, poisoned buffers, launch.run) on a small case, and must be caught the way the
+table says:
 
 * ``diagnostic``: the launch reports the listed kinds (memory-model, pipeline and warp
   bugs, which may or may not change the numbers on a given run of real hardware);
@@ -19,7 +21,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from refattn.gpu import emulator, kernels_spec as ks, selfcheck
+from refattn.gpu import emulator, kernels_spec as ks, launch, selfcheck
 from refattn.testing import tolerance
 
 STATUS = emulator.status()
@@ -101,14 +103,38 @@ MUTATIONS = [
 ]
 
 
-def _source(kernel: str) -> str:
-    name = ks.SOURCES[kernel]
-    return resources.files("refattn.gpu").joinpath("kernels", name).read_text()
+def kernel_files(cu: str, old: str = "", new: str = "") -> dict:
+    """``{file name: text}``: the ``.cu`` file ``cu`` (of ``gpu/kernels/``) and the headers
+    it includes; with ``old``, the one file that holds it, exactly once, gets ``new`` in
+    its place (test_gpu_backward_mutations.py plants its bugs with this too)."""
+    folder = resources.files("refattn.gpu").joinpath("kernels")
+    files = {cu: folder.joinpath(cu).read_text()}
+    files.update({h: folder.joinpath(h).read_text() for h in ks.HEADERS
+                  if f'#include "{h}"' in files[cu]})
+    if old:
+        where = [f for f, text in files.items() if old in text]
+        assert sum(text.count(old) for text in files.values()) == 1, \
+            f"the mutation no longer applies: {old!r} in {where}"
+        files[where[0]] = files[where[0]].replace(old, new)
+    return files
 
 
-def _run(kernel: str, text: str, case: Case):
-    cp = emulator.cupy_like(sources={kernel: text}, prebuild=False)
+def assembled(cu: str, files: dict) -> str:
+    """``files`` (from :func:`kernel_files`) as the emulator compiles ``cu``: the headers
+    inlined with ``#line`` directives, so diagnostics name the file that holds the line."""
+    return emulator.assemble(files[cu], cu, {h: files[h] for h in ks.HEADERS if h in files})
+
+
+def _files(kernel: str, old: str = "", new: str = "") -> dict:
+    return kernel_files(ks.SOURCES[kernel], old, new)
+
+
+def _run(kernel: str, files: dict, case: Case):
+    code = assembled(ks.SOURCES[kernel], files)
+    name = ks.kernel_name(case.variant, case.dtype, case.d)
+    cp = emulator.cupy_like(prebuild=False)
     with emulator.installed(cp):
+        launch.module_cache[(0, name)] = cp.RawModule(code=code, name_expressions=[name])
         entry = selfcheck.run_case(case, np.random.default_rng(7))
     assert len(cp.launches) == 1
     return entry, cp.launches[0]
@@ -121,7 +147,7 @@ def _allowed(entry, dtype):
 
 @pytest.mark.parametrize("case", sorted({m.case for m in MUTATIONS}, key=str), ids=str)
 def test_control_the_real_source_passes_every_mutation_case(case):
-    entry, rec = _run(case.variant, _source(case.variant), case)
+    entry, rec = _run(case.variant, _files(case.variant), case)
     assert rec.completed and rec.diagnostics == [], [str(d) for d in rec.diagnostics]
     assert entry["passed"], entry
 
@@ -133,17 +159,14 @@ def test_there_are_enough_planted_bugs_of_both_kinds():
 
 @pytest.mark.parametrize("mut", MUTATIONS, ids=lambda m: m.name)
 def test_planted_bug_is_caught(mut):
-    real = _source(mut.kernel)
-    assert real.count(mut.old) == 1, f"{mut.name}: the mutation no longer applies"
-    entry, rec = _run(mut.kernel, real.replace(mut.old, mut.new), mut.case)
+    files = _files(mut.kernel, mut.old, mut.new)
+    entry, rec = _run(mut.kernel, files, mut.case)
     kinds = {d.kind for d in rec.diagnostics}
     report = "\n".join(str(d) for d in rec.diagnostics)
     assert not entry["passed"] or kinds, f"{mut.name} was not caught: {entry}"
     if mut.caught_by == "diagnostic":
         assert mut.kinds <= kinds, f"{mut.name}: expected {set(mut.kinds)}, got:\n{report}"
-        src = mut.case.variant
-        files = {d.file for d in rec.diagnostics}
-        assert files <= {"", ks.SOURCES[src]}, report
+        assert {d.file for d in rec.diagnostics} <= {"", *files}, report
     else:
         assert kinds == set(), f"{mut.name} should break no rule, got:\n{report}"
         assert rec.completed and entry["nan_count"] == 0

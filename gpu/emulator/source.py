@@ -1,6 +1,7 @@
 r"""Kernel source -> a host C++ translation unit for the emulator (text only, no compiler).
 
-:func:`assemble` inlines the ``#include "common.cuh"`` of a ``.cu`` file like
+:func:`assemble` inlines the ``#include``\ s of the kernel headers (``common.cuh``,
+``mma.cuh``) of a ``.cu`` file like
 :func:`refattn.gpu.kernels_spec.source` does, with ``#line`` directives so that every
 line keeps its file and number. :func:`rewrite_asm` turns each inline-asm statement
 ``asm volatile("ptx" : outputs : inputs : clobbers)`` into a call of the emulator's PTX
@@ -53,15 +54,22 @@ def assemble(cu_text: str, name: str, headers: dict) -> str:
     <BLANKLINE>
     int x;
     <BLANKLINE>
+    >>> two = assemble('#include "a.h"\\n#include "b.h"\\nint x;\\n', "k.cu",
+    ...                {"a.h": "int a;\\nint a2;\\n", "b.h": "int b;\\n"})
+    >>> two.splitlines()[-3:]     # the rest of line 2, then line 3, whatever a.h's length
+    ['#line 2 "k.cu"', '', 'int x;']
     """
-    text = cu_text
-    for header, body in headers.items():
-        def put(m, body=body, header=header):
-            line = cu_text.count("\n", 0, m.end()) + 1
-            tail = "" if body.endswith("\n") else "\n"
-            return f'#line 1 "{header}"\n{body}{tail}#line {line} "{name}"\n'
-        # the same pattern as kernels_spec.source, so the text is the same but for #line
-        text = re.sub(rf'^#include "{re.escape(header)}"\s*$', put, text, flags=re.M)
+    if not headers:
+        return f'#line 1 "{name}"\n' + cu_text
+
+    def put(m):                  # one pass: every match's position is in cu_text itself
+        header = m.group(1)
+        body, line = headers[header], cu_text.count("\n", 0, m.end()) + 1
+        tail = "" if body.endswith("\n") else "\n"
+        return f'#line 1 "{header}"\n{body}{tail}#line {line} "{name}"\n'
+    # the same pattern as kernels_spec.source, so the text is the same but for #line
+    names = "|".join(re.escape(h) for h in headers)
+    text = re.sub(rf'^#include "({names})"\s*$', put, cu_text, flags=re.M)
     return f'#line 1 "{name}"\n' + text
 
 

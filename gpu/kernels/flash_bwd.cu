@@ -17,6 +17,7 @@
 // dk/dv the transposed per-key-tile one (indptr, tile_q, tile_bits); tile_bits >= 0 marks
 // a PARTIAL tile with a BM x BN bitmap in `bits`.
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace refattn {
 
@@ -200,8 +201,8 @@ flash_bwd_dkdv_simple(const T* __restrict__ q, const T* __restrict__ k,
 // ---------------------------------------------------------------------------------------
 // Tensor-core kernels (fp16 / bf16 inputs, fp32 accumulation): mma.sync m16n8k16,
 // ldmatrix (.trans for the operands whose rows are the reduction), cp.async double
-// buffering, swizzled shared memory. The helpers below are flash_fast.cu's (same names
-// and semantics; the kernel sources are compiled separately).
+// buffering, swizzled shared memory: the building blocks of mma.cuh (SmemRows, load_tile,
+// ldmatrix_x4[_trans], Mma<T>, cp_async_*), shared with flash_fast.cu.
 //   flash_bwd_dq_fast<T, D, BM, BN, WARPS>: one block per (query tile, head, batch), each
 //     warp 16 query rows; per visited key tile S = Q K^T, dP = dO V^T (shared K, V
 //     stages), dS = P (dP - delta) slope in registers, dQ += dS K (K read .trans).
@@ -212,93 +213,6 @@ flash_bwd_dkdv_simple(const T* __restrict__ q, const T* __restrict__ k,
 // Masked entries get S = -inf and P = exp2(S log2e - lse log2e) = 0; a row with lse = -inf
 // (nothing kept) uses +inf instead (no inf - inf).
 namespace refattn {
-
-template <int D>
-struct SmemRows {  // chunk c of row r at r * STRIDE + swizzle(r, c), 16-byte chunks
-  static constexpr int C = D / 8;
-  static constexpr int STRIDE = (C % 8 == 0 || C == 4) ? C : ((C % 2 == 0) ? C + 1 : C);
-  static constexpr int ELEMS = STRIDE * 8;
-  __device__ static __forceinline__ int offset(int r, int c) {
-    int sc;
-    if (C % 8 == 0) sc = c ^ (r & 7);
-    else if (C == 4) sc = c ^ ((r >> 1) & 3);
-    else sc = c;
-    return (r * STRIDE + sc) * 8;
-  }
-};
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-// D (16x8, f32) += A (16x16, row) * B (16x8, col).
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
-  __device__ static __forceinline__ void run(float (&d)[4], const unsigned (&a)[4],
-                                             unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ static __forceinline__ unsigned pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-};
-template <> struct Mma<__nv_bfloat16> {
-  __device__ static __forceinline__ void run(float (&d)[4], const unsigned (&a)[4],
-                                             unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ static __forceinline__ unsigned pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<unsigned*>(&h);
-  }
-};
-
-// ROWS rows of D values from global row `row0` (of `limit`) into a swizzled shared tile;
-// rows at or beyond `limit` are zero-filled (src-size 0, a valid dummy source).
-template <typename T, int D, int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int row0, int limit) {
-  using L = SmemRows<D>;
-#pragma unroll
-  for (int idx = threadIdx.x; idx < ROWS * L::C; idx += THREADS) {
-    const int r = idx / L::C, c = idx % L::C;
-    const bool valid = row0 + r < limit;
-    const T* g = valid ? src + ((long long)(row0 + r) * D + c * 8) : src;
-    cp_async16(dst + L::offset(r, c), g, valid ? 16 : 0);
-  }
-}
 
 // c[n] (16 x 8 tiles, n < 2 NC) += A rows arow.. (16 x D) (B rows brow.. (16 NC x D))^T.
 template <typename T, int D, int NC>

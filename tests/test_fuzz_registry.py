@@ -2,7 +2,10 @@
 being registered) must answer bad shapes, dtypes, values and parameters with a
 ``ValueError``, ``TypeError`` or ``MemoryBudgetError`` that names the argument, never a
 raw NumPy/Numba/Python exception and never a silent answer."""
+import contextlib
 import inspect
+import os
+import re
 import warnings
 
 import numpy as np
@@ -58,18 +61,147 @@ def test_bad_integer_parameters_name_themselves(name, param, bad):
         pytest.fail(f"{name}({param}={bad!r}) returned without error")
 
 
-@pytest.mark.parametrize("name, param", CASES)
-def test_huge_integer_parameters_run_or_refuse_with_memory_budget_error(name, param):
+# ------------------------------------------------------------ huge integer parameters
+@contextlib.contextmanager
+def _address_space_guard(extra=8 * 2**30):
+    """Lower the soft address-space limit to what this process maps now plus ``extra``
+    (restored after), so that a size missing its pre-check fails at once with NumPy's
+    ``MemoryError`` (which the tests below reject) instead of allocating terabytes."""
     try:
-        out = _call(SPECS[name], **{param: 2**62})
-    except MemoryBudgetError as exc:
-        assert param in str(exc)
-        return
-    except CHECKED as exc:           # a value out of the parameter's range: named
-        assert param in str(exc), f"{name}({param}=2**62): {exc}"
-        return
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        with open("/proc/self/statm") as f:
+            mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = mapped + extra if hard == resource.RLIM_INFINITY else min(mapped + extra,
+                                                                          hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError) as exc:
+        pytest.skip(f"no address-space limit here ({exc}): without it a size that misses "
+                    f"its pre-check could really allocate")
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _all_integer_params(fn, example):
+    """Every keyword-only parameter of ``fn`` whose example value or default is an int:
+    the sizes (iteration counts, ``*_iters``, cost time rather than memory and are
+    left out)."""
+    out = []
+    for p, par in inspect.signature(fn).parameters.items():
+        value = example.get(p, par.default)
+        if (par.kind is par.KEYWORD_ONLY and p != "rng" and not p.endswith("_iters")
+                and not isinstance(value, bool) and isinstance(value, (int, np.integer))):
+            out.append(p)
+    return out
+
+
+def _refused_before_allocating(exc, what, param):
+    """A checked error naming ``param``; a MemoryBudgetError raised by a pre-check, not
+    made afterwards from NumPy's refusal (the boundary's fallback, ``from`` it)."""
+    assert re.search(rf"\b{param}\b", str(exc)), f"{what}: {type(exc).__name__}: {exc}"
+    assert not isinstance(exc.__cause__, (MemoryError, ValueError)), (
+        f"{what}: the allocation was attempted and refused by NumPy ({exc.__cause__!r}); "
+        f"it needs a pre-check against memory_budget")
+
+
+HUGE = {"2**31": 2**31, "2**40": 2**40, "2**62": 2**62}
+HUGE_CASES = [(name, p) for name, spec in SPECS.items()
+              for p in _all_integer_params(spec.fn, spec.example)]
+#: Mechanisms whose huge sizes are refused only after NumPy refuses the allocation (the
+#: boundary turns that into a MemoryBudgetError): the pre-check belongs in files owned
+#: elsewhere (issue #16). Strict: a fixed one fails here until it is taken off the list.
+POST_HOC = {("bigbird_attention", "window_blocks"): ("2**31", "2**40"),
+            ("bigbird_attention", "random_blocks"): tuple(HUGE),
+            ("nsa_attention", "select_size"): tuple(HUGE),
+            ("nsa_attention", "top_n"): tuple(HUGE),
+            ("moba_attention", "block_size"): tuple(HUGE),
+            ("moba_attention", "topk"): tuple(HUGE),
+            ("dsa_attention", "topk"): tuple(HUGE), ("ssd", "chunk_size"): tuple(HUGE)}
+
+
+@pytest.mark.parametrize("size, name, param", [
+    pytest.param(size, *c, marks=pytest.mark.xfail(strict=True, reason="no pre-check yet"))
+    if size in POST_HOC.get(c, ()) else (size, *c) for size in HUGE for c in HUGE_CASES])
+def test_huge_integer_parameters_run_or_are_refused_before_allocating(size, name, param):
+    what = f"{name}({param}={size})"
+    with _address_space_guard():
+        try:
+            out = _call(SPECS[name], **{param: HUGE[size]})
+        except CHECKED as exc:        # MemoryBudgetError, or out of the parameter's range
+            _refused_before_allocating(exc, what, param)
+            return
     out = out[0] if isinstance(out, tuple) else out
     assert np.isfinite(out).all()
+
+
+STREAMING = {name: spec for name, spec in SPECS.items() if spec.init_state is not None}
+SIZES = ("batch_shape", "heads_q", "heads_kv", "d", "dv")
+STATE_CASES = [(name, p) for name, spec in STREAMING.items()
+               for p in SIZES + tuple(q for q in _all_integer_params(spec.init_state,
+                                                                     spec.example)
+                                      if q not in SIZES)]
+#: ``init_state``s without a pre-check of their state's size (raw ``MemoryError``); the
+#: check belongs in files owned elsewhere (issue #16): ``recurrent._common.
+#: check_state_size`` for the recurrent ones, after their ``check_sizes``.
+STATE_GAPS = {
+    "sink_attention": {"batch_shape", "heads_kv", "d", "dv", "sinks"},
+    "sliding_window_attention": {"heads_q", "heads_kv"},
+    "retention": {"batch_shape", "heads_q", "heads_kv", "d", "dv"},
+    **{name: {"batch_shape", "heads_kv", "d", "dv"} for name in (
+        "gated_linear_attention", "deltanet", "gated_deltanet", "kimi_delta_attention",
+        "generalized_delta_rule", "ssd")}}
+
+
+def _state_kwargs(spec, param, value):
+    kwargs = dict(spec.example)
+    if spec.randomized:
+        kwargs.setdefault("rng", 0)
+    kwargs.update(heads_q=2, heads_kv=2, d=4, dv=4)
+    kwargs[param] = (value,) if param == "batch_shape" else value
+    if param == "heads_kv":
+        kwargs["heads_q"] = value
+    return kwargs
+
+
+#: Cases that do not fail but take hours (a Python tuple of 2**40 per-head dilations in
+#: ``sparse.local.ring_init``): skipped, not run.
+STATE_HANGS = {("sliding_window_attention", "heads_q"), ("sliding_window_attention",
+                                                          "heads_kv")}
+
+
+@pytest.mark.parametrize("name, param", [
+    pytest.param(n, p, marks=pytest.mark.skip(reason="builds a 2**40-entry tuple"))
+    if (n, p) in STATE_HANGS else
+    pytest.param(n, p, marks=pytest.mark.xfail(strict=True, reason="no pre-check yet"))
+    if p in STATE_GAPS.get(n, ()) else (n, p) for n, p in STATE_CASES])
+def test_huge_state_sizes_are_refused_before_allocating(name, param):
+    spec = STREAMING[name]
+    with _address_space_guard():     # returning under it: nothing large was allocated
+        try:                          # (a state that grows with the tokens starts empty)
+            spec.init_state(**_state_kwargs(spec, param, 2**40))
+        except CHECKED as exc:
+            _refused_before_allocating(exc, f"{name} init_state({param}=2**40)", param)
+
+
+@pytest.mark.parametrize("name", [n for n in STREAMING if not STATE_GAPS.get(n)])
+def test_a_state_of_d_by_dv_per_head_is_checked_against_memory_budget(name):
+    """``d = dv = 2**17`` is 128 GiB per head for a matrix state, 2 MiB for a cache:
+    refused or not by the state's size, with ``memory_budget=`` moving the line."""
+    spec = STREAMING[name]
+    kwargs = _state_kwargs(spec, "d", 2**17)
+    kwargs["dv"] = 2**17
+    if "memory_budget" not in inspect.signature(spec.init_state).parameters:
+        pytest.skip(f"{name}'s init_state allocates nothing that grows with d and dv")
+    with _address_space_guard():
+        try:
+            spec.init_state(**kwargs)
+        except MemoryBudgetError as exc:
+            _refused_before_allocating(exc, f"{name} init_state(d=dv=2**17)",
+                                       "dv" if "dv=" in str(exc) else "d")
+        with pytest.raises(MemoryBudgetError, match="memory budget of 0.0 GiB"):
+            spec.init_state(**dict(kwargs, d=4, dv=4, memory_budget=1))
 
 
 @pytest.mark.parametrize("name", SPECS)

@@ -300,3 +300,45 @@ def test_window_cache_appends_in_place_yet_states_never_change(rng):
         np.testing.assert_array_equal(branch.recent.keys_view, k[:, idx[2:]])
         np.testing.assert_allclose(out, attention(q[:, j:j + 1], k[:, idx], v[:, idx])[:, 0],
                                    rtol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-channel", "fp8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_refuses_non_finite_values(kind, bad):
+    x = np.ones((4, 3))
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match=r"x \(4, 3\) contains non-finite.*\(2, 1\)"):
+        quantize(x, kind, group_size=2)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-channel", "fp8"])
+def test_quantize_refuses_complex_and_non_numeric_values(kind):
+    with pytest.raises(TypeError, match="x must have a real numeric dtype, got complex"):
+        quantize(np.ones((2, 3)) + 1j, kind)
+    with pytest.raises(TypeError, match="x must have a real numeric dtype"):
+        quantize(np.array([["a", "b"]]), kind)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        quantize(np.ones((2, 3)) + 1j, "int4")
+
+
+def test_quantize_bounds_hold_for_subnormal_rows():
+    x = np.array([[5e-324, 0.0, -5e-324]])              # max|x| / 127 rounds to 0
+    codes, scales = quantize(x, "int8")
+    assert scales[0, 0] > 0
+    np.testing.assert_array_equal(dequantize(codes, scales), x)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-channel", "fp8"])
+def test_quantized_cache_names_the_bad_token(kind):
+    s = quantized_init(heads_q=2, heads_kv=1, d=3, dv=2, kind=kind, group_size=2)
+    q, k, v = np.zeros((2, 3)), np.ones((1, 3)), np.ones((1, 2))
+    with pytest.raises(ValueError, match=r"k_t \(1, 3\) contains non-finite"):
+        quantized_step(s, q, np.array([[1.0, np.nan, 0.0]]), v)
+    with pytest.raises(TypeError, match="v_t must have a real numeric dtype"):
+        quantized_step(s, q, k, v + 1j)
+    if kind == "fp8":
+        with pytest.raises(ValueError, match=r"448; v_t \(1, 1, 2\) has 500.0"):
+            quantized_step(s, q, k, np.array([[1.0, 500.0]]))
+    with pytest.raises(ValueError, match=r"^k \(1, 4, 3\) contains non-finite"):
+        quantization_error(np.ones((1, 4, 3)), np.full((1, 4, 3), np.inf),
+                           np.ones((1, 4, 3)), kind)

@@ -194,3 +194,30 @@ def test_empty_sequence_returns_the_initial_state():
                            method="chunked", return_last_state=True)
     assert out.shape == (0, 2)
     np.testing.assert_array_equal(last, [1.0, 2.0])
+
+
+def test_associative_scan_refuses_operands_that_do_not_broadcast():
+    with pytest.raises(ValueError, match=r"a \(4,\) and c \(5,\)"):
+        associative_scan(np.ones(4), np.ones(5))
+    with pytest.raises(ValueError, match=r"a \(\) and c \(\).*at least one dimension"):
+        associative_scan(0.5, 1.0)
+    with pytest.raises(TypeError, match="c must be a numeric array"):
+        associative_scan(np.ones(3), np.array(["x", "y", "z"]))
+    with pytest.raises(ValueError, match=r"axis must be an integer in \[-1, 1\)"):
+        associative_scan(np.ones(3), np.ones(3), axis=1)
+    with pytest.raises(TypeError, match="axis must be an integer"):
+        associative_scan(np.ones(3), np.ones(3), axis=0.0)
+
+
+def test_associative_scan_broadcasts_a_shared_gate(rng):
+    a = rng.uniform(0.5, 1.0, (9, 1))                 # one gate for every channel
+    c = rng.standard_normal((9, 3))
+    p, h = associative_scan(a, c, axis=0)
+    p_full, h_full = associative_scan(np.repeat(a, 3, axis=1), c, axis=0)
+    assert h.shape == p.shape == (9, 3)
+    np.testing.assert_array_equal(h, h_full)
+    np.testing.assert_array_equal(p, p_full)
+    state = np.zeros(3)
+    for t in range(9):
+        state = a[t] * state + c[t]
+    np.testing.assert_allclose(h[-1], state, rtol=1e-13)

@@ -11,6 +11,7 @@ import numpy as np
 from ..boundary.arrays import to_float64
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "MemoryBudgetError", "check_memory", "resolve_budget",
+           "check_size_memory", "check_state_memory",
            "is_int", "check_int",
            "check_count", "check_positive", "check_cotangent",
            "check_block", "check_bool", "check_choice", "resolve_scale",
@@ -47,6 +48,40 @@ def check_memory(nbytes: float, budget, what: str, alternative: str) -> None:
             f"memory budget of {budget / 2**30:.1f} GiB; use {alternative}, which runs in "
             f"memory independent of the sequence length, or raise memory_budget= if the "
             f"machine has room")
+
+
+def check_size_memory(nbytes: float, budget, what: str, sizes: str,
+                      alternative: str) -> None:
+    """Raise :class:`MemoryBudgetError` before allocating ``nbytes`` beyond ``budget``
+    for an array whose size a parameter sets rather than the sequence length (a number
+    of features, slots, buckets, a state's dimensions): the message names the
+    parameters (``sizes``, as ``"num_features=2**40"``) and the bounded
+    ``alternative``.
+
+    >>> try:
+    ...     check_size_memory(2.0**43, None, "the random features", "num_features=2**40",
+    ...                       "num_features <= 4096")
+    ... except MemoryBudgetError as exc:
+    ...     print(exc)                                 # doctest: +NORMALIZE_WHITESPACE
+    the random features: about 8,192.0 GiB of memory for num_features=2**40, over the
+    memory budget of 8.0 GiB; use num_features <= 4096, or raise memory_budget= if the
+    machine has room
+    """
+    budget = resolve_budget(budget)
+    if nbytes > budget:
+        raise MemoryBudgetError(
+            f"{what}: about {nbytes / 2**30:,.1f} GiB of memory for {sizes}, over the "
+            f"memory budget of {budget / 2**30:,.1f} GiB; use {alternative}, or raise "
+            f"memory_budget= if the machine has room")
+
+
+def check_state_memory(nbytes: float, budget, what: str, **sizes) -> None:
+    """:func:`check_size_memory` for a streaming state of ``nbytes`` whose size is the
+    product of ``sizes`` (keyword arguments: the ``init_state`` parameters it grows
+    with, named in the message)."""
+    shown = ", ".join(f"{k}={v:,}" if is_int(v) else f"{k}={v!r}" for k, v in sizes.items())
+    check_size_memory(nbytes, budget, what, shown,
+                      f"smaller {', '.join(sizes)} (the state grows with their product)")
 
 
 def is_int(value) -> bool:

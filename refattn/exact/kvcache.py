@@ -27,7 +27,7 @@ from ..boundary.arrays import to_float64
 from ..registry import attach
 from ..streaming import State, Window, attend_token, check_sizes, check_tokens
 from .dense import attention
-from .quantize import KINDS, dequantize, quantize
+from .quantize import KINDS, dequantize, quantize_named
 
 __all__ = ["FullCacheState", "full_cache_init", "full_cache_step", "full_cache_from",
            "PagedCacheState", "paged_init", "paged_step", "QuantizedCacheState",
@@ -315,7 +315,8 @@ def quantized_step(state, q_t, k_t, v_t):
         fresh_v = _cat(state.residual_values, fresh_v)
     changes = dict(residual_keys=fresh_k[..., :0, :], residual_values=fresh_v[..., :0, :])
     if kind != "int8-channel" or fresh_k.shape[-2] == g:
-        (kc, ks), (vc, vs) = (quantize(x, kind, group_size=g) for x in (fresh_k, fresh_v))
+        (kc, ks), (vc, vs) = (quantize_named(x, kind, g, name) for x, name in (
+            (fresh_k, "k_t"), (fresh_v, "v_t")))
         changes.update(key_codes=_cat(state.key_codes, kc),
                        value_codes=_cat(state.value_codes, vc))
         if kind != "fp8":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._core.checks import check_int
+from ..boundary.arrays import to_float64
 from .dense import attention
 
 __all__ = ["KINDS", "quantize", "dequantize", "quantization_error"]
@@ -18,6 +19,10 @@ KINDS = ("int8", "int8-channel", "fp8")
 def quantize(x, kind, *, group_size=32):
     """Quantize keys or values ``x (..., T, D)``; returns ``(codes, scales)`` with
     ``dequantize(codes, scales, group_size=...) ~ x``.
+
+    ``x`` must be real and finite: a NaN or infinity has no code (it would poison the
+    scale of its whole row or group), so it raises ``ValueError`` naming ``x`` and the
+    first bad index; complex or non-numeric input raises ``TypeError``.
 
     ``kind="int8"``: symmetric per-token int8 (one scale per row of ``D``),
     ``scale = max|x| / 127`` (1 for an all-zero row),
@@ -41,27 +46,38 @@ def quantize(x, kind, *, group_size=32):
     (array([[ 127, -127,  127],
            [  64,   64, -127]], dtype=int8), (1, 3))
     """
-    x = np.asarray(x, dtype=np.float64)
+    return quantize_named(x, kind, group_size, "x")
+
+
+def quantize_named(x, kind, group_size, name):
+    """:func:`quantize` with the input called ``name`` in its errors (``k_t``, ``v_t``
+    in the quantized cache)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    x = to_float64(x, name)
     if kind in ("int8", "int8-channel"):
         if kind == "int8":
             top = np.abs(x).max(axis=-1, keepdims=True)
         else:
             if x.ndim < 2:
                 raise ValueError(f"int8-channel quantizes (..., tokens, channels); got "
-                                 f"shape {x.shape}")
+                                 f"{name} of shape {x.shape}")
             g = check_int("group_size", group_size, minimum=1)
             starts = np.arange(0, x.shape[-2], g)
             top = np.maximum.reduceat(np.abs(x), starts, axis=-2) if x.shape[-2] else \
                 np.zeros(x.shape[:-2] + (0, x.shape[-1]))
-        scale = np.where(top > 0, top / 127.0, 1.0)
+        # top / 127 of a subnormal can round to 0: the smallest positive scale then
+        scale = np.where(top > 0, np.maximum(top / 127.0, np.nextafter(0.0, 1.0)), 1.0)
         full = scale if kind == "int8" else _expand(scale, group_size, x.shape[-2])
         return np.clip(np.rint(x / full), -127, 127).astype(np.int8), scale
     if kind == "fp8":
         import ml_dtypes
-        if np.abs(x).max(initial=0.0) > 448:
-            raise ValueError("fp8 e4m3 holds |x| <= 448; got larger keys/values")
+        big = np.abs(x) > 448
+        if big.any():
+            at = tuple(int(i) for i in np.argwhere(big)[0])
+            raise ValueError(f"fp8 e4m3 holds |x| <= 448; {name} {x.shape} has "
+                             f"{float(x[at])!r} at index {at}")
         return x.astype(ml_dtypes.float8_e4m3fn), None
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
 def _expand(scales, group_size, tokens):
@@ -95,13 +111,12 @@ def quantization_error(q, k, v, kind="int8", *, group_size=32):
     >>> e["key_max_abs"] <= e["key_bound"], e["out_max_abs"] < 0.05
     (True, True)
     """
-    k = np.asarray(k, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
+    k, v = to_float64(k, "k"), to_float64(v, "v")
     res = {}
     group = group_size if kind == "int8-channel" else None
     recon = {}
     for name, x in (("key", k), ("value", v)):
-        c, s = quantize(x, kind, group_size=group_size)
+        c, s = quantize_named(x, kind, group_size, name[0])
         recon[name] = dequantize(c, s, group_size=group)
         err = np.abs(recon[name] - x)
         bound = (np.maximum(np.abs(x) * 2.0**-4, 2.0**-10) if kind == "fp8" else

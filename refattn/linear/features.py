@@ -9,7 +9,8 @@ import math
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, resolve_rng
+from .._core.checks import (check_bool, check_int, check_size_memory, resolve_budget,
+                            resolve_rng)
 from ..boundary.arrays import to_float64
 
 __all__ = ["KERNELS", "draw_omega", "performer_features", "softmax_kernel_estimate"]
@@ -44,9 +45,10 @@ def draw_omega(num_features, d, *, orthogonal=True, rng) -> np.ndarray:
     >>> draw_omega(10, 4, orthogonal=False, rng=0).shape
     (10, 4)
     """
-    m = check_int("num_features", num_features, minimum=1)
     d = check_int("d", d, minimum=1)
     orthogonal = check_bool("orthogonal", orthogonal)
+    m = check_feature_memory(num_features, d, width=0, what="draw_omega",
+                             orthogonal=orthogonal)
     return _draw_omegas(1, m, d, orthogonal, resolve_rng(rng, "draw_omega"))[0]
 
 
@@ -170,11 +172,35 @@ def stabilized_features_vjp(x, omega, kernel, stabilize, grad_feats):
     return x * p.sum(-1, keepdims=True) + (scale * dg) @ omega
 
 
-def resolve_omega(omega, num_features, d, orthogonal, rng, where):
-    """The ``(m, d)`` projection: ``omega`` checked against ``num_features`` and ``d``,
-    or drawn from ``rng``."""
+def check_feature_memory(num_features, d, *, rows=0, cells=0, width=2, memory_budget=None,
+                         what="the random features", draws=1, orthogonal=True):
+    """Raise :class:`refattn.MemoryBudgetError`, naming ``num_features`` and ``d``,
+    before ``draws`` projections ``ω (m, d)`` are drawn (orthogonal: QR of ``d x d``
+    blocks) and the ``width · m`` features of ``rows`` vectors made (``cells`` more
+    float64 per feature: the states ``φ(K)^T V``), if that needs more than
+    ``memory_budget``; returns ``m``. The one check every user of random features
+    makes (Performer, Scatterbrain, their states)."""
     m = check_int("num_features", num_features, minimum=1)
+    block = 8.0 * draws * 4 * d * d if orthogonal else 0.0     # one d x d QR block
+    per_feature = 8.0 * (draws * 4 * d + width * (3 * rows + cells))
+    budget = resolve_budget(memory_budget)
+    sizes = f"num_features={m:,}, d={d:,}" + (f", draws={draws:,}" if draws > 1 else "")
+    fit = int((budget - block) // per_feature)
+    check_size_memory(per_feature * m + block, budget, what, sizes,
+                      f"num_features <= {fit:,}" if fit >= 1 else
+                      "orthogonal=False (the orthogonal draw factors d x d blocks)")
+    return m
+
+
+def resolve_omega(omega, num_features, d, orthogonal, rng, where, *, rows=0, cells=0,
+                  width=2, memory_budget=None):
+    """The ``(m, d)`` projection: ``omega`` checked against ``num_features`` and ``d``,
+    or drawn from ``rng``, after :func:`check_feature_memory` (``rows``, ``cells``,
+    ``width``, ``memory_budget`` as there)."""
     orthogonal = check_bool("orthogonal", orthogonal)
+    m = check_feature_memory(num_features, d, rows=rows, cells=cells, width=width,
+                             memory_budget=memory_budget, what=f"{where}'s random features",
+                             orthogonal=orthogonal and omega is None)
     if omega is None:
         return draw_omega(m, d, orthogonal=orthogonal, rng=resolve_rng(rng, where))
     omega = to_float64(omega, "omega")
@@ -218,10 +244,11 @@ def softmax_kernel_estimate(x, y, *, num_features, kernel="positive", orthogonal
     except ValueError:
         raise ValueError(f"x {x.shape} and y {y.shape} do not broadcast") from None
     d = x.shape[-1]
-    m = check_int("num_features", num_features, minimum=1)
     where = "softmax_kernel_estimate"
+    r = 1 if draws is None else check_int("draws", draws, minimum=1)
+    m = check_feature_memory(num_features, d, rows=2 * r * math.prod(shape), width=2,
+                             draws=r, what=where, orthogonal=orthogonal is not False)
     if draws is not None:
-        r = check_int("draws", draws, minimum=1)
         if omega is not None:
             raise ValueError("pass either draws= (to draw omega) or omega=, not both")
         omegas = _draw_omegas(r, m, d, check_bool("orthogonal", orthogonal),

@@ -86,11 +86,12 @@ each sequence is computed exactly as a call of its own. A query that sees no key
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int
+from .._core.checks import check_bool, check_int, check_state_memory
 from .._core.problem import prepare_qkv
 from .._core.varlen import check_packed, over_sequences, split_cotangent
 from ..boundary.arrays import to_float64
@@ -313,13 +314,16 @@ class LinearAttentionState(FeatureState):
 
 def linear_attention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv,
                                 feature_map="elu", allow_negative=False,
-                                check_finite=True) -> LinearAttentionState:
+                                check_finite=True,
+                                memory_budget=None) -> LinearAttentionState:
     """Empty streaming state for :func:`linear_attention_step` (:mod:`refattn.streaming`).
 
     ``S = 0`` ``(*batch_shape, heads_kv, F, dv)`` and ``z = 0``
     ``(*batch_shape, heads_kv, F)``, with ``F = d`` for the built-in feature maps and,
     for a callable, the ``F`` it returns on a probe ``zeros((1, 1, d))``. The state's
-    ``nbytes`` never changes as tokens are consumed.
+    ``nbytes`` never changes as tokens are consumed; a state larger than
+    ``memory_budget`` (bytes, default :data:`refattn.DEFAULT_MEMORY_BUDGET`) raises
+    :class:`refattn.MemoryBudgetError` before anything is allocated.
 
     >>> from refattn.linear import linear_attention_init_state
     >>> st = linear_attention_init_state(batch_shape=(2,), heads_q=4, heads_kv=2, d=8, dv=3)
@@ -329,12 +333,16 @@ def linear_attention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv,
     feature_map = _check_feature_map(feature_map)
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     allow_negative = check_bool("allow_negative", allow_negative)
+    sizes = dict(batch_shape=batch_shape, heads_kv=heads_kv, d=d, dv=dv)
     if isinstance(feature_map, str):
         nf = d
     else:
+        check_state_memory(8.0 * d, memory_budget, "the feature map's probe", d=d)
         probe = _features(feature_map, np.zeros((1, 1, d)), "a probe zeros((1, 1, d))",
                           allow_negative=True, check_finite=False)
         nf = probe.shape[-1]
+    check_state_memory(8.0 * math.prod(batch_shape) * heads_kv * nf * (dv + 1),
+                       memory_budget, "linear_attention_init_state", **sizes)
     return LinearAttentionState(
         position=0, s=np.zeros(batch_shape + (heads_kv, nf, dv)),
         z=np.zeros(batch_shape + (heads_kv, nf)), feature_map=feature_map,

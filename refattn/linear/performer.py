@@ -72,7 +72,7 @@ import math
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, resolve_scale
+from .._core.checks import check_bool, check_int, check_state_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
 from ..streaming import check_sizes
@@ -93,14 +93,19 @@ __all__ = ["performer_attention", "performer_attention_matrix", "performer_featu
 
 
 def _performer_features(q, k, pb, *, num_features, kernel, orthogonal, rng, omega,
-                        stabilize, scale, check_finite, where, return_inputs=False):
+                        stabilize, scale, check_finite, where, memory_budget=None,
+                        return_inputs=False):
     """``φ(x) (B, Hq, N, F)``, ``φ(y) (B, Hkv, M, F)`` (stabilized as asked), and with
     ``return_inputs`` also what their gradient needs: ``(x, y, omega, kernel,
-    stabilize, scale)``."""
+    stabilize, scale)``. Their memory is checked against ``memory_budget`` first."""
     kernel = check_kernel(kernel)
     stabilize = check_bool("stabilize", stabilize)
     s = resolve_scale(scale, pb.d)
-    omega = resolve_omega(omega, num_features, pb.d, orthogonal, rng, where)
+    omega = resolve_omega(omega, num_features, pb.d, orthogonal, rng, where,
+                          rows=pb.batch * (pb.heads_q * pb.n + pb.heads_kv * pb.m),
+                          cells=pb.batch * pb.heads_kv * (pb.dv + 1),
+                          width=1 if kernel == "positive" else 2,
+                          memory_budget=memory_budget)
     x, y = scaled_pair(q, k, s)
     with np.errstate(over="ignore", invalid="ignore"):
         fq = stabilized_features(x, omega, kernel, "row" if stabilize else None)
@@ -157,7 +162,9 @@ def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=
         ``"chunkwise"``, ``"quadratic"``; non-causal ``None`` uses the two products.
     chunk_size : keys per chunk of ``method="chunkwise"``.
     check_finite : raise on non-finite inputs or overflowing features.
-    memory_budget : bytes allowed for ``method="quadratic"``'s ``N x M`` matrix.
+    memory_budget : bytes allowed for ``method="quadratic"``'s ``N x M`` matrix and for
+        the random features (a :class:`refattn.MemoryBudgetError` naming
+        ``num_features`` before they are drawn).
 
     Returns
     -------
@@ -180,7 +187,8 @@ def performer_attention(q, k, v, *, num_features, kernel="positive", orthogonal=
     fq, fk = _performer_features(q, k, pb, num_features=num_features, kernel=kernel,
                                  orthogonal=orthogonal, rng=rng, omega=omega,
                                  stabilize=stabilize, scale=scale,
-                                 check_finite=check_finite, where="performer_attention")
+                                 check_finite=check_finite, where="performer_attention",
+                                 memory_budget=memory_budget)
     out = feature_attention(fq, fk, v, pb, causal=causal, method=method, chunk_size=chunk_size,
                 memory_budget=memory_budget, what="performer_attention")
     return pb.unflatten(out)
@@ -216,7 +224,8 @@ def performer_attention_matrix(q, k, *, num_features, kernel="positive", orthogo
                                  orthogonal=orthogonal, rng=rng, omega=omega,
                                  stabilize=stabilize, scale=scale,
                                  check_finite=check_finite,
-                                 where="performer_attention_matrix")
+                                 where="performer_attention_matrix",
+                                 memory_budget=memory_budget)
     pb.check_matrix_memory(memory_budget, "the attention matrix of performer_attention_matrix",
                            "refattn.performer.performer_attention", copies=2)
     return pb.unflatten(feature_attention_matrix(fq, fk, pb, causal))
@@ -274,7 +283,7 @@ def performer_attention_vjp(q, k, v, grad_out, *, num_features, kernel="positive
     fq, fk, (x, y, omega, kernel, stabilize, s) = _performer_features(
         q, k, pb, num_features=num_features, kernel=kernel, orthogonal=orthogonal, rng=rng,
         omega=omega, stabilize=stabilize, scale=scale, check_finite=check_finite,
-        where="performer_attention_vjp", return_inputs=True)
+        where="performer_attention_vjp", memory_budget=memory_budget, return_inputs=True)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         dfq, dfk, dv = feature_attention_vjp(fq, fk, v, g, pb, causal=causal, method=method,
                                              chunk_size=chunk_size,
@@ -307,11 +316,14 @@ class PerformerState(FeatureState):
 
 def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_features,
                          kernel="positive", orthogonal=True, rng=None, stabilize=True,
-                         scale=None, omega=None, check_finite=True) -> PerformerState:
+                         scale=None, omega=None, check_finite=True,
+                         memory_budget=None) -> PerformerState:
     """Empty streaming state for :func:`performer_step`; ``ω`` is drawn from ``rng``
     exactly as :func:`performer_attention` draws it (same ``rng`` and ``d``: same ``ω``),
     or given as ``omega``. Constant size: ``S (*batch, Hkv, F, dv)``, ``z``, the
-    running key shift ``(*batch, Hkv)`` and ``ω (m, d)``.
+    running key shift ``(*batch, Hkv)`` and ``ω (m, d)``; a state larger than
+    ``memory_budget`` (bytes, default :data:`refattn.DEFAULT_MEMORY_BUDGET`) raises
+    :class:`refattn.MemoryBudgetError` before anything is allocated.
 
     >>> import refattn as ra
     >>> st = ra.linear.performer_init_state(heads_q=2, heads_kv=1, d=4, dv=3,
@@ -322,8 +334,12 @@ def performer_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, num_featur
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
     kernel = check_kernel(kernel)
     stabilize = check_bool("stabilize", stabilize)
-    omega = resolve_omega(omega, num_features, d, orthogonal, rng, "performer_init_state")
+    omega = resolve_omega(omega, num_features, d, orthogonal, rng, "performer_init_state",
+                          width=0, memory_budget=memory_budget)
     nf = omega.shape[0] * (1 if kernel == "positive" else 2)
+    check_state_memory(8.0 * math.prod(batch_shape) * heads_kv * nf * (dv + 2),
+                       memory_budget, "performer_init_state", batch_shape=batch_shape,
+                       heads_kv=heads_kv, num_features=omega.shape[0], dv=dv)
     lead = batch_shape + (heads_kv,)
     return PerformerState(
         position=0, s=np.zeros(lead + (nf, dv)), z=np.zeros(lead + (nf,)),

@@ -35,8 +35,9 @@ _SUPPORTS = ("topk", "lsh")
 
 
 def _setup(q, k, v, *, num_features, support, topk, n_buckets, n_hashes, kernel, orthogonal,
-           scale, rng, check_finite, where):
-    """Validate; draw features; return what both forms need."""
+           scale, rng, check_finite, where, memory_budget=None):
+    """Validate; check the features' and hashes' memory; draw them; return what both
+    forms need."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     if support not in _SUPPORTS:
         raise ValueError(f"support must be one of {_SUPPORTS}, got {support!r}")
@@ -57,7 +58,11 @@ def _setup(q, k, v, *, num_features, support, topk, n_buckets, n_hashes, kernel,
         n_buckets = check_int("n_buckets", n_buckets, minimum=2)
         n_hashes = check_int("n_hashes", n_hashes, minimum=1)
     gen = resolve_rng(rng, where)           # features first, then LSH rotations
-    omega = resolve_omega(None, num_features, pb.d, orthogonal, gen, where)
+    rows = pb.batch * (pb.heads_q * pb.n + pb.heads_kv * pb.m)
+    omega = resolve_omega(None, num_features, pb.d, orthogonal, gen, where, rows=rows,
+                          cells=pb.batch * pb.heads_kv * (pb.dv + 1),
+                          width=1 if kernel == "positive" else 2,
+                          memory_budget=memory_budget)
     s = resolve_scale(scale, pb.d)
     x, y = scaled_pair(q, k, s)
     with np.errstate(over="ignore"):
@@ -66,7 +71,7 @@ def _setup(q, k, v, *, num_features, support, topk, n_buckets, n_hashes, kernel,
     buckets = None
     if support == "lsh":   # shared rotations: (rounds, B, H, L) bucket ids
         rounds = lsh_buckets(np.concatenate([_unit(q), np.repeat(_unit(k), pb.group, 1)], 2),
-                             n_buckets, gen, n_hashes=n_hashes)
+                             n_buckets, gen, n_hashes=n_hashes, memory_budget=memory_budget)
         buckets = rounds[..., :pb.n], rounds[..., pb.n:]
     return pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk, (omega, kernel, s)
 
@@ -107,7 +112,8 @@ def _blocks(pb, x, y, fq, cq, fk, ck, buckets, topk, block_q):
           budget=lambda n, b: {"num_features": max(1, b // 2), "topk": max(1, b // 2)})
 def scatterbrain_attention(q, k, v, *, num_features, support="topk", topk=None,
                            n_buckets=None, n_hashes=1, kernel="positive", orthogonal=True,
-                           scale=None, rng, block_q=256, check_finite=True):
+                           scale=None, rng, block_q=256, check_finite=True,
+                           memory_budget=None):
     """Scatterbrain attention: Performer features plus the exact kernel on a sparse
     support (module docstring for the equation).
 
@@ -119,6 +125,8 @@ def scatterbrain_attention(q, k, v, *, num_features, support="topk", topk=None,
     kernel : ``"positive"`` or ``"hyperbolic"`` (positive features, so weights >= 0).
     rng : int seed or Generator (features and LSH rotations); required.
     block_q : query rows whose ``(G, block_q, M)`` support is formed at a time.
+    memory_budget : bytes (default 8 GiB) the features and LSH buckets may take; more
+        raises :class:`refattn.MemoryBudgetError` naming the parameter, before drawing.
 
     Returns float64 ``(..., Hq, N, Dv)``. Non-causal.
 
@@ -131,7 +139,8 @@ def scatterbrain_attention(q, k, v, *, num_features, support="topk", topk=None,
     pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk, _ = _setup(
         q, k, v, num_features=num_features, support=support, topk=topk, n_buckets=n_buckets,
         n_hashes=n_hashes, kernel=kernel, orthogonal=orthogonal, scale=scale, rng=rng,
-        check_finite=check_finite, where="scatterbrain_attention")
+        check_finite=check_finite, where="scatterbrain_attention",
+        memory_budget=memory_budget)
     block_q = check_int("block_q", block_q, minimum=1)
     out, _ = pb.poisoned_outputs()
     kv_sums = np.einsum("bhmf,bhmd->bhfd", fk, v)            # low-rank part: phi(K)^T V
@@ -160,7 +169,7 @@ def scatterbrain_attention_matrix(q, k, *, num_features, support="topk", topk=No
         q, k, None, num_features=num_features, support=support, topk=topk,
         n_buckets=n_buckets, n_hashes=n_hashes, kernel=kernel, orthogonal=orthogonal,
         scale=scale, rng=rng, check_finite=check_finite,
-        where="scatterbrain_attention_matrix")
+        where="scatterbrain_attention_matrix", memory_budget=memory_budget)
     block_q = check_int("block_q", block_q, minimum=1)
     check_memory(pb.batch * pb.heads_q * pb.n * pb.m * 8.0, memory_budget,
                  "the scatterbrain attention matrix", "scatterbrain_attention")
@@ -176,7 +185,7 @@ def scatterbrain_attention_matrix(q, k, *, num_features, support="topk", topk=No
 def scatterbrain_attention_vjp(q, k, v, grad_out, *, num_features, support="topk",
                                topk=None, n_buckets=None, n_hashes=1, kernel="positive",
                                orthogonal=True, scale=None, rng, block_q=256,
-                               check_finite=True):
+                               check_finite=True, memory_budget=None):
     r"""Gradients of :func:`scatterbrain_attention` with the **random features and the
     sparse support held fixed**: the same ``ω`` and (for ``support="lsh"``) the same
     rotations as the forward (the same int seed ``rng``; a ``Generator`` advances), and
@@ -219,7 +228,8 @@ otin S_i}
     pb, q, k, v, x, y, fq, cq, fk, ck, buckets, topk, (omega, kernel, s) = _setup(
         q, k, v, num_features=num_features, support=support, topk=topk, n_buckets=n_buckets,
         n_hashes=n_hashes, kernel=kernel, orthogonal=orthogonal, scale=scale, rng=rng,
-        check_finite=check_finite, where="scatterbrain_attention_vjp")
+        check_finite=check_finite, where="scatterbrain_attention_vjp",
+        memory_budget=memory_budget)
     block_q = check_int("block_q", block_q, minimum=1)
     shape = (pb.heads_q, pb.n, pb.dv)
     do = check_cotangent(grad_out, "grad_out", pb.batch_shape + shape,

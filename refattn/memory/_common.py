@@ -7,11 +7,13 @@ the sequence logits beside them. For all four: the softcap of logits against slo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .._core.checks import (check_int, check_memory, resolve_rng, resolve_scale,
+from .._core.checks import (check_int, check_memory, check_size_memory,
+                            check_state_memory, resolve_budget, resolve_rng, resolve_scale,
                             resolve_softcap)
 from .._core.logits import make_logits
 from .._core.problem import prepare_qkv
@@ -249,13 +251,18 @@ class SegmentMemoryState(State):
 
 
 def _segment_init(batch_shape, heads_q, heads_kv, d, dv, segment_len, mem_len, cmem_len,
-                  rate, compress, scale, softcap):
+                  rate, compress, scale, softcap, memory_budget=None):
     segment_len, mem_len, cmem_len, rate = _compressive_params(segment_len, mem_len,
                                                                cmem_len, rate)
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d,
                                                         dv, min_dv=0)
+    bsz, window = math.prod(batch_shape), mem_len + segment_len
+    sizes = dict(batch_shape=batch_shape, heads_kv=heads_kv, d=d, dv=dv,
+                 segment_len=segment_len, mem_len=mem_len)
+    check_state_memory(8.0 * bsz * heads_kv * (window + cmem_len) * (d + dv), memory_budget,
+                       "the segment memory state", **sizes,
+                       **({"cmem_len": cmem_len} if cmem_len else {}))
     kind, w_k, w_v = _resolve_compress(compress, rate, d, dv)
-    bsz, window = int(np.prod(batch_shape)), mem_len + segment_len
     return SegmentMemoryState(
         position=0, k_buf=np.zeros((bsz, heads_kv, window, d)),
         v_buf=np.zeros((bsz, heads_kv, window, dv)),
@@ -303,32 +310,53 @@ def _segment_step(state: SegmentMemoryState, q_t, k_t, v_t):
 
 
 # ================================================================= memory slots
-def random_memory(num_slots, *, heads_kv, d, dv, rng):
+def random_memory(num_slots, *, heads_kv, d, dv, rng, memory_budget=None):
     """Standard-normal memory slots ``(mem_k (Hkv, P, D), mem_v (Hkv, P, Dv))`` drawn
     from ``rng`` (an int seed or a ``numpy.random.Generator``), keys first. This is
     what ``num_slots=P, rng=...`` means in :func:`persistent_memory_attention` and
-    :func:`knn_memory_attention` (shared by every batch element).
+    :func:`knn_memory_attention` (shared by every batch element). More slots than
+    ``memory_budget`` (bytes, default :data:`refattn.DEFAULT_MEMORY_BUDGET`) holds raise
+    :class:`refattn.MemoryBudgetError` naming ``num_slots`` before any is drawn.
 
     >>> from refattn.memory import random_memory
     >>> mk, mv = random_memory(4, heads_kv=2, d=3, dv=5, rng=0)
     >>> mk.shape, mv.shape
     ((2, 4, 3), (2, 4, 5))
     """
-    num_slots = check_int("num_slots", num_slots, minimum=0)
+    num_slots = check_slots_memory(num_slots, 8.0 * heads_kv * (d + dv), memory_budget,
+                                   "random_memory")
     gen = resolve_rng(rng, "random memory slots (num_slots=)")
     return (gen.standard_normal((heads_kv, num_slots, d)),
             gen.standard_normal((heads_kv, num_slots, dv)))
 
 
-def _memory_slots(mem_k, mem_v, num_slots, rng, pb, where, *, need_v=True):
+def check_slots_memory(num_slots, per_slot: float, memory_budget, what: str) -> int:
+    """``num_slots`` checked (an integer >= 0), after checking that ``per_slot`` bytes
+    for each fit in ``memory_budget`` (a :class:`refattn.MemoryBudgetError` naming
+    ``num_slots`` and the most that fit otherwise): the check of every memory
+    mechanism that draws or attends slots."""
+    num_slots = check_int("num_slots", num_slots, minimum=0)
+    budget = resolve_budget(memory_budget)
+    check_size_memory(num_slots * per_slot, budget, f"{what}'s memory slots",
+                      f"num_slots={num_slots:,}",
+                      f"num_slots <= {int(budget // max(per_slot, 1.0)):,}")
+    return num_slots
+
+
+def _memory_slots(mem_k, mem_v, num_slots, rng, pb, where, *, need_v=True,
+                  memory_budget=None):
     """The memory ``(B, Hkv, P, D)``, ``(B, Hkv, P, Dv)`` (or ``None`` for v), given as
-    arrays or drawn with :func:`random_memory`."""
+    arrays or drawn with :func:`random_memory` after checking that the slots and their
+    logits (a ``(G, N, P)`` block) fit in ``memory_budget``."""
     if num_slots is not None:
         if mem_k is not None or mem_v is not None:
             raise ValueError(f"{where}: pass either mem_k and mem_v, or num_slots and rng, "
                              f"not both")
-        mk, mv = random_memory(num_slots, heads_kv=pb.heads_kv, d=pb.d, dv=max(pb.dv, 0),
-                               rng=rng)
+        dv = max(pb.dv, 0)
+        check_slots_memory(num_slots, 8.0 * pb.heads_kv * (pb.d + dv) + 17.0 * pb.group
+                           * pb.n, memory_budget, where)
+        mk, mv = random_memory(num_slots, heads_kv=pb.heads_kv, d=pb.d, dv=dv, rng=rng,
+                               memory_budget=memory_budget)
     else:
         if mem_k is None or (need_v and mem_v is None):
             raise TypeError(f"{where} needs the memory: mem_k (..., Hkv, P, D) and mem_v "

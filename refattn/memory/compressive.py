@@ -155,11 +155,13 @@ def compressive_attention_matrix(q, k, *, segment_len, mem_len, cmem_len, rate,
 
 def compressive_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, segment_len,
                            mem_len, cmem_len, rate, compress="mean", scale=None,
-                           softcap=None) -> SegmentMemoryState:
+                           softcap=None, memory_budget=None) -> SegmentMemoryState:
     """Streaming state of :func:`compressive_attention` (:class:`SegmentMemoryState`):
     the last ``mem_len + segment_len`` raw tokens and ``cmem_len`` compressed slots,
     constant in size. At each segment start the groups leaving the memory are
-    compressed into slots, as in the paper's segment-level update.
+    compressed into slots, as in the paper's segment-level update. A state larger than
+    ``memory_budget`` (bytes, default 8 GiB) raises :class:`refattn.MemoryBudgetError`
+    naming its sizes before anything is allocated.
 
     >>> import numpy as np
     >>> from refattn.memory import (compressive_attention, compressive_init_state,
@@ -175,7 +177,7 @@ def compressive_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, segment_
     True
     """
     return _segment_init(batch_shape, heads_q, heads_kv, d, dv, segment_len, mem_len,
-                         cmem_len, rate, compress, scale, softcap)
+                         cmem_len, rate, compress, scale, softcap, memory_budget)
 
 
 def compressive_step(state: SegmentMemoryState, q_t, k_t, v_t):

@@ -52,7 +52,8 @@ def _knn_parts(q, k, v, *, mem_k, mem_v, num_slots, rng, topk, gate, local_windo
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
     topk = check_int("topk", topk, minimum=1, context=" (store keys retrieved per query)")
     g = _check_gate(gate, pb.heads_q)
-    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None)
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None,
+                           memory_budget=memory_budget)
     local = _local_mask(local_window, mask, pb)
     logits, q_scaled, rows, cols = _slot_logits(
         q, pb, mk, mask=local, causal=True, scale=scale, bias=bias, softcap=softcap,
@@ -226,7 +227,8 @@ def knn_memory_attention_vjp(q, k, v, grad_out, *, mem_k=None, mem_v=None, num_s
     topk = check_int("topk", topk, minimum=1, context=" (store keys retrieved per query)")
     g = _check_gate(gate, pb.heads_q)
     where = "knn_memory_attention_vjp"
-    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, where)
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, where,
+                           memory_budget=memory_budget)
     local = _local_mask(local_window, mask, pb)
     check_bool("causal", causal)
     s, cap = resolve_scale(scale, pb.d), resolve_softcap(softcap)

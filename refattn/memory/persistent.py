@@ -24,7 +24,8 @@ def _persistent_blocks(q, k, v, *, mem_k, mem_v, num_slots, rng, mask, causal, s
     ``s`` the ``(G, N, P + M)`` logits over ``[slots; sequence]`` and ``vals`` the
     matching ``[mem_v; v]`` (``None`` without ``v``)."""
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite, need_v=v is not None)
-    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None)
+    mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb, what, need_v=v is not None,
+                           memory_budget=memory_budget)
     logits, q_scaled, rows, cols = _slot_logits(
         q, pb, mk, mask=mask, causal=causal, scale=scale, bias=bias, softcap=softcap,
         check_finite=check_finite, memory_budget=memory_budget, what=what)
@@ -176,7 +177,7 @@ def persistent_memory_attention_vjp(q, k, v, grad_out, *, grad_lse=None, mem_k=N
                           check_finite=check_finite)
     pb, logits, do, dlse, param = bw.pb, bw.logits, bw.do, bw.dlse, bw.parameter
     mk, mv = _memory_slots(mem_k, mem_v, num_slots, rng, pb,
-                           "persistent_memory_attention_vjp")
+                           "persistent_memory_attention_vjp", memory_budget=memory_budget)
     q, k, v = bw.q, bw.k, bw.v
     q_scaled, cols, p = q * logits.scale, np.arange(pb.m), mk.shape[-2]
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)

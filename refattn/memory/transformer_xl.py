@@ -139,11 +139,14 @@ def transformer_xl_attention_matrix(q, k, *, segment_len, mem_len, mask=None,
 
 
 def transformer_xl_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, segment_len,
-                              mem_len, scale=None, softcap=None) -> SegmentMemoryState:
+                              mem_len, scale=None, softcap=None,
+                              memory_budget=None) -> SegmentMemoryState:
     """Streaming state of :func:`transformer_xl_attention`: a ring buffer of the last
     ``mem_len + segment_len`` keys and values (:class:`SegmentMemoryState`), constant
     in size. Stepping equals the parallel form (segment boundaries by absolute
-    position); ``bias``/``mask`` are not available in streaming.
+    position); ``bias``/``mask`` are not available in streaming. A state larger than
+    ``memory_budget`` (bytes, default 8 GiB) raises :class:`refattn.MemoryBudgetError`
+    naming its sizes before anything is allocated.
 
     >>> import numpy as np
     >>> from refattn.memory import (transformer_xl_attention, transformer_xl_init_state,
@@ -160,7 +163,7 @@ def transformer_xl_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, segme
     (True, 640)
     """
     return _segment_init(batch_shape, heads_q, heads_kv, d, dv, segment_len, mem_len, 0, 1,
-                         "mean", scale, softcap)
+                         "mean", scale, softcap, memory_budget)
 
 
 def transformer_xl_step(state: SegmentMemoryState, q_t, k_t, v_t):

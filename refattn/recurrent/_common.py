@@ -2,14 +2,17 @@
 (``"parallel"``: the masked ``N x M`` matrix; ``"recurrent"``: one token at a time;
 ``"chunkwise"``: parallel inside chunks, the state carried between them), run by one
 dispatcher that checks the choice and the parallel form's memory (:func:`choose_form`,
-for the forward and the backward, run once or per packed sequence), and the bookkeeping
-of their VJPs (input shapes, GQA sums, query rows at key positions).
+for the forward and the backward, run once or per packed sequence), the memory check of
+their streaming states (:func:`check_state_size`), and the bookkeeping of their VJPs
+(input shapes, GQA sums, query rows at key positions).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from .._core.checks import check_choice, check_int, check_memory
+from .._core.checks import check_choice, check_int, check_memory, check_state_memory
 from ..gradients import check_cotangent, sum_to_shape
 
 #: Names of the forms ``method=`` selects (``None``: ``"chunkwise"``).
@@ -28,6 +31,26 @@ def choose_form(method, chunk_size, memory_budget, what, parallel_bytes, paralle
     if method == "recurrent":
         return recurrent()
     return chunkwise(check_int("chunk_size", chunk_size, minimum=1))
+
+
+def check_state_size(what, memory_budget, batch_shape, heads, d, dv, *,
+                     heads_name="heads_kv") -> None:
+    """Raise :class:`refattn.MemoryBudgetError`, naming ``batch_shape``, the heads
+    (``heads_name``), ``d`` and ``dv``, before a matrix state ``S (*batch_shape, heads,
+    D, Dv)`` and its per-channel inputs ``(*batch_shape, heads, D)`` -- ``(D·Dv + 2D)·8``
+    bytes per head -- are allocated beyond ``memory_budget`` (bytes; None: 8 GiB). The
+    one check of every recurrent ``init_state``, made right after ``check_sizes``.
+
+    >>> import refattn as ra
+    >>> try:
+    ...     check_state_size("retention_init_state", None, (1,), 2, 2**17, 2**17)
+    ... except ra.MemoryBudgetError as exc:
+    ...     print(str(exc)[:78])
+    retention_init_state: about 256.0 GiB of memory for batch_shape=(1,), heads_kv
+    """
+    check_state_memory(8.0 * math.prod(batch_shape) * heads * d * (dv + 2), memory_budget,
+                       what, batch_shape=tuple(batch_shape), **{heads_name: heads}, d=d,
+                       dv=dv)
 
 
 def shape_of(x) -> tuple:

@@ -61,7 +61,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .._core.checks import check_bool, check_choice, check_int, check_memory
+from .._core.checks import check_bool, check_choice, check_int, check_memory, is_int
 from .._core.varlen import check_cu_seqlens, run_packed, split_cotangent
 from ..boundary.arrays import to_float64
 from ..gradients import check_cotangent, sum_to_shape
@@ -110,21 +110,54 @@ def associative_scan(a, c, axis: int = -1):
     associative operator :math:`(a_1, c_1) \circ (a_2, c_2) = (a_1 a_2, a_2 c_1 + c_2)` in
     :math:`\lceil \log_2 L \rceil` vectorized odd–even levels (Blelloch 1990), O(L) work.
 
-    ``a`` and ``c`` (real or complex NumPy arrays of one shape) are used as given
-    (no conversion, no checks: the validated entry points convert first). Returns
-    ``(P, H)``: the cumulative products :math:`P_t = \prod_{s \le t} a_s` and the states
-    :math:`H_t`, both of the input's shape.
+    ``a`` and ``c``: real or complex numeric arrays (or array-likes) that broadcast
+    together under NumPy's rules to the shape of the result, which has at least one
+    dimension; a gate shared by every channel, say, is ``a`` of shape ``(L, 1)`` beside
+    ``c (L, D)``. Anything else -- ``a (4,)`` beside ``c (5,)``, a scalar pair -- is a
+    ``ValueError`` naming both shapes; a non-numeric dtype a ``TypeError``. The values
+    are used as given (no conversion to float64, no finiteness check: the validated
+    entry points :func:`linear_rnn` and the SSMs check first). Returns ``(P, H)``: the
+    cumulative products :math:`P_t = \prod_{s \le t} a_s` and the states :math:`H_t`,
+    both of the broadcast shape.
 
     >>> import numpy as np
     >>> P, H = associative_scan(np.array([0.5, 0.5, 2.0]), np.array([1.0, 1.0, 1.0]))
     >>> P.tolist(), H.tolist()
     ([0.5, 0.25, 0.5], [1.0, 1.5, 4.0])
+    >>> associative_scan(np.ones(4), np.ones(5))
+    Traceback (most recent call last):
+    ...
+    ValueError: associative_scan: a (4,) and c (5,) do not broadcast to one shape
     """
-    a, c = np.moveaxis(np.asarray(a), axis, 0), np.moveaxis(np.asarray(c), axis, 0)
+    a, c = _scan_operands(a, c, axis)
     if a.shape[0] == 0:
         return np.moveaxis(a.copy(), 0, axis), np.moveaxis(c.copy(), 0, axis)
     p, h = _scan_axis0(a, c)
     return np.moveaxis(p, 0, axis), np.moveaxis(h, 0, axis)
+
+
+def _scan_operands(a, c, axis):
+    """``a`` and ``c`` broadcast together and moved so that ``axis`` comes first."""
+    a, c = np.asarray(a), np.asarray(c)
+    for name, x in (("a", a), ("c", c)):
+        if x.dtype.kind not in "biufc":
+            raise TypeError(f"associative_scan: {name} must be a numeric array, got dtype "
+                            f"{x.dtype} with shape {x.shape}")
+    try:
+        shape = np.broadcast_shapes(a.shape, c.shape)
+    except ValueError:
+        raise ValueError(f"associative_scan: a {a.shape} and c {c.shape} do not broadcast "
+                         f"to one shape") from None
+    if not shape:
+        raise ValueError(f"associative_scan: a {a.shape} and c {c.shape} broadcast to a "
+                         f"scalar; the scan needs at least one dimension (the time axis)")
+    if not is_int(axis):
+        raise TypeError(f"associative_scan: axis must be an integer, got {axis!r}")
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"associative_scan: axis must be an integer in "
+                         f"[{-len(shape)}, {len(shape)}) for a {a.shape} and c {c.shape} "
+                         f"(broadcast shape {shape}), got {axis!r}")
+    return (np.moveaxis(np.broadcast_to(x, shape), axis, 0) for x in (a, c))
 
 
 # --------------------------------------------------------------------------- checks

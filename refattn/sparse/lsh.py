@@ -73,7 +73,7 @@ import numpy as np
 from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
-from .lsh_hash import _check_n_buckets, _hash, _rotations, lsh_buckets
+from .lsh_hash import _check_n_buckets, _hash, _rotations, check_hash_memory, lsh_buckets
 
 __all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_attention_vjp", "lsh_buckets",
            "SELF_LOGIT", "DEFAULT_CHUNK_SIZE"]
@@ -109,7 +109,7 @@ def _given_buckets(buckets, name, n_hashes, n_buckets, batch_shape, heads, n):
 
 
 def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale, rng,
-           buckets, check_finite, what):
+           buckets, check_finite, what, memory_budget=None):
     """Validate; return flat per-query-head inputs and buckets.
 
     ``qf, kf (P, N, D)``, ``vf (P, N, Dv)`` or None, ``bq, bk (R, P, N)`` with
@@ -132,7 +132,10 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
                          f"sorted into the same chunks, so q and k must have the same "
                          f"length (N == M); got q {qshape}, k {kshape}")
     scale = resolve_scale(scale, pb.d)
-    p_total = pb.batch * pb.heads_q
+    p_total, c = pb.batch * pb.heads_q, max(1, min(chunk_size, pb.n))
+    chunks = 16.0 * p_total * pb.n + -(-pb.n // c) * c * (80.0 * c + 24 * (pb.d + pb.dv))
+    check_hash_memory(n_hashes, n_buckets, pb.d if buckets is None else 0, pb.batch * (
+        pb.heads_q + pb.heads_kv) * pb.n, memory_budget, what, per_round=chunks)
     kv_of = (np.arange(pb.batch)[:, None] * pb.heads_kv
              + np.arange(pb.heads_q)[None, :] // pb.group).reshape(-1)   # (P,)
     qf = q.reshape(p_total, pb.n, pb.d)
@@ -304,7 +307,9 @@ _COMMON_DOC = """
         array ``(n_hashes, ..., Hq, N)``; separate QK, a pair ``(query_buckets
         (n_hashes, ..., Hq, N), key_buckets (n_hashes, ..., Hkv, N))``; values in
         ``[0, n_buckets)``.
-    check_finite : raise on non-finite inputs (default)."""
+    check_finite : raise on non-finite inputs (default).
+    memory_budget : bytes (default 8 GiB) of the rounds' working memory: more raises
+        :class:`refattn.MemoryBudgetError` naming ``n_hashes`` and ``n_buckets``."""
 
 
 @register(family="sparse", exact=False,
@@ -317,7 +322,7 @@ _COMMON_DOC = """
                                "chunk_size": max(1, b // 2)})
 def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SIZE,
                   shared_qk=False, causal=False, scale=None, rng=None, buckets=None,
-                  return_lse=False, check_finite=True):
+                  return_lse=False, check_finite=True, memory_budget=None):
     r"""Reformer LSH attention (Kitaev et al. 2020), hashed and chunked softmax attention.
 
     Softmax attention restricted to the keys that hash into the query's bucket and lie
@@ -362,7 +367,7 @@ def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SI
     qf, kf, vf, bq, bk, scale, chunk, pb = _setup(
         q, k, v, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
         shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
-        check_finite=check_finite, what="lsh_attention")
+        check_finite=check_finite, what="lsh_attention", memory_budget=memory_budget)
     p_total = pb.batch * pb.heads_q
     out = np.full((p_total, pb.n, pb.dv), np.nan)
     lse = np.full((p_total, pb.n), np.nan)
@@ -430,7 +435,7 @@ def lsh_attention_matrix(q, k, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUN
     qf, kf, _, bq, bk, scale, chunk, pb = _setup(
         q, k, None, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
         shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
-        check_finite=check_finite, what="lsh_attention_matrix")
+        check_finite=check_finite, what="lsh_attention_matrix", memory_budget=memory_budget)
     p_total = pb.batch * pb.heads_q
     pb.check_matrix_memory(memory_budget, "the implied matrix of lsh_attention_matrix",
                            "refattn.lsh.lsh_attention", m=pb.n)
@@ -490,7 +495,8 @@ def _keys_from_windows(x, kw, n):
 
 def lsh_attention_vjp(q, k, v, grad_out, *, n_buckets, n_hashes=1,
                       chunk_size=DEFAULT_CHUNK_SIZE, shared_qk=False, causal=False,
-                      scale=None, rng=None, buckets=None, grad_lse=None, check_finite=True):
+                      scale=None, rng=None, buckets=None, grad_lse=None, check_finite=True,
+                      memory_budget=None):
     r"""Gradients of :func:`lsh_attention` with the **hash buckets held fixed** (drawn
     from the same ``rng`` as the forward -- pass the same int seed, a ``Generator``
     advances -- or given as ``buckets``), as Reformer trains: the rotations, the sorted
@@ -533,7 +539,7 @@ Vert`
     qf, kf, vf, bq, bk, scale, chunk, pb = _setup(
         q, k, v, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
         shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
-        check_finite=check_finite, what="lsh_attention_vjp")
+        check_finite=check_finite, what="lsh_attention_vjp", memory_budget=memory_budget)
     p_total, n = pb.batch * pb.heads_q, pb.n
     lead = pb.batch_shape + (pb.heads_q, n)
     do = check_cotangent(grad_out, "grad_out", lead + (pb.dv,),

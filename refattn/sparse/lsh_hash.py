@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_int, resolve_rng
+from .._core.checks import check_int, check_size_memory, resolve_budget, resolve_rng
 from ..boundary.arrays import to_float64
 
 __all__ = ["lsh_buckets"]
@@ -20,6 +20,23 @@ def _check_n_buckets(n_buckets):
         raise ValueError(f"n_buckets must be even (angular LSH takes argmax([xR; -xR]) "
                          f"with R of shape (D, n_buckets/2)), got n_buckets={n_buckets}")
     return n_buckets
+
+
+def check_hash_memory(n_hashes: int, n_buckets: int, d: int, vectors: int, memory_budget,
+                      what: str, per_round: float = 0.0) -> None:
+    """Raise :class:`refattn.MemoryBudgetError`, naming ``n_hashes`` and ``n_buckets``,
+    before the rotations ``(n_hashes, D, n_buckets/2)`` and the buckets of ``vectors``
+    vectors per round (and ``per_round`` more bytes per round: the sorted chunks of LSH
+    attention) are allocated beyond ``memory_budget``: the one check of every LSH user."""
+    half = n_buckets // 2
+    round_bytes = 8.0 * (d * half + vectors) + per_round
+    blocks = 24.0 * min(max(vectors, 1), max(1, HASH_BLOCK_ELEMENTS // half)) * half
+    budget = resolve_budget(memory_budget)
+    fit = int((budget - blocks) // round_bytes) if budget > blocks else 0
+    check_size_memory(n_hashes * round_bytes + blocks, budget, what,
+                      f"n_hashes={n_hashes:,}, n_buckets={n_buckets:,}",
+                      f"n_hashes <= {fit:,} at this n_buckets" if fit >= 1 else
+                      "fewer n_buckets (at most a few times the sequence length is useful)")
 
 
 def _rotations(rng, n_hashes: int, d: int, n_buckets: int) -> np.ndarray:
@@ -51,7 +68,7 @@ def _hash(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- hash
-def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
+def lsh_buckets(x, n_buckets, rng, *, n_hashes=None, memory_budget=None):
     r"""Angular LSH buckets :math:`h(x) = \arg\max\,[xR; -xR]` (Reformer, Sec. 2).
 
     Parameters
@@ -62,6 +79,9 @@ def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
         standard normal.
     rng : int seed or ``numpy.random.Generator`` (advanced by the draw). The rotations are ``rng.standard_normal((n_hashes or 1, D, b // 2))``.
     n_hashes : ``None`` for one hash, or the number of independent rotations.
+    memory_budget : bytes (default :data:`refattn.DEFAULT_MEMORY_BUDGET`) the rotations
+        and buckets may take; beyond it :class:`refattn.MemoryBudgetError` is raised
+        before they are drawn.
 
     Returns
     -------
@@ -87,5 +107,7 @@ def lsh_buckets(x, n_buckets, rng, *, n_hashes=None):
     if x.ndim < 2 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., L, D) with D >= 1, got shape {x.shape}")
     rounds = 1 if n_hashes is None else check_int("n_hashes", n_hashes, minimum=1)
+    check_hash_memory(rounds, n_buckets, x.shape[-1], x.size // x.shape[-1], memory_budget,
+                      "lsh_buckets")
     out = _hash(x, _rotations(rng, rounds, x.shape[-1], n_buckets))
     return out[0] if n_hashes is None else out

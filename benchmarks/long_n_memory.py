@@ -33,9 +33,8 @@ def one(name: str, n: int, d: int, seconds: float) -> dict:
     """Run mechanism ``name`` at length ``n`` in this process; the measured row."""
     import refattn as ra
     spec = ra.mechanisms()[name]
-    kwargs = dict(spec.budget(n, 64) if spec.budget else spec.example)
-    if spec.randomized:
-        kwargs.setdefault("rng", 0)
+    from refattn.analysis.complexity import scaling_params   # no test-sized tiles
+    kwargs = scaling_params(spec, n, 64)
     rng = np.random.default_rng(0)
     if spec.family == "vision":          # a square grid of about n tokens
         side = int(np.sqrt(n))

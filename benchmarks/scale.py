@@ -41,7 +41,7 @@ CASES = {
         "BigBird, blocks of 64: 1 window block each side, 2 global, 3 random (rng=0)",
         lambda ra, q, k, v: ra.bigbird_attention(q, k, v, block_size=64, window_blocks=1,
                                                  global_blocks=2, random_blocks=3, rng=0),
-        [4 * K, 16 * K, 64 * K, 256 * K]),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "block_sparse": (
         "block-sparse, blocks of 64, a band of 3 blocks per block row (SciPy CSR layout)",
         lambda ra, q, k, v: ra.block_sparse_attention(
@@ -53,9 +53,21 @@ CASES = {
                                                     global_tokens=np.arange(16)),
         [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "lsh": (
-        "Reformer LSH, chunks of 64, buckets of ~64 keys, 1 hash round (rng=0)",
+        "Reformer LSH, chunks of 64, buckets of ~64 keys, 1 hash round (rng=0); its sorted "
+        "chunks take ~8 KiB per token at once, so the budget is raised to 16 GiB",
         lambda ra, q, k, v: ra.lsh_attention(q, k, v, n_buckets=max(2, q.shape[-2] // 64),
-                                             chunk_size=64, rng=0),
+                                             chunk_size=64, rng=0, memory_budget=16 * 2**30),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
+    "nsa": (
+        "causal NSA: mean-pooled compression blocks of 1024 (stride 1024), the top 4 "
+        "selected blocks of 32, window 64, equal gates",
+        lambda ra, q, k, v: ra.nsa_attention(q, k, v, block_size=1024, stride=1024,
+                                             select_size=32, top_n=4, window=64,
+                                             gates=(1 / 3, 1 / 3, 1 / 3), causal=True),
+        [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
+    "moba": (
+        "causal MoBA: blocks of 512, top 4 blocks per query (the current one included)",
+        lambda ra, q, k, v: ra.moba_attention(q, k, v, block_size=512, topk=4, causal=True),
         [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "linear_causal": (
         "causal linear attention, elu+1 features, chunked (chunk 64)",

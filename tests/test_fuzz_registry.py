@@ -109,21 +109,10 @@ def _refused_before_allocating(exc, what, param):
 HUGE = {"2**31": 2**31, "2**40": 2**40, "2**62": 2**62}
 HUGE_CASES = [(name, p) for name, spec in SPECS.items()
               for p in _all_integer_params(spec.fn, spec.example)]
-#: Mechanisms whose huge sizes are refused only after NumPy refuses the allocation (the
-#: boundary turns that into a MemoryBudgetError): the pre-check belongs in files owned
-#: elsewhere (issue #16). Strict: a fixed one fails here until it is taken off the list.
-POST_HOC = {("bigbird_attention", "window_blocks"): ("2**31", "2**40"),
-            ("bigbird_attention", "random_blocks"): tuple(HUGE),
-            ("nsa_attention", "select_size"): tuple(HUGE),
-            ("nsa_attention", "top_n"): tuple(HUGE),
-            ("moba_attention", "block_size"): tuple(HUGE),
-            ("moba_attention", "topk"): tuple(HUGE),
-            ("dsa_attention", "topk"): tuple(HUGE), ("ssd", "chunk_size"): tuple(HUGE)}
 
 
-@pytest.mark.parametrize("size, name, param", [
-    pytest.param(size, *c, marks=pytest.mark.xfail(strict=True, reason="no pre-check yet"))
-    if size in POST_HOC.get(c, ()) else (size, *c) for size in HUGE for c in HUGE_CASES])
+@pytest.mark.parametrize("size, name, param", [(size, *c) for size in HUGE
+                                               for c in HUGE_CASES])
 def test_huge_integer_parameters_run_or_are_refused_before_allocating(size, name, param):
     what = f"{name}({param}={size})"
     with _address_space_guard():
@@ -142,16 +131,6 @@ STATE_CASES = [(name, p) for name, spec in STREAMING.items()
                for p in SIZES + tuple(q for q in _all_integer_params(spec.init_state,
                                                                      spec.example)
                                       if q not in SIZES)]
-#: ``init_state``s without a pre-check of their state's size (raw ``MemoryError``); the
-#: check belongs in files owned elsewhere (issue #16): ``recurrent._common.
-#: check_state_size`` for the recurrent ones, after their ``check_sizes``.
-STATE_GAPS = {
-    "sink_attention": {"batch_shape", "heads_kv", "d", "dv", "sinks"},
-    "sliding_window_attention": {"heads_q", "heads_kv"},
-    "retention": {"batch_shape", "heads_q", "heads_kv", "d", "dv"},
-    **{name: {"batch_shape", "heads_kv", "d", "dv"} for name in (
-        "gated_linear_attention", "deltanet", "gated_deltanet", "kimi_delta_attention",
-        "generalized_delta_rule", "ssd")}}
 
 
 def _state_kwargs(spec, param, value):
@@ -165,17 +144,7 @@ def _state_kwargs(spec, param, value):
     return kwargs
 
 
-#: Cases that do not fail but take hours (a Python tuple of 2**40 per-head dilations in
-#: ``sparse.local.ring_init``): skipped, not run.
-STATE_HANGS = {("sliding_window_attention", "heads_q"), ("sliding_window_attention",
-                                                          "heads_kv")}
-
-
-@pytest.mark.parametrize("name, param", [
-    pytest.param(n, p, marks=pytest.mark.skip(reason="builds a 2**40-entry tuple"))
-    if (n, p) in STATE_HANGS else
-    pytest.param(n, p, marks=pytest.mark.xfail(strict=True, reason="no pre-check yet"))
-    if p in STATE_GAPS.get(n, ()) else (n, p) for n, p in STATE_CASES])
+@pytest.mark.parametrize("name, param", STATE_CASES)
 def test_huge_state_sizes_are_refused_before_allocating(name, param):
     spec = STREAMING[name]
     with _address_space_guard():     # returning under it: nothing large was allocated
@@ -185,7 +154,7 @@ def test_huge_state_sizes_are_refused_before_allocating(name, param):
             _refused_before_allocating(exc, f"{name} init_state({param}=2**40)", param)
 
 
-@pytest.mark.parametrize("name", [n for n in STREAMING if not STATE_GAPS.get(n)])
+@pytest.mark.parametrize("name", STREAMING)
 def test_a_state_of_d_by_dv_per_head_is_checked_against_memory_budget(name):
     """``d = dv = 2**17`` is 128 GiB per head for a matrix state, 2 MiB for a cache:
     refused or not by the state's size, with ``memory_budget=`` moving the line."""
@@ -193,7 +162,8 @@ def test_a_state_of_d_by_dv_per_head_is_checked_against_memory_budget(name):
     kwargs = _state_kwargs(spec, "d", 2**17)
     kwargs["dv"] = 2**17
     if "memory_budget" not in inspect.signature(spec.init_state).parameters:
-        pytest.skip(f"{name}'s init_state allocates nothing that grows with d and dv")
+        pytest.skip(f"{name}'s init_state takes no memory_budget= (a state that does not "
+                    f"grow with d and dv, or checked against the default budget only)")
     with _address_space_guard():
         try:
             spec.init_state(**kwargs)

@@ -14,6 +14,7 @@ from refattn.memory import (compressive_init_state, random_memory,
                             transformer_xl_init_state)
 from refattn.performer import draw_omega
 from refattn.recurrent._common import check_state_size
+from refattn.sparse.local import ring_init, sink_init
 
 QKV = np.random.default_rng(0).standard_normal((3, 1, 2, 16, 4))
 
@@ -92,3 +93,79 @@ def test_the_recurrent_state_check():
         check_state_size("gla", None, (2,), 4, 2**17, 2**12, heads_name="heads_q")
     with pytest.raises(MemoryBudgetError, match="smaller batch_shape, heads_kv, d, dv"):
         check_state_size("gla", 2**20, (), 1, 2**9, 2**9)            # 2 MiB
+
+
+@pytest.mark.parametrize("init, extra", [
+    (ra.recurrent.gla_init_state, {}), (ra.recurrent.ssd_init_state, {}),
+    (sink_init, {"window": 3, "sinks": 4})])
+def test_recurrent_and_sink_states_are_checked_against_memory_budget(init, extra):
+    test_states_are_checked_against_memory_budget(init, extra)
+
+
+def test_retention_names_its_query_heads_and_their_kv_heads():
+    sizes = dict(batch_shape=(2,), heads_q=4, heads_kv=2, d=8, dv=8, gamma=0.9)
+    ra.recurrent.retention_init_state(**sizes)
+    with pytest.raises(MemoryBudgetError, match=r"heads_kv=2\).*batch_shape=\(2,\), "
+                                                r"heads_q=4, d=8, dv=8"):
+        ra.recurrent.retention_init_state(memory_budget=1000, **sizes)
+
+
+def test_a_ring_of_many_heads_keeps_one_dilation_not_one_per_head():
+    state = ring_init(heads_q=2**40, heads_kv=2**40, d=4, dv=4, window=3,
+                                dilation=2)
+    assert state.dilation.shape == (2**40,) and state.dilation.strides == (0,)
+    assert ring_init(heads_q=2, heads_kv=1, d=4, dv=4, window=3).dilation is None
+
+
+def _same(a, b):
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("fn, kw, huge, exact", [
+    (ra.bigbird_attention, {"block_size": 2, "rng": 0}, "window_blocks", 8),
+    (ra.bigbird_attention, {"block_size": 2, "rng": 0}, "random_blocks", 8),
+    (ra.sparse.moba_attention, {"block_size": 2, "causal": True}, "topk", 8),
+    (ra.sparse.moba_attention, {"topk": 2, "causal": True}, "block_size", 16),
+    (ra.sparse.dsa_attention, {"causal": True}, "topk", 16),
+    (ra.sparse.nsa_attention, {"gates": (0.3, 0.3, 0.4), "block_size": 2, "stride": 2,
+                               "select_size": 2, "window": 2, "causal": True},
+     "top_n", 8),
+    (ra.sparse.nsa_attention, {"gates": (0.3, 0.3, 0.4), "block_size": 2, "stride": 2,
+                               "top_n": 3, "window": 2, "causal": True},
+     "select_size", 16)])
+def test_a_size_past_the_blocks_is_all_of_them(fn, kw, huge, exact):
+    """``exact``: the value that already covers all 16 keys (8 blocks of 2)."""
+    q, k, v = QKV
+    _same(fn(q, k, v, **kw, **{huge: 2**40}), fn(q, k, v, **kw, **{huge: exact}))
+
+
+@pytest.mark.parametrize("fn, kw, name, blocks", [
+    (ra.sparse.moba_attention, {"block_size": 2}, "topk", 8),
+    (ra.sparse.dsa_attention, {}, "topk", 16),
+    (ra.sparse.nsa_attention, {"gates": (0.3, 0.3, 0.4), "block_size": 2, "stride": 2,
+                               "select_size": 2, "window": 2}, "top_n", 8)])
+def test_the_selection_keeps_its_width_and_a_huge_one_is_refused(fn, kw, name, blocks):
+    q, k, v = QKV
+    _, sel = fn(q, k, v, return_selection=True, **kw, **{name: blocks + 3})
+    assert sel.shape[-1] == blocks + 3 and (sel[..., blocks:] == -1).all()
+    assert (sel[..., :blocks] >= 0).all()                 # non-causal: every block kept
+    with pytest.raises(MemoryBudgetError, match=rf"{name}=1,099,511,627,776.* "
+                                                rf"{name} <= {blocks}"):
+        fn(q, k, v, return_selection=True, **kw, **{name: 2**40})
+
+
+def test_ssd_chunks_longer_than_the_keys_are_one_chunk():
+    q, k, v = QKV
+    log_a = -np.random.default_rng(1).uniform(0, 1, (1, 2, 16))
+    _same(ra.ssd(q, k, v, log_a=log_a, chunk_size=2**40),
+          ra.ssd(q, k, v, log_a=log_a, chunk_size=16))
+
+
+def test_pinv_iters_has_an_upper_bound():
+    q, k, v = QKV
+    with pytest.raises(ValueError, match=r"pinv_iters=2,147,483,648 .*at most 10,000"):
+        ra.nystrom_attention(q, k, v, num_landmarks=4, pinv_iters=2**31)
+    with pytest.raises(ValueError, match=r"iters=10,001 "):
+        ra.lowrank.iterative_pinv(np.eye(2), 10_001)
+    ra.nystrom_attention(q, k, v, num_landmarks=4, pinv_iters=10_000)

@@ -39,6 +39,28 @@ __all__ = ["PINV_INITS", "nystrom_attention", "nystrom_attention_matrix",
 #: code and HuggingFace's Nyströmformer).
 PINV_INITS = ("per_matrix", "batch")
 
+#: Most iterations of :func:`iterative_pinv` accepted. Its slow phase near ``‖E‖ ≈ 1``
+#: lasts about ``log_{13/4}(1 / (1 - ‖E_0‖))`` iterations, at most ~600 in float64 (a gap
+#: ``1 - ‖E_0‖`` of 1e-308); third-order convergence then takes a few more, after which
+#: further iterations only let rounding drift (a singular ``A``). More is a mistake, not
+#: a longer computation worth running (the backward keeps one matrix per iteration).
+MAX_PINV_ITERS = 10_000
+
+
+def _check_iters(name, iters):
+    """``iters`` an int in ``0 .. MAX_PINV_ITERS``, named ``name`` when not."""
+    iters = check_int(name, iters, minimum=0,
+                      context=" (or None for the exact pseudoinverse)"
+                      if name == "pinv_iters" else "")
+    if iters > MAX_PINV_ITERS:
+        raise ValueError(f"{name}={iters:,} is more than MAX_PINV_ITERS={MAX_PINV_ITERS:,} "
+                         f"iterations of the iterative pseudoinverse: it converges (third "
+                         f"order) within about 600 even from the worst float64 start, and "
+                         f"further iterations only accumulate rounding; use at most "
+                         f"{MAX_PINV_ITERS:,}"
+                         + (" or pinv_iters=None (exact)" if name == "pinv_iters" else ""))
+    return iters
+
 
 def _check_pinv(a, iters, init="per_matrix"):
     """``a`` as float64 square matrices ``(..., c, c)``, ``iters`` and ``init`` checked."""
@@ -47,7 +69,7 @@ def _check_pinv(a, iters, init="per_matrix"):
         raise ValueError(f"iterative_pinv needs square matrices (..., c, c), got shape "
                          f"{a.shape}")
     check_choice("init", init, PINV_INITS)
-    return a, check_int("iters", iters, minimum=0)
+    return a, _check_iters("iters", iters)
 
 
 def iterative_pinv(a, iters: int, *, init: str = "per_matrix"):
@@ -239,8 +261,7 @@ def _nystrom(q, k, v, *, num_landmarks, pinv_iters, scale, check_finite, pinv_in
                          f"landmark is the mean of a segment of at least one query and one "
                          f"key; got {seen}")
     if pinv_iters is not None:
-        pinv_iters = check_int("pinv_iters", pinv_iters, minimum=0,
-                               context=" (or None for the exact pseudoinverse)")
+        pinv_iters = _check_iters("pinv_iters", pinv_iters)
     s = resolve_scale(scale, pb.d)
     qg = grouped(q, pb)                                     # (B, Hkv, G, N, D)
     q_land = segment_means(qg, c)                           # (B, Hkv, G, c, D)
@@ -285,8 +306,9 @@ def nystrom_attention(q, k, v, *, num_landmarks, pinv_iters=6, pinv_init="per_ma
         allowed (queries and keys have separate landmarks). GQA: each query head has its
         own query landmarks and uses its KV head's key landmarks.
     num_landmarks : int ``c``.
-    pinv_iters : int >= 0, iterations of :func:`iterative_pinv` (the paper uses 6), or
-        None for the exact pseudoinverse (``np.linalg.pinv``). Six iterations are not
+    pinv_iters : int ``0 .. MAX_PINV_ITERS`` (10,000), iterations of
+        :func:`iterative_pinv` (the paper uses 6), or None for the exact pseudoinverse
+        (``np.linalg.pinv``). Six iterations are not
         converged when :math:`\tilde A` is ill-conditioned (small logits, many landmarks);
         that is the paper's operator, not a defect of the reference.
     pinv_init : ``"per_matrix"`` (default, the paper: each head's ``Z_0`` from its own

@@ -299,7 +299,8 @@ class _BigBird(_BlockLayout):
         return self._cached(("parts", m), lambda: self._make_parts(m))
 
     def _make_parts(self, m):
-        nb, w, g = -(-m // self.block_size), self.window, self.global_blocks
+        nb, g = -(-m // self.block_size), self.global_blocks
+        w = min(self.window, nb)        # a wider window reaches no further block
         glob = np.arange(min(g, nb))
         if self.global_at == "ends":
             glob = np.union1d(glob, np.arange(max(nb - g, 0), nb))
@@ -328,9 +329,10 @@ class _BigBird(_BlockLayout):
             return self._given(m, h)
         gen = np.random.default_rng([self.seed, h])
         left = nb - (excluded < nb).sum(axis=1)          # blocks a row may draw from
-        taken = np.full((len(rows), self.count), -1, np.int64)
+        count = min(self.count, nb)     # draws past a row's last free block take none
+        taken = np.full((len(rows), count), -1, np.int64)
         banned = excluded
-        for t in range(self.count):
+        for t in range(count):
             live = t < left
             # the u-th allowed block: step over the banned blocks below it, in order
             block = gen.integers(0, np.maximum(left - t, 1))
@@ -437,7 +439,8 @@ def bigbird_layout(block_size: int, *, window_blocks: int = 1, global_blocks: in
     * otherwise the blocks within ``window_blocks`` of its own, the global blocks, and
       ``random_blocks`` **random** key blocks of its own for each query head, drawn
       without replacement among the blocks it does not keep already (as HuggingFace's
-      ``_bigbird_block_rand_mask_with_head`` does; all of them when fewer are left). So
+      ``_bigbird_block_rand_mask_with_head`` does; all of them when fewer are left: a
+      ``window_blocks`` or ``random_blocks`` beyond ``nb`` is the same as ``nb``). So
       a non-global row keeps exactly ``(2w + 1) + 2g + r`` blocks away from the edges
       (``(2w + 1) + g + r`` with ``global_at="start"``).
 

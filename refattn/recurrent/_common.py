@@ -34,12 +34,14 @@ def choose_form(method, chunk_size, memory_budget, what, parallel_bytes, paralle
 
 
 def check_state_size(what, memory_budget, batch_shape, heads, d, dv, *,
-                     heads_name="heads_kv") -> None:
+                     heads_name="heads_kv", heads_kv=None) -> None:
     """Raise :class:`refattn.MemoryBudgetError`, naming ``batch_shape``, the heads
     (``heads_name``), ``d`` and ``dv``, before a matrix state ``S (*batch_shape, heads,
     D, Dv)`` and its per-channel inputs ``(*batch_shape, heads, D)`` -- ``(D·Dv + 2D)·8``
     bytes per head -- are allocated beyond ``memory_budget`` (bytes; None: 8 GiB). The
-    one check of every recurrent ``init_state``, made right after ``check_sizes``.
+    one check of every recurrent ``init_state``, made right after ``check_sizes``. A
+    state per query head (``heads_name="heads_q"``) names ``heads_kv`` too when given
+    (the query heads are a multiple of it).
 
     >>> import refattn as ra
     >>> try:
@@ -48,6 +50,8 @@ def check_state_size(what, memory_budget, batch_shape, heads, d, dv, *,
     ...     print(str(exc)[:78])
     retention_init_state: about 256.0 GiB of memory for batch_shape=(1,), heads_kv
     """
+    if heads_kv is not None:
+        what = f"{what} (one state per query head, a multiple of heads_kv={heads_kv:,})"
     check_state_memory(8.0 * math.prod(batch_shape) * heads * d * (dv + 2), memory_budget,
                        what, batch_shape=tuple(batch_shape), **{heads_name: heads}, d=d,
                        dv=dv)

@@ -45,8 +45,8 @@ from .._core.varlen import (check_packed, initial_states, over_sequences, split_
 from ..boundary.arrays import to_float64
 from ..gradients import sum_to_shape
 from ..streaming import State, check_sizes, check_tokens
-from ._common import (METHODS, choose_form, grouped_cotangent, qkv_gradients,
-                      shape_of)
+from ._common import (METHODS, check_state_size, choose_form, grouped_cotangent,
+                      qkv_gradients, shape_of)
 
 #: Steps between the states the backward recomputes from.
 CHECKPOINT_EVERY = 64
@@ -461,10 +461,13 @@ def run_vjp(rule, q, k, v, grad_out, ins, *, scale, normalize_qk, method, chunk_
 
 
 def init_state(rule, *, batch_shape, heads_q, heads_kv, d, dv, scale, normalize_qk,
-               fixed):
-    """An empty :class:`DeltaState`; ``fixed``: per-step inputs for steps given none."""
+               fixed, memory_budget=None):
+    """An empty :class:`DeltaState`; ``fixed``: per-step inputs for steps given none. The
+    state's size is checked against ``memory_budget`` (None: 8 GiB) before anything is
+    allocated (:func:`check_state_size`)."""
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d,
                                                         dv)
+    check_state_size(f"{rule.what} init_state", memory_budget, batch_shape, heads_kv, d, dv)
     checked = {}
     for name, x in fixed.items():
         tail = (heads_kv,) + ((d,) if rule.inputs[name] == "channel" else ())

@@ -45,8 +45,8 @@ from ..boundary.arrays import to_float64
 from ..gradients import sum_to_shape
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_tokens
-from ._common import (choose_form, grouped_cotangent, qkv_gradients, query_rows,
-                      shape_of)
+from ._common import (check_state_size, choose_form, grouped_cotangent, qkv_gradients,
+                      query_rows, shape_of)
 
 __all__ = ["gated_linear_attention", "gla_matrix", "gla_init_state", "gla_step",
            "GLAState", "gated_linear_attention_vjp"]
@@ -293,10 +293,11 @@ class GLAState(State):
 
 
 def gla_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, log_gates=None, scale=None,
-                   **_ignored):
-    """Empty streaming state of :func:`gated_linear_attention` (``_ignored``: ``method``
-    etc.). ``log_gates`` (optional): a fixed gate, broadcastable to
-    ``(*batch_shape, Hkv, D)``, for steps that are given none.
+                   memory_budget=None):
+    """Empty streaming state of :func:`gated_linear_attention`: ``S (*batch_shape, Hkv, D,
+    Dv)`` of zeros, refused (:class:`refattn.MemoryBudgetError`) beyond ``memory_budget``
+    bytes (None: 8 GiB) before it is allocated. ``log_gates`` (optional): a fixed gate,
+    broadcastable to ``(*batch_shape, Hkv, D)``, for steps that are given none.
 
     >>> import numpy as np, refattn as ra
     >>> rng = np.random.default_rng(0)
@@ -310,6 +311,7 @@ def gla_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, log_gates=None, 
     (True, 128)
     """
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    check_state_size("gla_init_state", memory_budget, batch_shape, heads_kv, d, dv)
     if log_gates is not None:
         log_gates = _log_gates(log_gates, batch_shape + (heads_kv, d)).copy()
     return GLAState(position=0, s=np.zeros(batch_shape + (heads_kv, d, dv)),

@@ -36,7 +36,8 @@ from .._core.varlen import (check_packed, initial_states, over_sequences,
 from ..boundary.arrays import to_float64
 from ..registry import attach, register
 from ..streaming import State, check_sizes, check_token
-from ._common import choose_form, grouped_cotangent, qkv_gradients, shape_of
+from ._common import (check_state_size, choose_form, grouped_cotangent, qkv_gradients,
+                      shape_of)
 
 __all__ = ["retention", "retention_matrix", "retention_init_state", "retention_step",
            "RetentionState", "retention_vjp"]
@@ -235,9 +236,13 @@ class RetentionState(State):
 
 
 def retention_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, gamma, scale=None,
-                         **_ignored):
-    """Empty streaming state of :func:`retention` (``_ignored``: ``method`` etc.)."""
+                         memory_budget=None):
+    """Empty streaming state of :func:`retention`: ``S (*batch_shape, Hq, D, Dv)`` of
+    zeros, refused (:class:`refattn.MemoryBudgetError`) beyond ``memory_budget`` bytes
+    (None: 8 GiB) before it is allocated."""
     batch_shape, heads_q, heads_kv, d, dv = check_sizes(batch_shape, heads_q, heads_kv, d, dv)
+    check_state_size("retention_init_state", memory_budget, batch_shape, heads_q, d, dv,
+                     heads_name="heads_q", heads_kv=heads_kv)
     return RetentionState(position=0, s=np.zeros(batch_shape + (heads_q, d, dv)),
                           log_gamma=_log_gamma(gamma, heads_q),
                           scale=resolve_scale(scale, d), heads_kv=heads_kv)

@@ -81,7 +81,9 @@ def _quadratic(q, k, v, g, pb, s0):
 
 def _chunked(q, k, v, g, pb, chunk, s0):
     """Mamba-2's four steps, chunks of ``chunk`` keys (the last one padded with zero
-    keys and unit decays, which change nothing)."""
+    keys and unit decays, which change nothing; a chunk longer than the keys is one
+    chunk of all of them, as in the other chunkwise forms)."""
+    chunk = min(chunk, max(pb.m, 1))
     nc = -(-pb.m // chunk)
     pad = nc * chunk - pb.m
 
@@ -162,7 +164,7 @@ def ssd(q, k, v, *, log_a, scale=1.0, method=None, chunk_size=64, causal=True,
         (with ``layout="bnhd"`` a full ``(..., M, Hkv)`` array, laid out like ``k``).
     scale : multiplies ``q`` (default 1; None: ``1/sqrt(D)``).
     method : ``"chunkwise"`` (default), ``"parallel"`` (the quadratic form, ``N·M``
-        memory) or ``"recurrent"``; chunk_size : keys per chunk.
+        memory) or ``"recurrent"``; chunk_size : keys per chunk (at most M are used).
     initial_state, return_final_state, cu_seqlens : as
         :func:`refattn.gated_linear_attention` (states ``(..., Hkv, D, Dv)``).
     causal : accepted; SSD is causal whatever it says.
@@ -212,9 +214,11 @@ def ssd_matrix(q, k, *, log_a, scale=1.0, causal=True, check_finite=True,
 
 
 def ssd_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, log_a=None, scale=1.0,
-                   **_ignored):
-    """Empty streaming state of :func:`ssd`; ``log_a`` (optional, broadcastable to
-    ``(*batch_shape, Hkv)``): a fixed decay for steps given none.
+                   memory_budget=None):
+    """Empty streaming state of :func:`ssd`, ``S (*batch_shape, Hkv, D, Dv)``, refused
+    (:class:`refattn.MemoryBudgetError`) beyond ``memory_budget`` bytes (None: 8 GiB)
+    before it is allocated; ``log_a`` (optional, broadcastable to ``(*batch_shape,
+    Hkv)``): a fixed decay for steps given none.
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -228,7 +232,7 @@ def ssd_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, log_a=None, scal
     """
     return _delta.init_state(RULE, batch_shape=batch_shape, heads_q=heads_q,
                              heads_kv=heads_kv, d=d, dv=dv, scale=scale, normalize_qk=False,
-                             fixed={"log_a": log_a})
+                             fixed={"log_a": log_a}, memory_budget=memory_budget)
 
 
 def ssd_step(state, q_t, k_t, v_t, log_a_t=None):

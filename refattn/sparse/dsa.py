@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, resolve_scale
+from .._core.checks import check_bool, check_int, check_size_memory, resolve_scale
 from .._core.problem import Problem, prepare_qkv
 from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
 from ..boundary.arrays import to_float64
@@ -235,12 +235,18 @@ def dsa_attention(q, k, v, *, topk, q_index=None, k_index=None, weights=None,
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     plan = _Plan(q, k, pb, topk, q_index, k_index, weights, causal, check_finite, block_q)
     out, lse = pb.poisoned_outputs()
-    sel = np.full((pb.batch, pb.n, plan.topk), -2, dtype=np.int64)
+    return_selection = check_bool("return_selection", return_selection)
+    if return_selection:
+        check_size_memory(8.0 * pb.batch * pb.n * plan.topk, None,
+                          "dsa_attention's selection", f"topk={plan.topk:,}",
+                          f"topk <= {pb.m:,} (all the keys) or return_selection=False")
+        sel = np.full((pb.batch, pb.n, plan.topk), -2, dtype=np.int64)
     for b, hk, hs, rows, chosen, (_, l, o, _, _), _ in _run(q, k, v, pb, plan,
                                                            resolve_scale(scale, pb.d)):
         out[b, hs, rows], lse[b, hs, rows] = o, l
-        if hk == 0:
-            sel[b, rows] = ranked_indices(chosen, plan.topk)
+        if hk == 0 and return_selection:   # -1 past the min(topk, M) keys there are
+            sel[b, rows] = -1
+            sel[b, rows, :plan.width] = ranked_indices(chosen, plan.width)
     result = pb.unflatten(out)
     extra = ((pb.unflatten(lse),) if return_lse else ()) + (
         (pb.unflatten(sel),) if return_selection else ())

@@ -10,11 +10,12 @@ Mistral and StreamingLLM (Xiao et al. 2024).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
 from .. import masks
-from .._core.checks import check_count, check_int
+from .._core.checks import check_count, check_int, check_state_memory
 from ..registry import attach
 from ..streaming import State, Window, attend_token, check_sizes, check_tokens
 from ._common import pattern
@@ -74,9 +75,10 @@ def sink_attention(q, k, v, *, window, sinks=4, **options):
 class SinkWindowState(State):
     """Fixed-size cache: ``sinks`` slots for the first tokens and the ``window + 1`` most
     recent later tokens in ``recent`` (a :class:`refattn.streaming.Window`: steps append
-    in amortized O(1) rather than copying the window). ``dilation``: one int per query
-    head, head ``h`` reading only keys ``j`` with ``(t - j) % dilation[h] == 0`` (None:
-    every key). ``nbytes`` counts the ``sinks + window + 1`` slots the cache holds."""
+    in amortized O(1) rather than copying the window). ``dilation``: a read-only int
+    array of one entry per query head (a broadcast view when one number was given), head
+    ``h`` reading only keys ``j`` with ``(t - j) % dilation[h] == 0`` (None: every key).
+    ``nbytes`` counts the ``sinks + window + 1`` slots the cache holds."""
 
     sink_keys: np.ndarray
     sink_values: np.ndarray
@@ -85,7 +87,7 @@ class SinkWindowState(State):
     window: int
     sinks: int
     scale: float | None
-    dilation: tuple | None = None
+    dilation: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
@@ -98,9 +100,13 @@ class SinkWindowState(State):
         return int(np.prod(b, dtype=np.int64)) * hkv * (self.sinks + self.window + 1) * (d + dv) * 8
 
 
-def sink_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, sinks=4, scale=None):
+def sink_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, sinks=4, scale=None,
+              memory_budget=None):
     """Fixed-size StreamingLLM cache for :func:`refattn.sink_attention` with
-    ``causal=True``: ``sinks`` first tokens plus the last ``window + 1`` tokens.
+    ``causal=True``: ``sinks`` first tokens plus the last ``window + 1`` tokens. The sink
+    slots, ``prod(batch_shape)·Hkv·sinks·(D + Dv)·8`` bytes, are allocated here: beyond
+    ``memory_budget`` (bytes; None: 8 GiB) a :class:`refattn.MemoryBudgetError` naming
+    the sizes is raised first (the window starts empty and fills as tokens arrive).
 
     >>> import numpy as np, refattn as ra
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 9, 4))
@@ -116,6 +122,9 @@ def sink_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, sinks=4, scal
     window = check_int("window", window, minimum=0)
     sinks = check_int("sinks", sinks, minimum=0)
     b, _, hkv, d, dv = sizes
+    check_state_memory(8.0 * math.prod(b) * hkv * sinks * (d + dv), memory_budget,
+                       "sink_init's sink slots", batch_shape=b, heads_kv=hkv, sinks=sinks,
+                       d=d, dv=dv)
     return SinkWindowState(position=0, sink_keys=np.zeros(b + (hkv, sinks, d)),
                            sink_values=np.zeros(b + (hkv, sinks, dv)),
                            recent=Window.empty(b + (hkv, d), b + (hkv, dv)), sizes=sizes,
@@ -140,9 +149,9 @@ def sink_step(state, q_t, k_t, v_t):
     keys = (new.sink_keys[..., :n_sink, :], new.recent.keys_view)
     values = (new.sink_values[..., :n_sink, :], new.recent.values_view)
     mask = None
-    if state.dilation is not None and any(x != 1 for x in state.dilation):
+    if state.dilation is not None:
         held = np.concatenate([np.arange(n_sink), t + 1 - n_recent + np.arange(n_recent)])
-        mask = (t - held)[None, :] % np.asarray(state.dilation)[:, None] == 0   # (Hq, L)
+        mask = (t - held)[None, :] % state.dilation[:, None] == 0   # (Hq, L)
     return attend_token(q_t, keys, values, scale=state.scale, mask=mask), new
 
 
@@ -172,7 +181,11 @@ def ring_init(*, batch_shape=(), heads_q, heads_kv, d, dv, window, right=0, dila
             not np.issubdtype(dil.dtype, np.integer) or (dil < 1).any():
         raise ValueError(f"dilation must be an int >= 1 or one per query head "
                          f"(Hq={state.sizes[1]},), got {dilation!r}")
-    return state.replace(dilation=tuple(int(x) for x in np.broadcast_to(dil, (state.sizes[1],))))
+    if (dil == 1).all():
+        return state                          # every key: no mask to build per step
+    dil = dil.astype(np.int64)                # a copy: the caller's list is not kept
+    dil.flags.writeable = False               # a broadcast view when one number is given
+    return state.replace(dilation=np.broadcast_to(dil, (state.sizes[1],)))
 
 
 ring_step = sink_step

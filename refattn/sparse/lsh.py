@@ -66,14 +66,13 @@ and heads, so the drawn buckets are those of :func:`lsh_buckets` with the same `
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
 from .._core.problem import prepare_qkv
 from ..registry import attach, register
-from .lsh_hash import _check_n_buckets, _hash, _rotations, check_hash_memory, lsh_buckets
+from .lsh_hash import (_check_n_buckets, _given_buckets, _hash, _rotations,
+                       check_hash_memory, lsh_buckets)
 
 __all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_attention_vjp", "lsh_buckets",
            "SELF_LOGIT", "DEFAULT_CHUNK_SIZE"]
@@ -87,27 +86,6 @@ _BLOCK_BYTES = 2**28
 
 
 # --------------------------------------------------------------------------- core
-def _given_buckets(buckets, name, n_hashes, n_buckets, batch_shape, heads, n):
-    arr = np.asarray(buckets)
-    target = (n_hashes,) + tuple(batch_shape) + (heads, n)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer array of shape (n_hashes, ..., H, N) "
-                        f"= {target}, got dtype {arr.dtype} with shape {arr.shape}")
-    if arr.ndim < 3 or arr.ndim > len(target) or arr.shape[0] != n_hashes:
-        raise ValueError(f"{name} must have shape (n_hashes, ..., H, N) broadcastable to "
-                         f"{target}, got shape {arr.shape}")
-    arr = arr.reshape((n_hashes,) + (1,) * (len(target) - arr.ndim) + arr.shape[1:])
-    try:
-        arr = np.broadcast_to(arr, target)
-    except ValueError:
-        raise ValueError(f"{name} must have shape (n_hashes, ..., H, N) broadcastable to "
-                         f"{target}, got shape {np.shape(buckets)}") from None
-    if arr.size and (arr.min() < 0 or arr.max() >= n_buckets):
-        raise ValueError(f"{name} values must lie in [0, n_buckets={n_buckets}), got "
-                         f"values from {arr.min()} to {arr.max()}")
-    return arr.reshape((n_hashes, math.prod(batch_shape), heads, n)).astype(np.int64)
-
-
 def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale, rng,
            buckets, check_finite, what, memory_budget=None):
     """Validate; return flat per-query-head inputs and buckets.

@@ -5,6 +5,8 @@ discrete choices: the attentions' gradients hold them fixed.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._core.checks import check_int, check_size_memory, resolve_budget, resolve_rng
@@ -37,6 +39,29 @@ def check_hash_memory(n_hashes: int, n_buckets: int, d: int, vectors: int, memor
                       f"n_hashes={n_hashes:,}, n_buckets={n_buckets:,}",
                       f"n_hashes <= {fit:,} at this n_buckets" if fit >= 1 else
                       "fewer n_buckets (at most a few times the sequence length is useful)")
+
+
+def _given_buckets(buckets, name, n_hashes, n_buckets, batch_shape, heads, n):
+    """Buckets given instead of drawn, ``(n_hashes, ..., H, N)`` integers in
+    ``[0, n_buckets)`` broadcast over the batch: int64 ``(n_hashes, B, H, N)``."""
+    arr = np.asarray(buckets)
+    target = (n_hashes,) + tuple(batch_shape) + (heads, n)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array of shape (n_hashes, ..., H, N) "
+                        f"= {target}, got dtype {arr.dtype} with shape {arr.shape}")
+    if arr.ndim < 3 or arr.ndim > len(target) or arr.shape[0] != n_hashes:
+        raise ValueError(f"{name} must have shape (n_hashes, ..., H, N) broadcastable to "
+                         f"{target}, got shape {arr.shape}")
+    arr = arr.reshape((n_hashes,) + (1,) * (len(target) - arr.ndim) + arr.shape[1:])
+    try:
+        arr = np.broadcast_to(arr, target)
+    except ValueError:
+        raise ValueError(f"{name} must have shape (n_hashes, ..., H, N) broadcastable to "
+                         f"{target}, got shape {np.shape(buckets)}") from None
+    if arr.size and (arr.min() < 0 or arr.max() >= n_buckets):
+        raise ValueError(f"{name} values must lie in [0, n_buckets={n_buckets}), got "
+                         f"values from {arr.min()} to {arr.max()}")
+    return arr.reshape((n_hashes, math.prod(batch_shape), heads, n)).astype(np.int64)
 
 
 def _rotations(rng, n_hashes: int, d: int, n_buckets: int) -> np.ndarray:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.checks import check_bool, check_int, resolve_scale
+from .._core.checks import check_bool, check_int, check_size_memory, resolve_scale
 from .._core.problem import prepare_qkv
 from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
 from ..registry import attach, register
@@ -58,20 +58,23 @@ class _Plan:
 
     def __init__(self, k, pb, block_size, topk, causal, block_q):
         ctx = f" (k has M={pb.m} keys)"
-        self.size = check_int("block_size", block_size, minimum=1, context=ctx)
+        # a block past the keys holds them all: the same as one block of M keys
+        self.size = min(check_int("block_size", block_size, minimum=1, context=ctx),
+                        max(pb.m, 1))
         self.topk = check_int("topk", topk, minimum=1,
                               context=" (blocks kept per query, counting its own)")
         self.causal = check_bool("causal", causal)
         self.m = pb.m
         starts = np.arange(0, pb.m, self.size)
         self.nb = len(starts)
+        self.keep = max(min(self.topk, self.nb), 1)   # topk of fewer blocks: all of them
         if self.nb:
             sizes = np.minimum(starts + self.size, pb.m) - starts
             self.means = np.add.reduceat(k, starts, axis=2) / sizes[:, None]
         else:
             self.means = k[:, :, :0]
         self.pos = np.arange(pb.n) + (pb.m - pb.n)
-        width = self.topk * self.size
+        width = self.keep * self.size
         per_key = 3 if dense_is_cheaper(width, pb.m) else pb.d + pb.dv + 3
         per_row = pb.group * (self.nb * 2 + min(width, pb.m) * per_key)
         self.rows = (block_rows(block_q, 1, 1, 1) if block_q is not None
@@ -86,14 +89,14 @@ class _Plan:
         g, r, d = qb.shape
         score = np.where(cand, (qb.reshape(g * r, d) @ means.T).reshape(g, r, -1), -np.inf)
         score = np.where(c == own, np.inf, score)           # the current block, always
-        return topk_keep(score, self.topk)
+        return topk_keep(score, self.keep)
 
     def keys(self, qb, means, rows):
         """``(chosen, cols, keep)``: the kept blocks ``(G, r, nb)`` and their keys."""
         pos = self.pos[rows]
         chosen = self.choose(qb, means, pos)
         return (chosen,) + block_keys(chosen, self.size, self.m, pos, self.causal,
-                                      self.topk)
+                                      self.keep)
 
 
 def _run(q, k, v, pb, plan, scale):
@@ -121,7 +124,8 @@ def moba_attention(q, k, v, *, block_size, topk, causal=False, scale=None,
     ----------
     q : ``(..., Hq, N, D)``; k : ``(..., Hkv, M, D)``; v : ``(..., Hkv, M, Dv)``; ``Hq`` a
         multiple of ``Hkv`` (each query head selects its own blocks).
-    block_size : ``B``, keys per block (the last block may be shorter).
+    block_size : ``B``, keys per block (the last block may be shorter; ``B >= M``: one
+        block of all the keys).
     topk : blocks kept per query, counting its current block (``topk >= M/B``: all
         earlier blocks, i.e. exact attention when causal).
     causal : MoBA as published (see the module docstring for ``False``).
@@ -151,11 +155,18 @@ def moba_attention(q, k, v, *, block_size, topk, causal=False, scale=None,
     q, k, v, pb = prepare_qkv(q, k, v, check_finite=check_finite)
     plan = _Plan(k, pb, block_size, topk, causal, block_q)
     out, lse = pb.poisoned_outputs()
-    sel = np.full((pb.batch, pb.heads_q, pb.n, plan.topk), -2, dtype=np.int64)
+    return_selection = check_bool("return_selection", return_selection)
+    if return_selection:
+        check_size_memory(8.0 * pb.batch * pb.heads_q * pb.n * plan.topk, None,
+                          "moba_attention's selection", f"topk={plan.topk:,}",
+                          f"topk <= {plan.nb:,} (all the blocks) or return_selection=False")
+        sel = np.full((pb.batch, pb.heads_q, pb.n, plan.topk), -2, dtype=np.int64)
     for b, _, hs, rows, chosen, (_, l, o, _, _), _ in _run(q, k, v, pb, plan,
                                                           resolve_scale(scale, pb.d)):
         out[b, hs, rows], lse[b, hs, rows] = o, l
-        sel[b, hs, rows] = ranked_indices(chosen, plan.topk)
+        if return_selection:               # -1 past the keep <= topk blocks there are
+            sel[b, hs, rows] = -1
+            sel[b, hs, rows, :plan.keep] = ranked_indices(chosen, plan.keep)
     result = pb.unflatten(out)
     extra = ((pb.unflatten(lse),) if return_lse else ()) + (
         (pb.unflatten(sel),) if return_selection else ())

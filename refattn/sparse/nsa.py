@@ -63,7 +63,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
+from .._core.checks import (check_bool, check_cotangent, check_int, check_size_memory,
+                            resolve_scale)
 from .._core.problem import prepare_qkv, sum_to_shape
 from .._core.select import BLOCK_ELEMENTS, block_rows, topk_keep
 from ..boundary.arrays import to_float64
@@ -83,7 +84,9 @@ class _Geometry:
         ctx = f" (k has M={pb.m} keys)"
         self.l = check_int("block_size", block_size, minimum=1, context=ctx)
         self.d = check_int("stride", stride, minimum=1, context=ctx)
-        self.ls = check_int("select_size", select_size, minimum=1, context=ctx)
+        # a selection block past the keys holds them all: the same as one of M keys
+        self.ls = min(check_int("select_size", select_size, minimum=1, context=ctx),
+                      max(pb.m, 1))
         self.w = check_int("window", window, minimum=0, context=ctx)
         self.initial = check_int("initial_blocks", initial_blocks, minimum=0)
         self.local = check_int("local_blocks", local_blocks, minimum=0)
@@ -97,6 +100,7 @@ class _Geometry:
         self.c = (m - l) // d + 1 if m >= l else 0            # complete blocks
         self.starts = np.arange(self.c) * d
         self.j = -(-m // ls)                                   # selection blocks
+        self.keep = max(min(self.top_n, self.j), 1)   # top_n of fewer blocks: all of them
         j = np.arange(self.j)
         lo = np.maximum((j * ls - l) // d + 1, 0)
         hi = np.minimum(-(-((j + 1) * ls) // d) - 1, self.c - 1)
@@ -109,7 +113,7 @@ class _Geometry:
         self.weight = np.where(live, overlap / d, 0.0)
         self.pos = np.arange(pb.n) + (m - pb.n)
         per_key = pb.d + pb.dv + 2 * pb.group + 2           # a listed key
-        width = self.top_n * ls                              # selected keys
+        width = self.keep * ls                               # selected keys
         per_row = (self.c * pb.group + self.j * (span + 3)
                    + (3 * m * pb.group if dense_is_cheaper(width, m) else width * per_key)
                    + self.w * max(per_key, 12 * pb.group))  # window: lists or band
@@ -133,7 +137,7 @@ class _Geometry:
         own = np.floor_divide(pos, self.ls)[:, None]
         forced = cand & ((j < self.initial) | ((j <= own) & (j > own - self.local)))
         score = np.where(forced, np.inf, np.where(cand, imp, -np.inf))
-        return topk_keep(score, self.top_n)
+        return topk_keep(score, self.keep)
 
     def window_keys(self, pos):
         """``(cols, keep)`` (:func:`gather_attention`): the ``w`` keys up to each query,
@@ -203,7 +207,7 @@ def _branches(geo, qs, kb, vb, kc, vc, rows):
     pos = geo.pos[rows]
     cmp = gather_attention(qs, kc, vc, None, geo.visible_blocks(pos)) + (None,)
     chosen = geo.select(cmp[0], pos)
-    cols, keep = block_keys(chosen[None], geo.ls, geo.m, pos, geo.causal, geo.top_n)
+    cols, keep = block_keys(chosen[None], geo.ls, geo.m, pos, geo.causal, geo.keep)
     slc = gather_attention(qs, kb, vb, cols, keep) + (cols,)
     cols, keep = geo.window_keys(pos)
     win = gather_attention(qs, kb, vb, cols, keep) + (cols,)
@@ -245,7 +249,9 @@ def nsa_attention(q, k, v, *, gates, block_size=32, stride=16, select_size=64, t
     block_size, stride : ``l`` and ``d`` of the compression blocks (keys
         ``[i d, i d + l)``).
     select_size, top_n : ``l'``, keys per selection block, and ``n``, blocks kept per query
-        counting the always-on ones (``top_n >= initial_blocks + local_blocks``).
+        counting the always-on ones (``top_n >= initial_blocks + local_blocks``); with
+        ``n`` at least the number of blocks ``ceil(M / l')`` every block is kept, and an
+        ``l' >= M`` is one block of all the keys.
     window : ``w``, keys of the sliding window ending at the query (0: no window branch).
     initial_blocks, local_blocks : always-on selection blocks: the first ones, and the
         query's own block with the ``local_blocks - 1`` before it.
@@ -282,11 +288,19 @@ def nsa_attention(q, k, v, *, gates, block_size=32, stride=16, select_size=64, t
         window=window, initial_blocks=initial_blocks, local_blocks=local_blocks,
         causal=causal)
     out, _ = pb.poisoned_outputs()
-    sel = np.full((pb.batch, pb.heads_kv, pb.n, geo.top_n), -2, dtype=np.int64)
+    return_selection = check_bool("return_selection", return_selection)
+    if return_selection:
+        check_size_memory(8.0 * pb.batch * pb.heads_kv * pb.n * geo.top_n, None,
+                          "nsa_attention's selection", f"top_n={geo.top_n:,}",
+                          f"top_n <= {geo.j:,} (all the selection blocks) or "
+                          f"return_selection=False")
+        sel = np.full((pb.batch, pb.heads_kv, pb.n, geo.top_n), -2, dtype=np.int64)
     for b, hk, hs, rows in _blocks(pb, geo, block_q):
         branches, chosen = _branches(geo, q[b, hs, rows] * s, k[b, hk], v[b, hk],
                                      kc[b, hk], vc[b, hk], rows)
-        sel[b, hk, rows] = ranked_indices(chosen, geo.top_n)
+        if return_selection:               # -1 past the keep <= top_n blocks there are
+            sel[b, hk, rows] = -1
+            sel[b, hk, rows, :geo.keep] = ranked_indices(chosen, geo.keep)
         gb = g[b, hs, rows]
         out[b, hs, rows] = sum(gb[..., c, None] * branches[c][2] for c in range(3))
     out = pb.unflatten(out)

@@ -111,8 +111,9 @@ def deltanet_matrix(q, k, *, beta, scale=None, normalize_qk=False, causal=True,
 
 
 def deltanet_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, beta=None,
-                        scale=None, normalize_qk=False, **_ignored):
-    """Empty streaming state of :func:`deltanet` (``_ignored``: ``method`` etc.);
+                        scale=None, normalize_qk=False, memory_budget=None):
+    """Empty streaming state of :func:`deltanet` (``memory_budget``: the state's
+    size is checked against it first);
     ``beta`` (optional): a fixed strength, broadcastable to ``(*batch_shape, Hkv)``, for
     steps given none.
 
@@ -130,7 +131,8 @@ def deltanet_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, beta=None,
     """
     return _delta.init_state(RULE, batch_shape=batch_shape, heads_q=heads_q,
                              heads_kv=heads_kv, d=d, dv=dv, scale=scale,
-                             normalize_qk=normalize_qk, fixed={"beta": beta})
+                             normalize_qk=normalize_qk, fixed={"beta": beta},
+                             memory_budget=memory_budget)
 
 
 def deltanet_step(state, q_t, k_t, v_t, beta_t=None):

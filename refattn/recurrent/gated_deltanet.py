@@ -93,7 +93,8 @@ def gated_deltanet_matrix(q, k, *, beta, log_gates, scale=None, normalize_qk=Fal
 
 
 def gated_deltanet_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, beta=None,
-                              log_gates=None, scale=None, normalize_qk=False, **_ignored):
+                              log_gates=None, scale=None, normalize_qk=False,
+                              memory_budget=None):
     """Empty streaming state of :func:`gated_deltanet`; ``beta``, ``log_gates``
     (optional): fixed per-step inputs, broadcastable to ``(*batch_shape, Hkv)``.
 
@@ -112,7 +113,8 @@ def gated_deltanet_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, beta=
     return _delta.init_state(RULE, batch_shape=batch_shape, heads_q=heads_q,
                              heads_kv=heads_kv, d=d, dv=dv, scale=scale,
                              normalize_qk=normalize_qk,
-                             fixed={"beta": beta, "log_gates": log_gates})
+                             fixed={"beta": beta, "log_gates": log_gates},
+                             memory_budget=memory_budget)
 
 
 def gated_deltanet_step(state, q_t, k_t, v_t, beta_t=None, log_gates_t=None):

@@ -88,7 +88,7 @@ def generalized_delta_rule_matrix(q, k, *, a, b, log_w, scale=None, causal=True,
 
 
 def generalized_delta_rule_init_state(*, batch_shape=(), heads_q, heads_kv, d, dv, a=None,
-                                      b=None, log_w=None, scale=None, **_ignored):
+                                      b=None, log_w=None, scale=None, memory_budget=None):
     """Empty streaming state of :func:`generalized_delta_rule`; ``a``, ``b``, ``log_w``
     (optional, each broadcastable to ``(*batch_shape, Hkv, D)``): fixed per-step inputs.
 
@@ -106,7 +106,8 @@ def generalized_delta_rule_init_state(*, batch_shape=(), heads_q, heads_kv, d, d
     """
     return _delta.init_state(RULE, batch_shape=batch_shape, heads_q=heads_q,
                              heads_kv=heads_kv, d=d, dv=dv, scale=scale, normalize_qk=False,
-                             fixed={"a": a, "b": b, "log_w": log_w})
+                             fixed={"a": a, "b": b, "log_w": log_w},
+                             memory_budget=memory_budget)
 
 
 def generalized_delta_rule_step(state, q_t, k_t, v_t, a_t=None, b_t=None, log_w_t=None):

@@ -3,6 +3,8 @@ whose implied matrix is dense attention under the same mask), and the start of t
 content-based selections that hold ``(heads, block_q, M)`` logit blocks."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .._core.backward import head_summed_product
@@ -22,15 +24,22 @@ def pattern(factory, **register_kwargs):
     (:func:`refattn.sparse.engine.sparse_attention_vjp`), and ``fn.mask`` is
     ``factory``. All three take the engine's ``sinks=`` (learned sink logits)."""
     def deco(fn):
+        # learned sink logits (the engine's sinks=), unless the mask's own parameter is
+        # called sinks (sink_attention: StreamingLLM's sink tokens)
+        own = "sinks" in inspect.signature(factory).parameters
+
         def implied(q, k, *, causal=False, scale=None, bias=None, softcap=None,
-                    sinks=None, check_finite=True, method=None, block_q=None, block_k=None,
+                    check_finite=True, method=None, block_q=None, block_k=None,
                     workers=None, **params):
+            sinks = None if own else params.pop("sinks", None)
             return attention_probs(q, k, mask=factory(**params), causal=causal, scale=scale,
                                    bias=bias, softcap=softcap, sinks=sinks,
                                    check_finite=check_finite)
+
         def vjp(q, k, v, grad_out, *, grad_lse=None, causal=False, scale=None, bias=None,
-                softcap=None, sinks=None, check_finite=True, method="auto", block_q=None,
+                softcap=None, check_finite=True, method="auto", block_q=None,
                 block_k=None, workers=None, **params):
+            sinks = None if own else params.pop("sinks", None)
             return sparse_attention_vjp(q, k, v, grad_out, mask=factory(**params),
                                         grad_lse=grad_lse, causal=causal, scale=scale,
                                         bias=bias, softcap=softcap, sinks=sinks,

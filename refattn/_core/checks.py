@@ -51,12 +51,13 @@ def check_memory(nbytes: float, budget, what: str, alternative: str) -> None:
 
 
 def check_size_memory(nbytes: float, budget, what: str, sizes: str,
-                      alternative: str) -> None:
+                      alternative: str, *, adjustable: bool = True) -> None:
     """Raise :class:`MemoryBudgetError` before allocating ``nbytes`` beyond ``budget``
     for an array whose size a parameter sets rather than the sequence length (a number
     of features, slots, buckets, a state's dimensions): the message names the
     parameters (``sizes``, as ``"num_features=2**40"``) and the bounded
-    ``alternative``.
+    ``alternative`` (and, where the caller takes ``memory_budget=``, ``adjustable``,
+    that it can be raised).
 
     >>> try:
     ...     check_size_memory(2.0**43, None, "the random features", "num_features=2**40",
@@ -71,8 +72,8 @@ def check_size_memory(nbytes: float, budget, what: str, sizes: str,
     if nbytes > budget:
         raise MemoryBudgetError(
             f"{what}: about {nbytes / 2**30:,.1f} GiB of memory for {sizes}, over the "
-            f"memory budget of {budget / 2**30:,.1f} GiB; use {alternative}, or raise "
-            f"memory_budget= if the machine has room")
+            f"memory budget of {budget / 2**30:,.1f} GiB; use {alternative}"
+            + (", or raise memory_budget= if the machine has room" if adjustable else ""))
 
 
 def check_state_memory(nbytes: float, budget, what: str, **sizes) -> None:

@@ -239,7 +239,8 @@ def dsa_attention(q, k, v, *, topk, q_index=None, k_index=None, weights=None,
     if return_selection:
         check_size_memory(8.0 * pb.batch * pb.n * plan.topk, None,
                           "dsa_attention's selection", f"topk={plan.topk:,}",
-                          f"topk <= {pb.m:,} (all the keys) or return_selection=False")
+                          f"topk <= {pb.m:,} (all the keys) or return_selection=False",
+                          adjustable=False)
         sel = np.full((pb.batch, pb.n, plan.topk), -2, dtype=np.int64)
     for b, hk, hs, rows, chosen, (_, l, o, _, _), _ in _run(q, k, v, pb, plan,
                                                            resolve_scale(scale, pb.d)):

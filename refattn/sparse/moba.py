@@ -159,7 +159,8 @@ def moba_attention(q, k, v, *, block_size, topk, causal=False, scale=None,
     if return_selection:
         check_size_memory(8.0 * pb.batch * pb.heads_q * pb.n * plan.topk, None,
                           "moba_attention's selection", f"topk={plan.topk:,}",
-                          f"topk <= {plan.nb:,} (all the blocks) or return_selection=False")
+                          f"topk <= {plan.nb:,} (all the blocks) or return_selection=False",
+                          adjustable=False)
         sel = np.full((pb.batch, pb.heads_q, pb.n, plan.topk), -2, dtype=np.int64)
     for b, _, hs, rows, chosen, (_, l, o, _, _), _ in _run(q, k, v, pb, plan,
                                                           resolve_scale(scale, pb.d)):

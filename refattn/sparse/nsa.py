@@ -293,7 +293,7 @@ def nsa_attention(q, k, v, *, gates, block_size=32, stride=16, select_size=64, t
         check_size_memory(8.0 * pb.batch * pb.heads_kv * pb.n * geo.top_n, None,
                           "nsa_attention's selection", f"top_n={geo.top_n:,}",
                           f"top_n <= {geo.j:,} (all the selection blocks) or "
-                          f"return_selection=False")
+                          f"return_selection=False", adjustable=False)
         sel = np.full((pb.batch, pb.heads_kv, pb.n, geo.top_n), -2, dtype=np.int64)
     for b, hk, hs, rows in _blocks(pb, geo, block_q):
         branches, chosen = _branches(geo, q[b, hs, rows] * s, k[b, hk], v[b, hk],

@@ -44,15 +44,25 @@ def fit_exponent(ns, values) -> float:
     return float(np.polyfit(np.log(ns[ok]), np.log(values[ok]), 1)[0])
 
 
+#: Example options that size the computation for tests (tiny tiles), not the mechanism.
+TEST_SIZING = frozenset({"block_q", "block_k", "method", "workers"})
+
+
 def scaling_params(spec, n: int, budget: int) -> dict:
     """Keyword arguments of ``spec`` for a call at length ``n``: ``spec.budget(n, budget)``
     where registered, none for exact mechanisms (their defaults are tuned for speed; the
-    examples, e.g. tiny tiles, are sized for tests), else ``spec.example``; ``rng=0`` for
-    randomized mechanisms."""
+    examples, e.g. tiny tiles, are sized for tests), else ``spec.example`` without its
+    :data:`TEST_SIZING` options; ``rng=0`` for randomized mechanisms.
+
+    >>> import refattn as ra
+    >>> scaling_params(ra.mechanisms()["sigmoid_attention"], 2048, 32)   # not 3 x 5 tiles
+    {}
+    """
     if spec.budget:
         params = dict(spec.budget(n, budget))
     else:
-        params = {} if spec.exact else dict(spec.example)
+        params = {} if spec.exact else {k: v for k, v in spec.example.items()
+                                        if k not in TEST_SIZING}
     if spec.randomized:
         params["rng"] = 0
     return params

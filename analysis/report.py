@@ -106,10 +106,11 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset(n=512, budgets=(8, 16, 32, 64, 128), seeds=(0, 1, 2), entropy_budget=16,
+    "quick": Preset(n=512, budgets=(8, 16, 32, 64, 128), seeds=(0, 1), entropy_budget=16,
                     temperatures=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0), minilm_tokens=512,
                     kernel_ms=(8, 32, 128, 512), kernel_trials=10000,
-                    complexity_ns=(256, 512, 1024, 2048), real_seeds=(0,)),
+                    complexity_ns=(256, 512, 1024, 2048), real_seeds=(0,),
+                    quality_passage_tokens=48),
     "full": Preset(n=1024, budgets=(8, 16, 32, 64, 128, 256), seeds=(0, 1, 2, 3),
                    entropy_budget=32, temperatures=(0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 1.0,
                                                     1.4, 2.0, 4.0, 8.0, 16.0),

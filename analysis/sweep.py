@@ -52,7 +52,6 @@ import math
 import time
 import tracemalloc
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import numpy as np
 
@@ -262,61 +261,16 @@ def _input_cell(task):
                         "input_effective_rank": float(np.mean(effective_rank(p)))})]
 
 
-def _run(task):
-    return task, (_input_cell(task) if task["mechanism"] is None else _cell(task))
-
-
-# --------------------------------------------------------------------------- executors
-def _client(scheduler, connect_timeout):
-    try:
-        from dask.distributed import Client
-    except ImportError as exc:
-        raise ImportError("scheduler= needs dask[distributed] (pip install "
-                          "'refattn[analysis]'); run without scheduler= to use local "
-                          "processes") from exc
-    if isinstance(scheduler, Client):
-        return scheduler, False
-    try:
-        return Client(scheduler, timeout=connect_timeout), True
-    except (OSError, TimeoutError) as exc:
-        raise ConnectionError(
-            f"could not reach the Dask scheduler at {scheduler!r} within "
-            f"{connect_timeout} s ({type(exc).__name__}: {exc}); start it (dask scheduler "
-            f"+ dask worker) or check the address, or run sweep without scheduler= to use "
-            f"local processes") from exc
+def _result(task):
+    return _input_cell(task) if task["mechanism"] is None else _cell(task)
 
 
 def _execute(tasks, scheduler, workers, progress, connect_timeout):
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(tasks), desc="sweep", disable=not progress)
-    try:
-        if scheduler is not None:
-            from dask.distributed import as_completed as dask_completed
-            client, owned = _client(scheduler, connect_timeout)
-            try:
-                futures = client.map(_run, tasks, pure=False)
-                for fut in dask_completed(futures):
-                    yield fut.result()
-                    bar.update()
-            finally:
-                if owned:
-                    client.close()
-            return
-        from refattn._core.threads import available_cores
-        workers = available_cores() if workers is None else int(workers)
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1 or None, got {workers}")
-        if workers == 1 or len(tasks) == 1:
-            for task in tasks:
-                yield _run(task)
-                bar.update()
-            return
-        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
-            for fut in as_completed([pool.submit(_run, t) for t in tasks]):
-                yield fut.result()
-                bar.update()
-    finally:
-        bar.close()
+    """``(task, result)`` of every task as it finishes: :func:`refattn.analysis.tasks.
+    run_tasks` (local processes with single-threaded BLAS, or the Dask cluster)."""
+    from .tasks import run_tasks
+    yield from run_tasks(_result, tasks, scheduler=scheduler, workers=workers,
+                         progress=progress, desc="sweep", connect_timeout=connect_timeout)
 
 
 # --------------------------------------------------------------------------- sweep

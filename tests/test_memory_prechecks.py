@@ -59,6 +59,10 @@ def test_scatterbrain_and_lsh_name_their_sizes():
                                         memory_budget=2**20)).all()
     with pytest.raises(MemoryBudgetError, match="n_hashes=1,099,511,627,776"):
         lsh_buckets(q, 4, 0, n_hashes=2**40)
+    with pytest.raises(MemoryBudgetError, match="fewer n_buckets"):   # rotations too big
+        ra.lsh_attention(q, k, v, n_buckets=2**20, rng=0, memory_budget=2**20)
+    with pytest.raises(MemoryBudgetError, match="shorter sequences"):  # one round too big
+        ra.lsh_attention(q, k, v, n_buckets=4, rng=0, memory_budget=2**12)
 
 
 def test_memory_slots_are_refused_by_name():

@@ -35,10 +35,15 @@ def check_hash_memory(n_hashes: int, n_buckets: int, d: int, vectors: int, memor
     blocks = 24.0 * min(max(vectors, 1), max(1, HASH_BLOCK_ELEMENTS // half)) * half
     budget = resolve_budget(memory_budget)
     fit = int((budget - blocks) // round_bytes) if budget > blocks else 0
+    if fit >= 1:
+        advice = f"n_hashes <= {fit:,} at this n_buckets"
+    elif 8.0 * d * half >= per_round:           # the rotations alone are too large
+        advice = "fewer n_buckets (at most a few times the sequence length is useful)"
+    else:                                       # one round's sorted chunks are too large
+        advice = ("shorter sequences per call (every round's sorted chunks and their "
+                  "logits are formed at once)")
     check_size_memory(n_hashes * round_bytes + blocks, budget, what,
-                      f"n_hashes={n_hashes:,}, n_buckets={n_buckets:,}",
-                      f"n_hashes <= {fit:,} at this n_buckets" if fit >= 1 else
-                      "fewer n_buckets (at most a few times the sequence length is useful)")
+                      f"n_hashes={n_hashes:,}, n_buckets={n_buckets:,}", advice)
 
 
 def _given_buckets(buckets, name, n_hashes, n_buckets, batch_shape, heads, n):

@@ -2,12 +2,15 @@
 measured.
 
 For each mechanism and each N it runs one float64 call (batch 1, one head, D = 64) in a
-fresh subprocess and prints wall time, the peak working memory beyond inputs and output
-(``tracemalloc``: NumPy reports its buffers; a second, traced call) and the RSS high-water
-growth (``ru_maxrss``, untraced call, fresh process), then the exponent ``p`` of a
-least-squares fit ``time ~ N^p`` (and of the traced memory) over the sizes from
-``--fit-from`` on: about 1 for sparse and linear mechanisms, 2 for exact attention's
-time.
+fresh subprocess and prints wall time; the call's peak memory (``tracemalloc``: NumPy
+reports its buffers; a second, traced call): everything it allocates, output included,
+as the report's complexity section measures it, and the working memory beyond the
+output; the RSS high-water growth beyond the output (``ru_maxrss``, untraced call, fresh
+process); then the exponents ``p`` of least-squares fits ``time ~ N^p``, ``peak ~ N^p``
+and ``working ~ N^p`` over the sizes from ``--fit-from`` on. Memory linear in N gives a
+peak exponent of 1 (the output alone is linear); a working memory that stops growing (a
+bounded engine) gives a working exponent that falls toward 0; exact attention's time
+grows as N².
 
 Run by hand, not by the test suite::
 
@@ -53,10 +56,9 @@ CASES = {
                                                     global_tokens=np.arange(16)),
         [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "lsh": (
-        "Reformer LSH, chunks of 64, buckets of ~64 keys, 1 hash round (rng=0); its sorted "
-        "chunks take ~8 KiB per token at once, so the budget is raised to 16 GiB",
+        "Reformer LSH, chunks of 64, buckets of ~64 keys, 1 hash round (rng=0)",
         lambda ra, q, k, v: ra.lsh_attention(q, k, v, n_buckets=max(2, q.shape[-2] // 64),
-                                             chunk_size=64, rng=0, memory_budget=16 * 2**30),
+                                             chunk_size=64, rng=0),
         [4 * K, 16 * K, 64 * K, 256 * K, 1024 * K]),
     "nsa": (
         "causal NSA: mean-pooled compression blocks of 1024 (stride 1024), the top 4 "
@@ -110,11 +112,11 @@ def measure(case: str, n: int, d: int) -> dict:
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     out = call(ra, q, k, v)
-    traced = tracemalloc.get_traced_memory()[1] - before - out.nbytes
+    peak = tracemalloc.get_traced_memory()[1] - before
     tracemalloc.stop()
-    return {"case": case, "n": n, "seconds": seconds, "traced_mib": traced / MiB,
-            "rss_mib": rss_peak / MiB, "other": load.fraction,
-            "inputs_mib": 3 * q.nbytes / MiB}
+    return {"case": case, "n": n, "seconds": seconds, "peak_mib": peak / MiB,
+            "traced_mib": (peak - out.nbytes) / MiB, "rss_mib": rss_peak / MiB,
+            "other": load.fraction, "inputs_mib": 3 * q.nbytes / MiB}
 
 
 def fit_exponent(ns, values) -> float:
@@ -136,14 +138,15 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.one[0], int(args.one[1]), args.d)))
         return
     print(f"float64, batch 1, one head, D={args.d}; numpy {np.__version__}; each size in a "
-          f"fresh process; peak = working memory beyond inputs and output")
+          f"fresh process; peak = all the call allocates (output included), working = "
+          f"peak beyond the output, RSS = high-water growth beyond the output")
     for case in args.cases.split(","):
         desc, _, sizes = CASES[case]
         if args.sizes:
             sizes = [int(s) for s in args.sizes.split(",")]
         print(f"\n{case}: {desc}")
-        print(f"{'N':>9} {'time s':>9} {'traced MiB':>11} {'RSS MiB':>9} {'inputs MiB':>11} "
-              f"{'other%':>7}")
+        print(f"{'N':>9} {'time s':>9} {'peak MiB':>9} {'working MiB':>12} {'RSS MiB':>9} "
+              f"{'inputs MiB':>11} {'other%':>7}")
         rows = []
         for n in sizes:
             done = subprocess.run([sys.executable, __file__, "--d", str(args.d), "--one", case,
@@ -153,15 +156,17 @@ def main(argv=None) -> None:
                 continue
             r = json.loads(done.stdout)
             rows.append(r)
-            print(f"{n:>9} {r['seconds']:>9.3f} {r['traced_mib']:>11.1f} {r['rss_mib']:>9.1f} "
-                  f"{r['inputs_mib']:>11.1f} {100 * r['other']:>6.0f}%", flush=True)
+            print(f"{n:>9} {r['seconds']:>9.3f} {r['peak_mib']:>9.1f} {r['traced_mib']:>12.1f} "
+                  f"{r['rss_mib']:>9.1f} {r['inputs_mib']:>11.1f} {100 * r['other']:>6.0f}%",
+                  flush=True)
         fit = [r for r in rows if r["n"] >= args.fit_from]
         if len(fit) >= 2:
             ns = [r["n"] for r in fit]
             p = fit_exponent(ns, [r["seconds"] for r in fit])
-            pm = fit_exponent(ns, [max(r["traced_mib"], 1e-3) for r in fit])
+            pp = fit_exponent(ns, [r["peak_mib"] for r in fit])
+            pw = fit_exponent(ns, [max(r["traced_mib"], 1e-3) for r in fit])
             print(f"fitted exponents over N = {fit[0]['n']} .. {fit[-1]['n']}: time ~ "
-                  f"N^{p:.2f}, traced memory ~ N^{pm:.2f}")
+                  f"N^{p:.2f}, peak memory ~ N^{pp:.2f}, working memory ~ N^{pw:.2f}")
 
 
 if __name__ == "__main__":

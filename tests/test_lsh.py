@@ -4,6 +4,7 @@ Every LSH output is checked against an independent form: dense attention in the 
 where LSH becomes exact (one bucket, one chunk), and dense attention restricted to the
 union of the attended sets, built here by plain loops from the definition.
 """
+import importlib
 import math
 
 import numpy as np
@@ -155,12 +156,22 @@ def _union_reference(q, k, v, bq, bk, chunk, causal, shared_qk):
     return np.stack(outs), np.stack(lses), np.stack(counts)
 
 
+@pytest.fixture(params=["whole", "slices"])
+def chunk_slices(request, monkeypatch):
+    """Every sorted chunk at once, then (a working-memory budget of one byte) one chunk
+    of one head at a time: the forward's slices merged online must not change a thing."""
+    if request.param == "slices":
+        monkeypatch.setattr(importlib.import_module("refattn.sparse.lsh"), "_BLOCK_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("shared_qk", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n, chunk, n_buckets, n_hashes", [
     (23, 4, 4, 3), (17, 5, 2, 2), (1, 4, 2, 2), (2, 1, 2, 3), (12, 3, 6, 1)])
 def test_matches_attention_over_the_union_of_attended_sets(shared_qk, causal, n, chunk,
-                                                           n_buckets, n_hashes):
+                                                           n_buckets, n_hashes,
+                                                           chunk_slices):
     q, k, v = _inputs(n * 31 + chunk, (3, n, 6), dv=4)
     seed = 11
     bq = lsh_buckets(q, n_buckets, seed, n_hashes=n_hashes)

@@ -59,6 +59,12 @@ always attended as well (an extra part :math:`\{i\}` in the union, with its true
 included in :math:`N_{ii}`). Every row is therefore a convex combination, also when
 causal. This rule is refattn's, not the paper's.
 
+**Memory.** The forward sorts every round once (``O(n_hashes·N)`` integers per head),
+then takes the sorted chunks a slice at a time (logits, masks and gathered rows within
+``_BLOCK_BYTES``), merging each round's partial softmax into the output online; its
+working memory beyond the layout does not grow with ``N``. The implied matrix and the
+VJP form every round's chunks at once (``O(n_hashes·N·chunk_size)`` per head).
+
 Buckets can be passed in (``buckets=``) instead of drawn, which lets a kernel under test
 and this oracle use identical hashes. Rotations are drawn as
 ``rng.standard_normal((n_hashes, D, n_buckets // 2))`` and shared by all batch elements
@@ -70,6 +76,7 @@ import numpy as np
 
 from .._core.checks import check_bool, check_cotangent, check_int, resolve_scale
 from .._core.problem import prepare_qkv
+from .._core.softmax import finish_rows
 from ..registry import attach, register
 from .lsh_hash import (_check_n_buckets, _given_buckets, _hash, _rotations,
                        check_hash_memory, lsh_buckets)
@@ -111,9 +118,16 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
                          f"length (N == M); got q {qshape}, k {kshape}")
     scale = resolve_scale(scale, pb.d)
     p_total, c = pb.batch * pb.heads_q, max(1, min(chunk_size, pb.n))
-    chunks = 16.0 * p_total * pb.n + -(-pb.n // c) * c * (80.0 * c + 24 * (pb.d + pb.dv))
+    padded = -(-pb.n // c) * c
+    chunks = padded * (80.0 * c + 24 * (pb.d + pb.dv))    # a round's sorted chunks, 1 head
+    if what == "lsh_attention":   # the sorted layout; the chunks a slice at a time
+        per_round = 96.0 * p_total * padded + min(chunks, _BLOCK_BYTES / n_hashes)
+        fixed = 8.0 * p_total * pb.n * (pb.dv + 2)         # the running sums
+    else:                         # every round's sorted chunks at once
+        per_round, fixed = 16.0 * p_total * pb.n + chunks, 0.0
     check_hash_memory(n_hashes, n_buckets, pb.d if buckets is None else 0, pb.batch * (
-        pb.heads_q + pb.heads_kv) * pb.n, memory_budget, what, per_round=chunks)
+        pb.heads_q + pb.heads_kv) * pb.n, memory_budget, what, per_round=per_round,
+        fixed=fixed)
     kv_of = (np.arange(pb.batch)[:, None] * pb.heads_kv
              + np.arange(pb.heads_q)[None, :] // pb.group).reshape(-1)   # (P,)
     qf = q.reshape(p_total, pb.n, pb.d)
@@ -151,16 +165,11 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
     return qf, kf, vf, bq, bk, scale, max(1, min(chunk_size, pb.n)), pb
 
 
-def _rounds(qf, kf, bq, bk, *, chunk, shared_qk, causal, scale):
-    """The per-round attention logits of a group of heads, in sorted-chunk layout.
-
-    Returns ``(qi, kw, s, self_logit)``: ``qi (R, P, nc, C)`` query positions of each
-    sorted chunk (-1 for padding), ``kw (R, P, nc, 2C)`` key positions of its window
-    (previous chunk, then its own; -1 for padding), ``s (R, P, nc, C, 2C)`` logits with
-    the duplicate correction applied and ``-inf`` for pairs not attended in that round;
-    ``self_logit (P, N)`` the corrected logit of the own-position part (separate-QK
-    mode) or None.
-    """
+def _layout(bq, bk, chunk, shared_qk):
+    """The sorted-chunk layout of every round: ``qi (R, P, nc, C)`` the query positions
+    of each sorted chunk (-1 for padding), ``kw (R, P, nc, 2C)`` the key positions of its
+    window (previous chunk, then its own; -1 for padding), and ``chunk_q``, ``chunk_k
+    (R, P, N)`` the sorted chunk of each query and key position. ``O(R·P·N)`` integers."""
     r_count, p_count, n = bq.shape
     c = chunk
     nc = -(-n // c)
@@ -174,7 +183,6 @@ def _rounds(qf, kf, bq, bk, *, chunk, shared_qk, causal, scale):
 
     order_q, chunk_q = sort(bq)
     order_k, chunk_k = (order_q, chunk_q) if shared_qk else sort(bk)
-
     sq = np.full((r_count, p_count, nc * c), -1)
     sq[..., :n] = order_q
     qi = sq.reshape(r_count, p_count, nc, c)
@@ -182,7 +190,20 @@ def _rounds(qf, kf, bq, bk, *, chunk, shared_qk, causal, scale):
     sk[..., c:c + n] = order_k
     kc = sk.reshape(r_count, p_count, nc + 1, c)
     kw = np.concatenate([kc[:, :, :-1], kc[:, :, 1:]], axis=-1)
+    return qi, kw, chunk_q, chunk_k
 
+
+def _rounds(qf, kf, bq, bk, layout, *, shared_qk, causal, scale, chunks=slice(None)):
+    """The per-round attention logits of a group of heads for the sorted chunks
+    ``chunks`` of every round (all of them by default).
+
+    Returns ``(qi, kw, s)``: the layout's ``qi (R, P, nc', C)`` and ``kw (R, P, nc', 2C)``
+    for those chunks and their logits ``s (R, P, nc', C, 2C)`` with the duplicate
+    correction applied and ``-inf`` for pairs not attended in that round.
+    """
+    qi, kw, chunk_q, chunk_k = layout
+    qi, kw = qi[:, :, chunks], kw[:, :, chunks]
+    r_count, p_count = bq.shape[:2]
     i_idx, j_idx = qi[..., :, None], kw[..., None, :]        # (R,P,nc,C,1), (R,P,nc,1,2C)
     base = (i_idx >= 0) & (j_idx >= 0)
     if causal:
@@ -209,15 +230,47 @@ def _rounds(qf, kf, bq, bk, *, chunk, shared_qk, causal, scale):
         np.copyto(s, SELF_LOGIT, where=i_idx == j_idx)
     s -= np.log(np.maximum(count, 1))
     np.copyto(s, -np.inf, where=~attended)
+    return qi, kw, s
 
-    self_logit = None
-    if not shared_qk:
-        n_self = np.ones((p_count, n), dtype=np.int64)
-        for r in range(r_count):
-            gap = chunk_k[r] - chunk_q[r]
-            n_self += (bq[r] == bk[r]) & ((gap == 0) | (gap == -1))
-        self_logit = scale * np.einsum("pnd,pnd->pn", qf, kf) - np.log(n_self)
-    return qi, kw, s, self_logit
+
+def _self_logit(qf, kf, bq, bk, layout, scale):
+    """Separate-QK mode's own-position part: the corrected logit ``(P, N)`` of key ``i``
+    for query ``i`` (counted once, plus once per round that attends the pair anyway)."""
+    chunk_q, chunk_k = layout[2:]
+    n_self = np.ones(bq.shape[1:], dtype=np.int64)
+    for r in range(bq.shape[0]):
+        gap = chunk_k[r] - chunk_q[r]
+        n_self += (bq[r] == bk[r]) & ((gap == 0) | (gap == -1))
+    return scale * np.einsum("pnd,pnd->pn", qf, kf) - np.log(n_self)
+
+
+def _whole_rounds(qf, kf, bq, bk, *, chunk, shared_qk, causal, scale):
+    """Every sorted chunk of every round at once (the implied matrix and the VJP):
+    ``(qi, kw, s, self_logit)``, ``self_logit`` None in shared-QK mode."""
+    layout = _layout(bq, bk, chunk, shared_qk)
+    qi, kw, s = _rounds(qf, kf, bq, bk, layout, shared_qk=shared_qk, causal=causal,
+                        scale=scale)
+    return qi, kw, s, None if shared_qk else _self_logit(qf, kf, bq, bk, layout, scale)
+
+
+def _merge_part(state, part_out, part_lse, qi):
+    """Merge one round's normalized outputs ``part_out (P, nc', C, Dv)`` and log-sum-exps
+    ``part_lse (P, nc', C)`` of the sorted queries ``qi (P, nc', C)`` (-1: padding) into
+    the running softmax state ``(acc (P, N, Dv), row_max (P, N), row_sum (P, N))`` (a
+    position occurs once per round): the online softmax over parts, so parts of equal
+    lse get exactly equal weights."""
+    acc, row_max, row_sum = state
+    valid = qi >= 0
+    p_idx = np.nonzero(valid)[0]
+    pos = qi[valid]
+    part = part_lse[valid]
+    old = row_max[p_idx, pos]
+    new = np.maximum(old, part)
+    safe = np.where(np.isneginf(new), 0.0, new)
+    alpha, beta = np.exp(old - safe), np.exp(part - safe)
+    acc[p_idx, pos] = acc[p_idx, pos] * alpha[:, None] + part_out[valid] * beta[:, None]
+    row_sum[p_idx, pos] = row_sum[p_idx, pos] * alpha + beta
+    row_max[p_idx, pos] = new
 
 
 def _round_softmax(s):
@@ -250,6 +303,15 @@ def _head_groups(p_total, n_hashes, n, chunk, d, dv, copies=5):
                                                       + 3 * (d + dv) * 8)
     size = max(1, int(_BLOCK_BYTES // max(per_head, 1)))
     return [slice(a, min(a + size, p_total)) for a in range(0, p_total, size)]
+
+
+def _chunk_slices(nc, n_hashes, heads, chunk, d, dv, copies=5):
+    """Slices of the ``nc`` sorted chunks whose logits, masks and gathered rows (for
+    ``heads`` heads and every round) fit in ``_BLOCK_BYTES``: the forward's working
+    memory beyond its ``O(R·P·N)`` layout does not grow with ``N``."""
+    per_chunk = n_hashes * heads * chunk * (2 * chunk * copies * 8 + 3 * (d + dv) * 8)
+    step = max(1, int(_BLOCK_BYTES // max(per_chunk, 1)))
+    return [slice(a, min(a + step, nc)) for a in range(0, nc, step)]
 
 
 def _combine_weights(lse_parts):
@@ -292,7 +354,8 @@ _COMMON_DOC = """
 
 @register(family="sparse", exact=False,
           time="O(n_hashes·N·(chunk_size·(D + n_hashes) + log N))",
-          state="O(n_hashes·N·chunk_size) working memory per head", supports_causal=True,
+          state="O(n_hashes·N) sorted layout per head, chunks a bounded slice at a time "
+                "(the VJP: O(n_hashes·N·chunk_size))", supports_causal=True,
           supports_mask=False, supports_gqa=True, position_free=False,
           self_attention_only=True,
           example={"n_buckets": 4, "n_hashes": 2, "chunk_size": 4},
@@ -350,21 +413,30 @@ def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SI
     out = np.full((p_total, pb.n, pb.dv), np.nan)
     lse = np.full((p_total, pb.n), np.nan)
     for hs in _head_groups(p_total, bq.shape[0], pb.n, chunk, pb.d, pb.dv):
-        qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,
-                                        shared_qk=shared_qk, causal=causal, scale=scale)
-        total, lse_r = _round_softmax(s)                     # s now holds exp(s - max)
-        pidx = np.arange(s.shape[1])[None, :, None, None]
-        vg = vf[hs][pidx, np.maximum(kw, 0)]                 # (R, P, nc, 2C, Dv)
-        o_r = np.matmul(s, vg)
-        np.divide(o_r, total[..., None], out=o_r, where=total[..., None] > 0)
-        o_r[total == 0] = 0.0
-        o_r = _unsort(o_r, qi, pb.n)                         # (R, P, N, Dv)
-        lse_r = _unsort(lse_r, qi, pb.n)                     # (R, P, N)
-        if self_logit is not None:                           # own-position part
-            o_r = np.concatenate([o_r, vf[hs][None]], axis=0)
-            lse_r = np.concatenate([lse_r, self_logit[None]], axis=0)
-        lse[hs], w = _combine_weights(lse_r)
-        out[hs] = np.einsum("rpn,rpnd->pnd", w, o_r)
+        bqh, bkh, qh, kh, vh = bq[:, hs], bk[:, hs], qf[hs], kf[hs], vf[hs]
+        layout = _layout(bqh, bkh, chunk, shared_qk)
+        acc = out[hs]                                        # a view: summed in place
+        if shared_qk:
+            acc[...] = 0.0
+            state = (acc, np.full(vh.shape[:-1], -np.inf), np.zeros(vh.shape[:-1]))
+        else:                                                # the own-position part
+            acc[...] = vh
+            state = (acc, _self_logit(qh, kh, bqh, bkh, layout, scale),
+                     np.ones(vh.shape[:-1]))
+        for chunks in _chunk_slices(layout[0].shape[2], bq.shape[0], hs.stop - hs.start,
+                                    chunk, pb.d, pb.dv):
+            qi, kw, s = _rounds(qh, kh, bqh, bkh, layout, shared_qk=shared_qk,
+                                causal=causal, scale=scale, chunks=chunks)
+            total, lse_r = _round_softmax(s)                 # s now holds exp(s - max)
+            pidx = np.arange(s.shape[1])[None, :, None, None]
+            o_r = np.matmul(s, vh[pidx, np.maximum(kw, 0)])  # (R, P, nc', C, Dv)
+            np.divide(o_r, total[..., None], out=o_r, where=total[..., None] > 0)
+            o_r[total == 0] = 0.0
+            for r in range(len(qi)):                         # one round at a time
+                _merge_part(state, o_r[r], lse_r[r], qi[r])
+        _, row_max, row_sum = state
+        row_max[np.isneginf(row_max)] = 0.0
+        finish_rows(acc, row_max, row_sum, acc, lse[hs])
     out = out.reshape(pb.batch_shape + (pb.heads_q, pb.n, pb.dv))
     lse = lse.reshape(pb.batch_shape + (pb.heads_q, pb.n))
     return (out, lse) if return_lse else out
@@ -419,8 +491,9 @@ def lsh_attention_matrix(q, k, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUN
                            "refattn.lsh.lsh_attention", m=pb.n)
     a = np.zeros((p_total, pb.n, pb.n))
     for hs in _head_groups(p_total, bq.shape[0], pb.n, chunk, pb.d, 0):
-        qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,
-                                        shared_qk=shared_qk, causal=causal, scale=scale)
+        qi, kw, s, self_logit = _whole_rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs],
+                                              chunk=chunk, shared_qk=shared_qk,
+                                              causal=causal, scale=scale)
         total, lse_sorted = _round_softmax(s)
         lse_r = _unsort(lse_sorted, qi, pb.n)
         if self_logit is not None:
@@ -526,8 +599,9 @@ Vert`
     dlse = None if dlse is None else dlse.reshape(p_total, n)
     dq, dk, dv = np.zeros(qf.shape), np.zeros(kf.shape), np.zeros(vf.shape)
     for hs in _head_groups(p_total, bq.shape[0], n, chunk, pb.d, pb.dv, copies=8):
-        qi, kw, s, self_logit = _rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs], chunk=chunk,
-                                        shared_qk=shared_qk, causal=causal, scale=scale)
+        qi, kw, s, self_logit = _whole_rounds(qf[hs], kf[hs], bq[:, hs], bk[:, hs],
+                                              chunk=chunk, shared_qk=shared_qk,
+                                              causal=causal, scale=scale)
         total, lse_sorted = _round_softmax(s)                # s now holds exp(s - max)
         lse_r = _unsort(lse_sorted, qi, n)
         if self_logit is not None:

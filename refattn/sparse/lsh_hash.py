@@ -25,14 +25,15 @@ def _check_n_buckets(n_buckets):
 
 
 def check_hash_memory(n_hashes: int, n_buckets: int, d: int, vectors: int, memory_budget,
-                      what: str, per_round: float = 0.0) -> None:
+                      what: str, per_round: float = 0.0, fixed: float = 0.0) -> None:
     """Raise :class:`refattn.MemoryBudgetError`, naming ``n_hashes`` and ``n_buckets``,
     before the rotations ``(n_hashes, D, n_buckets/2)`` and the buckets of ``vectors``
-    vectors per round (and ``per_round`` more bytes per round: the sorted chunks of LSH
-    attention) are allocated beyond ``memory_budget``: the one check of every LSH user."""
+    vectors per round (and ``per_round`` more bytes per round: the sorted layout or
+    chunks of LSH attention, and ``fixed`` bytes once) are allocated beyond
+    ``memory_budget``: the one check of every LSH user."""
     half = n_buckets // 2
     round_bytes = 8.0 * (d * half + vectors) + per_round
-    blocks = 24.0 * min(max(vectors, 1), max(1, HASH_BLOCK_ELEMENTS // half)) * half
+    blocks = 24.0 * min(max(vectors, 1), max(1, HASH_BLOCK_ELEMENTS // half)) * half + fixed
     budget = resolve_budget(memory_budget)
     fit = int((budget - blocks) // round_bytes) if budget > blocks else 0
     if fit >= 1:
@@ -40,8 +41,8 @@ def check_hash_memory(n_hashes: int, n_buckets: int, d: int, vectors: int, memor
     elif 8.0 * d * half >= per_round:           # the rotations alone are too large
         advice = "fewer n_buckets (at most a few times the sequence length is useful)"
     else:                                       # one round's sorted chunks are too large
-        advice = ("shorter sequences per call (every round's sorted chunks and their "
-                  "logits are formed at once)")
+        advice = ("shorter sequences per call (each round's sorted layout and chunks "
+                  "grow with the sequence length)")
     check_size_memory(n_hashes * round_bytes + blocks, budget, what,
                       f"n_hashes={n_hashes:,}, n_buckets={n_buckets:,}", advice)
 

@@ -87,6 +87,9 @@ class _Plan:
         per_row = pb.group * (self.nb * 2 + min(width, pb.m) * per_key)
         self.rows = (block_rows(block_q, 1, 1, 1) if block_q is not None
                      else max(1, BLOCK_ELEMENTS // max(per_row, 1)))
+        # the forward's gate alone: G x rows x nb scores and their top-k temporaries
+        self.gate_rows = (self.rows if block_q is not None
+                          else max(1, BLOCK_ELEMENTS // max(4 * pb.group * self.nb, 1)))
 
     def choose(self, qb, means, pos):
         """``(G, r, nb)``: the blocks kept by the unscaled query block ``qb (G, r, D)``
@@ -111,8 +114,8 @@ def _selection(q, pb, plan, b, hk, hs):
     """``(G, N, keep)`` int64: the blocks each query row of KV group ``(b, hk)`` keeps,
     ascending, ``-1`` padded; chosen one block of rows at a time."""
     sel = np.empty((hs.stop - hs.start, pb.n, plan.keep), dtype=np.int64)
-    for r0 in range(0, pb.n, plan.rows):
-        rows = slice(r0, min(r0 + plan.rows, pb.n))
+    for r0 in range(0, pb.n, plan.gate_rows):
+        rows = slice(r0, min(r0 + plan.gate_rows, pb.n))
         chosen = plan.choose(q[b, hs, rows], plan.means[b, hk], plan.pos[rows])
         sel[:, rows] = ranked_indices(chosen, plan.keep)
     return sel

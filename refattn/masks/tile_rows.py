@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .._core.checks import DEFAULT_MEMORY_BUDGET, MemoryBudgetError
-from .base import FULL, PARTIAL
+from .base import FULL, PARTIAL, STRIP_TILES
 
 __all__ = ["TileRows"]
 
@@ -35,7 +35,7 @@ class TileRows:
     """
 
     def __init__(self, mask, n: int, m: int, block_q: int, block_k: int, *,
-                 strip_elements: int = 2**20, cached_strips: int = 4):
+                 strip_elements: int = STRIP_TILES, cached_strips: int = 4):
         self.mask, self.n, self.m, self.block_q, self.block_k = mask, n, m, block_q, block_k
         self.n_rows, self.n_cols = -(-n // block_q), -(-m // block_k)
         self.strip = max(1, strip_elements // max(1, self.n_cols))

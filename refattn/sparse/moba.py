@@ -110,14 +110,16 @@ class _Plan:
                                       self.keep)
 
 
-def _selection(q, pb, plan, b, hk, hs):
-    """``(G, N, keep)`` int64: the blocks each query row of KV group ``(b, hk)`` keeps,
-    ascending, ``-1`` padded; chosen one block of rows at a time."""
-    sel = np.empty((hs.stop - hs.start, pb.n, plan.keep), dtype=np.int64)
-    for r0 in range(0, pb.n, plan.gate_rows):
-        rows = slice(r0, min(r0 + plan.gate_rows, pb.n))
-        chosen = plan.choose(q[b, hs, rows], plan.means[b, hk], plan.pos[rows])
-        sel[:, rows] = ranked_indices(chosen, plan.keep)
+def _selection(q, pb, plan, b, hk, hs, rows):
+    """``(G, r, keep)`` int64: the blocks each query row of KV group ``(b, hk)`` in
+    ``rows`` keeps, ascending, ``-1`` padded; the gate scores one block of rows at a
+    time."""
+    sel = np.empty((hs.stop - hs.start, rows.stop - rows.start, plan.keep), np.int64)
+    for r0 in range(rows.start, rows.stop, plan.gate_rows):
+        part = slice(r0, min(r0 + plan.gate_rows, rows.stop))
+        chosen = plan.choose(q[b, hs, part], plan.means[b, hk], plan.pos[part])
+        sel[:, part.start - rows.start:part.stop - rows.start] = ranked_indices(
+            chosen, plan.keep)
     return sel
 
 
@@ -125,48 +127,59 @@ def _block_major(q, k, v, pb, plan, scale, out, lse, sel_out=None):
     """The forward key block by key block (as MoBA's own implementation runs it): the
     queries that kept block ``c`` are gathered and attend its ``B`` keys, their partial
     softmax states merged online per query (FlashAttention's rescaling). Gathers
-    ``N·topk·D`` query values instead of ``N·topk·B·D`` key values; working memory is
-    the ``G x N`` running state plus one piece of at most ``BLOCK_ELEMENTS`` logits.
-    Fills ``out (B, Hq, N, Dv)`` (C-contiguous: it holds the running sums),
-    ``lse (B, Hq, N)`` and, if given, ``sel_out``."""
+    ``N·topk·D`` query values instead of ``N·topk·B·D`` key values. Query rows go in
+    chunks whose (row, kept block) index lists stay within ``2·BLOCK_ELEMENTS`` entries,
+    logits in pieces of at most ``BLOCK_ELEMENTS``. Fills ``out (B, Hq, N, Dv)`` (it
+    holds the running sums), ``lse (B, Hq, N)`` and, if given, ``sel_out``."""
     piece = max(1, BLOCK_ELEMENTS // plan.size)
     for b, hk, hs in pb.kv_groups():
-        sel = _selection(q, pb, plan, b, hk, hs)
-        if sel_out is not None:
-            sel_out[b, hs] = -1
-            sel_out[b, hs, :, :plan.keep] = sel
         g = hs.stop - hs.start
-        qf = q[b, hs].reshape(g * pb.n, pb.d)
-        qpos = np.tile(plan.pos, g)
-        blocks = sel.reshape(-1)
-        kept = np.flatnonzero(blocks >= 0)
-        order = kept[np.argsort(blocks[kept], kind="stable")]
-        rows_of = order // plan.keep                          # flat (head, row) indices
-        bounds = np.searchsorted(blocks[order], np.arange(plan.nb + 1))
-        run_max = np.full(g * pb.n, -np.inf)
-        run_sum = np.zeros(g * pb.n)
-        acc = out[b, hs].reshape(g * pb.n, pb.dv)          # a view: accumulated in place
-        acc[...] = 0.0
-        for c in range(plan.nb):
-            c0, c1 = c * plan.size, min((c + 1) * plan.size, pb.m)
-            kb, vb = k[b, hk, c0:c1], v[b, hk, c0:c1]
-            for p0 in range(bounds[c], bounds[c + 1], piece):
-                idx = rows_of[p0:min(p0 + piece, bounds[c + 1])]
-                s = qf[idx] @ kb.T
-                s *= scale
-                if plan.causal:
-                    np.copyto(s, -np.inf, where=np.arange(c0, c1) > qpos[idx, None])
-                top = s.max(axis=-1)
-                new_max = np.maximum(run_max[idx], top)
-                safe = np.where(np.isneginf(new_max), 0.0, new_max)
-                s -= safe[:, None]
-                np.exp(s, out=s)
-                alpha = np.exp(run_max[idx] - safe)
-                run_sum[idx] = run_sum[idx] * alpha + s.sum(axis=-1)
-                acc[idx] = acc[idx] * alpha[:, None] + s @ vb
-                run_max[idx] = new_max
-        run_max[np.isneginf(run_max)] = 0.0
-        finish_rows(acc, run_max, run_sum, acc, lse[b, hs].reshape(g * pb.n))
+        chunk = max(1, 2 * BLOCK_ELEMENTS // (g * plan.keep))
+        for r0 in range(0, pb.n, chunk):
+            rows = slice(r0, min(r0 + chunk, pb.n))
+            sel = _selection(q, pb, plan, b, hk, hs, rows)
+            if sel_out is not None:
+                sel_out[b, hs, rows] = -1
+                sel_out[b, hs, rows, :plan.keep] = sel
+            _attend_blocks(q[b, hs, rows], k[b, hk], v[b, hk], plan.pos[rows], sel, plan,
+                           scale, piece, out[b, hs, rows], lse[b, hs, rows])
+
+
+def _attend_blocks(qs, keys, values, pos, sel, plan, scale, piece, out, lse):
+    """``qs (G, r, D)`` attend the blocks ``sel (G, r, keep)`` of ``keys (M, D)``,
+    ``values (M, Dv)``, a block at a time; writes ``out (G, r, Dv)`` (a view, used for
+    the running sums) and ``lse (G, r)``."""
+    blocks = sel.reshape(-1)
+    kept = np.flatnonzero(blocks >= 0)
+    order = kept[np.argsort(blocks[kept], kind="stable")]
+    pairs = order // plan.keep                       # flat (head, row) of each pair
+    heads, rows = np.divmod(pairs, qs.shape[1])
+    sorted_blocks = blocks[order]
+    starts = np.flatnonzero(np.diff(sorted_blocks, prepend=-1))
+    ends = np.append(starts[1:], len(order))
+    run_max = np.full(qs.shape[:2], -np.inf)
+    run_sum = np.zeros(qs.shape[:2])
+    out[...] = 0.0
+    for a, z in zip(starts, ends):                   # the blocks some query kept
+        c = int(sorted_blocks[a])
+        c0, c1 = c * plan.size, min((c + 1) * plan.size, plan.m)
+        kb, vb = keys[c0:c1], values[c0:c1]
+        for p0 in range(a, z, piece):
+            h, r = heads[p0:min(p0 + piece, z)], rows[p0:min(p0 + piece, z)]
+            s = qs[h, r] @ kb.T
+            s *= scale
+            if plan.causal:
+                np.copyto(s, -np.inf, where=np.arange(c0, c1) > pos[r, None])
+            new_max = np.maximum(run_max[h, r], s.max(axis=-1))
+            safe = np.where(np.isneginf(new_max), 0.0, new_max)
+            s -= safe[:, None]
+            np.exp(s, out=s)
+            alpha = np.exp(run_max[h, r] - safe)
+            run_sum[h, r] = run_sum[h, r] * alpha + s.sum(axis=-1)
+            out[h, r] = out[h, r] * alpha[:, None] + s @ vb
+            run_max[h, r] = new_max
+    run_max[np.isneginf(run_max)] = 0.0
+    finish_rows(out, run_max, run_sum, out, lse)
 
 
 def _run(q, k, v, pb, plan, scale):

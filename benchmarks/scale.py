@@ -6,11 +6,12 @@ fresh subprocess and prints wall time; the call's peak memory (``tracemalloc``: 
 reports its buffers; a second, traced call): everything it allocates, output included,
 as the report's complexity section measures it, and the working memory beyond the
 output; the RSS high-water growth beyond the output (``ru_maxrss``, untraced call, fresh
-process); then the exponents ``p`` of least-squares fits ``time ~ N^p``, ``peak ~ N^p``
-and ``working ~ N^p`` over the sizes from ``--fit-from`` on. Memory linear in N gives a
-peak exponent of 1 (the output alone is linear); a working memory that stops growing (a
-bounded engine) gives a working exponent that falls toward 0; exact attention's time
-grows as N².
+process); then the exponents ``p`` of least-squares fits ``time ~ N^p``, ``peak ~ N^p``,
+``working ~ N^p`` and ``inputs + peak ~ N^p`` (all the memory the run holds) over the
+sizes from ``--fit-from`` on. Memory linear in N gives a peak exponent of 1 (the output
+alone is linear); a working memory that stops growing (a bounded engine) gives a working
+exponent that falls toward 0 and a peak exponent a little under 1; exact attention's
+time grows as N².
 
 Run by hand, not by the test suite::
 
@@ -165,8 +166,10 @@ def main(argv=None) -> None:
             p = fit_exponent(ns, [r["seconds"] for r in fit])
             pp = fit_exponent(ns, [r["peak_mib"] for r in fit])
             pw = fit_exponent(ns, [max(r["traced_mib"], 1e-3) for r in fit])
+            pt = fit_exponent(ns, [r["inputs_mib"] + r["peak_mib"] for r in fit])
             print(f"fitted exponents over N = {fit[0]['n']} .. {fit[-1]['n']}: time ~ "
-                  f"N^{p:.2f}, peak memory ~ N^{pp:.2f}, working memory ~ N^{pw:.2f}")
+                  f"N^{p:.2f}, peak memory ~ N^{pp:.2f}, working memory ~ N^{pw:.2f}, "
+                  f"inputs + peak ~ N^{pt:.2f}")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ __all__ = ["lsh_attention", "lsh_attention_matrix", "lsh_attention_vjp", "lsh_bu
 DEFAULT_CHUNK_SIZE = 64
 
 
+def _per_query_head(x, kv_of):
+    """``x (B·Hkv, ...)`` for each query head ``(B·Hq, ...)``: ``x`` itself without GQA
+    (no copy of the keys or values), else its heads repeated."""
+    return x if np.array_equal(kv_of, np.arange(len(x))) else x[kv_of]
+
+
 def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale, rng,
            buckets, check_finite, what, memory_budget=None):
     """Validate; return flat per-query-head inputs and buckets.
@@ -133,8 +139,9 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
         norm = np.sqrt(np.einsum("pnd,pnd->pn", qf, qf))[..., None]
         kf = np.divide(qf, norm, out=np.zeros_like(qf), where=norm > 0)
     else:
-        kf = k.reshape(pb.batch * pb.heads_kv, pb.n, pb.d)[kv_of]
-    vf = None if v is None else v.reshape(pb.batch * pb.heads_kv, pb.n, pb.dv)[kv_of]
+        kf = _per_query_head(k.reshape(pb.batch * pb.heads_kv, pb.n, pb.d), kv_of)
+    vf = None if v is None else _per_query_head(
+        v.reshape(pb.batch * pb.heads_kv, pb.n, pb.dv), kv_of)
 
     if buckets is None:
         rot = _rotations(rng, n_hashes, pb.d, n_buckets)

@@ -12,7 +12,7 @@ import numpy as np
 SELF_LOGIT = -1e5
 #: Working memory, in bytes, that one group of heads (or one slice of sorted chunks in
 #: the forward) may use inside the reference.
-_BLOCK_BYTES = 2**26
+_BLOCK_BYTES = 2**24
 
 
 def _layout(bq, bk, chunk, shared_qk):

@@ -125,13 +125,16 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
     padded = -(-pb.n // c) * c
     chunks = padded * (80.0 * c + 24 * (pb.d + pb.dv))    # a round's sorted chunks, 1 head
     if what == "lsh_attention":   # the sorted layout; the chunks a slice at a time
-        per_round = 96.0 * p_total * padded + min(chunks, _BLOCK_BYTES / n_hashes)
-        fixed = 8.0 * p_total * pb.n * (pb.dv + 2)         # the running sums
+        one = c * (80.0 * c + 24 * (pb.d + pb.dv))            # one chunk, one round
+        per_round, fixed = 96.0 * p_total * padded, 8.0 * p_total * pb.n * (pb.dv + 2)
+
+        def at_once(r):                   # a slice: every round of at least one chunk
+            return min(r * chunks, max(r * one, _BLOCK_BYTES))
     else:                         # every round's sorted chunks at once
-        per_round, fixed = 16.0 * p_total * pb.n + chunks, 0.0
+        per_round, fixed, at_once = 16.0 * p_total * pb.n + chunks, 0.0, None
     check_hash_memory(n_hashes, n_buckets, pb.d if buckets is None else 0, pb.batch * (
         pb.heads_q + pb.heads_kv) * pb.n, memory_budget, what, per_round=per_round,
-        fixed=fixed)
+        fixed=fixed, rounds_at_once=at_once)
     kv_of = (np.arange(pb.batch)[:, None] * pb.heads_kv
              + np.arange(pb.heads_q)[None, :] // pb.group).reshape(-1)   # (P,)
     qf = q.reshape(p_total, pb.n, pb.d)

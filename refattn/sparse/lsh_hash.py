@@ -25,25 +25,37 @@ def _check_n_buckets(n_buckets):
 
 
 def check_hash_memory(n_hashes: int, n_buckets: int, d: int, vectors: int, memory_budget,
-                      what: str, per_round: float = 0.0, fixed: float = 0.0) -> None:
+                      what: str, per_round: float = 0.0, fixed: float = 0.0,
+                      rounds_at_once=None) -> None:
     """Raise :class:`refattn.MemoryBudgetError`, naming ``n_hashes`` and ``n_buckets``,
     before the rotations ``(n_hashes, D, n_buckets/2)`` and the buckets of ``vectors``
     vectors per round (and ``per_round`` more bytes per round: the sorted layout or
-    chunks of LSH attention, and ``fixed`` bytes once) are allocated beyond
-    ``memory_budget``: the one check of every LSH user."""
+    chunks of LSH attention; ``fixed`` bytes once; ``rounds_at_once(r)`` bytes for what
+    ``r`` rounds hold together, non-decreasing in ``r``) are allocated beyond
+    ``memory_budget``: the one check of every LSH user. The advice names the largest
+    ``n_hashes`` that fits."""
     half = n_buckets // 2
     round_bytes = 8.0 * (d * half + vectors) + per_round
     blocks = 24.0 * min(max(vectors, 1), max(1, HASH_BLOCK_ELEMENTS // half)) * half + fixed
     budget = resolve_budget(memory_budget)
-    fit = int((budget - blocks) // round_bytes) if budget > blocks else 0
-    if fit >= 1:
-        advice = f"n_hashes <= {fit:,} at this n_buckets"
-    elif 8.0 * d * half >= per_round:           # the rotations alone are too large
+
+    def total(r):
+        return r * round_bytes + blocks + (rounds_at_once(r) if rounds_at_once else 0.0)
+
+    if total(n_hashes) <= budget:
+        return
+    lo, hi = 0, n_hashes                     # total(lo) fits (or lo = 0), total(hi) not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
+    if lo >= 1:
+        advice = f"n_hashes <= {lo:,} at this n_buckets"
+    elif 8.0 * d * half >= total(1) - 8.0 * d * half - blocks:   # the rotations
         advice = "fewer n_buckets (at most a few times the sequence length is useful)"
-    else:                                       # one round's sorted chunks are too large
+    else:                                       # one round's layout and chunks
         advice = ("shorter sequences per call (each round's sorted layout and chunks "
                   "grow with the sequence length)")
-    check_size_memory(n_hashes * round_bytes + blocks, budget, what,
+    check_size_memory(total(n_hashes), budget, what,
                       f"n_hashes={n_hashes:,}, n_buckets={n_buckets:,}", advice)
 
 

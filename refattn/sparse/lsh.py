@@ -98,11 +98,13 @@ def _per_query_head(x, kv_of):
 
 
 def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale, rng,
-           buckets, check_finite, what, memory_budget=None):
+           buckets, check_finite, what, memory_budget=None, sliced=False):
     """Validate; return flat per-query-head inputs and buckets.
 
     ``qf, kf (P, N, D)``, ``vf (P, N, Dv)`` or None, ``bq, bk (R, P, N)`` with
-    ``P = B * Hq`` (KV heads repeated to query heads), and the problem sizes.
+    ``P = B * Hq`` (KV heads repeated to query heads; the inputs themselves without
+    GQA), and the problem sizes. ``sliced``: the memory check counts the forward's
+    slices of sorted chunks, not every round's chunks at once.
     """
     n_buckets = _check_n_buckets(n_buckets)
     n_hashes = check_int("n_hashes", n_hashes, minimum=1)
@@ -124,7 +126,7 @@ def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale
     p_total, c = pb.batch * pb.heads_q, max(1, min(chunk_size, pb.n))
     padded = -(-pb.n // c) * c
     chunks = padded * (80.0 * c + 24 * (pb.d + pb.dv))    # a round's sorted chunks, 1 head
-    if what == "lsh_attention":   # the sorted layout; the chunks a slice at a time
+    if sliced:                    # the sorted layout; the chunks a slice at a time
         one = c * (80.0 * c + 24 * (pb.d + pb.dv))            # one chunk, one round
         per_round, fixed = 96.0 * p_total * padded, 8.0 * p_total * pb.n * (pb.dv + 2)
 
@@ -255,7 +257,8 @@ def lsh_attention(q, k, v, *, n_buckets, n_hashes=1, chunk_size=DEFAULT_CHUNK_SI
     qf, kf, vf, bq, bk, scale, chunk, pb = _setup(
         q, k, v, n_buckets=n_buckets, n_hashes=n_hashes, chunk_size=chunk_size,
         shared_qk=shared_qk, causal=causal, scale=scale, rng=rng, buckets=buckets,
-        check_finite=check_finite, what="lsh_attention", memory_budget=memory_budget)
+        check_finite=check_finite, what="lsh_attention", memory_budget=memory_budget,
+        sliced=True)
     p_total = pb.batch * pb.heads_q
     out = np.full((p_total, pb.n, pb.dv), np.nan)
     lse = np.full((p_total, pb.n), np.nan)

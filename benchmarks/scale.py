@@ -116,7 +116,7 @@ def measure(case: str, n: int, d: int) -> dict:
     peak = tracemalloc.get_traced_memory()[1] - before
     tracemalloc.stop()
     return {"case": case, "n": n, "seconds": seconds, "peak_mib": peak / MiB,
-            "traced_mib": (peak - out.nbytes) / MiB, "rss_mib": rss_peak / MiB,
+            "working_mib": (peak - out.nbytes) / MiB, "rss_mib": rss_peak / MiB,
             "other": load.fraction, "inputs_mib": 3 * q.nbytes / MiB}
 
 
@@ -157,7 +157,7 @@ def main(argv=None) -> None:
                 continue
             r = json.loads(done.stdout)
             rows.append(r)
-            print(f"{n:>9} {r['seconds']:>9.3f} {r['peak_mib']:>9.1f} {r['traced_mib']:>12.1f} "
+            print(f"{n:>9} {r['seconds']:>9.3f} {r['peak_mib']:>9.1f} {r['working_mib']:>12.1f} "
                   f"{r['rss_mib']:>9.1f} {r['inputs_mib']:>11.1f} {100 * r['other']:>6.0f}%",
                   flush=True)
         fit = [r for r in rows if r["n"] >= args.fit_from]
@@ -165,7 +165,7 @@ def main(argv=None) -> None:
             ns = [r["n"] for r in fit]
             p = fit_exponent(ns, [r["seconds"] for r in fit])
             pp = fit_exponent(ns, [r["peak_mib"] for r in fit])
-            pw = fit_exponent(ns, [max(r["traced_mib"], 1e-3) for r in fit])
+            pw = fit_exponent(ns, [max(r["working_mib"], 1e-3) for r in fit])
             pt = fit_exponent(ns, [r["inputs_mib"] + r["peak_mib"] for r in fit])
             print(f"fitted exponents over N = {fit[0]['n']} .. {fit[-1]['n']}: time ~ "
                   f"N^{p:.2f}, peak memory ~ N^{pp:.2f}, working memory ~ N^{pw:.2f}, "

@@ -94,7 +94,7 @@ DEFAULT_CHUNK_SIZE = 64
 def _per_query_head(x, kv_of):
     """``x (B·Hkv, ...)`` for each query head ``(B·Hq, ...)``: ``x`` itself without GQA
     (no copy of the keys or values), else its heads repeated."""
-    return x if np.array_equal(kv_of, np.arange(len(x))) else x[kv_of]
+    return x if len(kv_of) == len(x) else x[kv_of]        # Hq == Hkv: the identity
 
 
 def _setup(q, k, v, *, n_buckets, n_hashes, chunk_size, shared_qk, causal, scale, rng,
